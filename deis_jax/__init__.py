@@ -1,0 +1,47 @@
+"""deis_jax: fast sampling of diffusion models in JAX (DEIS and the samplers it is judged against).
+
+    import deis_jax as deis
+    sde = deis.VPSDE.linear(beta_min=0.1, beta_max=20.0)
+    sample = deis.get_sampler(sde, eps_fn, method="tab", order=3, nfe=10)
+    x0 = jax.jit(sample)(x_T)
+"""
+
+from deis_jax.coefficients import (
+    RK_TABLEAUS,
+    adams_bashforth_eps_coefficients,
+    ddim_coefficients,
+    polynomial_eps_coefficients,
+    rk_rho_coefficients,
+)
+from deis_jax.sampler import Sampler, get_sampler, run_table
+from deis_jax.sde import VESDE, VPSDE, DiscreteVPSDE, NoiseSchedule, SubVPSDE, get_sde
+from deis_jax.solvers import MethodSpec, StepTable, get_method, method_names, register_method
+from deis_jax.timesteps import GRID_KINDS, time_grid
+from deis_jax.wrappers import eps_fn_from_model, guided_eps_fn, output_to_eps
+
+__all__ = [
+    "GRID_KINDS",
+    "RK_TABLEAUS",
+    "DiscreteVPSDE",
+    "MethodSpec",
+    "NoiseSchedule",
+    "Sampler",
+    "StepTable",
+    "SubVPSDE",
+    "VESDE",
+    "VPSDE",
+    "adams_bashforth_eps_coefficients",
+    "ddim_coefficients",
+    "eps_fn_from_model",
+    "get_method",
+    "get_sampler",
+    "get_sde",
+    "guided_eps_fn",
+    "method_names",
+    "output_to_eps",
+    "polynomial_eps_coefficients",
+    "register_method",
+    "rk_rho_coefficients",
+    "run_table",
+    "time_grid",
+]

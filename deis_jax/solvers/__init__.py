@@ -1,0 +1,7 @@
+"""Sampling methods. Importing this package registers every built-in method."""
+
+from deis_jax.solvers import deis  # noqa: F401  (registers ddim, tab, rhoab, ipndm, rhork)
+from deis_jax.solvers.registry import MethodSpec, get_method, method_names, register_method
+from deis_jax.solvers.table import StepTable
+
+__all__ = ["MethodSpec", "StepTable", "get_method", "method_names", "register_method"]

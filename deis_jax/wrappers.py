@@ -1,0 +1,77 @@
+"""The one model interface: turn any network into ``eps_fn(x, t) -> eps``.
+
+Samplers only ever see ``eps_fn(x, t)``, where ``t`` is continuous SDE time (a scalar) and
+``x`` has a leading batch axis. Everything model-specific is converted here, in one place:
+
+* what the network predicts -- with ``x = alpha x0 + sigma eps`` and ``v = alpha eps - sigma x0``:
+
+  ======== =========================================
+  eps      ``eps``
+  score    ``eps = -sigma * score``
+  x0       ``eps = (x - alpha x0) / sigma``
+  v        ``eps = (sigma x + alpha v) / (alpha^2 + sigma^2)``
+  ======== =========================================
+
+* what the network is conditioned on -- ``schedule.model_time(t)`` by default (``999 t`` for
+  score_sde's continuous VP/sub-VP models, ``sigma(t)`` for VE, the step index for discrete
+  DDPM schedules), broadcast to shape ``(batch,)``; pass ``time_input`` to override.
+* classifier-free guidance, ``eps = eps_uncond + w (eps_cond - eps_uncond)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from deis_jax.sde import NoiseSchedule
+
+PREDICTIONS = ("eps", "score", "x0", "v")
+
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def output_to_eps(out, x, alpha, sigma, prediction: str):
+    """Convert a network output of kind ``prediction`` at ``(alpha, sigma)`` into eps."""
+    if prediction == "eps":
+        return out
+    if prediction == "score":
+        return -sigma * out
+    if prediction == "x0":
+        return (x - alpha * out) / sigma
+    if prediction == "v":
+        return (sigma * x + alpha * out) / (alpha**2 + sigma**2)
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def eps_fn_from_model(
+    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    schedule: NoiseSchedule,
+    prediction: str = "eps",
+    time_input: Callable[[jax.Array], jax.Array] | None = None,
+) -> EpsFn:
+    """Wrap ``model_fn(x, cond)`` (``cond`` of shape ``(batch,)``) as ``eps_fn(x, t)``."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    to_cond = schedule.model_time if time_input is None else time_input
+
+    def eps_fn(x, t):
+        t = jnp.asarray(t)
+        cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
+        out = model_fn(x, cond)
+        alpha = schedule.alpha(t).astype(x.dtype)
+        sigma = schedule.sigma(t).astype(x.dtype)
+        return output_to_eps(out, x, alpha, sigma, prediction)
+
+    return eps_fn
+
+
+def guided_eps_fn(eps_cond: EpsFn, eps_uncond: EpsFn, guidance_scale: float) -> EpsFn:
+    """Classifier-free guidance: ``eps_u + w (eps_c - eps_u)`` (w = 1 is the conditional)."""
+
+    def eps_fn(x, t):
+        e_u = eps_uncond(x, t)
+        return e_u + guidance_scale * (eps_cond(x, t) - e_u)
+
+    return eps_fn
