@@ -1,0 +1,118 @@
+"""Convert a published score_sde checkpoint into deis_jax's parameter format (Orbax).
+
+    python scripts/convert_score_sde_checkpoint.py \\
+        --checkpoint checkpoints/vp/cifar10_ddpmpp_deep_continuous/checkpoint_8 \\
+        --model_config vp_cifar10_ddpmpp_deep_continuous \\
+        --out checkpoints/converted/vp_cifar10_ddpmpp_deep_continuous_8
+
+``--model_config`` is one of the known names (``deis_jax.models.KNOWN_MODEL_CONFIGS``) or a
+JSON file holding a model config (either flat, or with ``model_config`` and ``data_config``
+blocks as in ``tests/fixtures/score_sde/*.json``). The parameters (``params_ema`` unless
+``--use_target``) are checked against the model's parameter tree before anything is written;
+load the result with ``deis_jax.checkpoints.load_params(out, model_config)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ml_collections  # noqa: E402
+
+from deis_jax import checkpoints  # noqa: E402
+from deis_jax.models import KNOWN_MODEL_CONFIGS, get_model_config  # noqa: E402
+
+
+def load_model_config(spec: str) -> tuple[str, ml_collections.ConfigDict]:
+    """``(name, config)`` for a known config name or a JSON config file."""
+    if spec in KNOWN_MODEL_CONFIGS:
+        return spec, get_model_config(spec)
+    if spec.endswith(".json") or os.path.isfile(spec):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"model config file not found: '{spec}'")
+        with open(spec) as f:
+            values = json.load(f)
+        if "model_config" in values:
+            data = values.get("data_config", {})
+            merged = dict(values["model_config"])
+            merged.update(
+                {k: data[k] for k in ("image_size", "num_channels", "centered") if k in data}
+            )
+            values = merged
+        name = os.path.splitext(os.path.basename(spec))[0]
+        return name, ml_collections.ConfigDict(values)
+    raise ValueError(
+        f"--model_config must be one of {', '.join(KNOWN_MODEL_CONFIGS)} or a JSON file, "
+        f"got {spec!r}"
+    )
+
+
+def convert(
+    checkpoint: str,
+    model_config: str,
+    out: str,
+    use_ema: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Convert ``checkpoint`` and write it to ``out``; returns the stored metadata."""
+    name, config = load_model_config(model_config)
+    params = checkpoints.load_score_sde_params(checkpoint, config, use_ema=use_ema)
+    metadata = {
+        "model_config_name": name,
+        "model_config": config.to_dict(),
+        "source": "score_sde",
+        "source_checkpoint": os.path.abspath(checkpoint),
+        "source_sha256": checkpoints.sha256_file(checkpoint),
+        "source_params": "params_ema" if use_ema else "optimizer.target",
+    }
+    checkpoints.save_params(out, params, metadata=metadata, overwrite=overwrite)
+    return checkpoints.load_params_metadata(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Convert a score_sde checkpoint_<N> file into deis_jax's Orbax format."
+    )
+    parser.add_argument("--checkpoint", required=True, help="score_sde checkpoint_<N> file")
+    parser.add_argument(
+        "--model_config",
+        required=True,
+        help=f"one of {', '.join(KNOWN_MODEL_CONFIGS)}, or a JSON model config file",
+    )
+    parser.add_argument("--out", required=True, help="output directory (must not exist)")
+    parser.add_argument(
+        "--use_target",
+        action="store_true",
+        help="take optimizer.target instead of params_ema (score_sde samples with params_ema)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    meta = convert(
+        args.checkpoint,
+        args.model_config,
+        args.out,
+        use_ema=not args.use_target,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote {meta['num_params']:,} parameters ({meta['source_params']}) of "
+        f"{meta['model_config_name']} to {os.path.abspath(args.out)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (OSError, ValueError) as e:  # a missing file or a config/tree mismatch
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
