@@ -1,6 +1,10 @@
 """Sampling methods. Importing this package registers every built-in method."""
 
-from deis_jax.solvers import deis  # noqa: F401  (registers ddim, tab, rhoab, ipndm, rhork)
+from deis_jax.solvers import (
+    deis,  # noqa: F401  (registers ddim, tab, rhoab, ipndm, rhork)
+    dpm_solver,  # noqa: F401  (registers dpmpp, unipc)
+    stochastic,  # noqa: F401  (registers sddim, ersde)
+)
 from deis_jax.solvers.registry import MethodSpec, get_method, method_names, register_method
 from deis_jax.solvers.table import StepTable
 

@@ -34,9 +34,8 @@ class MethodSpec:
         return self.stages(order, options)
 
     def minimum_nfe(self, order: int, options: dict[str, Any]) -> int:
-        if self.min_nfe is not None:
-            return self.min_nfe(order, options)
-        return self.nfe_per_step(order, options)
+        """Smallest NFE budget accepted (default 1: a budget rounds up to whole steps)."""
+        return 1 if self.min_nfe is None else self.min_nfe(order, options)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
