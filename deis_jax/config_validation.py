@@ -84,3 +84,64 @@ def require_int_list(config, path: str, *, minimum: int = 1) -> list[int]:
     if min(values) < minimum:
         raise ConfigError(f"config.{path} entries must be >= {minimum}, got {values!r}")
     return values
+
+
+def validate_sde(config):
+    """Check ``config.sde`` and return the schedule it describes."""
+    from deis_jax.build import schedule_from_config
+    from deis_jax.sde import SDE_NAMES, VP_BETA_SCHEDULES
+
+    name = require_choice(config, "sde.name", SDE_NAMES)
+    if name == "vpsde" and config.sde.get("schedule") is not None:
+        require_choice(config, "sde.schedule", VP_BETA_SCHEDULES)
+    for field in ("beta_min", "beta_max", "sigma_min", "sigma_max", "beta_start", "beta_end"):
+        if config.sde.get(field) is not None:
+            require_number(config, f"sde.{field}", minimum=0, exclusive_minimum=True)
+    try:
+        return schedule_from_config(config.sde)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config.sde is invalid: {err}") from None
+
+
+def validate_sampler(config, schedule=None, path: str = "sampler"):
+    """Check ``config.<path>`` against the method registry; build its table as a dry run."""
+    from deis_jax import solvers
+    from deis_jax.build import sampler_from_config
+    from deis_jax.timesteps import GRID_KINDS
+
+    schedule = validate_sde(config) if schedule is None else schedule
+    method = require_choice(config, f"{path}.method", solvers.method_names())
+    spec = solvers.get_method(method)
+    order = get_field(config, f"{path}.order")
+    if order is None:
+        order = spec.default_order
+    elif order not in spec.orders:
+        raise ConfigError(
+            f"config.{path}.order must be one of {spec.orders} for method {method!r}, "
+            f"got {order!r}"
+        )
+    options = dict(get_field(config, path).get("options") or {})
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ConfigError(
+            f"config.{path}.options has unknown key(s) {unknown} for method {method!r}; "
+            f"allowed: {spec.options}"
+        )
+    require_number(config, f"{path}.nfe", integer=True, minimum=spec.minimum_nfe(order, options))
+    if get_field(config, path).get("grid") is not None:
+        require_choice(config, f"{path}.grid", GRID_KINDS)
+    section = get_field(config, path)
+    t0 = section.get("t0")
+    t1 = section.get("t1")
+    t0 = schedule.default_t0 if t0 is None else t0
+    t1 = schedule.default_t1 if t1 is None else t1
+    if not (t0 > 0 or (schedule.is_discrete and t0 >= 0)):
+        raise ConfigError(f"config.{path}.t0 must be > 0, got {t0!r}")
+    if not t0 < t1:
+        raise ConfigError(f"config.{path}.t0 must be < config.{path}.t1, got t0={t0}, t1={t1}")
+    if t1 > schedule.t_max:
+        raise ConfigError(f"config.{path}.t1 must be <= {schedule.t_max}, got {t1!r}")
+    try:
+        return sampler_from_config(section, schedule, lambda x, t: x)
+    except ValueError as err:
+        raise ConfigError(f"config.{path} is invalid: {err}") from None

@@ -138,7 +138,7 @@ def get_sampler(
     method: str = "tab",
     order: int | None = None,
     nfe: int | None = None,
-    grid: str = "quadratic",
+    grid: str | None = None,
     grid_power: float | None = None,
     t0: float | None = None,
     t1: float | None = None,
@@ -148,8 +148,8 @@ def get_sampler(
     """Build a sampler.
 
     Either give an explicit decreasing grid ``ts`` or an NFE budget ``nfe`` with a grid kind
-    (``deis_jax.timesteps.GRID_KINDS``), ``grid_power`` and the interval ``[t0, t1]``
-    (schedule defaults when None). A method spending S NFE per step takes ``ceil(nfe / S)``
+    (``deis_jax.timesteps.GRID_KINDS``; None = the method's default grid), ``grid_power`` and
+    the interval ``[t0, t1]`` (schedule defaults when None). A method spending S NFE per step takes ``ceil(nfe / S)``
     steps (Runge-Kutta rounds up, as in the DEIS table); ``final_denoise`` adds one NFE.
     ``options`` are method-specific (e.g. ``tableau`` for ``rhork``).
     """
@@ -162,6 +162,11 @@ def get_sampler(
         raise ValueError(
             f"unknown option(s) {unknown} for method {method!r}; allowed: {spec.options}"
         )
+    if final_denoise and options.get("denoise_to_zero"):
+        raise ValueError(
+            "final_denoise and the ersde option denoise_to_zero both add the same final "
+            "Tweedie step; set only one"
+        )
     if ts is None:
         min_nfe = spec.minimum_nfe(order, options)
         if nfe is None or isinstance(nfe, bool) or int(nfe) != nfe or nfe < min_nfe:
@@ -170,6 +175,7 @@ def get_sampler(
                 f"got {nfe!r}"
             )
         num_steps = math.ceil(nfe / spec.nfe_per_step(order, options))
+        grid = spec.default_grid if grid is None else grid
         ts = time_grid(schedule, num_steps, grid, power=grid_power, t0=t0, t1=t1)
     else:
         ts = np.asarray(ts, dtype=np.float64)

@@ -302,11 +302,13 @@ class VESDE(NoiseSchedule):
 
     def rho(self, t):
         xp = array_namespace(t)
-        return self.sigma_min * xp.exp(_as_float(t, xp) * math.log(self.sigma_max / self.sigma_min))
+        log_ratio = math.log(self.sigma_max / self.sigma_min)
+        return self.sigma_min * xp.exp(_as_float(t, xp) * log_ratio)
 
     def t_from_rho(self, rho):
         xp = array_namespace(rho)
-        return xp.log(_as_float(rho, xp) / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+        log_ratio = math.log(self.sigma_max / self.sigma_min)
+        return xp.log(_as_float(rho, xp) / self.sigma_min) / log_ratio
 
     def model_time(self, t):
         return self.sigma(t)

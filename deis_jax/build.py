@@ -1,0 +1,47 @@
+"""Build schedules and samplers from the ``config.sde`` / ``config.sampler`` blocks.
+
+``config.sde``:     name (vpsde | subvpsde | vesde | discrete_vpsde), beta_min, beta_max,
+                    schedule (linear | cosine, VP only), num_scales, sigma_min, sigma_max
+                    (VE), beta_start, beta_end, num_steps (discrete).
+``config.sampler``: method, order, nfe, grid, grid_power, t0, t1, final_denoise, options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deis_jax.sampler import EpsFn, Sampler, get_sampler
+from deis_jax.sde import NoiseSchedule, get_sde
+
+SDE_FIELDS = {
+    "vpsde": ("beta_min", "beta_max", "schedule", "num_scales"),
+    "subvpsde": ("beta_min", "beta_max", "num_scales"),
+    "vesde": ("sigma_min", "sigma_max"),
+    "discrete_vpsde": ("beta_start", "beta_end", "num_steps"),
+}
+
+
+def _get(cfg, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def schedule_from_config(sde_cfg) -> NoiseSchedule:
+    name = _get(sde_cfg, "name")
+    fields = SDE_FIELDS.get(name, ())
+    kwargs = {k: _get(sde_cfg, k) for k in fields if _get(sde_cfg, k) is not None}
+    return get_sde(name, **kwargs)
+
+
+def sampler_from_config(
+    sampler_cfg, schedule: NoiseSchedule, eps_fn: EpsFn, **overrides: Any
+) -> Sampler:
+    """``get_sampler`` with the config's fields; ``overrides`` replace individual fields."""
+    fields = {
+        k: _get(sampler_cfg, k)
+        for k in ("method", "order", "nfe", "grid", "grid_power", "t0", "t1", "final_denoise")
+    }
+    fields.update(overrides)
+    options = dict(_get(sampler_cfg, "options") or {})
+    options.update(fields.pop("options", None) or {})
+    fields["final_denoise"] = bool(fields["final_denoise"])
+    return get_sampler(schedule, eps_fn, **fields, **options)

@@ -1,0 +1,1 @@
+"""Evaluation: discretisation error against a reference solve, distribution metrics."""

@@ -1,0 +1,65 @@
+"""Crash-safe file output: atomic replace for whole files, fsync'ed appends for JSON lines.
+
+A long run never loses finished results: tables and plots are written to a temporary file in
+the same directory and renamed over the target (``os.replace`` is atomic on POSIX), and
+per-cell results are appended one JSON line at a time (a line cut short by a kill is ignored
+when reading back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: str, **kwargs) -> None:
+    """``fig.savefig`` through a temporary file, then an atomic rename."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(path)[1][1:] or "png", **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def append_jsonl(path: str, record: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines file; a truncated last line (killed writer) is skipped."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue

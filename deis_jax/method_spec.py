@@ -1,0 +1,62 @@
+"""Compact method specs used by configs, tables and sweeps: ``name[order][:key=value,...]``.
+
+Examples: ``ddim``, ``tab3``, ``rhoab2``, ``rhork:tableau=kutta3``, ``ipndm3``,
+``sddim:lam=1.0``. The order defaults to the method's default order.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+from deis_jax import solvers
+
+_SPEC = re.compile(r"^(?P<name>[a-z_]*[a-z_])(?P<order>\d+)?(?::(?P<options>.*))?$")
+
+
+class MethodChoice(NamedTuple):
+    method: str
+    order: int
+    options: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        """Human-readable name, e.g. ``tAB3``, ``rhoRK-kutta3``."""
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        spec = solvers.get_method(self.method)
+        base = self.method if len(spec.orders) == 1 else f"{self.method}{self.order}"
+        return f"{base}:{opts}" if opts else base
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_method_spec(text: str) -> MethodChoice:
+    """Parse and validate against the method registry (``ValueError`` naming what is allowed)."""
+    match = _SPEC.match(text.strip())
+    if match is None:
+        raise ValueError(f"method spec {text!r} is not of the form name[order][:key=value,...]")
+    spec = solvers.get_method(match["name"])
+    order = spec.default_order if match["order"] is None else int(match["order"])
+    if order not in spec.orders:
+        raise ValueError(
+            f"order in method spec {text!r} must be one of {spec.orders} for {spec.name!r}"
+        )
+    options: dict[str, Any] = {}
+    if match["options"]:
+        for item in match["options"].split(","):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"option {item!r} in method spec {text!r} is not key=value")
+            if key not in spec.options:
+                raise ValueError(
+                    f"option {key!r} in method spec {text!r} is not one of {spec.options}"
+                )
+            options[key] = _parse_value(value)
+    return MethodChoice(spec.name, order, options)

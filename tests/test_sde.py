@@ -1,0 +1,115 @@
+"""Noise schedules: reference values, stable forms near t = 0, exact round trips."""
+
+import jax
+import numpy as np
+import pytest
+
+from deis_jax.sde import VESDE, VPSDE, DiscreteVPSDE, SubVPSDE, get_sde
+
+
+def test_vp_linear_reference_values():
+    # deis.md §1.2 / §8.8 (float64).
+    s = VPSDE.linear(0.1, 20.0)
+    np.testing.assert_allclose(s.alpha(1.0) ** 2, 4.3186e-5, rtol=1e-4)
+    np.testing.assert_allclose(s.rho(1.0), 152.16697, rtol=1e-7)
+    np.testing.assert_allclose(s.alpha(1e-3) ** 2, 0.99989006, rtol=1e-8)
+    np.testing.assert_allclose(s.rho(1e-3), 0.010485993, rtol=1e-7)
+    np.testing.assert_allclose(s.rho(1e-4), 0.00317798, rtol=1e-5)
+    np.testing.assert_allclose(s.rho(1e-5), 0.0010005, rtol=1e-4)
+
+
+def test_sigma_near_zero_has_no_cancellation():
+    # sigma^2 = 1 - alpha^2 computed as -expm1(log alpha^2): at t = 1e-9 the naive form in
+    # float64 loses ~7 digits; ours matches the series sqrt(beta_min t) to 1e-8 relative.
+    s = VPSDE.linear(0.1, 20.0)
+    t = 1e-9
+    series = np.sqrt(s.beta_min * t + 0.5 * (s.beta_max - s.beta_min) * t**2)
+    np.testing.assert_allclose(s.sigma(t), series, rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "schedule, lo, hi",
+    [
+        (VPSDE.linear(), 1e-5, 1.0),
+        (VPSDE.cosine(), 1e-7, 0.9946),
+        (SubVPSDE(), 1e-5, 1.0),
+        (VESDE(), 1e-5, 1.0),
+    ],
+    ids=["vp", "cosine", "subvp", "ve"],
+)
+def test_round_trips_t_rho_t(schedule, lo, hi):
+    t = np.geomspace(lo, hi, 2000)
+    # atol: for VE, t(rho) = log(rho/sigma_min)/L is ill-conditioned as t -> 0 (cond ~ 1/(tL)).
+    np.testing.assert_allclose(schedule.t_from_rho(schedule.rho(t)), t, rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(
+        schedule.t_from_log_snr(schedule.log_snr(t)), t, rtol=1e-12, atol=1e-15
+    )
+    assert np.all(np.diff(schedule.rho(t)) > 0)
+
+
+def test_marginals_are_consistent():
+    for s in (VPSDE.linear(), VPSDE.cosine(), SubVPSDE(), VESDE()):
+        t = np.linspace(0.01, 0.99, 50)
+        np.testing.assert_allclose(s.sigma(t) / s.alpha(t), s.rho(t), rtol=1e-14)
+        np.testing.assert_allclose(s.log_snr(t), np.log(s.alpha(t) ** 2 / s.sigma(t) ** 2))
+    vp = VPSDE.linear()
+    np.testing.assert_allclose(vp.alpha(t) ** 2 + vp.sigma(t) ** 2, 1.0, rtol=1e-14)
+    sub = SubVPSDE()
+    np.testing.assert_allclose(sub.sigma(t), 1 - sub.alpha(t) ** 2, rtol=1e-13)
+    ve = VESDE(0.01, 50.0)
+    np.testing.assert_allclose(ve.sigma(t), 0.01 * 5000.0**t, rtol=1e-13)
+    assert ve.prior_std == 50.0
+
+
+def test_cosine_is_normalised_and_matches_the_textbook_form():
+    s = VPSDE.cosine(0.008)
+    assert s.alpha(0.0) == 1.0
+    t = np.linspace(0.05, 0.95, 19)
+    f = np.cos(0.5 * np.pi * (t + 0.008) / 1.008) / np.cos(0.5 * np.pi * 0.008 / 1.008)
+    np.testing.assert_allclose(s.alpha(t), f, rtol=1e-13)
+    np.testing.assert_allclose(s.rho(t), np.sqrt(1 - f**2) / f, rtol=1e-12)
+
+
+def test_vp_beta_is_minus_dlog_alpha_bar():
+    jax.config.update("jax_enable_x64", True)
+    for s in (VPSDE.linear(), VPSDE.cosine()):
+        for t in (0.1, 0.5, 0.9):
+            grad = jax.grad(lambda u, s=s: -2.0 * s.log_alpha(u))(jax.numpy.float64(t))
+            np.testing.assert_allclose(grad, s.beta(t), rtol=1e-10)
+
+
+def test_discrete_schedule_from_betas():
+    betas = np.linspace(1e-4, 0.02, 1000)
+    s = DiscreteVPSDE.from_betas(betas)
+    abar = np.cumprod(1 - betas)
+    n = np.arange(1000)
+    np.testing.assert_allclose(s.alpha(n) ** 2, abar, rtol=1e-12)
+    assert s.t_max == 999 and s.default_t1 == 999 and s.default_t0 == 0
+    np.testing.assert_allclose(s.rho(0.0), np.sqrt(1e-4 / (1 - 1e-4)), rtol=1e-12)
+    # log alpha is piecewise linear in between; the inverse is exact everywhere.
+    t = np.linspace(0, 999, 4001)
+    np.testing.assert_allclose(s.t_from_rho(s.rho(t)), t, atol=1e-9)
+    np.testing.assert_array_equal(s.model_time(n), n)
+    shifted = DiscreteVPSDE.from_betas(betas, index_offset=-1.0)
+    np.testing.assert_array_equal(shifted.model_time(n), n - 1)
+
+
+def test_model_time_conventions():
+    assert VPSDE.linear().model_time(0.5) == 999 * 0.5
+    assert SubVPSDE(num_scales=2000).model_time(1.0) == 1999
+    np.testing.assert_allclose(VESDE().model_time(0.3), VESDE().sigma(0.3))
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (lambda: VPSDE(schedule="quad"), "VPSDE.schedule must be one of"),
+        (lambda: VPSDE.linear(beta_min=-1), "beta_min"),
+        (lambda: VESDE(sigma_min=5, sigma_max=1), "sigma_min < sigma_max"),
+        (lambda: DiscreteVPSDE.from_betas([0.1, 1.5]), "betas must lie in"),
+        (lambda: get_sde("edm"), "sde.name must be one of"),
+    ],
+)
+def test_bad_schedules_fail_clearly(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
