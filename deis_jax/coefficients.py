@@ -49,7 +49,7 @@ def gauss_legendre(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lagrange_basis(u, nodes):
-    """``l_j(u) = prod_{m != j} (u - nodes_m) / (nodes_j - nodes_m)``; shape ``u.shape + (q+1,)``."""
+    """``l_j(u) = prod_{m != j} (u - nodes_m) / (nodes_j - nodes_m)``, stacked on a last axis."""
     xp = array_namespace(u, nodes)
     q1 = nodes.shape[0]
     cols = []

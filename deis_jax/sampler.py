@@ -149,9 +149,10 @@ def get_sampler(
 
     Either give an explicit decreasing grid ``ts`` or an NFE budget ``nfe`` with a grid kind
     (``deis_jax.timesteps.GRID_KINDS``; None = the method's default grid), ``grid_power`` and
-    the interval ``[t0, t1]`` (schedule defaults when None). A method spending S NFE per step takes ``ceil(nfe / S)``
-    steps (Runge-Kutta rounds up, as in the DEIS table); ``final_denoise`` adds one NFE.
-    ``options`` are method-specific (e.g. ``tableau`` for ``rhork``).
+    the interval ``[t0, t1]`` (schedule defaults when None). A method spending S NFE per step
+    takes ``ceil(nfe / S)`` steps (Runge-Kutta rounds up, as in the DEIS table);
+    ``final_denoise`` adds one NFE. ``options`` are method-specific (e.g. ``tableau`` for
+    ``rhork``).
     """
     spec = solvers.get_method(method)
     order = spec.default_order if order is None else order
