@@ -1,0 +1,69 @@
+"""Bad config values fail at start-up with the field name and the allowed values."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deis_jax.config_validation import ConfigError, validate_mode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import gmm_vpsde  # noqa: E402
+
+
+def config_with(**overrides):
+    config = gmm_vpsde.get_config()
+    for path, value in overrides.items():
+        node = config
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def test_default_config_is_valid():
+    validate_mode("compare", gmm_vpsde.get_config())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sampler__method": "euler"}, r"config\.sampler\.method must be one of \('ddim', 'tab'"),
+        ({"sampler__order": 7}, r"config\.sampler\.order must be one of \(0, 1, 2, 3\)"),
+        ({"sampler__nfe": 0}, r"config\.sampler\.nfe must be >= 1"),
+        ({"sampler__t0": 0.0}, r"config\.sampler\.t0 must be > 0"),
+        ({"sampler__t0": -1e-3}, r"config\.sampler\.t0 must be > 0"),
+        ({"sampler__t0": 0.5, "sampler__t1": 0.5}, r"config\.sampler\.t0 must be < config"),
+        ({"sampler__t1": 2.0}, r"config\.sampler\.t1 must be <= 1\.0"),
+        ({"sampler__grid": "cubic"}, r"config\.sampler\.grid must be one of \('time'"),
+        ({"sde__name": "edm"}, r"config\.sde\.name must be one of \('vpsde'"),
+        ({"sde__schedule": "quad"}, r"config\.sde\.schedule must be one of \('linear', 'cosine'"),
+        ({"sde__beta_max": -3.0}, r"config\.sde\.beta_max must be > 0"),
+        ({"compare__methods": ("tab3", "heun")}, r"config\.compare\.methods: method must be one"),
+        ({"compare__methods": ("tab9",)}, r"config\.compare\.methods: order .* \(0, 1, 2, 3\)"),
+        ({"compare__nfes": (5, 0)}, r"config\.compare\.nfes entries must be >= 1"),
+        ({"data__dims": ()}, r"config\.data\.dims must be a non-empty list"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_allowed_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_mode("compare", config_with(**overrides))
+
+
+def test_unknown_mode():
+    with pytest.raises(ConfigError, match=r"mode .* must be one of \(.*'compare'"):
+        validate_mode("evaluate", gmm_vpsde.get_config())
+
+
+def test_main_rejects_a_bad_value_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/gmm_vpsde.py", f"--workdir={tmp_path}",
+         "--config.sampler.order=5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "config.sampler.order must be one of (0, 1, 2, 3)" in result.stderr
+    assert not os.listdir(tmp_path)  # nothing was written
