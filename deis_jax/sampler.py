@@ -58,6 +58,15 @@ def run_table(
         raise ValueError("this sampler is stochastic: pass a PRNG key")
     if noisy and sample_index is None:
         sample_index = jnp.arange(x.shape[0])
+    if history:
+        # The history is a ring buffer: the first-stage output of step k goes to slot
+        # k mod H (an in-place update, no shifting copies), so the coefficient of
+        # K^(k-1-j) moves to slot (k-1-j) mod H -- a permutation done here, on the host.
+        ks_ = np.arange(table.num_steps)[:, None]
+        slots = (ks_ - 1 - np.arange(history)[None, :]) % history
+        ring = np.zeros_like(table.out_hist)
+        np.put_along_axis(ring, slots, table.out_hist, axis=1)
+        table = table._replace(out_hist=ring)
     rows = jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), table)
     steps = jnp.arange(table.num_steps) + step_offset
 
@@ -80,7 +89,8 @@ def run_table(
             z = per_sample_normal(key, sample_index, step, x_k.shape, x_k.dtype)
             x_next = x_next + row.out_noise * z
         if history:
-            hist = jnp.concatenate([ks[0][None], hist[:-1]], axis=0)
+            slot = (step - step_offset) % history
+            hist = jax.lax.dynamic_update_index_in_dim(hist, ks[0], slot, axis=0)
         return (x_next, hist), None
 
     hist0 = jnp.zeros((history,) + x.shape, x.dtype)

@@ -47,7 +47,7 @@ def poly7(n, lo=0.002, hi=80.0):
 def test_phi_identity_is_ddim_exactly():
     eps_fn = gaussian_eps_fn(VP)
     x_T = jax.random.normal(jax.random.key(0), (16, 2), jnp.float64)
-    er = deis.get_sampler(VP, eps_fn, method="ersde", order=1, nfe=12, phi="ode")
+    er = deis.get_sampler(VP, eps_fn, method="ersde", order=1, nfe=12, phi="ode", grid="quadratic")
     ddim = deis.get_sampler(VP, eps_fn, method="ddim", nfe=12)
     assert np.all(er.table.out_noise == 0.0)  # no leaked noise (variance computed w/o cancellation)
     assert not er.stochastic
