@@ -15,6 +15,7 @@ import importlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deis_jax import parallel
 from deis_jax.config_validation import ConfigError, validate_mode
 
 FLAGS = flags.FLAGS
@@ -28,6 +29,7 @@ def main(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
     mode = FLAGS.mode or config.get("mode")
+    parallel.maybe_initialize_distributed()  # a no-op unless several processes are described
     try:
         validate_mode(mode, config)
     except ConfigError as err:

@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampler.method = "tab"
     config.sampler.order = 3
     config.sampler.nfe = 10
-    config.sampler.grid = "quadratic"
+    # None: each method's own default grid (quadratic t for the DEIS family, log-SNR for
+    # DPM-Solver++/UniPC, Karras rho for ER-SDE); set a kind to force one grid for all.
+    config.sampler.grid = ml_collections.FieldReference(None, field_type=str)
     config.sampler.grid_power = ml_collections.FieldReference(None, field_type=float)
     config.sampler.t0 = 1e-3
     config.sampler.t1 = 1.0
@@ -61,6 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
         "rhork2",
         "rhork3",
         "rhork4",
+        "dpmpp2",
+        "dpmpp3",
+        "unipc2",
+        "sddim",  # stochastic (lambda = 1, ancestral DDPM): distribution metric only
+        "ersde3",  # stochastic
     )
     config.compare.nfes = (3, 5, 10, 20, 50)
     config.compare.num_samples = 500

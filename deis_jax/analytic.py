@@ -101,10 +101,13 @@ class GaussianMixture:
             sigma = schedule.sigma(t).astype(dtype)
             var = alpha**2 * var0.astype(dtype) + sigma**2  # (K, D)
             diff = x[:, None, :] - alpha * means.astype(dtype)[None]  # (B, K, D)
-            sq = jnp.sum(diff**2 / var, axis=-1)  # (B, K)
+            # Multiply by 1/var (not divide): XLA rewrites the division that way on some
+            # layouts only, and the explicit form keeps results bit-identical across devices.
+            scaled = diff * (1.0 / var)
+            sq = jnp.sum(diff * scaled, axis=-1)  # (B, K)
             logits = log_w.astype(dtype) - 0.5 * sq - 0.5 * jnp.sum(jnp.log(var), axis=-1)
             resp = jax.nn.softmax(logits, axis=-1)
-            return sigma * jnp.einsum("bk,bkd->bd", resp, diff / var)
+            return sigma * jnp.einsum("bk,bkd->bd", resp, scaled)
 
         return eps_fn
 

@@ -45,10 +45,16 @@ def save_figure(fig, path: str, **kwargs) -> None:
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
+    """Append one record as a line; a line left without its newline by a killed writer is
+    terminated first, so the new record never merges into it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
+    with open(path, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
 

@@ -64,13 +64,22 @@ def plot_metric_vs_nfe(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, (title, curves) in zip(axes[0], panels, strict=True):
-        for label, (xs, ys) in curves.items():
+        ticks = set()
+        for i, (label, (xs, ys)) in enumerate(curves.items()):
             pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y > 0]
             if pts:
-                ax.loglog(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+                style = ("-", "--", ":")[i // 10 % 3]
+                ax.loglog(*zip(*pts, strict=True), style, marker="o", ms=3, label=label,
+                          color=colors[(2 * i) % 20 + (i // 10) % 2])  # fmt: skip
+                ticks.update(p[0] for p in pts)
+        ax.set_xticks(sorted(ticks))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title)
         ax.set_xlabel("NFE")
         ax.set_ylabel(ylabel)

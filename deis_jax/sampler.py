@@ -128,11 +128,18 @@ class Sampler:
         return bool(np.any(self.table.out_noise != 0))
 
     def __call__(
-        self, x_T: jax.Array, key: jax.Array | None = None, index_offset: int | jax.Array = 0
+        self,
+        x_T: jax.Array,
+        key: jax.Array | None = None,
+        index_offset: int | jax.Array = 0,
+        sample_index: jax.Array | None = None,
     ) -> jax.Array:
-        """Integrate from ``ts[0]`` to ``ts[-1]``; ``index_offset`` = global index of row 0."""
-        sample_index = None
-        if key is not None:
+        """Integrate from ``ts[0]`` to ``ts[-1]``.
+
+        The noise of row i is keyed by its global sample index: ``sample_index[i]`` when
+        given (rows in any order, e.g. a shard of a sharded batch), else ``index_offset + i``.
+        """
+        if key is not None and sample_index is None:
             sample_index = index_offset + jnp.arange(x_T.shape[0])
         x = run_table(self.eps_fn, self.table, x_T, key, sample_index)
         if self.final_table is not None:

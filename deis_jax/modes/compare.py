@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -71,13 +72,57 @@ def validate(config) -> list[MethodChoice]:
     return choices
 
 
-def _mixture(config, dim: int) -> GaussianMixture:
+class GmmProblem(NamedTuple):
+    """Everything one data dimension of the embedded job needs, built the same way by
+    ``--mode=compare`` and ``--mode=sweep`` (same keys, so the same x_T and reference)."""
+
+    mixture: GaussianMixture
+    eps_fn: object
+    x_T: jax.Array
+    noise_key: jax.Array
+    data: np.ndarray
+    reference: object  # deis_jax.evaluation.reference.Reference
+
+
+def mixture_for_dim(config, dim: int) -> GaussianMixture:
+    """The 2-D ring for dim 2, an embedded low-dimensional mixture otherwise."""
     if dim == 2:
         return GaussianMixture.ring(config.data.num_components, std=config.data.ring_std)
     d = config.data
     return GaussianMixture.embedded(
         dim, d.num_components, d.latent_dim, d.radius, d.std, seed=config.seed
     )
+
+
+def sampling_interval(config, schedule) -> tuple[float, float]:
+    t0 = config.sampler.t0 if config.sampler.t0 is not None else schedule.default_t0
+    t1 = config.sampler.t1 if config.sampler.t1 is not None else schedule.default_t1
+    return float(t0), float(t1)
+
+
+def gmm_problem(config, dim: int, schedule, dtype) -> GmmProblem:
+    """Mixture, x_T, exact data draws and the validated reference solve for ``dim``."""
+    mixture = mixture_for_dim(config, dim)
+    eps_fn = mixture.eps_fn(schedule)
+    key_prior, key_data, key_noise = jax.random.split(jax.random.PRNGKey(config.seed + dim), 3)
+    n = config.compare.num_samples
+    x_T = schedule.prior_sample(key_prior, (n, dim), dtype)
+    data = np.asarray(mixture.sample(key_data, n, dtype))
+    t0, t1 = sampling_interval(config, schedule)
+    ref = reference_solve(schedule, eps_fn, x_T, t0=t0, t1=t1, steps=config.compare.reference_steps)
+    return GmmProblem(mixture, eps_fn, x_T, key_noise, data, ref)
+
+
+def cell_metrics(problem: GmmProblem, sampler, out) -> dict:
+    """``rmse`` against the reference (deterministic samplers) and the NLL gap."""
+    out = np.asarray(out, np.float64)
+    finite = bool(np.all(np.isfinite(out)))
+    if not finite:
+        logging.warning("%s produced non-finite samples", sampler.method)
+    return {
+        "rmse": None if sampler.stochastic else rmse(out, problem.reference.x0),
+        "nll_gap": nll_gap(problem.mixture.log_prob, out, problem.data) if finite else None,
+    }
 
 
 def _fingerprint(config) -> str:
@@ -95,8 +140,6 @@ def run(config, workdir: str) -> None:
         jax.config.update("jax_enable_x64", True)
     dtype = jax.numpy.float64 if config.compare.x64 else jax.numpy.float32
     schedule = cv.validate_sde(config)
-    t0 = config.sampler.t0 if config.sampler.t0 is not None else schedule.default_t0
-    t1 = config.sampler.t1 if config.sampler.t1 is not None else schedule.default_t1
     os.makedirs(workdir, exist_ok=True)
     cache_path = os.path.join(workdir, "results.jsonl")
     fingerprint = _fingerprint(config)
@@ -108,19 +151,13 @@ def run(config, workdir: str) -> None:
     records, scatters = [], []
     bar = tqdm(total=total, desc="compare", unit="cell", dynamic_ncols=True)
     for dim in dims:
-        mixture = _mixture(config, dim)
-        eps_fn = mixture.eps_fn(schedule)
-        key_prior, key_data, key_noise = jax.random.split(jax.random.PRNGKey(config.seed + dim), 3)
-        n = config.compare.num_samples
-        x_T = schedule.prior_sample(key_prior, (n, dim), dtype)
-        data = np.asarray(mixture.sample(key_data, n, dtype))
         bar.set_postfix_str(f"dim={dim} reference")
-        ref = reference_solve(
-            schedule, eps_fn, x_T, t0=t0, t1=t1, steps=config.compare.reference_steps
-        )
+        problem = gmm_problem(config, dim, schedule, dtype)
+        ref, data, x_T = problem.reference, problem.data, problem.x_T
         ref_row = {
             "dim": dim, "method": "reference", "nfe_budget": ref.nfe, "nfe": ref.nfe,
-            "rmse": ref.error_estimate, "nll_gap": nll_gap(mixture.log_prob, ref.x0, data),
+            "rmse": ref.error_estimate,
+            "nll_gap": nll_gap(problem.mixture.log_prob, ref.x0, data),
             "seconds": None,
         }  # fmt: skip
         records.append(ref_row)
@@ -136,24 +173,21 @@ def run(config, workdir: str) -> None:
                     bar.update(1)
                     continue
                 sampler = build.sampler_from_config(
-                    config.sampler, schedule, eps_fn, method=choice.method,
+                    config.sampler, schedule, problem.eps_fn, method=choice.method,
                     order=choice.order, nfe=nfe, options=choice.options,
                 )  # fmt: skip
                 start = time.perf_counter()
                 out = (
-                    jax.jit(sampler)(x_T, key_noise)
+                    jax.jit(sampler)(x_T, problem.noise_key)
                     if sampler.stochastic
                     else jax.jit(sampler)(x_T)
                 )
                 out = np.asarray(jax.block_until_ready(out), np.float64)
                 record = {
                     "dim": dim, "method": choice.label, "nfe_budget": nfe, "nfe": sampler.nfe,
-                    "rmse": None if sampler.stochastic else rmse(out, ref.x0),
-                    "nll_gap": nll_gap(mixture.log_prob, out, data),
+                    **cell_metrics(problem, sampler, out),
                     "seconds": time.perf_counter() - start,
                 }  # fmt: skip
-                if not np.all(np.isfinite(out)):
-                    logging.warning("%s at NFE %d produced non-finite samples", choice.label, nfe)
                 if cell_key not in done:
                     append_jsonl(cache_path, {"key": cell_key, "fingerprint": fingerprint,
                                               "record": record})  # fmt: skip
@@ -161,7 +195,10 @@ def run(config, workdir: str) -> None:
                 if dim == 2 and nfe == config.compare.scatter_nfe:
                     scatters.append((f"{choice.label} (NFE {sampler.nfe})", out))
                 bar.update(1)
-        deterministic_errors = [r["rmse"] for r in records if r["dim"] == dim and r["rmse"]]
+        deterministic_errors = [
+            r["rmse"] for r in records
+            if r["dim"] == dim and r["method"] != "reference" and r["rmse"]
+        ]  # fmt: skip
         if deterministic_errors and ref.error_estimate > 0.01 * min(deterministic_errors):
             logging.warning(
                 "dim %d: reference error estimate %.2e is not 100x below the smallest measured "

@@ -1,0 +1,218 @@
+"""Data parallelism: the same samples on 1, 2 and 8 simulated CPU devices and on 2 processes.
+
+Simulated devices need ``XLA_FLAGS`` before JAX starts, so each configuration runs in a
+subprocess (this file with ``--worker``). Every worker generates the same 24 samples of a
+16-D Gaussian mixture with ``deis_jax.generation`` (per-device batch 2) for a deterministic
+(tAB3) and a stochastic (stochastic DDIM) method, with the exact ``GaussianMixture.eps_fn``.
+
+Findings (see docs/scale.md, "Determinism"):
+
+* With a fixed per-device batch, every run (1, 2 or 8 devices, 1 or 2 processes) is
+  bit-identical, for both methods.
+* This needs the eps_fn to be written as ``x * (1 / v)``: XLA's unpartitioned pipeline rewrites
+  ``x / broadcast(v)`` into that form but the SPMD-partitioned one keeps the division, which
+  made the 1-device run differ in the last bits; ``GaussianMixture.eps_fn`` multiplies.
+* A different per-device batch *shape* can also change the last bits (XLA's CPU code for the
+  batched contraction depends on the shape), which is why generation fixes the per-device
+  batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+NUM_SAMPLES = 24
+SHARD = 5
+PER_DEVICE = 2
+METHODS = (("tab", 3), ("sddim", 0))
+
+
+# --- the worker (runs in a subprocess) ----------------------------------------------------
+
+
+def _mixture():
+    from deis_jax.analytic import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    return GaussianMixture(rng.normal(size=(4, 16)), rng.uniform(0.2, 0.5, 4), np.ones(4))
+
+
+def worker(out_dir: str) -> None:
+    from deis_jax import generation, parallel
+    from deis_jax.sampler import get_sampler
+    from deis_jax.sde import VPSDE
+
+    parallel.maybe_initialize_distributed()  # JAX_* env variables in the 2-process test
+    import jax
+
+    schedule = VPSDE.linear()
+    mixture = _mixture()
+    eps_fn = mixture.eps_fn(schedule)
+    report = {"devices": jax.device_count(), "processes": jax.process_count(), "written": {}}
+    for method, order in METHODS:
+        sampler = get_sampler(schedule, eps_fn, method=method, order=order, nfe=6)
+        name = f"{method}{order}"
+        result = generation.generate_samples(
+            os.path.join(out_dir, name), sampler, num_samples=NUM_SAMPLES,
+            sample_shape=(16,), seed=7, shard_size=SHARD, per_device_batch=PER_DEVICE,
+            progress=False, metadata={"test": name},
+        )  # fmt: skip
+        report["written"][name] = list(result.written)
+    print("REPORT " + json.dumps(report), flush=True)
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+
+def _env(devices: int, extra: dict | None = None) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    for k in ("JAX_ENABLE_X64", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+def _report(stdout: str) -> dict:
+    line = next(x for x in stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line[len("REPORT ") :])
+
+
+def _load(directory: str) -> dict[str, np.ndarray]:
+    from deis_jax.generation import load_samples
+
+    return {f"{m}{o}": load_samples(os.path.join(directory, f"{m}{o}")).samples for m, o in METHODS}
+
+
+@pytest.fixture(scope="module")
+def device_runs(tmp_path_factory):
+    """Samples generated with 1, 2 and 8 simulated devices (one subprocess each)."""
+    runs = {}
+    for n in (1, 2, 8):
+        out = tmp_path_factory.mktemp(f"dev{n}")
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", str(out)], cwd=ROOT, env=_env(n),
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert _report(proc.stdout)["devices"] == n
+        runs[n] = _load(str(out))
+    return runs
+
+
+def test_partitioned_runs_are_bit_identical(device_runs):
+    for name, x in device_runs[2].items():
+        assert x.shape == (NUM_SAMPLES, 16)
+        np.testing.assert_array_equal(device_runs[8][name], x, err_msg=name)
+
+
+def test_one_device_is_bit_identical(device_runs):
+    for name, x in device_runs[1].items():
+        np.testing.assert_array_equal(x, device_runs[2][name], err_msg=name)
+        np.testing.assert_array_equal(x, device_runs[8][name], err_msg=name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_match_single_process(device_runs, tmp_path):
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        extra = {
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(pid),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", str(tmp_path)],
+                cwd=ROOT,
+                env=_env(2, extra),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    reports = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, stderr[-4000:]
+        reports.append(_report(stdout))
+    assert [r["processes"] for r in reports] == [2, 2]
+    assert [r["devices"] for r in reports] == [4, 4]
+    # 5 shards split into contiguous blocks: process 0 writes 0-2, process 1 writes 3-4.
+    for name in reports[0]["written"]:
+        assert reports[0]["written"][name] == [0, 1, 2]
+        assert reports[1]["written"][name] == [3, 4]
+    together = _load(str(tmp_path))  # manifest written by process 0, verified here
+    for name, x in together.items():
+        np.testing.assert_array_equal(x, device_runs[2][name], err_msg=name)
+        np.testing.assert_array_equal(x, device_runs[1][name], err_msg=name)
+
+
+def test_process_range_partitions_indices():
+    from deis_jax.parallel import process_range
+
+    for num in (0, 1, 7, 24, 50_000):
+        for count in (1, 2, 3, 8):
+            parts = [process_range(num, p, count) for p in range(count)]
+            flat = [i for r in parts for i in r]
+            assert flat == list(range(num))
+            assert max(len(r) for r in parts) - min(len(r) for r in parts) <= 1
+    with pytest.raises(ValueError):
+        process_range(10, 2, 2)
+
+
+def test_distributed_plan_from_environment():
+    from deis_jax.parallel import distributed_plan
+
+    assert not distributed_plan(environ={}).initialize
+    slurm = {
+        "SLURM_JOB_ID": "12", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+    }  # fmt: skip
+    assert not distributed_plan(environ={**slurm, "SLURM_NTASKS": "1"}).initialize
+    plan = distributed_plan(environ={**slurm, "SLURM_NTASKS": "4"})
+    assert plan.initialize and plan.kwargs == {}
+    explicit = {
+        "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": "1",
+    }  # fmt: skip
+    plan = distributed_plan(environ=explicit)
+    assert plan.initialize
+    assert plan.kwargs == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
+    }  # fmt: skip
+    assert not distributed_plan(environ={**explicit, "DEIS_DISTRIBUTED": "0"}).initialize
+    assert not distributed_plan(num_processes=1, environ={}).initialize
+    with pytest.raises(ValueError, match="process_id"):
+        distributed_plan(coordinator_address="h:1", num_processes=2, environ={})
+    plan = distributed_plan(environ={"DEIS_DISTRIBUTED": "1"})
+    assert plan.initialize and plan.kwargs == {}
+    gke = {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}
+    assert distributed_plan(environ=gke).initialize
+    assert not distributed_plan(environ={"TPU_WORKER_HOSTNAMES": "w-0"}).initialize
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    worker(sys.argv[2])
