@@ -58,8 +58,10 @@ def plot_metric_vs_nfe(
     panels: Sequence[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
     path: str,
     ylabel: str,
+    xticks: Sequence[float] | None = None,
 ) -> None:
-    """One log-log panel per ``(title, {label: (nfes, values)})``."""
+    """One log-log panel per ``(title, {label: (nfes, values)})``; ticks at ``xticks``
+    (default: every NFE plotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +79,7 @@ def plot_metric_vs_nfe(
                 ax.loglog(*zip(*pts, strict=True), style, marker="o", ms=3, label=label,
                           color=colors[(2 * i) % 20 + (i // 10) % 2])  # fmt: skip
                 ticks.update(p[0] for p in pts)
-        ax.set_xticks(sorted(ticks))
+        ax.set_xticks(sorted(ticks) if xticks is None else list(xticks))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title)

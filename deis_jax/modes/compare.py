@@ -250,7 +250,9 @@ def _write_outputs(workdir, records, choices, nfes, dims, scatters) -> None:
                 curves[label] = ([p[0] for p in pts], [p[1] for p in pts])
         panels.append((f"dim {dim}", curves))
     atomic_write_text(os.path.join(workdir, "results.md"), "\n".join(sections))
-    plot_metric_vs_nfe(panels, os.path.join(workdir, "error_vs_nfe.png"), "RMSE vs reference")
+    plot_metric_vs_nfe(
+        panels, os.path.join(workdir, "error_vs_nfe.png"), "RMSE vs reference", xticks=nfes
+    )
     if scatters:
         plot_scatter_grid(scatters, os.path.join(workdir, "samples_2d.png"))
     print("\n".join(sections))
