@@ -7,6 +7,7 @@ import pytest
 from scipy.integrate import quad
 
 import deis_jax as deis
+from deis_jax.analytic import GaussianMixture
 from deis_jax.solvers import get_method
 from deis_jax.solvers.stochastic import (
     ERSDE_PHI_NAMES,
@@ -23,13 +24,8 @@ MU, S = np.array([0.3, -1.0]), np.array([0.5, 1.5])
 
 
 def gaussian_eps_fn(schedule, mu=MU, s=S):
-    """Exact eps for data N(mu, diag(s^2)): eps = rho (v - mu) / (s^2 + rho^2), v = x/alpha."""
-
-    def eps_fn(x, t):
-        alpha, rho = schedule.alpha(t), schedule.rho(t)
-        return rho * (x / alpha - mu) / (s**2 + rho**2)
-
-    return eps_fn
+    """Exact eps for data N(mu, diag(s^2)) (``deis_jax.analytic``)."""
+    return GaussianMixture.gaussian(mu, s).eps_fn(schedule)
 
 
 def ve_grid(rho):

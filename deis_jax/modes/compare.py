@@ -47,7 +47,8 @@ from deis_jax.reporting import (
 CSV_FIELDS = ("dim", "method", "nfe_budget", "nfe", "rmse", "nll_gap", "seconds")
 
 
-def validate(config) -> list[MethodChoice]:
+def validate_problem(config) -> None:
+    """The fields ``gmm_problem`` reads (shared with ``--mode=sweep``)."""
     schedule = cv.validate_sde(config)
     cv.validate_sampler(config, schedule)
     cv.require_choice(config, "data.name", ("gmm",))
@@ -56,9 +57,13 @@ def validate(config) -> list[MethodChoice]:
     cv.require_number(config, "data.latent_dim", integer=True, minimum=1)
     for field in ("data.radius", "data.std", "data.ring_std"):
         cv.require_number(config, field, minimum=0, exclusive_minimum=True)
-    cv.require_int_list(config, "compare.nfes", minimum=1)
     cv.require_number(config, "compare.num_samples", integer=True, minimum=2)
     cv.require_number(config, "compare.reference_steps", integer=True, minimum=10)
+
+
+def validate(config) -> list[MethodChoice]:
+    validate_problem(config)
+    cv.require_int_list(config, "compare.nfes", minimum=1)
     cv.require_number(config, "compare.scatter_nfe", integer=True, minimum=1)
     methods = cv.get_field(config, "compare.methods")
     if isinstance(methods, str) or not methods:

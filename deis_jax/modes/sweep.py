@@ -177,12 +177,9 @@ def register_evaluator(name: str, validate: Callable, evaluate: Callable) -> Non
 
 
 def _validate_gmm(config) -> None:
-    schedule = cv.validate_sde(config)
-    cv.validate_sampler(config, schedule)
-    cv.require_choice(config, "data.name", ("gmm",))
-    cv.require_int_list(config, "data.dims", minimum=1)
-    cv.require_number(config, "compare.num_samples", integer=True, minimum=2)
-    cv.require_number(config, "compare.reference_steps", integer=True, minimum=10)
+    from deis_jax.modes.compare import validate_problem
+
+    validate_problem(config)
 
 
 def _evaluate_gmm(config, context: dict) -> list[dict]:
