@@ -60,13 +60,18 @@ def group_norm(x: jax.Array) -> jax.Array:
     return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32))(x)
 
 
-def conv3x3(
-    x: jax.Array, out_ch: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0
+def conv(
+    x: jax.Array,
+    out_ch: int,
+    kernel: int,
+    stride: int = 1,
+    bias: bool = True,
+    init_scale: float = 1.0,
 ) -> jax.Array:
-    """3x3 'SAME' convolution with the DDPM initialiser (a ``Conv_k`` in the caller)."""
+    """k x k 'SAME' convolution with the DDPM initialiser (a ``Conv_k`` in the caller)."""
     return nn.Conv(
         out_ch,
-        kernel_size=(3, 3),
+        kernel_size=(kernel, kernel),
         strides=(stride, stride),
         padding="SAME",
         use_bias=bias,
@@ -75,19 +80,12 @@ def conv3x3(
     )(x)
 
 
-def conv1x1(
-    x: jax.Array, out_ch: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0
-) -> jax.Array:
-    """1x1 convolution with the DDPM initialiser (a ``Conv_k`` in the caller)."""
-    return nn.Conv(
-        out_ch,
-        kernel_size=(1, 1),
-        strides=(stride, stride),
-        padding="SAME",
-        use_bias=bias,
-        kernel_init=default_init(init_scale),
-        bias_init=nn.initializers.zeros,
-    )(x)
+def conv3x3(x: jax.Array, out_ch: int, **kwargs) -> jax.Array:
+    return conv(x, out_ch, 3, **kwargs)
+
+
+def conv1x1(x: jax.Array, out_ch: int, **kwargs) -> jax.Array:
+    return conv(x, out_ch, 1, **kwargs)
 
 
 def dense(x: jax.Array, features: int, init_scale: float = 1.0) -> jax.Array:
