@@ -57,11 +57,12 @@ def eps_fn_from_model(
     to_cond = schedule.model_time if time_input is None else time_input
 
     def eps_fn(x, t):
-        t = jnp.asarray(t)
+        t = jnp.asarray(t)  # a scalar, or one time per example (shape (B,))
         cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
         out = model_fn(x, cond)
-        alpha = schedule.alpha(t).astype(x.dtype)
-        sigma = schedule.sigma(t).astype(x.dtype)
+        per_example = (-1,) + (1,) * (x.ndim - 1) if t.ndim == 1 else ()
+        alpha = schedule.alpha(t).astype(x.dtype).reshape(per_example)
+        sigma = schedule.sigma(t).astype(x.dtype).reshape(per_example)
         return output_to_eps(out, x, alpha, sigma, prediction)
 
     return eps_fn

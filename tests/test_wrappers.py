@@ -50,3 +50,20 @@ def test_time_input_override_and_guidance():
 def test_unknown_prediction_is_rejected():
     with pytest.raises(ValueError, match=r"prediction must be one of \('eps', 'score'"):
         eps_fn_from_model(lambda x, c: x, deis.VPSDE.linear(), "noise")
+
+
+def test_per_example_times_broadcast_over_the_batch_axis():
+    # B equals the channel count on purpose: a wrong broadcast would go unnoticed otherwise.
+    s = deis.VPSDE.linear()
+    exact = MIX.eps_fn(s)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2)))
+    ts = jnp.asarray([0.2, 0.7])
+
+    def x0_model(x, cond):
+        t = cond / 999.0
+        eps = jnp.stack([exact(x[i : i + 1], t[i])[0] for i in range(2)])
+        return (x - s.sigma(t)[:, None] * eps) / s.alpha(t)[:, None]
+
+    got = eps_fn_from_model(x0_model, s, "x0")(x, ts)
+    want = jnp.stack([exact(x[i : i + 1], ts[i])[0] for i in range(2)])
+    np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -1,0 +1,280 @@
+"""Training: optax Adam with warm-up and clipping, parameter EMA, data parallel, orbax checkpoints.
+
+score_sde's recipe: Adam (b1 0.9, b2 0.999, eps 1e-8), learning rate ``lr * min(step /
+warmup, 1)``, global-norm gradient clipping, and an EMA of the parameters (updated after every
+step, used for sampling). Data parallelism is ``jax.jit`` over a one-axis ``jax.make_mesh``
+mesh ``('data',)`` spanning every device: the batch is sharded ``P('data')``, the state is
+replicated ``P()``, and XLA inserts the gradient all-reduce (no pmap).
+
+Resumability: the batch at step ``s`` is ``dataset[s]`` and the step's randomness is
+``fold_in(PRNGKey(seed), s)`` (times, noise, dropout), so a run restored from the checkpoint at
+step ``s`` computes exactly the losses an uninterrupted run computes from ``s`` on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deis_jax import losses
+from deis_jax.sde import NoiseSchedule
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Any
+    opt_state: Any
+    ema_params: Any
+
+
+# --- model --------------------------------------------------------------------------------
+
+DATA_FIELDS_OF_MODEL = ("image_size", "num_channels", "centered")
+
+
+def model_config(config) -> dict:
+    """``config.model`` with ``image_size``/``num_channels``/``centered`` from ``config.data``
+    (the single source of truth for them), as :func:`deis_jax.models.get_model` wants."""
+    values = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+    values.update({k: config.data[k] for k in DATA_FIELDS_OF_MODEL})
+    return values
+
+
+def build_model(config) -> nn.Module:
+    from deis_jax.models import get_model
+
+    return get_model(model_config(config))
+
+
+def model_prediction(config) -> str:
+    """What the network outputs: ``config.model.prediction`` if set, else score_sde's rule:
+    ``'score'`` for ``scale_by_sigma`` networks (VE NCSN++), ``'eps'`` otherwise (score =
+    -output / sigma, VP / sub-VP DDPM++)."""
+    prediction = config.model.get("prediction")
+    if prediction is not None:
+        return prediction
+    return "score" if config.model.get("scale_by_sigma", False) else "eps"
+
+
+# --- optimizer and state ------------------------------------------------------------------
+
+
+def make_optimizer(
+    lr: float = 2e-4, warmup: int = 5000, grad_clip: float = 1.0, beta1: float = 0.9
+) -> optax.GradientTransformation:
+    """Adam with linear warm-up from 0 (score_sde: ``lr * min(step / warmup, 1)``) and
+    global-norm clipping (off when ``grad_clip <= 0``)."""
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
+    adam = optax.adam(schedule, b1=beta1, b2=0.999, eps=1e-8)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
+
+
+def optimizer_from_config(training_config) -> optax.GradientTransformation:
+    return make_optimizer(training_config.lr, training_config.warmup, training_config.grad_clip)
+
+
+def init_state(model: nn.Module, tx, key: jax.Array, input_shape: tuple[int, ...]) -> TrainState:
+    """Initialise parameters with a dummy batch ``(1, *input_shape)``; EMA starts at them."""
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    labels = jnp.ones((1,), jnp.float32)
+    params = model.init({"params": key, "dropout": key}, x, labels, train=False)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params)
+
+
+def apply_fn(model: nn.Module, params, *, train: bool) -> Callable:
+    """``f(x, labels, key)`` calling the Flax model; ``key`` feeds dropout when training."""
+
+    def f(x, labels, key=None):
+        rngs = {"dropout": key} if (train and key is not None) else None
+        return model.apply({"params": params}, x, labels, train=train, rngs=rngs)
+
+    return f
+
+
+# --- the step -----------------------------------------------------------------------------
+
+
+def make_train_step(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    tx: optax.GradientTransformation,
+    *,
+    prediction: str,
+    seed: int,
+    ema_rate: float = 0.9999,
+    ema_warmup: bool = False,
+    eps: float = 1e-5,
+    reduce_mean: bool = True,
+    likelihood_weighting: bool = False,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+    """A pure ``step(state, batch) -> (state, metrics)``; randomness from ``(seed, step)``.
+
+    The EMA decay is ``ema_rate`` (score_sde), or with ``ema_warmup``
+    ``min(ema_rate, (1 + k) / (10 + k))`` after ``k`` updates, so that short runs do not keep
+    a large share of the initial weights in the average.
+    """
+    base_key = jax.random.PRNGKey(seed)
+
+    def step(state: TrainState, batch: jax.Array):
+        key = jax.random.fold_in(base_key, state.step)
+
+        def loss_fn(params):
+            eps_model = losses.eps_model_from_apply(
+                apply_fn(model, params, train=True), schedule, prediction
+            )
+            loss, _ = losses.dsm_loss(
+                eps_model,
+                schedule,
+                batch,
+                key,
+                eps=eps,
+                reduce_mean=reduce_mean,
+                likelihood_weighting=likelihood_weighting,
+            )
+            return loss
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = jnp.asarray(ema_rate, jnp.float32)
+        if ema_warmup:
+            k = state.step.astype(jnp.float32)
+            decay = jnp.minimum(decay, (1.0 + k) / (10.0 + k))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        new_state = TrainState(state.step + 1, params, opt_state, ema)
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return step
+
+
+# --- devices ------------------------------------------------------------------------------
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D ``('data',)`` mesh over all devices (every process's, for multi-host)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def shard_step(step_fn, mesh: jax.sharding.Mesh):
+    """jit ``step_fn`` with the batch sharded over ``'data'`` and the state replicated."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        step_fn,
+        in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+def global_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """This process's rows of the batch -> one global array sharded over ``'data'``."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_batch)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+def _not_orbax_info(record) -> bool:
+    return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    """Orbax logs each save/restore in detail at INFO; keep only its warnings and errors."""
+    handler = logging.get_absl_handler()
+    if _not_orbax_info not in handler.filters:
+        handler.addFilter(_not_orbax_info)
+
+
+def checkpoint_manager(directory: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+    quiet_orbax_logs()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def restore_state(mngr: ocp.CheckpointManager, target: TrainState, step: int | None = None):
+    """Restore into the structure/shardings of ``target`` (latest step by default)."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+
+def train_loop(
+    state: TrainState,
+    step_fn: Callable,
+    batches: Iterator[jax.Array],
+    *,
+    num_steps: int,
+    log_every: int = 100,
+    checkpoint_every: int = 10_000,
+    mngr: ocp.CheckpointManager | None = None,
+    metrics_path: str | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> tuple[TrainState, list[dict]]:
+    """Run ``state.step .. num_steps - 1``; log means over each window, checkpoint every
+    ``checkpoint_every`` updates and at the end. ``callback(step, metrics)`` (host values)
+    runs after every step when given (tests use it to record or interrupt).
+    Returns the final state and the logged records."""
+    start = int(state.step)
+    history: list[dict] = []
+    window: list[dict] = []
+    t_start = t_window = time.perf_counter()
+    for step in range(start, num_steps):
+        state, metrics = step_fn(state, next(batches))
+        window.append(metrics)
+        if step == start:  # the first step includes compilation: start the clock after it
+            jax.block_until_ready(metrics)
+            t_start = time.perf_counter()
+        if callback is not None:
+            callback(step, jax.tree.map(float, metrics))
+        done = step + 1
+        if done % log_every == 0 or done == num_steps:
+            means = {k: float(jnp.mean(jnp.stack([m[k] for m in window]))) for k in window[0]}
+            now = time.perf_counter()
+            rate = (done - start - 1) / max(now - t_start, 1e-9)
+            eta = (num_steps - done) / rate if rate > 0 else float("nan")
+            record = {"step": done, **means, "steps_per_sec": rate, "window_sec": now - t_window}
+            history.append(record)
+            logging.info(
+                "step %d/%d  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s",
+                done, num_steps, means["loss"], means["grad_norm"], rate, _fmt_eta(eta),
+            )  # fmt: skip
+            if metrics_path is not None and jax.process_index() == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            window, t_window = [], now
+        if mngr is not None and (done % checkpoint_every == 0 or done == num_steps):
+            mngr.save(done, args=ocp.args.StandardSave(state))
+    if mngr is not None:
+        mngr.wait_until_finished()
+    return state, history
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
