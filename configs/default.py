@@ -91,6 +91,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.num_samples = 64
-    sampling.batch_size = 64
+    sampling.batch_size = 64  # per call, over all devices (split evenly per device)
+    sampling.shard_size = 1000  # samples per atomically written shard (resumable generation)
     sampling.checkpoint = FieldReference(None, field_type=str)
     return config

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deis_jax import losses
+from deis_jax.parallel import make_mesh  # noqa: F401  (re-exported: the one mesh helper)
 from deis_jax.sde import NoiseSchedule
 
 
@@ -164,14 +165,6 @@ def make_train_step(
 
 
 # --- devices ------------------------------------------------------------------------------
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D ``('data',)`` mesh over all devices (every process's, for multi-host)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh(
-        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-    )
 
 
 def shard_step(step_fn, mesh: jax.sharding.Mesh):

@@ -6,29 +6,29 @@ Parameters come from ``config.sampling.checkpoint`` when set -- a converted scor
 checkpoint directory (``scripts/convert_score_sde_checkpoint.py``) or a raw score_sde
 ``checkpoint_<N>`` file -- and otherwise from the EMA parameters of the latest training
 checkpoint under ``<workdir>/checkpoints``. Writes, under
-``<workdir>/samples/<method><order>_nfe<nfe>_<grid>/``: ``samples.npz`` (``samples``: uint8
-NHWC images, plus the sampler's time grid and NFE) and ``samples.png`` (a grid of up to 100).
+``<workdir>/samples/<method><order>_nfe<nfe>_<grid>/``: ``shards/`` (resumable, atomically
+written shards and a verified ``manifest.json``, see ``deis_jax.generation``), ``samples.npz``
+(``samples``: uint8 NHWC images, plus the sampler's time grid and NFE) and ``samples.png`` (a
+grid of up to 100).
 
-Sample ``i`` starts from ``x_T ~ N(0, prior_std^2)`` drawn with ``fold_in(key, i)``, so the
-images do not depend on the batch size or the number of devices.
+Sample ``i`` starts from ``x_T ~ N(0, prior_std^2)`` drawn with ``fold_in(prior_key, i)`` and
+its noise (stochastic samplers) from ``fold_in(noise_key, i)``, so the images do not depend on
+the batch size or the number of devices or hosts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import io
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from deis_jax import build, data, image_grid
+from deis_jax import build, data, generation, image_grid, parallel, solvers
 from deis_jax import train as training
 from deis_jax.config_validation import ConfigError, require_number, validate_sampler, validate_sde
+from deis_jax.io_utils import atomic_write_bytes
 from deis_jax.modes.train import validate_model_and_data
 from deis_jax.wrappers import eps_fn_from_model
 
@@ -42,6 +42,7 @@ def validate(config) -> None:
     require_number(config, "seed", integer=True, minimum=0)
     require_number(config, "sampling.num_samples", integer=True, minimum=1)
     require_number(config, "sampling.batch_size", integer=True, minimum=1)
+    require_number(config, "sampling.shard_size", integer=True, minimum=1)
     ckpt = config.sampling.get("checkpoint")
     if ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"config.sampling.checkpoint must be a path or None, got {ckpt!r}")
@@ -90,60 +91,72 @@ def load_sampling_params(config, workdir: str, model):
 
 
 def sample(config, workdir: str, *, model=None) -> dict:
-    """Generate ``config.sampling.num_samples`` images; returns paths and the sampler info."""
+    """Generate ``config.sampling.num_samples`` images; returns paths and the sampler info.
+
+    Generation is sharded over every device (and process) and resumable: shards are written
+    atomically under ``<out_dir>/shards`` with a verified ``manifest.json``
+    (``deis_jax.generation``), so a killed run continues where it stopped.
+    """
     schedule = build.schedule_from_config(config.sde)
     model = training.build_model(config) if model is None else model
     params = load_sampling_params(config, workdir, model)
-
-    mesh = training.make_mesh()
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+    mesh = parallel.make_mesh()
+    params = parallel.replicate(params, mesh)
     prediction = training.model_prediction(config)
     # Coefficients are built here once, on the host; the network is bound inside the jit so
     # the parameters are arguments, not compile-time constants.
     sampler = build.sampler_from_config(config.sampler, schedule, lambda x, t: x)
-    n, batch = config.sampling.num_samples, config.sampling.batch_size
-    batch = math.ceil(batch / mesh.size) * mesh.size  # divisible by the device count
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    noise_key, sampler_key = jax.random.split(jax.random.PRNGKey(config.seed))
 
-    def prior(key):
-        return schedule.prior_sample(key, shape)
-
-    def generate(params, offset):
-        eps_fn = eps_fn_from_model(
-            lambda x, labels: model.apply({"params": params}, x, labels, train=False),
+    def bind(p):
+        return eps_fn_from_model(
+            lambda x, labels: model.apply({"params": p}, x, labels, train=False),
             schedule,
             prediction,
         )
-        bound = dataclasses.replace(sampler, eps_fn=eps_fn)
-        index = offset + jnp.arange(batch)
-        x_T = jax.vmap(lambda i: prior(jax.random.fold_in(noise_key, i)))(index)
-        x_T = jax.lax.with_sharding_constraint(x_T, NamedSharding(mesh, P("data")))
-        return bound(x_T, sampler_key, offset) if sampler.stochastic else bound(x_T)
 
-    generate = jax.jit(generate, out_shardings=NamedSharding(mesh, P("data")))
-    logging.info(
-        "sampling %d images with %s order %d, NFE %d (%d steps) in batches of %d",
-        n, sampler.method, sampler.order, sampler.nfe, sampler.num_steps, batch,
-    )  # fmt: skip
-    chunks = []
-    for offset in range(0, n, batch):
-        x = np.asarray(jax.device_get(generate(params, jnp.int32(offset))))
-        chunks.append(image_grid.to_uint8(data.postprocess(x, config.data.centered)))
-        logging.info("  %d / %d", min(offset + batch, n), n)
-    images = np.concatenate(chunks)[:n]
-
-    tag = f"{sampler.method}{sampler.order}_nfe{sampler.nfe}_{config.sampler.grid or 'quadratic'}"
+    grid = config.sampler.grid or solvers.get_method(sampler.method).default_grid
+    tag = f"{sampler.method}{sampler.order}_nfe{sampler.nfe}_{grid}"
     out_dir = os.path.join(workdir, "samples", tag)
-    os.makedirs(out_dir, exist_ok=True)
+    shard_dir = os.path.join(out_dir, "shards")
+    logging.info(
+        "sampling %d images with %s order %d, NFE %d (%d steps) on %d device(s)",
+        config.sampling.num_samples, sampler.method, sampler.order, sampler.nfe,
+        sampler.num_steps, mesh.size,
+    )  # fmt: skip
+    generation.generate_samples(
+        shard_dir,
+        sampler,
+        num_samples=config.sampling.num_samples,
+        sample_shape=shape,
+        seed=config.seed,
+        shard_size=config.sampling.shard_size,
+        per_device_batch=max(1, config.sampling.batch_size // mesh.size),
+        mesh=mesh,
+        prior=lambda key: schedule.prior_sample(key, shape),
+        params=params,
+        bind=bind,
+        postprocess=lambda x: image_grid.to_uint8(data.postprocess(x, config.data.centered)),
+        metadata={"config": config.to_dict(), "checkpoint": config.sampling.get("checkpoint")},
+    )
     npz_path = os.path.join(out_dir, "samples.npz")
     png_path = os.path.join(out_dir, "samples.png")
+    images = None
     if jax.process_index() == 0:
-        np.savez_compressed(npz_path, samples=images, ts=sampler.ts, nfe=sampler.nfe)
+        images = generation.load_samples(shard_dir).samples
+        buf = io.BytesIO()
+        np.savez_compressed(buf, samples=images, ts=sampler.ts, nfe=sampler.nfe)
+        atomic_write_bytes(npz_path, buf.getvalue())
         scale = max(1, 64 // config.data.image_size)
         image_grid.save_image_grid(images[:MAX_GRID], png_path, scale=scale)
-    logging.info("wrote %s and %s", npz_path, png_path)
-    return {"npz": npz_path, "png": png_path, "nfe": sampler.nfe, "shape": images.shape}
+        logging.info("wrote %s and %s", npz_path, png_path)
+    return {
+        "npz": npz_path,
+        "png": png_path,
+        "shards": shard_dir,
+        "nfe": sampler.nfe,
+        "shape": None if images is None else images.shape,
+    }
 
 
 def run(config, workdir: str) -> None:
