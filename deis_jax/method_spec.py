@@ -24,7 +24,9 @@ class MethodChoice(NamedTuple):
         """Human-readable name, e.g. ``tAB3``, ``rhoRK-kutta3``."""
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         spec = solvers.get_method(self.method)
-        base = self.method if len(spec.orders) == 1 else f"{self.method}{self.order}"
+        # A Runge-Kutta tableau fixes the order itself, so the label omits it.
+        fixed = len(spec.orders) == 1 or "tableau" in self.options
+        base = self.method if fixed else f"{self.method}{self.order}"
         return f"{base}:{opts}" if opts else base
 
 

@@ -196,21 +196,20 @@ def main() -> None:
             "",
             "**Simulated CPU devices share the same "
             f"{os.cpu_count()} cores**: this table measures the overhead of sharding and checks "
-            "that the samples do not change; it is not a speed-up measurement (throughput still "
-            "rises with the device count because one simulated CPU device runs these small "
-            "fusions on one thread, while several devices run concurrently on both cores; the "
-            "machine is also shared, so timings are noisy). On GPUs/TPUs run "
-            "`python scripts/benchmark_scaling.py --real` on hosts with 1, 2, 4, 8 accelerators.",
+            "that the samples do not change; it is not a speed-up measurement (each simulated "
+            "device gets a share of the same cores, and the machine may be shared, so timings "
+            "are noisy). On GPUs/TPUs run `python scripts/benchmark_scaling.py --real` on hosts "
+            "with 1, 2, 4, 8 accelerators.",
             "",
-            "The 1-device program differs from the partitioned ones in the last bits because "
-            "XLA rewrites `x / broadcast(v)` into `x * broadcast(1/v)` only when it does not "
-            "partition (see docs/scale.md, Determinism); all partitioned runs agree bit for bit.",
+            "Sample columns compare the first batch of each run with the 1-device and 2-device "
+            "runs: per-sample keys by global index and a fixed per-device batch make them "
+            "bit-identical (docs/scale.md, Determinism).",
         ]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    from deis_jax.io_utils import atomic_write_text
+
+    atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":
