@@ -14,6 +14,7 @@ convert it (``--model_config ve_cifar10_ncsnpp_continuous``) and set
 """
 
 from configs.default import get_default_config, model_block
+from configs.tables import add_table_fields
 
 
 def get_config():
@@ -25,4 +26,4 @@ def get_config():
     config.data.centered = False
     config.training.ema_rate = 0.999
     config.training.reduce_mean = False
-    return config
+    return add_table_fields(config)  # --mode=table fields (configs/tables.py)

@@ -14,6 +14,7 @@ sampler writes ``<workdir>/samples/tab3_nfe10_quadratic/{samples.npz,samples.png
 """
 
 from configs.default import get_default_config, model_block
+from configs.tables import add_table_fields
 
 
 def get_config():
@@ -29,4 +30,4 @@ def get_config():
     config.data.centered = True
     config.training.reduce_mean = True
     config.training.n_iters = 1_300_001
-    return config
+    return add_table_fields(config)  # --mode=table fields (configs/tables.py)

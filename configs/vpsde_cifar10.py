@@ -15,6 +15,7 @@ and pass ``--config.sampling.checkpoint=<converted dir>``. Sampling writes
 """
 
 from configs.default import get_default_config, model_block
+from configs.tables import add_table_fields
 
 
 def get_config():
@@ -23,4 +24,4 @@ def get_config():
     config.data.centered = True
     config.training.reduce_mean = True
     config.training.n_iters = 950_001
-    return config
+    return add_table_fields(config)  # --mode=table fields (configs/tables.py)

@@ -13,6 +13,7 @@ with recognisable digits (cf. ``results/digits_samples_tab3_nfe10.png``).
 """
 
 from configs.default import get_default_config, model_block
+from configs.tables import add_table_fields
 
 
 def get_config():
@@ -42,4 +43,4 @@ def get_config():
     config.training.reduce_mean = True
     config.sampling.num_samples = 100
     config.sampling.batch_size = 100
-    return config
+    return add_table_fields(config)  # --mode=table fields (configs/tables.py)

@@ -13,6 +13,7 @@ sampler writes ``<workdir>/samples/tab3_nfe10_quadratic/{samples.npz,samples.png
 """
 
 from configs.default import get_default_config, model_block
+from configs.tables import add_table_fields
 
 
 def get_config():
@@ -21,4 +22,4 @@ def get_config():
     config.data.name = "downsampled_imagenet/32x32"
     config.data.centered = True
     config.training.reduce_mean = True
-    return config
+    return add_table_fields(config)  # --mode=table fields (configs/tables.py)

@@ -1,9 +1,9 @@
 """deis_jax: fast sampling of diffusion models in JAX (DEIS and the samplers it is judged against).
 
-    import deis_jax as deis
-    sde = deis.VPSDE.linear(beta_min=0.1, beta_max=20.0)
-    sample = deis.get_sampler(sde, eps_fn, method="tab", order=3, nfe=10)
-    x0 = jax.jit(sample)(x_T)
+import deis_jax as deis
+sde = deis.VPSDE.linear(beta_min=0.1, beta_max=20.0)
+sample = deis.get_sampler(sde, eps_fn, method="tab", order=3, nfe=10)
+x0 = jax.jit(sample)(x_T)
 """
 
 from deis_jax.coefficients import (

@@ -117,8 +117,7 @@ def validate_sampler(config, schedule=None, path: str = "sampler"):
         order = spec.default_order
     elif order not in spec.orders:
         raise ConfigError(
-            f"config.{path}.order must be one of {spec.orders} for method {method!r}, "
-            f"got {order!r}"
+            f"config.{path}.order must be one of {spec.orders} for method {method!r}, got {order!r}"
         )
     options = dict(get_field(config, path).get("options") or {})
     unknown = sorted(set(options) - set(spec.options))

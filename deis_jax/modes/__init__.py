@@ -1,1 +1,1 @@
-"""Run modes of ``main.py``: each module defines ``validate(config)`` and ``run(config, workdir)``."""
+"""Run modes of ``main.py``: each module has ``validate(config)`` and ``run(config, workdir)``."""

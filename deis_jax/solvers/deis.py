@@ -73,9 +73,7 @@ def _rk_stages(order: int, options: dict) -> int:
     return len(coef.rk_tableau(rk_tableau_name(order, options))[0])
 
 
-register_method(
-    MethodSpec("ddim", build_ddim, (0,), 0, "DDIM, the order-0 exponential integrator")
-)
+register_method(MethodSpec("ddim", build_ddim, (0,), 0, "DDIM, the order-0 exponential integrator"))
 register_method(
     MethodSpec(
         "tab",

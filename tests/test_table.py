@@ -1,0 +1,177 @@
+"""``--mode=table``: every cell written, resume without recomputing, the paper column filled."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from configs import tables  # noqa: E402
+from deis_jax import build  # noqa: E402
+from deis_jax.analytic import GaussianMixture  # noqa: E402
+from deis_jax.data import digits_images  # noqa: E402
+from deis_jax.io_utils import read_jsonl  # noqa: E402
+from deis_jax.modes import table  # noqa: E402
+
+METHODS = ("ρ2Heun", "tAB2")
+NFES = (5, 10)
+
+
+def tiny_config():
+    config = tables.get_config("vpsde_digits")
+    config.model.nf = 8
+    config.model.ch_mult = (1,)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = ()
+    config.table = "deis_cifar10"
+    ev = config.eval
+    ev.num_samples, ev.batch_size, ev.is_splits = 40, 20, 2
+    ev.rmse_num_samples, ev.rmse_reference_steps = 6, 20
+    ev.methods, ev.nfes = METHODS, NFES
+    return config
+
+
+def digits_mixture_model(config):
+    """An exact "model": a Gaussian mixture centred on ten digits (exact eps, no network)."""
+    schedule = build.schedule_from_config(config.sde)
+    images = digits_images(16)[:10].astype(np.float64) / 127.5 - 1.0
+    mixture = GaussianMixture(images.reshape(10, -1), np.full(10, 0.1), np.ones(10))
+    flat_eps = mixture.eps_fn(schedule)
+
+    def eps_fn(params):
+        return lambda x, t: flat_eps(x.reshape(x.shape[0], -1), t).reshape(x.shape)
+
+    return table.TableModel(eps_fn, None, {"model": "digits mixture"})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_table_writes_every_cell_resumes_and_fills_the_paper_column(tmp_path):
+    config = tiny_config()
+    workdir = str(tmp_path)
+    model = digits_mixture_model(config)
+    calls = []
+
+    def hook_killing_after(n):
+        def hook(runner):
+            run_cell = runner.run_cell
+
+            def counted(sampler, progress=None):
+                if len(calls) == n:
+                    raise Interrupt  # a kill between two cells
+                calls.append(sampler.method)
+                return run_cell(sampler, progress)
+
+            runner.run_cell = counted
+
+        return hook
+
+    with pytest.raises(Interrupt):
+        table.run(config, workdir, model=model, runner_hook=hook_killing_after(2))
+    cache = os.path.join(workdir, "tables", "deis_cifar10", "cells.jsonl")
+    assert len(list(read_jsonl(cache))) == 2
+    first_mtime = os.path.getmtime(cache)
+
+    records = table.run(config, workdir, model=model, runner_hook=hook_killing_after(99))
+    total = len(METHODS) * len(NFES)
+    assert len(calls) == total  # 2 before the kill + the rest; no finished cell recomputed
+    assert len(list(read_jsonl(cache))) == total and len(records) == total
+    assert os.path.getmtime(cache) >= first_mtime
+
+    # Re-running with everything cached samples nothing.
+    before = len(calls)
+    table.run(config, workdir, model=model, runner_hook=hook_killing_after(99))
+    assert len(calls) == before
+
+    by_cell = {(r["method"], r["nfe_budget"]): r for r in records}
+    heun5 = by_cell[("ρ2Heun", 5)]
+    assert heun5["nfe"] == 6 and heun5["paper"] == 108 and heun5["paper_nfe"] == 6
+    assert by_cell[("tAB2", 10)]["paper"] == pytest.approx(4.57)
+    for r in records:
+        assert r["num_samples"] == 40 and np.isfinite(r["value"]) and r["value"] >= 0
+        assert r["rmse"] is not None and r["rmse"] > 10 * r["rmse_reference_error"]
+        assert 1.0 <= r["is_mean"] <= 10.0
+    # Higher order / more NFE: smaller discretisation error.
+    assert by_cell[("tAB2", 10)]["rmse"] < by_cell[("ρ2Heun", 10)]["rmse"]
+    assert by_cell[("tAB2", 10)]["rmse"] < by_cell[("tAB2", 5)]["rmse"]
+
+    out = os.path.join(workdir, "tables", "deis_cifar10")
+    md = open(os.path.join(out, "table.md")).read()
+    assert "108⁺¹" in md and "16.31" in md and "26.91" not in md  # DDIM not run
+    assert "RMSE vs a reference ODE solve" in md
+    with open(os.path.join(out, "table.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == total and all(r["paper"] for r in rows)
+    assert os.path.getsize(os.path.join(out, "metric_vs_nfe.png")) > 1000
+
+
+def test_bad_table_config_fails_at_start(tmp_path):
+    from deis_jax.config_validation import ConfigError
+
+    config = tiny_config()
+    config.table = "nope"
+    with pytest.raises(ConfigError, match="config.table must be one of"):
+        table.validate(config)
+    config = tiny_config()
+    config.eval.methods = ("DDIM", "Euler")
+    with pytest.raises(ConfigError, match="config.eval.methods"):
+        table.validate(config)
+    config = tiny_config()
+    config.table, config.eval.methods, config.eval.nfes = "ipndm_ersde_dpmpp", None, None
+    _, rows, nfes = table.validate(config)  # every row of the peer table builds
+    assert len(rows) == 7 and nfes == [3, 5, 7, 9, 20]
+    config = tiny_config()
+    config.eval.metric = "fid"
+    with pytest.raises(ConfigError, match="inception_weights.*download"):
+        table.validate(config)
+
+
+def test_main_table_command_runs_end_to_end(tmp_path):
+    """The real command line on a tiny *untrained* network (wiring only)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    args = [
+        sys.executable, "main.py", "--config=configs/tables.py:vpsde_digits",
+        f"--workdir={tmp_path}", "--mode=table", "--config.table=deis_cifar10",
+        "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
+        "--config.model.attn_resolutions=()", "--config.eval.params=random",
+        "--config.eval.methods=('tAB1',)", "--config.eval.nfes=(3,)",
+        "--config.eval.num_samples=8", "--config.eval.batch_size=8", "--config.eval.is_splits=2",
+        "--config.eval.rmse=False", f"--config.eval.export={tmp_path}/export",
+    ]  # fmt: skip
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    md = open(f"{tmp_path}/export.md").read()
+    assert "tAB1" in md and "FD-digits" in md
+    assert os.path.exists(f"{tmp_path}/export.png") and os.path.exists(f"{tmp_path}/export.csv")
+
+
+def test_discretization_errors_against_the_exact_flow():
+    import jax
+
+    from deis_jax import VPSDE
+    from deis_jax.evaluation.discretization import discretization_errors
+
+    sde = VPSDE.linear()
+    gauss = GaussianMixture.gaussian(np.full(3, 0.2), 0.3)
+    x_T = jax.random.normal(jax.random.PRNGKey(0), (16, 3))
+    result = discretization_errors(
+        sde, gauss.eps_fn(sde), x_T, ["ddim", "tab3", "sddim"], [5, 10], reference_steps=40
+    )
+    exact = gauss.exact_flow(sde, x_T, 1.0, sde.default_t0)
+    assert np.sqrt(np.mean((result.reference.x0 - exact) ** 2)) < 1e-4  # float32 reference
+    assert result.reference_ok
+    err = {(r["method"], r["nfe_budget"]): r["rmse"] for r in result.records}
+    assert err[("sddim", 5)] is None  # stochastic: no ODE error
+    assert err[("tab3", 10)] < err[("tab3", 5)] < err[("ddim", 5)]
+    assert err[("tab3", 10)] < err[("ddim", 10)] < err[("ddim", 5)]
