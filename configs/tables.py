@@ -1,13 +1,13 @@
 """Config fields of ``--mode=table`` (paper tables: every method x NFE with FID / FD-digits).
 
-An image config gains them with one line, ``add_table_fields(config)`` (data-dependent
-defaults: the Inception FID on 50k samples for tfds datasets, as the papers; FD-digits on a few
-thousand samples for the embedded digits). Until a config calls it, use this file as the
-config and name the experiment config after the colon:
+Every image config gains them with one line, ``add_table_fields(config)`` (data-dependent
+defaults: the Inception FID on 50k samples for tfds datasets, as the papers; FD-digits on 500
+samples for the embedded digits). This file can also be used as the config, naming the
+experiment config after the colon (``--config=configs/tables.py:vpsde_digits``). Examples:
 
-    python main.py --config=configs/tables.py:vpsde_digits --workdir=runs/digits \
+    python main.py --config=configs/vpsde_digits.py --workdir=runs/digits \
         --mode=table --config.table=deis_cifar10
-    python main.py --config=configs/tables.py:vpsde_cifar10 --workdir=runs/cifar10 \
+    python main.py --config=configs/vpsde_cifar10.py --workdir=runs/cifar10 \
         --mode=table --config.table=deis_cifar10 \
         --config.sampling.checkpoint=checkpoints/converted/vp_cifar10_ddpmpp_deep_continuous_8 \
         --config.eval.inception_weights=checkpoints/inception/pt_inception-2015-12-05.npz
