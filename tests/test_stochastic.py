@@ -4,6 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from stochastic_checks import (
+    MU,
+    S,
+    assert_batch_size_invariant,
+    assert_moments_match,
+    exact_marginal,
+)
 
 import deis_jax as deis
 from deis_jax.analytic import GaussianMixture
@@ -14,17 +21,11 @@ jax.config.update("jax_enable_x64", True)
 
 VP = deis.VPSDE.linear()
 DISCRETE = deis.DiscreteVPSDE.linear()
-MU, S = np.array([0.3, -1.0]), np.array([0.5, 1.5])
 
 
 def gaussian_eps_fn(schedule, mu=MU, s=S):
     """Exact eps for data N(mu, diag(s^2)) (``deis_jax.analytic``)."""
     return GaussianMixture.gaussian(mu, s).eps_fn(schedule)
-
-
-def exact_marginal(schedule, t, mu=MU, s=S):
-    a, sig = float(schedule.alpha(np.float64(t))), float(schedule.sigma(np.float64(t)))
-    return a * mu, a**2 * s**2 + sig**2
 
 
 # --- lambda = 0 / lambda = 1 ---------------------------------------------------------------------
@@ -166,27 +167,14 @@ def test_exact_output_law_converges(method, order, options, tol):
 
 @pytest.mark.parametrize("options", [{"lam": 0.5}, {"lam": 1.0}])
 def test_gaussian_moments_match_exact_distribution(options):
-    n, nfe = 4096, 800
-    sampler = deis.get_sampler(VP, gaussian_eps_fn(VP), method="sddim", nfe=nfe, **options)
-    mean_T, var_T = exact_marginal(VP, sampler.ts[0])
-    z = jax.random.normal(jax.random.key(0), (n, 2), jnp.float64)
-    x = np.asarray(jax.jit(sampler)(mean_T + np.sqrt(var_T) * z, jax.random.key(1)))
-    mean_0, var_0 = exact_marginal(VP, sampler.ts[-1])
-    cov = np.cov(x.T)
-    assert np.all(np.abs(x.mean(0) - mean_0) < 5 * np.sqrt(var_0 / n))
-    assert np.all(np.abs(np.diag(cov) / var_0 - 1) < 5 * np.sqrt(2 / n))
-    assert abs(cov[0, 1]) < 5 * np.sqrt(var_0[0] * var_0[1] / n)
+    sampler = deis.get_sampler(VP, gaussian_eps_fn(VP), method="sddim", nfe=800, **options)
+    assert_moments_match(VP, sampler, seed=0)
 
 
 def test_batch_size_invariance():
     sampler = deis.get_sampler(VP, gaussian_eps_fn(VP), method="sddim", nfe=6, lam=1.0)
     assert sampler.stochastic and sampler.nfe == 6
-    x_T = jax.random.normal(jax.random.key(2), (64, 2), jnp.float64)
-    key = jax.random.key(3)
-    run = jax.jit(sampler)
-    full = np.asarray(run(x_T, key))
-    for size in (1, 7):
-        parts = [np.asarray(run(x_T[i : i + size], key, i)) for i in range(0, 64, size)]
-        np.testing.assert_allclose(np.concatenate(parts), full, rtol=1e-12, atol=1e-12)
+    assert_batch_size_invariant(sampler, seed=2)
+    x_T = jnp.zeros((3, 2))
     with pytest.raises(ValueError, match="PRNG key"):
         sampler(x_T)
