@@ -22,6 +22,7 @@ the network rescales [0, 1] inputs to [-1, 1] internally.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,46 +57,13 @@ __all__ = [
 MODEL_NAMES = ("ncsnpp", "ddpm")
 
 _TUPLE_FIELDS = ("ch_mult", "attn_resolutions", "fir_kernel")
-_NCSNPP_FIELDS = (
-    "nf",
-    "ch_mult",
-    "num_res_blocks",
-    "attn_resolutions",
-    "dropout",
-    "resamp_with_conv",
-    "conditional",
-    "fir",
-    "fir_kernel",
-    "skip_rescale",
-    "resblock_type",
-    "progressive",
-    "progressive_input",
-    "progressive_combine",
-    "embedding_type",
-    "init_scale",
-    "fourier_scale",
-    "scale_by_sigma",
-    "nonlinearity",
-    "centered",
-    "sigma_min",
-    "sigma_max",
-    "num_scales",
-)
-_DDPM_FIELDS = (
-    "nf",
-    "ch_mult",
-    "num_res_blocks",
-    "attn_resolutions",
-    "dropout",
-    "resamp_with_conv",
-    "conditional",
-    "scale_by_sigma",
-    "nonlinearity",
-    "centered",
-    "sigma_min",
-    "sigma_max",
-    "num_scales",
-)
+
+
+def _module_fields(module: type[nn.Module]) -> tuple[str, ...]:
+    """The config fields a network accepts: its dataclass fields (Flax's own excluded)."""
+    return tuple(f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name"))
+
+
 _CHOICES = {
     "resblock_type": RESBLOCK_TYPES,
     "progressive": PROGRESSIVE,
@@ -163,9 +131,9 @@ def get_model(config: Mapping[str, Any]) -> nn.Module:
     values = _flat_model_config(config)
     name = values.get("name")
     if name == "ncsnpp":
-        return NCSNpp(**_validate(values, _NCSNPP_FIELDS))
+        return NCSNpp(**_validate(values, _module_fields(NCSNpp)))
     if name == "ddpm":
-        return DDPM(**_validate(values, _DDPM_FIELDS))
+        return DDPM(**_validate(values, _module_fields(DDPM)))
     raise ValueError(f"model.name must be one of {list(MODEL_NAMES)}, got {name!r}")
 
 

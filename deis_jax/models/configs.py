@@ -22,15 +22,32 @@ from __future__ import annotations
 
 import ml_collections
 
-_DDPMPP_CIFAR10 = dict(
-    name="ncsnpp",
+# Fields every published CIFAR-10 model block shares.
+_CIFAR10_COMMON = dict(
     nf=128,
     ch_mult=(1, 2, 2, 2),
-    num_res_blocks=4,
-    attn_resolutions=(16,),
     dropout=0.1,
     resamp_with_conv=True,
     conditional=True,
+    nonlinearity="swish",
+    normalization="GroupNorm",
+    sigma_min=0.01,
+    sigma_max=50,
+    num_scales=1000,
+    beta_min=0.1,
+    beta_max=20.0,
+    ema_rate=0.9999,
+    image_size=32,
+    num_channels=3,
+    centered=True,
+    continuous=True,
+)
+
+_DDPMPP_CIFAR10 = dict(
+    _CIFAR10_COMMON,
+    name="ncsnpp",
+    num_res_blocks=4,
+    attn_resolutions=(16,),
     fir=False,
     fir_kernel=(1, 3, 3, 1),
     skip_rescale=True,
@@ -44,18 +61,6 @@ _DDPMPP_CIFAR10 = dict(
     fourier_scale=16,
     conv_size=3,
     scale_by_sigma=False,
-    nonlinearity="swish",
-    normalization="GroupNorm",
-    sigma_min=0.01,
-    sigma_max=50,
-    num_scales=1000,
-    beta_min=0.1,
-    beta_max=20.0,
-    ema_rate=0.9999,
-    image_size=32,
-    num_channels=3,
-    centered=True,
-    continuous=True,
 )
 
 _NCSNPP_CIFAR10 = dict(
@@ -69,28 +74,12 @@ _NCSNPP_CIFAR10 = dict(
 )
 
 _DDPM_CIFAR10 = dict(
+    _CIFAR10_COMMON,
     name="ddpm",
-    nf=128,
-    ch_mult=(1, 2, 2, 2),
     num_res_blocks=2,
     attn_resolutions=(16,),
-    dropout=0.1,
-    resamp_with_conv=True,
-    conditional=True,
     embedding_type="fourier",  # recorded by score_sde, ignored by the ddpm network
     scale_by_sigma=False,
-    nonlinearity="swish",
-    normalization="GroupNorm",
-    sigma_min=0.01,
-    sigma_max=50,
-    num_scales=1000,
-    beta_min=0.1,
-    beta_max=20.0,
-    ema_rate=0.9999,
-    image_size=32,
-    num_channels=3,
-    centered=True,
-    continuous=True,
 )
 
 _KNOWN: dict[str, dict] = {
