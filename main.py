@@ -3,20 +3,19 @@
     python main.py --config=configs/gmm_vpsde.py --workdir=runs/gmm
     python main.py --config=configs/vpsde_digits.py --workdir=runs/digits --mode=train
 
-``--mode`` defaults to ``config.mode``. Each mode is a module ``deis_jax.modes.<mode>`` with a
-``run(config, workdir)`` function; the config is validated for that mode before any work.
-Any config field can be overridden on the command line, e.g. ``--config.sampler.nfe=20``.
+``--mode`` defaults to ``config.mode`` and picks one of ``deis_jax.modes.MODES``; the config is
+validated for that mode before any work. Any config field can be overridden on the command
+line, e.g. ``--config.sampler.nfe=20``.
 """
 
 from __future__ import annotations
-
-import importlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deis_jax import parallel
-from deis_jax.config_validation import ConfigError, validate_mode
+from deis_jax.config_validation import ConfigError
+from deis_jax.modes import get_mode
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -28,14 +27,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
-    mode = FLAGS.mode or config.get("mode")
+    name = FLAGS.mode or config.get("mode")
     parallel.maybe_initialize_distributed()  # a no-op unless several processes are described
     try:
-        validate_mode(mode, config)
+        mode = get_mode(name)
+        plan = mode.validate(config)
     except ConfigError as err:
         raise app.UsageError(str(err)) from err
-    logging.info("mode=%s workdir=%s", mode, FLAGS.workdir)
-    importlib.import_module(f"deis_jax.modes.{mode}").run(config, FLAGS.workdir)
+    logging.info("mode=%s workdir=%s", name, FLAGS.workdir)
+    mode.run(config, FLAGS.workdir, plan)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.std = 0.5
 
     config.compare = ml_collections.ConfigDict()
-    # name[order][:key=value,...]; see deis_jax.method_spec.
+    # name[order][:key=value,...]; see deis_jax.sampling.method_spec.
     config.compare.methods = (
         "ddim",
         "tab1",

@@ -6,18 +6,24 @@ sample = deis.get_sampler(sde, eps_fn, method="tab", order=3, nfe=10)
 x0 = jax.jit(sample)(x_T)
 """
 
-from deis_jax.coefficients import (
+from deis_jax.sampling.coefficients import (
     RK_TABLEAUS,
     adams_bashforth_eps_coefficients,
     ddim_coefficients,
     polynomial_eps_coefficients,
     rk_rho_coefficients,
 )
-from deis_jax.sampler import Sampler, get_sampler, run_table
-from deis_jax.sde import VESDE, VPSDE, DiscreteVPSDE, NoiseSchedule, SubVPSDE, get_sde
-from deis_jax.solvers import MethodSpec, StepTable, get_method, method_names, register_method
-from deis_jax.timesteps import GRID_KINDS, time_grid
-from deis_jax.wrappers import eps_fn_from_model, guided_eps_fn, output_to_eps
+from deis_jax.sampling.sampler import Sampler, get_sampler, run_table
+from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, NoiseSchedule, SubVPSDE, get_sde
+from deis_jax.sampling.solvers import (
+    MethodSpec,
+    StepTable,
+    get_method,
+    method_names,
+    register_method,
+)
+from deis_jax.sampling.timesteps import GRID_KINDS, time_grid
+from deis_jax.sampling.wrappers import eps_fn_from_model, guided_eps_fn, output_to_eps
 
 __all__ = [
     "GRID_KINDS",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deis_jax.sampler import EpsFn, Sampler, get_sampler
-from deis_jax.sde import NoiseSchedule, get_sde
+from deis_jax.sampling.sampler import EpsFn, Sampler, get_sampler
+from deis_jax.sampling.sde import NoiseSchedule, get_sde
 
 SDE_FIELDS = {
     "vpsde": ("beta_min", "beta_max", "schedule", "num_scales"),

@@ -89,7 +89,7 @@ def require_int_list(config, path: str, *, minimum: int = 1) -> list[int]:
 def validate_sde(config):
     """Check ``config.sde`` and return the schedule it describes."""
     from deis_jax.build import schedule_from_config
-    from deis_jax.sde import SDE_NAMES, VP_BETA_SCHEDULES
+    from deis_jax.sampling.sde import SDE_NAMES, VP_BETA_SCHEDULES
 
     name = require_choice(config, "sde.name", SDE_NAMES)
     if name == "vpsde" and config.sde.get("schedule") is not None:
@@ -105,9 +105,9 @@ def validate_sde(config):
 
 def validate_sampler(config, schedule=None, path: str = "sampler"):
     """Check ``config.<path>`` against the method registry; build its table as a dry run."""
-    from deis_jax import solvers
     from deis_jax.build import sampler_from_config
-    from deis_jax.timesteps import GRID_KINDS
+    from deis_jax.sampling import solvers
+    from deis_jax.sampling.timesteps import GRID_KINDS
 
     schedule = validate_sde(config) if schedule is None else schedule
     method = require_choice(config, f"{path}.method", solvers.method_names())

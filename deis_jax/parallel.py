@@ -9,7 +9,7 @@ Sampling is embarrassingly parallel over samples, so the whole story is data par
   and scalars. :func:`shard_batch` (a full batch every process holds),
   :func:`shard_local_batch` (this process's rows only), :func:`replicate` (parameters) put
   host data there; :func:`local_rows` and :func:`gather` bring results back.
-* :func:`shard_sampler` -- a :class:`~deis_jax.sampler.Sampler` jitted once with those in/out
+* :func:`shard_sampler` -- a :class:`~deis_jax.sampling.sampler.Sampler` jitted once with those in/out
   shardings; :func:`make_generate_fn` -- the same, but ``x_T`` is drawn inside the jit from the
   global sample indices, so nothing but int32 indices crosses the host/device boundary.
 * :func:`maybe_initialize_distributed` -- ``jax.distributed.initialize()`` when the
@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deis_jax.sampler import Sampler
+from deis_jax.sampling.sampler import Sampler
 
 DATA_AXIS = "data"
 

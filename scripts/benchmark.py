@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deis_jax as deis  # noqa: E402
 from deis_jax.io_utils import atomic_write_text  # noqa: E402
-from deis_jax.method_spec import parse_method_spec  # noqa: E402
 from deis_jax.reporting import markdown_table, write_csv  # noqa: E402
+from deis_jax.sampling.method_spec import parse_method_spec  # noqa: E402
 
 METHODS = ("ddim", "tab3", "rhoab3", "ipndm3", "rhork:tableau=heun", "rhork:tableau=rk4",
            "dpmpp2", "unipc2", "sddim", "ersde3")  # fmt: skip

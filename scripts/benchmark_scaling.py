@@ -38,9 +38,9 @@ def child(args) -> None:
     import jax
     import numpy as np
 
-    from deis_jax.analytic import GaussianMixture
-    from deis_jax.sampler import get_sampler
-    from deis_jax.sde import VPSDE
+    from deis_jax.evaluation.analytic import GaussianMixture
+    from deis_jax.sampling.sampler import get_sampler
+    from deis_jax.sampling.sde import VPSDE
 
     schedule = VPSDE.linear()
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@
 JSON file holding a model config (either flat, or with ``model_config`` and ``data_config``
 blocks as in ``tests/fixtures/score_sde/*.json``). The parameters (``params_ema`` unless
 ``--use_target``) are checked against the model's parameter tree before anything is written;
-load the result with ``deis_jax.checkpoints.load_params(out, model_config)``.
+load the result with ``deis_jax.models.checkpoints.load_params(out, model_config)``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import ml_collections  # noqa: E402
 
-from deis_jax import checkpoints  # noqa: E402
-from deis_jax.models import KNOWN_MODEL_CONFIGS, get_model_config  # noqa: E402
+from deis_jax.models import (  # noqa: E402
+    KNOWN_MODEL_CONFIGS,
+    checkpoints,  # noqa: E402
+    get_model_config,
+)
 
 
 def load_model_config(spec: str) -> tuple[str, ml_collections.ConfigDict]:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from deis_jax import checkpoints
-from deis_jax.checkpoints import flatten_tree
+from deis_jax.models import checkpoints
+from deis_jax.models.checkpoints import flatten_tree
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "score_sde"
 SMALL = "vp_cifar10_ddpmpp_continuous_small"

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deis_jax import coefficients as coef
-from deis_jax.sde import VESDE, VPSDE, DiscreteVPSDE, SubVPSDE
-from deis_jax.timesteps import time_grid
+from deis_jax.sampling import coefficients as coef
+from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, SubVPSDE
+from deis_jax.sampling.timesteps import time_grid
 
 VP = VPSDE.linear(0.1, 20.0)
 TS10 = time_grid(VP, 10, "quadratic", t0=1e-3)

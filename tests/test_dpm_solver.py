@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import deis_jax as deis
-from deis_jax.analytic import GaussianMixture
-from deis_jax.solvers import get_method
-from deis_jax.solvers.dpm_solver import phi_functions, step_orders
+from deis_jax.evaluation.analytic import GaussianMixture
+from deis_jax.sampling.solvers import get_method
+from deis_jax.sampling.solvers.dpm_solver import phi_functions, step_orders
 
 jax.config.update("jax_enable_x64", True)
 
@@ -19,7 +19,7 @@ MU, S = np.array([0.3, -1.0]), np.array([0.5, 1.5])
 
 
 def gaussian_eps_fn(schedule, mu=MU, s=S):
-    """Exact eps for data N(mu, diag(s^2)) (``deis_jax.analytic``)."""
+    """Exact eps for data N(mu, diag(s^2)) (``deis_jax.evaluation.analytic``)."""
     return GaussianMixture.gaussian(mu, s).eps_fn(schedule)
 
 

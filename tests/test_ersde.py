@@ -8,9 +8,9 @@ from scipy.integrate import quad
 from stochastic_checks import MU, S, assert_batch_size_invariant, assert_moments_match
 
 import deis_jax as deis
-from deis_jax.analytic import GaussianMixture
-from deis_jax.solvers import get_method
-from deis_jax.solvers.stochastic import (
+from deis_jax.evaluation.analytic import GaussianMixture
+from deis_jax.sampling.solvers import get_method
+from deis_jax.sampling.solvers.stochastic import (
     ERSDE_PHI_NAMES,
     NOISE_SCALES,
     build_ersde,
@@ -24,7 +24,7 @@ VE_EDM = deis.VESDE(sigma_min=0.002, sigma_max=80.0)
 
 
 def gaussian_eps_fn(schedule, mu=MU, s=S):
-    """Exact eps for data N(mu, diag(s^2)) (``deis_jax.analytic``)."""
+    """Exact eps for data N(mu, diag(s^2)) (``deis_jax.evaluation.analytic``)."""
     return GaussianMixture.gaussian(mu, s).eps_fn(schedule)
 
 

@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from deis_jax import generation, parallel
-from deis_jax.analytic import GaussianMixture
-from deis_jax.sampler import get_sampler
-from deis_jax.sde import VPSDE
+from deis_jax import parallel
+from deis_jax.evaluation.analytic import GaussianMixture
+from deis_jax.experiments import generation
+from deis_jax.sampling.sampler import get_sampler
+from deis_jax.sampling.sde import VPSDE
 
 N, SHARD, DIM = 23, 5, 8  # 5 shards, the last one short
 

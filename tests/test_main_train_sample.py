@@ -62,7 +62,7 @@ def check_samples(workdir, num, size, channels, tag="tab3_nfe4_quadratic"):
     assert os.path.getsize(png) > 0
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    from deis_jax.generation import load_samples
+    from deis_jax.experiments.generation import load_samples
 
     shards = load_samples(os.path.join(folder, "shards"))  # the verified, resumable copy
     np.testing.assert_array_equal(shards.samples, samples)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from deis_jax.checkpoints import flatten_tree
 from deis_jax.models import (
     DDPM,
     KNOWN_MODEL_CONFIGS,
@@ -22,6 +21,7 @@ from deis_jax.models import (
     get_model_config,
 )
 from deis_jax.models import resampling as rs
+from deis_jax.models.checkpoints import flatten_tree
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "score_sde"
 TREE_FILES = sorted(FIXTURES.glob("tree_*.json"))

@@ -2,7 +2,7 @@
 
 Simulated devices need ``XLA_FLAGS`` before JAX starts, so each configuration runs in a
 subprocess (this file with ``--worker``). Every worker generates the same 24 samples of a
-16-D Gaussian mixture with ``deis_jax.generation`` (per-device batch 2) for a deterministic
+16-D Gaussian mixture with ``deis_jax.experiments.generation`` (per-device batch 2) for a deterministic
 (tAB3) and a stochastic (stochastic DDIM) method, with the exact ``GaussianMixture.eps_fn``.
 
 Findings (see docs/scale.md, "Determinism"):
@@ -42,16 +42,17 @@ METHODS = (("tab", 3), ("sddim", 0))
 
 
 def _mixture():
-    from deis_jax.analytic import GaussianMixture
+    from deis_jax.evaluation.analytic import GaussianMixture
 
     rng = np.random.default_rng(0)
     return GaussianMixture(rng.normal(size=(4, 16)), rng.uniform(0.2, 0.5, 4), np.ones(4))
 
 
 def worker(out_dir: str) -> None:
-    from deis_jax import generation, parallel
-    from deis_jax.sampler import get_sampler
-    from deis_jax.sde import VPSDE
+    from deis_jax import parallel
+    from deis_jax.experiments import generation
+    from deis_jax.sampling.sampler import get_sampler
+    from deis_jax.sampling.sde import VPSDE
 
     parallel.maybe_initialize_distributed()  # JAX_* env variables in the 2-process test
     import jax
@@ -90,7 +91,7 @@ def _report(stdout: str) -> dict:
 
 
 def _load(directory: str) -> dict[str, np.ndarray]:
-    from deis_jax.generation import load_samples
+    from deis_jax.experiments.generation import load_samples
 
     return {f"{m}{o}": load_samples(os.path.join(directory, f"{m}{o}")).samples for m, o in METHODS}
 

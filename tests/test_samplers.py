@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import deis_jax as deis
-from deis_jax.analytic import GaussianMixture
+from deis_jax.evaluation.analytic import GaussianMixture
 
 VP = deis.VPSDE.linear(0.1, 20.0)
 SCHEDULES = {

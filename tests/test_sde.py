@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from deis_jax.sde import VESDE, VPSDE, DiscreteVPSDE, SubVPSDE, get_sde
+from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, SubVPSDE, get_sde
 
 
 def test_vp_linear_reference_values():

@@ -13,9 +13,9 @@ from stochastic_checks import (
 )
 
 import deis_jax as deis
-from deis_jax.analytic import GaussianMixture
-from deis_jax.solvers import get_method
-from deis_jax.solvers.stochastic import sddim_coefficients
+from deis_jax.evaluation.analytic import GaussianMixture
+from deis_jax.sampling.solvers import get_method
+from deis_jax.sampling.solvers.stochastic import sddim_coefficients
 
 jax.config.update("jax_enable_x64", True)
 
@@ -24,7 +24,7 @@ DISCRETE = deis.DiscreteVPSDE.linear()
 
 
 def gaussian_eps_fn(schedule, mu=MU, s=S):
-    """Exact eps for data N(mu, diag(s^2)) (``deis_jax.analytic``)."""
+    """Exact eps for data N(mu, diag(s^2)) (``deis_jax.evaluation.analytic``)."""
     return GaussianMixture.gaussian(mu, s).eps_fn(schedule)
 
 

@@ -16,8 +16,8 @@ if ROOT not in sys.path:
 
 from configs import tables  # noqa: E402
 from deis_jax import build  # noqa: E402
-from deis_jax.analytic import GaussianMixture  # noqa: E402
 from deis_jax.data import digits_images  # noqa: E402
+from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
 from deis_jax.io_utils import read_jsonl  # noqa: E402
 from deis_jax.modes import table  # noqa: E402
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from deis_jax.sde import VESDE, VPSDE, DiscreteVPSDE
-from deis_jax.timesteps import GRID_KINDS, time_grid
+from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
+from deis_jax.sampling.timesteps import GRID_KINDS, time_grid
 
 VP = VPSDE.linear(0.1, 20.0)
 

@@ -22,9 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from deis_jax import data, losses, sde  # noqa: E402
-from deis_jax import train as training  # noqa: E402
+from deis_jax import data  # noqa: E402
 from deis_jax.modes import train as train_mode  # noqa: E402
+from deis_jax.sampling import sde  # noqa: E402
+from deis_jax.training import losses  # noqa: E402
+from deis_jax.training import train as training  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import deis_jax as deis
-from deis_jax.analytic import GaussianMixture
-from deis_jax.wrappers import eps_fn_from_model, guided_eps_fn
+from deis_jax.evaluation.analytic import GaussianMixture
+from deis_jax.sampling.wrappers import eps_fn_from_model, guided_eps_fn
 
 MIX = GaussianMixture.ring(4, radius=1.0, std=0.3)
 

@@ -23,7 +23,7 @@ def get_config():
     config.compare.num_samples = 512  # a multiple of common device counts (no padding)
     config.sweep = sweep_block(
         axes=(
-            # method specs: name[order][:key=value,...] (deis_jax.method_spec)
+            # method specs: name[order][:key=value,...] (deis_jax.sampling.method_spec)
             ("sampler.spec", ("ddim", "tab3", "rhoab3", "ipndm3", "dpmpp2", "sddim")),
             ("sampler.nfe", (5, 10, 20)),
             # A zipped axis moves several fields together, e.g.

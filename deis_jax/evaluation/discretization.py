@@ -26,9 +26,9 @@ import numpy as np
 
 from deis_jax.evaluation.metrics import rmse
 from deis_jax.evaluation.reference import Reference, reference_solve
-from deis_jax.method_spec import MethodChoice, parse_method_spec
-from deis_jax.sampler import EpsFn, Sampler, get_sampler, run_table
-from deis_jax.sde import NoiseSchedule
+from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
+from deis_jax.sampling.sampler import EpsFn, Sampler, get_sampler, run_table
+from deis_jax.sampling.sde import NoiseSchedule
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ def discretization_errors(
 ) -> DiscretizationResult:
     """RMSE vs the reference solve for every method spec x NFE (deterministic methods).
 
-    ``methods``: ``deis_jax.method_spec`` strings (``"tab3"``, ``"rhork:tableau=kutta3"``) or
+    ``methods``: ``deis_jax.sampling.method_spec`` strings (``"tab3"``, ``"rhork:tableau=kutta3"``) or
     parsed ``MethodChoice``; ``sampler_kwargs`` go to ``get_sampler`` (``grid``,
     ``grid_power``, ``final_denoise``). Stochastic methods get ``rmse=None``.
     """

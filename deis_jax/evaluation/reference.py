@@ -16,8 +16,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from deis_jax.sampler import EpsFn, get_sampler
-from deis_jax.sde import NoiseSchedule
+from deis_jax.sampling.sampler import EpsFn, get_sampler
+from deis_jax.sampling.sde import NoiseSchedule
 
 
 class Reference(NamedTuple):

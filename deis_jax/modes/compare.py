@@ -31,11 +31,10 @@ from tqdm import tqdm
 
 from deis_jax import build
 from deis_jax import config_validation as cv
-from deis_jax.analytic import GaussianMixture
+from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.evaluation.metrics import nll_gap, rmse
 from deis_jax.evaluation.reference import reference_solve
 from deis_jax.io_utils import append_jsonl, atomic_write_text, read_jsonl
-from deis_jax.method_spec import MethodChoice, parse_method_spec
 from deis_jax.reporting import (
     markdown_table,
     pivot,
@@ -43,6 +42,7 @@ from deis_jax.reporting import (
     plot_scatter_grid,
     write_csv,
 )
+from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 
 CSV_FIELDS = ("dim", "method", "nfe_budget", "nfe", "rmse", "nll_gap", "seconds")
 

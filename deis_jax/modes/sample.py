@@ -7,7 +7,7 @@ checkpoint directory (``scripts/convert_score_sde_checkpoint.py``) or a raw scor
 ``checkpoint_<N>`` file -- and otherwise from the EMA parameters of the latest training
 checkpoint under ``<workdir>/checkpoints``. Writes, under
 ``<workdir>/samples/<method><order>_nfe<nfe>_<grid>/``: ``shards/`` (resumable, atomically
-written shards and a verified ``manifest.json``, see ``deis_jax.generation``), ``samples.npz``
+written shards and a verified ``manifest.json``, see ``deis_jax.experiments.generation``), ``samples.npz``
 (``samples``: uint8 NHWC images, plus the sampler's time grid and NFE) and ``samples.png`` (a
 grid of up to 100).
 
@@ -25,12 +25,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from deis_jax import build, data, generation, image_grid, parallel, solvers
-from deis_jax import train as training
+from deis_jax import build, data, image_grid, parallel
 from deis_jax.config_validation import ConfigError, require_number, validate_sampler, validate_sde
+from deis_jax.experiments import generation
 from deis_jax.io_utils import atomic_write_bytes
 from deis_jax.modes.train import validate_model_and_data
-from deis_jax.wrappers import eps_fn_from_model
+from deis_jax.sampling import solvers
+from deis_jax.sampling.wrappers import eps_fn_from_model
+from deis_jax.training import train as training
 
 MAX_GRID = 100
 
@@ -63,7 +65,7 @@ def _missing_training_checkpoint(config, directory: str) -> FileNotFoundError:
 
 def load_sampling_params(config, workdir: str, model):
     """The parameters to sample with (see the module docstring for where they come from)."""
-    from deis_jax import checkpoints
+    from deis_jax.models import checkpoints
 
     path = config.sampling.get("checkpoint")
     if path:
@@ -95,7 +97,7 @@ def sample(config, workdir: str, *, model=None) -> dict:
 
     Generation is sharded over every device (and process) and resumable: shards are written
     atomically under ``<out_dir>/shards`` with a verified ``manifest.json``
-    (``deis_jax.generation``), so a killed run continues where it stopped.
+    (``deis_jax.experiments.generation``), so a killed run continues where it stopped.
     """
     schedule = build.schedule_from_config(config.sde)
     model = training.build_model(config) if model is None else model

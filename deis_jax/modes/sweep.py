@@ -11,7 +11,7 @@ sets ``mode = "sweep"`` and adds a ``config.sweep`` block (:func:`sweep_block`):
     in order. A *zipped* axis has a tuple of paths and tuples of values, which move together:
     ``(("sampler.grid", "sampler.t0"), (("quadratic", 1e-3), ("log_snr", 1e-4)))``. The
     virtual field ``"sampler.spec"`` takes method specs (``"tab3"``, ``"rhork:tableau=kutta3"``,
-    see :mod:`deis_jax.method_spec`) and sets ``sampler.method``, ``sampler.order`` and
+    see :mod:`deis_jax.sampling.method_spec`) and sets ``sampler.method``, ``sampler.order`` and
     ``sampler.options``.
 ``sweep.evaluator``
     what a point computes (:data:`EVALUATORS`; ``"gmm"``: the embedded job's per-cell metrics,
@@ -50,8 +50,8 @@ from absl import logging
 from deis_jax import build, parallel
 from deis_jax import config_validation as cv
 from deis_jax.io_utils import append_jsonl, atomic_write_text, read_jsonl
-from deis_jax.method_spec import parse_method_spec
 from deis_jax.reporting import markdown_table, pivot, plot_metric_vs_nfe, write_csv
+from deis_jax.sampling.method_spec import parse_method_spec
 
 RESULTS_FILE = "sweep.jsonl"
 SPEC_FIELD = "sampler.spec"

@@ -19,7 +19,7 @@ adds them to any experiment config). ``config.table`` names a registered ``Table
                        no method in the registry yet.)
 
 More tables (e.g. AMED once an ``amed`` method is registered) are added with
-``register_table(TableSpec(...))``; rows name a ``deis_jax.method_spec`` string, per-row
+``register_table(TableSpec(...))``; rows name a ``deis_jax.sampling.method_spec`` string, per-row
 sampler overrides (grid, options) and the row of ``deis_jax.evaluation.paper_numbers`` they
 are compared with. Nothing else changes.
 
@@ -60,8 +60,8 @@ from deis_jax import config_validation as cv
 from deis_jax.evaluation import fid
 from deis_jax.evaluation.paper_numbers import PAPER_TABLES, PaperValue, with_extra_nfe
 from deis_jax.io_utils import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
-from deis_jax.method_spec import MethodChoice, parse_method_spec
 from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
+from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 
 METRICS = ("fid", "fd_digits")
 METRIC_LABEL = {"fid": "FID", "fd_digits": "FD-digits"}
@@ -75,7 +75,7 @@ BOOL = (True, False)
 
 @dataclasses.dataclass(frozen=True)
 class TableRow:
-    """One method of a table: ``spec`` (``deis_jax.method_spec``), ``overrides`` of
+    """One method of a table: ``spec`` (``deis_jax.sampling.method_spec``), ``overrides`` of
     ``config.sampler`` fields (``grid``, ``grid_power``, ``final_denoise``, ``options``) and
     the published row it is compared with, ``paper = (paper table key, row name)``."""
 
@@ -329,8 +329,8 @@ def params_digest(params) -> str:
 
 
 def model_from_config(config, workdir: str, schedule) -> TableModel:
-    from deis_jax import train as training
-    from deis_jax.wrappers import eps_fn_from_model
+    from deis_jax.sampling.wrappers import eps_fn_from_model
+    from deis_jax.training import train as training
 
     model = training.build_model(config)
     if config.eval.params == "random":
@@ -432,7 +432,7 @@ class CellRunner:
     """Samples, featurises and scores cells; ``generate_calls`` counts sampling batches."""
 
     def __init__(self, config, schedule, model: TableModel, extractor, reference: dict):
-        from deis_jax import train as training
+        from deis_jax.training import train as training
 
         self.config, self.schedule, self.model = config, schedule, model
         self.extractor, self.reference = extractor, reference
@@ -652,7 +652,7 @@ def run(
 
 
 def sampler_default_grid(row: TableRow) -> str:
-    from deis_jax import solvers
+    from deis_jax.sampling import solvers
 
     return solvers.get_method(row.choice.method).default_grid
 

@@ -18,7 +18,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deis_jax import build, data
-from deis_jax import train as training
 from deis_jax.config_validation import (
     ConfigError,
     get_field,
@@ -26,6 +25,7 @@ from deis_jax.config_validation import (
     require_number,
     validate_sde,
 )
+from deis_jax.training import train as training
 
 BOOL = (True, False)
 
@@ -49,7 +49,7 @@ def validate_model_and_data(config) -> None:
         raise ConfigError(f"config.model is invalid: {err}") from None
     prediction = config.model.get("prediction")
     if prediction is not None:
-        from deis_jax.wrappers import PREDICTIONS
+        from deis_jax.sampling.wrappers import PREDICTIONS
 
         require_choice(config, "model.prediction", PREDICTIONS)
 

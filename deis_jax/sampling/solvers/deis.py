@@ -1,7 +1,7 @@
 """Deterministic exponential-integrator samplers of the probability-flow ODE.
 
 All solve ``dv/drho = eps(alpha v, t(rho))`` (``v = x/alpha``, ``rho = sigma/alpha``) with the
-linear part integrated exactly; see ``deis_jax.coefficients`` for the formulas.
+linear part integrated exactly; see ``deis_jax.sampling.coefficients`` for the formulas.
 
 ``ddim``   order 0: ``x_{k+1} = psi_k x_k + (sigma_{k+1} - psi_k sigma_k) eps_k``
            (Euler in rho; tAB-0 = rhoAB-0 = rhoRK-Euler = DDIM).
@@ -13,7 +13,7 @@ linear part integrated exactly; see ``deis_jax.coefficients`` for the formulas.
            (``(55, -59, 37, -9)/24`` at order 3), on any grid.
 ``rhork``  rhoRK-DEIS: explicit Runge-Kutta in rho with stages at off-grid times
            ``t(rho_k + c_s h)``; ``order`` 1..4 picks Euler / Heun / Kutta-3 / RK4 unless
-           ``tableau`` names one of ``deis_jax.coefficients.RK_TABLEAUS``.
+           ``tableau`` names one of ``deis_jax.sampling.coefficients.RK_TABLEAUS``.
 
 Multistep methods warm up with lower orders on the history they have (no extra NFE), so they
 spend exactly N NFE for N steps; rhoRK spends S per step.
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from deis_jax import coefficients as coef
-from deis_jax.solvers.registry import MethodSpec, register_method
-from deis_jax.solvers.table import StepTable, eps_prediction, multistep_table
+from deis_jax.sampling import coefficients as coef
+from deis_jax.sampling.solvers.registry import MethodSpec, register_method
+from deis_jax.sampling.solvers.table import StepTable, eps_prediction, multistep_table
 
 
 def build_ddim(schedule, ts, order: int = 0) -> StepTable:

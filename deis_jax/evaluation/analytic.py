@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax.sde import NoiseSchedule
+from deis_jax.sampling.sde import NoiseSchedule
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,6 +1,6 @@
 """Resumable, sharded, multi-device / multi-host sample generation with a verified manifest.
 
-    from deis_jax import generation
+    from deis_jax.experiments import generation
     result = generation.generate_samples(
         "runs/cifar10/samples/tab3_nfe10", sampler, num_samples=50_000, sample_shape=(32, 32, 3),
         seed=0, shard_size=1000, per_device_batch=128, params=params, bind=lambda p: eps_fn_of(p),
@@ -39,7 +39,7 @@ calls over the global mesh (a process with less left to do pads with dummy rows)
 counts are exchanged once with an all-gather. At the end a barrier, then **process 0 writes the
 manifest** after re-reading and hashing every shard. If the processes do not share a file
 system, copy all shards into one directory and run
-``python -m deis_jax.generation finalize DIR`` (the same check-and-write step).
+``python -m deis_jax.experiments.generation finalize DIR`` (the same check-and-write step).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import numpy as np
 
 from deis_jax import parallel
 from deis_jax.io_utils import atomic_write_bytes, atomic_write_text
-from deis_jax.sampler import Sampler
+from deis_jax.sampling.sampler import Sampler
 
 FORMAT_VERSION = 1
 SPEC_FILE = "spec.json"
@@ -434,7 +434,7 @@ def finalize(out_dir: str) -> dict | None:
     """Check that every shard of ``spec.json`` is on disk and valid, then write the manifest.
 
     Returns the manifest, or ``None`` (and writes nothing) when shards are missing -- the
-    message says which. Safe to run again; ``python -m deis_jax.generation finalize DIR``."""
+    message says which. Safe to run again; ``python -m deis_jax.experiments.generation finalize DIR``."""
     with open(os.path.join(out_dir, SPEC_FILE)) as f:
         spec = json.load(f)
     n, size, fingerprint = spec["num_samples"], spec["num_samples_per_shard"], spec["fingerprint"]
@@ -460,7 +460,7 @@ def finalize(out_dir: str) -> dict | None:
         logging.getLogger(__name__).error(
             "%s: %d of %d shards missing (%s...); no manifest written. Run the generation "
             "again (it resumes), or copy the shards of every host here and run "
-            "`python -m deis_jax.generation finalize %s`.",
+            "`python -m deis_jax.experiments.generation finalize %s`.",
             out_dir, len(missing), len(missing) + len(shards), ", ".join(missing[:3]), out_dir,
         )  # fmt: skip
         return None
@@ -490,7 +490,7 @@ def load_manifest(out_dir: str) -> dict:
     if not os.path.exists(path):
         raise IncompleteSamplesError(
             f"{out_dir} has no {MANIFEST_FILE}: the generation did not finish (run it again, it "
-            f"resumes) or was not finalized (`python -m deis_jax.generation finalize {out_dir}`)"
+            f"resumes) or was not finalized (`python -m deis_jax.experiments.generation finalize {out_dir}`)"
         )
     with open(path) as f:
         return json.load(f)
@@ -530,10 +530,13 @@ def load_samples(out_dir: str, *, verify: bool = True) -> Samples:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m deis_jax.generation finalize DIR`` | ``verify DIR``."""
+    """``python -m deis_jax.experiments.generation finalize DIR`` | ``verify DIR``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2 or argv[0] not in ("finalize", "verify"):
-        print("usage: python -m deis_jax.generation {finalize,verify} DIR", file=sys.stderr)
+        print(
+            "usage: python -m deis_jax.experiments.generation {finalize,verify} DIR",
+            file=sys.stderr,
+        )
         return 2
     command, out_dir = argv
     if command == "finalize":

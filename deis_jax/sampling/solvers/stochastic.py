@@ -1,7 +1,7 @@
 """Stochastic samplers: stochastic DDIM (the lambda-SDE integrator) and ER-SDE-Solvers.
 
 Both are exponential integrators of a marginal-preserving reverse SDE, written as step tables
-(``deis_jax.solvers.table``) whose ``out_noise`` column multiplies fresh standard normal noise
+(``deis_jax.sampling.solvers.table``) whose ``out_noise`` column multiplies fresh standard normal noise
 ``z_k`` (drawn per sample and step from ``fold_in(fold_in(key, index), k)``, so samples do not
 depend on the batch size). Every coefficient and noise scale is computed once on the host in
 float64. Notation: ``alpha`` is the mean coefficient, ``rho = sigma/alpha`` (EDM sigma, ER-SDE's
@@ -86,9 +86,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from deis_jax import coefficients as coef
-from deis_jax.solvers.registry import MethodSpec, register_method
-from deis_jax.solvers.table import StepTable, data_prediction, multistep_table
+from deis_jax.sampling import coefficients as coef
+from deis_jax.sampling.solvers.registry import MethodSpec, register_method
+from deis_jax.sampling.solvers.table import StepTable, data_prediction, multistep_table
 
 # --------------------------------------------------------------------------------------------
 # helpers shared by the stochastic builders

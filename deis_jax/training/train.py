@@ -31,9 +31,9 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deis_jax import losses
 from deis_jax.parallel import make_mesh  # noqa: F401  (re-exported: the one mesh helper)
-from deis_jax.sde import NoiseSchedule
+from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.training import losses
 
 
 @flax.struct.dataclass

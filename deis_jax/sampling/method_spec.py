@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
-from deis_jax import solvers
+from deis_jax.sampling import solvers
 
 _SPEC = re.compile(r"^(?P<name>[a-z_]*[a-z_])(?P<order>\d+)?(?::(?P<options>.*))?$")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deis_jax.sde import NoiseSchedule
+from deis_jax.sampling.sde import NoiseSchedule
 
 GRID_KINDS = ("time", "linear", "quadratic", "rho", "karras", "log_snr", "custom")
 DEFAULT_POWER = {"time": 1.0, "linear": 1.0, "quadratic": 2.0, "rho": 7.0, "karras": 7.0}

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from deis_jax.sde import NoiseSchedule
+from deis_jax.sampling.sde import NoiseSchedule
 
 PREDICTIONS = ("eps", "score", "x0", "v")
 

@@ -12,7 +12,7 @@ and ``z_k`` is standard normal noise. ``pred_x``/``pred_eps`` choose what the li
 combinations act on: eps itself (``0, 1``) or the data prediction
 ``x0 = (X - sigma eps) / alpha`` (``1/alpha, -sigma/alpha``). Multistep methods have S = 1 and
 a history; Runge-Kutta methods have S stages and no history; stochastic methods add noise.
-The device loop (``deis_jax.sampler.run_table``) is nothing but these multiply-adds.
+The device loop (``deis_jax.sampling.sampler.run_table``) is nothing but these multiply-adds.
 """
 
 from __future__ import annotations

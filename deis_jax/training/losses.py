@@ -7,7 +7,7 @@ For data ``x0``, ``t ~ U(eps, T)`` per example, ``z ~ N(0, I)`` and
     || s(x_t, t) + z / sigma(t) ||^2 g(t)^2                         (likelihood weighting)
 
 with the score ``s = -eps / sigma``. In the eps form used here (whatever the network predicts
-is converted to eps by ``deis_jax.wrappers.output_to_eps``) these are
+is converted to eps by ``deis_jax.sampling.wrappers.output_to_eps``) these are
 
     || eps(x_t, t) - z ||^2        and        || eps(x_t, t) - z ||^2 g(t)^2 / sigma(t)^2,
 
@@ -28,8 +28,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from deis_jax.sde import NoiseSchedule
-from deis_jax.wrappers import PREDICTIONS, output_to_eps
+from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.wrappers import PREDICTIONS, output_to_eps
 
 # eps_model(x_t, t, key) -> eps, with x_t (B, ...) and t (B,) continuous SDE times.
 EpsModel = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]

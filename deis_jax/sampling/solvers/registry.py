@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from deis_jax.solvers.table import StepTable
+from deis_jax.sampling.solvers.table import StepTable
 
 BuildFn = Callable[..., StepTable]  # build(schedule, ts, order, **options) -> StepTable
 

@@ -74,8 +74,8 @@ import math
 
 import numpy as np
 
-from deis_jax.solvers.registry import MethodSpec, register_method
-from deis_jax.solvers.table import StepTable, data_prediction, multistep_table
+from deis_jax.sampling.solvers.registry import MethodSpec, register_method
+from deis_jax.sampling.solvers.table import StepTable, data_prediction, multistep_table
 
 DPMPP_ORDER3 = ("authors", "corrected")
 UNIPC_VARIANTS = ("bh1", "bh2")

@@ -1,6 +1,6 @@
 """Host-side exponential-integrator coefficients, exact in float64.
 
-Conventions (``deis_jax.sde``): ``alpha`` is the mean coefficient, ``rho = sigma/alpha``. On the
+Conventions (``deis_jax.sampling.sde``): ``alpha`` is the mean coefficient, ``rho = sigma/alpha``. On the
 grid ``t_0 = T > t_1 > ... > t_N`` step k maps ``t_k -> t_{k+1}``; ``eps_k = eps(x_k, t_k)``.
 
 With ``v = x / alpha`` the probability-flow ODE is ``dv/drho = eps(x, t(rho))``, so the exact
@@ -28,7 +28,7 @@ import functools
 
 import numpy as np
 
-from deis_jax.sde import NoiseSchedule, array_namespace
+from deis_jax.sampling.sde import NoiseSchedule, array_namespace
 
 DEFAULT_QUADRATURE_NODES = 64
 

@@ -1,11 +1,11 @@
 """Sampling methods. Importing this package registers every built-in method."""
 
-from deis_jax.solvers import (
+from deis_jax.sampling.solvers import (
     deis,  # noqa: F401  (registers ddim, tab, rhoab, ipndm, rhork)
     dpm_solver,  # noqa: F401  (registers dpmpp, unipc)
     stochastic,  # noqa: F401  (registers sddim, ersde)
 )
-from deis_jax.solvers.registry import MethodSpec, get_method, method_names, register_method
-from deis_jax.solvers.table import StepTable
+from deis_jax.sampling.solvers.registry import MethodSpec, get_method, method_names, register_method
+from deis_jax.sampling.solvers.table import StepTable
 
 __all__ = ["MethodSpec", "StepTable", "get_method", "method_names", "register_method"]

@@ -5,7 +5,7 @@
     x0 = jax.jit(sampler)(x_T, key)       # stochastic methods
 
 The coefficients are built once on the host in float64 (a ``StepTable``, see
-``deis_jax.solvers.table``) and cast to the working dtype; the device loop is a scan over the
+``deis_jax.sampling.solvers.table``) and cast to the working dtype; the device loop is a scan over the
 table rows whose body is the network call plus a few multiply-adds. Its size does not depend
 on the number of steps, so compile time and memory are flat in NFE.
 
@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax import solvers
-from deis_jax.sde import NoiseSchedule
-from deis_jax.solvers.table import StepTable, final_denoise_table
-from deis_jax.timesteps import time_grid, validate_grid
+from deis_jax.sampling import solvers
+from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.solvers.table import StepTable, final_denoise_table
+from deis_jax.sampling.timesteps import time_grid, validate_grid
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -165,7 +165,7 @@ def get_sampler(
     """Build a sampler.
 
     Either give an explicit decreasing grid ``ts`` or an NFE budget ``nfe`` with a grid kind
-    (``deis_jax.timesteps.GRID_KINDS``; None = the method's default grid), ``grid_power`` and
+    (``deis_jax.sampling.timesteps.GRID_KINDS``; None = the method's default grid), ``grid_power`` and
     the interval ``[t0, t1]`` (schedule defaults when None). A method spending S NFE per step
     takes ``ceil(nfe / S)`` steps (Runge-Kutta rounds up, as in the DEIS table);
     ``final_denoise`` adds one NFE. ``options`` are method-specific (e.g. ``tableau`` for

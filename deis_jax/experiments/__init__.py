@@ -1,0 +1,2 @@
+"""Experiments: the resumable cell engine and the sharded, resumable sample generation that
+every mode (compare, sweep, table, fitting) runs on."""

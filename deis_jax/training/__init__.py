@@ -1,0 +1,1 @@
+"""Training score networks: the denoising score-matching loss and the optax/orbax loop."""
