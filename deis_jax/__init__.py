@@ -1,11 +1,18 @@
-"""deis_jax: fast sampling of diffusion models in JAX (DEIS and the samplers it is judged against).
+"""deis_jax: fast sampling of diffusion models in JAX (DEIS and the samplers it is judged
+against).
 
-import deis_jax as deis
-sde = deis.VPSDE.linear(beta_min=0.1, beta_max=20.0)
-sample = deis.get_sampler(sde, eps_fn, method="tab", order=3, nfe=10)
-x0 = jax.jit(sample)(x_T)
+    import deis_jax as deis
+    sde = deis.VPSDE.linear(beta_min=0.1, beta_max=20.0)
+    eps_fn = deis.GaussianMixture.ring().eps_fn(sde)  # or eps_fn_from_model(network, sde)
+    sample = deis.get_sampler(sde, eps_fn, method="tab", order=3, nfe=10)
+    x0 = jax.jit(sample)(x_T)
+
+The top level re-exports the sampling core (``deis_jax.sampling``) and the analytic test
+distributions (``deis_jax.evaluation.analytic``); networks, training and evaluation are
+imported from their subpackages.
 """
 
+from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.sampling.coefficients import (
     RK_TABLEAUS,
     adams_bashforth_eps_coefficients,
@@ -16,6 +23,7 @@ from deis_jax.sampling.coefficients import (
 from deis_jax.sampling.sampler import Sampler, get_sampler, run_table
 from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, NoiseSchedule, SubVPSDE, get_sde
 from deis_jax.sampling.solvers import (
+    MethodArgumentError,
     MethodSpec,
     StepTable,
     get_method,
@@ -23,12 +31,15 @@ from deis_jax.sampling.solvers import (
     register_method,
 )
 from deis_jax.sampling.timesteps import GRID_KINDS, time_grid
-from deis_jax.sampling.wrappers import eps_fn_from_model, guided_eps_fn, output_to_eps
+from deis_jax.sampling.wrappers import EpsFn, eps_fn_from_model, guided_eps_fn, output_to_eps
 
 __all__ = [
     "GRID_KINDS",
     "RK_TABLEAUS",
     "DiscreteVPSDE",
+    "EpsFn",
+    "GaussianMixture",
+    "MethodArgumentError",
     "MethodSpec",
     "NoiseSchedule",
     "Sampler",

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from deis_jax.sampling.sampler import EpsFn, Sampler, get_sampler
+from deis_jax.sampling.sampler import Sampler, get_sampler
 from deis_jax.sampling.sde import NoiseSchedule, get_sde
+from deis_jax.sampling.wrappers import EpsFn
 
 SDE_FIELDS = {
     "vpsde": ("beta_min", "beta_max", "schedule", "num_scales"),
@@ -26,6 +27,7 @@ def _get(cfg, key: str, default: Any = None) -> Any:
 
 
 def schedule_from_config(sde_cfg) -> NoiseSchedule:
+    """The noise schedule described by a ``config.sde`` block (only its name's fields)."""
     name = _get(sde_cfg, "name")
     fields = SDE_FIELDS.get(name, ())
     kwargs = {k: _get(sde_cfg, k) for k in fields if _get(sde_cfg, k) is not None}

@@ -1,33 +1,25 @@
 """Start-up validation of ``ml_collections`` configs.
 
-Every mode module (``deis_jax.modes.<mode>``) exposes ``validate(config)``; ``validate_mode``
-checks the mode name and calls it before any work starts. A bad value raises ``ConfigError``
-naming the field (dotted path) and the allowed values.
+Every mode module (``deis_jax.modes.<mode>``, looked up with ``deis_jax.modes.get_mode``)
+exposes ``validate(config)`` built from the checks here. A bad value raises ``ConfigError``
+naming the field (dotted path) and the allowed values. Sampler arguments are checked by the
+method's own spec (``MethodSpec.check``), grids by ``deis_jax.sampling.timesteps`` and the
+interval by ``NoiseSchedule.interval``: this module only says which config field was at fault.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterable
 from typing import Any
 
-from deis_jax import modes
+from deis_jax.build import sampler_from_config, schedule_from_config
+from deis_jax.sampling import solvers
+from deis_jax.sampling.sde import SDE_NAMES, VP_BETA_SCHEDULES, NoiseSchedule
+from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power
 
 
 class ConfigError(ValueError):
     """A config field has a bad value; the message names the field and what is allowed."""
-
-
-def available_modes() -> tuple[str, ...]:
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(modes.__path__)))
-
-
-def validate_mode(mode: str | None, config) -> None:
-    allowed = available_modes()
-    if mode not in allowed:
-        raise ConfigError(f"mode (--mode or config.mode) must be one of {allowed}, got {mode!r}")
-    importlib.import_module(f"deis_jax.modes.{mode}").validate(config)
 
 
 def get_field(config, path: str) -> Any:
@@ -42,6 +34,7 @@ def get_field(config, path: str) -> Any:
 
 
 def require_choice(config, path: str, allowed: Iterable[Any]) -> Any:
+    """``config.<path>``, which must be one of ``allowed`` (else ``ConfigError``)."""
     value = get_field(config, path)
     allowed = tuple(allowed)
     if value not in allowed:
@@ -59,6 +52,7 @@ def require_number(
     exclusive_minimum: bool = False,
     allow_none: bool = False,
 ) -> Any:
+    """``config.<path>`` as a number (an ``int`` with ``integer``) within the given bounds."""
     value = get_field(config, path)
     if value is None and allow_none:
         return value
@@ -75,6 +69,7 @@ def require_number(
 
 
 def require_int_list(config, path: str, *, minimum: int = 1) -> list[int]:
+    """``config.<path>`` as a non-empty list of integers ``>= minimum``."""
     values = get_field(config, path)
     if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
         raise ConfigError(f"config.{path} must be a list of integers, got {values!r}")
@@ -86,11 +81,8 @@ def require_int_list(config, path: str, *, minimum: int = 1) -> list[int]:
     return values
 
 
-def validate_sde(config):
+def validate_sde(config) -> NoiseSchedule:
     """Check ``config.sde`` and return the schedule it describes."""
-    from deis_jax.build import schedule_from_config
-    from deis_jax.sampling.sde import SDE_NAMES, VP_BETA_SCHEDULES
-
     name = require_choice(config, "sde.name", SDE_NAMES)
     if name == "vpsde" and config.sde.get("schedule") is not None:
         require_choice(config, "sde.schedule", VP_BETA_SCHEDULES)
@@ -103,43 +95,34 @@ def validate_sde(config):
         raise ConfigError(f"config.sde is invalid: {err}") from None
 
 
-def validate_sampler(config, schedule=None, path: str = "sampler"):
-    """Check ``config.<path>`` against the method registry; build its table as a dry run."""
-    from deis_jax.build import sampler_from_config
-    from deis_jax.sampling import solvers
-    from deis_jax.sampling.timesteps import GRID_KINDS
-
+def validate_sampler(config, schedule: NoiseSchedule | None = None, path: str = "sampler"):
+    """Check ``config.<path>`` with the method's spec, the grid and the interval; build the
+    sampler (with an identity ``eps_fn``) as a dry run and return it."""
     schedule = validate_sde(config) if schedule is None else schedule
     method = require_choice(config, f"{path}.method", solvers.method_names())
     spec = solvers.get_method(method)
-    order = get_field(config, f"{path}.order")
-    if order is None:
-        order = spec.default_order
-    elif order not in spec.orders:
-        raise ConfigError(
-            f"config.{path}.order must be one of {spec.orders} for method {method!r}, got {order!r}"
-        )
-    options = dict(get_field(config, path).get("options") or {})
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        raise ConfigError(
-            f"config.{path}.options has unknown key(s) {unknown} for method {method!r}; "
-            f"allowed: {spec.options}"
-        )
-    require_number(config, f"{path}.nfe", integer=True, minimum=spec.minimum_nfe(order, options))
-    if get_field(config, path).get("grid") is not None:
-        require_choice(config, f"{path}.grid", GRID_KINDS)
     section = get_field(config, path)
-    t0 = section.get("t0")
-    t1 = section.get("t1")
-    t0 = schedule.default_t0 if t0 is None else t0
-    t1 = schedule.default_t1 if t1 is None else t1
-    if not (t0 > 0 or (schedule.is_discrete and t0 >= 0)):
-        raise ConfigError(f"config.{path}.t0 must be > 0, got {t0!r}")
-    if not t0 < t1:
-        raise ConfigError(f"config.{path}.t0 must be < config.{path}.t1, got t0={t0}, t1={t1}")
-    if t1 > schedule.t_max:
-        raise ConfigError(f"config.{path}.t1 must be <= {schedule.t_max}, got {t1!r}")
+    options = dict(section.get("options") or {})
+    try:
+        order = spec.check(
+            get_field(config, f"{path}.order"),
+            options,
+            final_denoise=bool(section.get("final_denoise")),
+        )
+        spec.check_nfe(get_field(config, f"{path}.nfe"), order)
+    except solvers.MethodArgumentError as err:
+        raise ConfigError(f"config.{path}.{err.field} {err.problem}") from None
+    grid = section.get("grid")
+    if grid is not None:
+        require_choice(config, f"{path}.grid", GRID_KINDS)
+    for field in ("grid_power", "t0", "t1"):
+        if section.get(field) is not None:
+            require_number(config, f"{path}.{field}")
+    try:
+        check_grid_power(spec.default_grid if grid is None else grid, section.get("grid_power"))
+        schedule.interval(section.get("t0"), section.get("t1"))
+    except ValueError as err:  # their messages start with the field: grid_power, t0 or t1
+        raise ConfigError(f"config.{path}.{err}") from None
     try:
         return sampler_from_config(section, schedule, lambda x, t: x)
     except ValueError as err:

@@ -1,4 +1,5 @@
-"""Crash-safe file output: atomic replace for whole files, fsync'ed appends for JSON lines.
+"""Crash-safe file output (atomic replace for whole files, fsync'ed appends for JSON lines)
+and the one file hash, :func:`sha256_file`.
 
 A long run never loses finished results: tables and plots are written to a temporary file in
 the same directory and renamed over the target (``os.replace`` is atomic on POSIX), and
@@ -8,6 +9,8 @@ when reading back).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -15,7 +18,18 @@ from collections.abc import Iterator
 from typing import Any
 
 
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (the one file hash of the package: checkpoints,
+    classifier and Inception weights, sample shards)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -35,13 +49,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
     atomic_write_bytes(path, text.encode())
 
 
 def save_figure(fig, path: str, **kwargs) -> None:
     """``fig.savefig`` through a temporary file, then an atomic rename."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format=os.path.splitext(path)[1][1:] or "png", **kwargs)
     atomic_write_bytes(path, buf.getvalue())

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import ml_collections  # noqa: E402
 
+from deis_jax.io_utils import sha256_file  # noqa: E402
 from deis_jax.models import (  # noqa: E402
     KNOWN_MODEL_CONFIGS,
     checkpoints,  # noqa: E402
@@ -70,7 +71,7 @@ def convert(
         "model_config": config.to_dict(),
         "source": "score_sde",
         "source_checkpoint": os.path.abspath(checkpoint),
-        "source_sha256": checkpoints.sha256_file(checkpoint),
+        "source_sha256": sha256_file(checkpoint),
         "source_params": "params_ema" if use_ema else "optimizer.target",
     }
     checkpoints.save_params(out, params, metadata=metadata, overwrite=overwrite)

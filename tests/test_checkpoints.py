@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
+from deis_jax.io_utils import sha256_file
 from deis_jax.models import checkpoints
 from deis_jax.models.checkpoints import flatten_tree
 
@@ -100,7 +101,7 @@ def test_convert_script_roundtrip(tmp_path, score_sde_checkpoint, small_params, 
     assert meta["format"] == "deis_jax.params"
     assert meta["num_params"] == 317_699
     assert meta["source_params"] == "params_ema"
-    assert meta["source_sha256"] == checkpoints.sha256_file(score_sde_checkpoint)
+    assert meta["source_sha256"] == sha256_file(score_sde_checkpoint)
     assert meta["model_config"]["centered"] is True
 
     with pytest.raises(FileExistsError):  # refuses to overwrite silently

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from deis_jax.config_validation import ConfigError, validate_mode
+from deis_jax.config_validation import ConfigError
+from deis_jax.modes import get_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -25,7 +26,7 @@ def config_with(**overrides):
 
 
 def test_default_config_is_valid():
-    validate_mode("compare", gmm_vpsde.get_config())
+    get_mode("compare").validate(gmm_vpsde.get_config())
 
 
 @pytest.mark.parametrize(
@@ -33,12 +34,27 @@ def test_default_config_is_valid():
     [
         ({"sampler__method": "euler"}, r"config\.sampler\.method must be one of \('ddim', 'tab'"),
         ({"sampler__order": 7}, r"config\.sampler\.order must be one of \(0, 1, 2, 3\)"),
-        ({"sampler__nfe": 0}, r"config\.sampler\.nfe must be >= 1"),
+        ({"sampler__nfe": 0}, r"config\.sampler\.nfe must be an integer >= 1"),
+        ({"sampler__options": {"tableau": "rk4"}}, r"config\.sampler\.options has unknown key"),
         ({"sampler__t0": 0.0}, r"config\.sampler\.t0 must be > 0"),
         ({"sampler__t0": -1e-3}, r"config\.sampler\.t0 must be > 0"),
-        ({"sampler__t0": 0.5, "sampler__t1": 0.5}, r"config\.sampler\.t0 must be < config"),
+        ({"sampler__t0": 0.5, "sampler__t1": 0.5}, r"config\.sampler\.t0 must be < t1"),
         ({"sampler__t1": 2.0}, r"config\.sampler\.t1 must be <= 1\.0"),
         ({"sampler__grid": "cubic"}, r"config\.sampler\.grid must be one of \('time'"),
+        ({"sampler__grid_power": 3.0}, r"config\.sampler\.grid_power applies to .* 'quadratic'"),
+        (
+            {"sampler__grid": "time", "sampler__grid_power": -1.0},
+            r"config\.sampler\.grid_power must be > 0",
+        ),
+        (
+            {
+                "sampler__method": "ersde",
+                "sampler__order": 3,
+                "sampler__final_denoise": True,
+                "sampler__options": {"denoise_to_zero": True},
+            },
+            r"config\.sampler\.options\.denoise_to_zero and final_denoise both add",
+        ),  # fmt: skip
         ({"sde__name": "edm"}, r"config\.sde\.name must be one of \('vpsde'"),
         ({"sde__schedule": "quad"}, r"config\.sde\.schedule must be one of \('linear', 'cosine'"),
         ({"sde__beta_max": -3.0}, r"config\.sde\.beta_max must be > 0"),
@@ -50,12 +66,12 @@ def test_default_config_is_valid():
 )
 def test_bad_values_name_the_field_and_the_allowed_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate_mode("compare", config_with(**overrides))
+        get_mode("compare").validate(config_with(**overrides))
 
 
 def test_unknown_mode():
     with pytest.raises(ConfigError, match=r"mode .* must be one of \(.*'compare'"):
-        validate_mode("evaluate", gmm_vpsde.get_config())
+        get_mode("evaluate")
 
 
 def test_main_rejects_a_bad_value_before_any_work(tmp_path):

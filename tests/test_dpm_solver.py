@@ -238,7 +238,7 @@ def test_registry_and_validation():
     for name in ("dpmpp", "unipc"):
         spec = get_method(name)
         assert spec.default_grid == "log_snr" and spec.orders == (1, 2, 3)
-        assert not spec.stochastic and spec.nfe_per_step(2, {}) == 1
+        assert spec.nfe_per_step(2, {}) == 1
     eps_fn = gaussian_eps_fn(VP)
     assert deis.get_sampler(VP, eps_fn, method="unipc", order=3, nfe=5).nfe == 5
     with pytest.raises(ValueError, match="order3"):

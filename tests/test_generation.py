@@ -13,6 +13,7 @@ import pytest
 from deis_jax import parallel
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.experiments import generation
+from deis_jax.io_utils import sha256_file
 from deis_jax.sampling.sampler import get_sampler
 from deis_jax.sampling.sde import VPSDE
 
@@ -82,7 +83,7 @@ def test_interrupted_generation_resumes_without_loss_or_rework(setup, tmp_path):
     assert manifest["seed"] == 3 and manifest["metadata"] == {"what": "test"}
     assert "git_revision" in manifest
     for entry in manifest["shards"]:
-        assert entry["sha256"] == generation.sha256_file(str(out / entry["file"]))
+        assert entry["sha256"] == sha256_file(str(out / entry["file"]))
 
     again = _generate(out, sampler)  # everything on disk: no sampling at all
     assert again.written == () and again.calls == 0 and len(again.skipped) == 5

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from deis_jax.evaluation import inception as inc
+from deis_jax.io_utils import sha256_file
 
 
 def test_parameter_layout_is_pytorch_fid():
@@ -77,7 +78,7 @@ def test_weights_loader_checks_hashes_and_layout(tmp_path):
     assert variables["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"].shape == (192,)
 
     # The file's own sha256 when the config pins it.
-    digest = inc.file_sha256(good)
+    digest = sha256_file(good)
     inc.load_inception_variables(good, sha256=digest)
     with pytest.raises(inc.InceptionWeightsError, match="config.eval.inception_sha256"):
         inc.load_inception_variables(good, sha256="0" * 64)

@@ -2,8 +2,9 @@
 
 Simulated devices need ``XLA_FLAGS`` before JAX starts, so each configuration runs in a
 subprocess (this file with ``--worker``). Every worker generates the same 24 samples of a
-16-D Gaussian mixture with ``deis_jax.experiments.generation`` (per-device batch 2) for a deterministic
-(tAB3) and a stochastic (stochastic DDIM) method, with the exact ``GaussianMixture.eps_fn``.
+16-D Gaussian mixture with ``deis_jax.experiments.generation`` (per-device batch 2) for a
+deterministic (tAB3) and a stochastic (stochastic DDIM) method, with the exact
+``GaussianMixture.eps_fn``.
 
 Findings (see docs/scale.md, "Determinism"):
 

@@ -64,7 +64,7 @@ def test_custom_grid_is_validated():
         time_grid(VP, kind="custom", custom=[1.0, 0.1, 0.5])
     with pytest.raises(ValueError, match="t0 must be > 0"):
         time_grid(VP, kind="custom", custom=[1.0, 0.5, 0.0])
-    with pytest.raises(ValueError, match="exceeds the schedule's domain"):
+    with pytest.raises(ValueError, match=r"t1 must be <= 1\.0 \(the schedule's t_max\)"):
         time_grid(VP, kind="custom", custom=[1.5, 0.5, 0.1])
 
 
@@ -74,7 +74,11 @@ def test_custom_grid_is_validated():
         ({"kind": "cubic"}, "grid kind must be one of"),
         ({"t0": 0.0}, "t0 must be > 0"),
         ({"t0": 0.5, "t1": 0.4}, "t0 must be < t1"),
-        ({"power": -1.0, "kind": "time"}, "grid power must be > 0"),
+        ({"power": -1.0, "kind": "time"}, "grid_power must be > 0"),
+        ({"power": 3.0, "kind": "quadratic"}, r"'quadratic' is 'time' with power 2"),
+        ({"power": 2.0, "kind": "linear"}, r"'linear' is 'time' with power 1"),
+        ({"power": 5.0, "kind": "karras"}, r"applies to the grid kinds \('time', 'rho'\)"),
+        ({"power": 5.0, "kind": "log_snr"}, "'log_snr' has no power"),
     ],
 )
 def test_bad_grids_fail_clearly(kwargs, message):

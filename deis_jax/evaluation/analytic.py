@@ -45,10 +45,12 @@ class GaussianMixture:
 
     @property
     def dim(self) -> int:
+        """Data dimension D."""
         return int(self.means.shape[1])
 
     @classmethod
     def gaussian(cls, mean, std: float) -> GaussianMixture:
+        """A single Gaussian ``N(mean, std^2 I)``."""
         return cls(np.atleast_2d(mean), np.array([std]), np.array([1.0]))
 
     @classmethod

@@ -34,6 +34,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import serialization
+from sklearn.datasets import load_digits
+
+from deis_jax.data import digits_images
+from deis_jax.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 WEIGHTS_PATH = os.path.join(ASSET_DIR, "digits_classifier.msgpack")
@@ -66,13 +72,6 @@ def preprocess(images) -> jax.Array:
     return x / 127.5 - 1.0
 
 
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 class DigitsClassifier:
     """Feature extractor (``deis_jax.evaluation.fid.FeatureExtractor``) for digits images."""
 
@@ -89,14 +88,12 @@ class DigitsClassifier:
     @classmethod
     def load(cls, path: str = WEIGHTS_PATH, sha256: str | None = WEIGHTS_SHA256):
         """The committed classifier (sha256 checked; ``sha256=None`` skips the check)."""
-        from flax import serialization
-
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"digits classifier weights not found at {path}; regenerate them with "
                 f"`python scripts/train_digits_classifier.py`"
             )
-        digest = file_sha256(path)
+        digest = sha256_file(path)
         if sha256 is not None and digest != sha256:
             raise ValueError(
                 f"{path} has sha256 {digest}, expected {sha256} (WEIGHTS_SHA256 in "
@@ -108,9 +105,11 @@ class DigitsClassifier:
         return cls(params, digest)
 
     def features_and_logits(self, images):
+        """``(features, logits)`` of uint8 / [0, 255] digits images."""
         return self._apply(self.params, images)
 
     def predict(self, images) -> np.ndarray:
+        """Predicted class of each image."""
         return np.asarray(jnp.argmax(self.features_and_logits(images)[1], axis=-1))
 
 
@@ -121,10 +120,6 @@ class DigitsClassifier:
 def labelled_digits(seed: int = 0, test_fraction: float = 0.2):
     """``(x_train, y_train, x_test, y_test)``: uint8 16x16x1 images (``data.digits_images``)
     with their labels, split stratified by class with a fixed permutation."""
-    from sklearn.datasets import load_digits
-
-    from deis_jax.data import digits_images
-
     images = digits_images(16)
     labels = load_digits().target.astype(np.int32)
     rng = np.random.default_rng(seed)
@@ -149,8 +144,6 @@ def train(
     seed: int = 0, steps: int = 1500, batch_size: int = 128, lr: float = 3e-3
 ) -> tuple[dict, dict]:
     """Train the classifier; returns ``(params, info)`` with train/test accuracy."""
-    import optax
-
     x_tr, y_tr, x_te, y_te = labelled_digits(seed)
     net = DigitsNet()
     params = net.init(jax.random.PRNGKey(seed), jnp.zeros((1, *IMAGE_SHAPE)))["params"]
@@ -189,12 +182,8 @@ def train(
 
 def save(params, info: dict, path: str = WEIGHTS_PATH, info_path: str = INFO_PATH) -> str:
     """Write the msgpack weights and the json info; returns the weights' sha256."""
-    from flax import serialization
-
-    from deis_jax.io_utils import atomic_write_bytes, atomic_write_text
-
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     atomic_write_bytes(path, serialization.msgpack_serialize(params))
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     atomic_write_text(info_path, json.dumps({**info, "sha256": digest}, indent=2) + "\n")
     return digest

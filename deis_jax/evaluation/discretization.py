@@ -27,8 +27,9 @@ import numpy as np
 from deis_jax.evaluation.metrics import rmse
 from deis_jax.evaluation.reference import Reference, reference_solve
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
-from deis_jax.sampling.sampler import EpsFn, Sampler, get_sampler, run_table
+from deis_jax.sampling.sampler import Sampler, get_sampler, run_table
 from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.wrappers import EpsFn
 
 
 @dataclasses.dataclass
@@ -76,12 +77,12 @@ def discretization_errors(
 ) -> DiscretizationResult:
     """RMSE vs the reference solve for every method spec x NFE (deterministic methods).
 
-    ``methods``: ``deis_jax.sampling.method_spec`` strings (``"tab3"``, ``"rhork:tableau=kutta3"``) or
-    parsed ``MethodChoice``; ``sampler_kwargs`` go to ``get_sampler`` (``grid``,
-    ``grid_power``, ``final_denoise``). Stochastic methods get ``rmse=None``.
+    ``methods``: ``deis_jax.sampling.method_spec`` strings (``"tab3"``,
+    ``"rhork:tableau=kutta3"``) or parsed ``MethodChoice``; ``sampler_kwargs`` go to
+    ``get_sampler`` (``grid``, ``grid_power``, ``final_denoise``). Stochastic methods get
+    ``rmse=None``. ``[t0, t1]`` defaults to ``schedule.interval()``.
     """
-    t0 = schedule.default_t0 if t0 is None else t0
-    t1 = schedule.default_t1 if t1 is None else t1
+    t0, t1 = schedule.interval(t0, t1)
     if reference is None:
         reference = reference_solve(schedule, eps_fn, x_T, t0=t0, t1=t1, steps=reference_steps)
     records = []

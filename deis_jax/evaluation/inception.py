@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import sys
 from collections.abc import Mapping
@@ -67,6 +68,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from deis_jax.io_utils import atomic_write_bytes, sha256_file
 
 PT_INCEPTION_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -86,7 +89,7 @@ class InceptionWeightsError(FileNotFoundError):
     """The Inception weights file is missing, unreadable or not the pinned FID network."""
 
 
-def _instructions(path: str | None) -> str:
+def weights_instructions(path: str | None) -> str:
     target = path or DEFAULT_WEIGHTS_PATH
     return (
         f"FID needs the weights of the FID Inception network (TF 2015-12-05, pytorch-fid "
@@ -371,14 +374,6 @@ def random_variables(seed: int = 0, scale: float = 0.05) -> dict[str, Any]:
 # weights files
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     """sha256 over the arrays: for each name in sorted order, name, dtype, shape and bytes."""
     digest = hashlib.sha256()
@@ -391,10 +386,6 @@ def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
 
 def save_converted(state_dict: Mapping[str, Any], path: str, source_sha256: str) -> str:
     """Write the documented ``.npz`` layout; returns the content digest."""
-    import io
-
-    from deis_jax.io_utils import atomic_write_bytes
-
     arrays = {
         k: np.asarray(v, np.float32)
         for k, v in state_dict.items()
@@ -418,7 +409,8 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError as err:
         raise InceptionWeightsError(
-            f"{path} is a pytorch file and torch is not installed here. " + _instructions(None)
+            f"{path} is a pytorch file and torch is not installed here. "
+            + weights_instructions(None)
         ) from err
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
@@ -427,12 +419,12 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
 def convert(pth_path: str, out_path: str) -> str:
     """Convert pytorch-fid's ``.pth`` (sha256 checked) to the ``.npz`` layout; needs torch."""
     if not os.path.isfile(pth_path):
-        raise InceptionWeightsError(f"no file at {pth_path!r}. " + _instructions(out_path))
-    digest = file_sha256(pth_path)
+        raise InceptionWeightsError(f"no file at {pth_path!r}. " + weights_instructions(out_path))
+    digest = sha256_file(pth_path)
     if digest != PT_INCEPTION_SHA256:
         raise InceptionWeightsError(
             f"{pth_path} has sha256 {digest}, not the FID Inception weights "
-            f"({PT_INCEPTION_SHA256}). " + _instructions(out_path)
+            f"({PT_INCEPTION_SHA256}). " + weights_instructions(out_path)
         )
     state = _read_pth(pth_path)
     variables_from_state_dict(state)  # layout check before writing
@@ -443,20 +435,20 @@ def load_inception_variables(path: str | None, sha256: str | None = None) -> dic
     """Flax variables of the FID Inception from a local file (see the module docstring)."""
     if not path or not os.path.isfile(path):
         where = f"no file at {path!r}" if path else "config.eval.inception_weights is not set"
-        raise InceptionWeightsError(f"{where}. " + _instructions(path))
+        raise InceptionWeightsError(f"{where}. " + weights_instructions(path))
     if sha256 is not None:
-        digest = file_sha256(path)
+        digest = sha256_file(path)
         if digest != sha256.lower():
             raise InceptionWeightsError(
                 f"{path} has sha256 {digest}, but config.eval.inception_sha256 pins {sha256}. "
-                + _instructions(path)
+                + weights_instructions(path)
             )
     if path.endswith(".pth"):
-        digest = file_sha256(path) if sha256 is None else sha256.lower()
+        digest = sha256_file(path) if sha256 is None else sha256.lower()
         if digest != PT_INCEPTION_SHA256:
             raise InceptionWeightsError(
                 f"{path} has sha256 {digest}, not the pinned FID Inception weights "
-                f"{PT_INCEPTION_SHA256}. " + _instructions(None)
+                f"{PT_INCEPTION_SHA256}. " + weights_instructions(None)
             )
         return variables_from_state_dict(_read_pth(path))
     try:
@@ -464,7 +456,7 @@ def load_inception_variables(path: str | None, sha256: str | None = None) -> dic
             arrays = {k: np.asarray(f[k]) for k in f.files}
     except (OSError, ValueError) as err:
         raise InceptionWeightsError(
-            f"{path} is not a readable .npz ({err}). " + _instructions(path)
+            f"{path} is not a readable .npz ({err}). " + weights_instructions(path)
         ) from err
     fmt = str(arrays.pop("_format", ""))
     source = str(arrays.pop("_source_sha256", ""))
@@ -472,17 +464,17 @@ def load_inception_variables(path: str | None, sha256: str | None = None) -> dic
     if fmt != CONVERTED_FORMAT:
         raise InceptionWeightsError(
             f"{path} is not a converted FID Inception file (format {fmt!r}, expected "
-            f"{CONVERTED_FORMAT!r}). " + _instructions(path)
+            f"{CONVERTED_FORMAT!r}). " + weights_instructions(path)
         )
     if source != PT_INCEPTION_SHA256:
         raise InceptionWeightsError(
             f"{path} was converted from a file with sha256 {source}, not the pinned FID "
-            f"Inception weights {PT_INCEPTION_SHA256}. " + _instructions(path)
+            f"Inception weights {PT_INCEPTION_SHA256}. " + weights_instructions(path)
         )
     if content_sha256(arrays) != content:
         raise InceptionWeightsError(
             f"{path} is corrupted: its arrays do not match their recorded sha256 {content}. "
-            + _instructions(path)
+            + weights_instructions(path)
         )
     return variables_from_state_dict(arrays)
 
@@ -510,10 +502,12 @@ class InceptionExtractor:
 
     @classmethod
     def from_file(cls, path: str | None, sha256: str | None = None) -> InceptionExtractor:
+        """The extractor with the weights at ``path`` (see ``load_inception_variables``)."""
         variables = load_inception_variables(path, sha256)
         return cls(variables, PT_INCEPTION_SHA256)
 
     def features_and_logits(self, images):
+        """``(pool features (B, 2048), logits)`` of images in [0, 255]."""
         return self._apply(self.variables, jnp.asarray(images))
 
 
@@ -521,11 +515,11 @@ def _main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "convert":
         print(
             "usage: python -m deis_jax.evaluation.inception convert <pt_inception .pth> "
-            "<out .npz>\n\n" + _instructions(None)
+            "<out .npz>\n\n" + weights_instructions(None)
         )
         return 2
     digest = convert(argv[1], argv[2])
-    print(f"wrote {argv[2]} (content sha256 {digest}, file sha256 {file_sha256(argv[2])})")
+    print(f"wrote {argv[2]} (content sha256 {digest}, file sha256 {sha256_file(argv[2])})")
     return 0
 
 

@@ -16,8 +16,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from deis_jax.sampling.sampler import EpsFn, get_sampler
+from deis_jax.sampling.sampler import get_sampler
 from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.wrappers import EpsFn
 
 
 class Reference(NamedTuple):

@@ -48,6 +48,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -57,9 +58,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from deis_jax import parallel
-from deis_jax.io_utils import atomic_write_bytes, atomic_write_text
+from deis_jax.experiments import engine
+from deis_jax.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
 from deis_jax.sampling.sampler import Sampler
 
 FORMAT_VERSION = 1
@@ -75,20 +78,13 @@ class IncompleteSamplesError(RuntimeError):
 
 
 def shard_name(k: int) -> str:
+    """File name of shard ``k``."""
     return f"shard_{k:06d}.npz"
 
 
 def shard_bounds(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     """``[(start, stop)]`` of every shard: fixed size, the last one possibly shorter."""
     return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_revision(start: str | None = None) -> str | None:
@@ -170,10 +166,7 @@ def sampler_info(sampler: Sampler) -> dict:
     }
 
 
-def _fingerprint(spec: dict) -> str:
-    keys = ("num_samples_per_shard", "seed", "sample_shape", "dtype", "sampler", "metadata")
-    payload = json.dumps({k: spec[k] for k in keys}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+_IDENTITY_KEYS = ("num_samples_per_shard", "seed", "sample_shape", "dtype", "sampler", "metadata")
 
 
 def _encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -294,7 +287,7 @@ def generate_samples(
         "device_count": mesh.size,
         "per_device_batch": int(per_device_batch),
     }
-    spec["fingerprint"] = _fingerprint(spec)
+    spec["fingerprint"] = engine.fingerprint({k: spec[k] for k in _IDENTITY_KEYS})
     fingerprint = spec["fingerprint"]
     spec_path = os.path.join(out_dir, SPEC_FILE)
     if os.path.exists(spec_path):
@@ -339,8 +332,6 @@ def generate_samples(
 
     bar = None
     if progress and pid == 0 and calls:
-        from tqdm import tqdm
-
         done_before = num_samples - int(pending_per_process.sum())
         bar = tqdm(
             total=num_samples, initial=done_before, desc="generate", unit="sample",
@@ -434,7 +425,8 @@ def finalize(out_dir: str) -> dict | None:
     """Check that every shard of ``spec.json`` is on disk and valid, then write the manifest.
 
     Returns the manifest, or ``None`` (and writes nothing) when shards are missing -- the
-    message says which. Safe to run again; ``python -m deis_jax.experiments.generation finalize DIR``."""
+    message says which. Safe to run again:
+    ``python -m deis_jax.experiments.generation finalize DIR``."""
     with open(os.path.join(out_dir, SPEC_FILE)) as f:
         spec = json.load(f)
     n, size, fingerprint = spec["num_samples"], spec["num_samples_per_shard"], spec["fingerprint"]
@@ -455,8 +447,6 @@ def finalize(out_dir: str) -> dict | None:
             }
         )
     if missing:
-        import logging
-
         logging.getLogger(__name__).error(
             "%s: %d of %d shards missing (%s...); no manifest written. Run the generation "
             "again (it resumes), or copy the shards of every host here and run "
@@ -486,11 +476,13 @@ class Samples:
 
 
 def load_manifest(out_dir: str) -> dict:
+    """The manifest of a finished generation run."""
     path = os.path.join(out_dir, MANIFEST_FILE)
     if not os.path.exists(path):
         raise IncompleteSamplesError(
             f"{out_dir} has no {MANIFEST_FILE}: the generation did not finish (run it again, it "
-            f"resumes) or was not finalized (`python -m deis_jax.experiments.generation finalize {out_dir}`)"
+            f"resumes) or was not finalized "
+            f"(`python -m deis_jax.experiments.generation finalize {out_dir}`)"
         )
     with open(path) as f:
         return json.load(f)

@@ -23,7 +23,7 @@ the network rescales [0, 1] inputs to [-1, 1] internally.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -51,7 +51,6 @@ __all__ = [
     "get_model",
     "get_model_config",
     "init_params",
-    "make_model_fn",
 ]
 
 MODEL_NAMES = ("ncsnpp", "ddpm")
@@ -63,6 +62,9 @@ def _module_fields(module: type[nn.Module]) -> tuple[str, ...]:
     """The config fields a network accepts: its dataclass fields (Flax's own excluded)."""
     return tuple(f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name"))
 
+
+# The data fields a model config takes from ``config.data`` (the single source of truth).
+DATA_FIELDS_OF_MODEL = ("image_size", "num_channels", "centered")
 
 _CHOICES = {
     "resblock_type": RESBLOCK_TYPES,
@@ -79,7 +81,7 @@ def _flat_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Model fields as a plain dict; a full score_sde config contributes ``data.*`` fields."""
     if "model" in config and "data" in config:
         values = dict(config["model"])
-        for key in ("image_size", "num_channels", "centered"):
+        for key in DATA_FIELDS_OF_MODEL:
             if key in config["data"] and key not in values:
                 values[key] = config["data"][key]
         return values
@@ -163,14 +165,3 @@ def abstract_params(config: Mapping[str, Any]) -> dict:
         lambda: model.init({"params": jax.random.key(0)}, x, labels, train=False)
     )
     return variables["params"]
-
-
-def make_model_fn(
-    model: nn.Module, params: Any, train: bool = False
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``model_fn(x, labels) -> output`` with the parameters bound (for the wrappers)."""
-
-    def model_fn(x: jax.Array, labels: jax.Array) -> jax.Array:
-        return model.apply({"params": params}, x, labels, train=train)
-
-    return model_fn

@@ -29,7 +29,6 @@ checkpoint restores on any device topology. Restoring does not pass a target tre
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -37,7 +36,11 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import serialization
+
+from deis_jax.models import abstract_params
+from deis_jax.models.configs import get_model_config
 
 SCORE_SDE_URL = "https://github.com/yang-song/score_sde"
 METADATA_FILE = "deis_jax_metadata.json"
@@ -53,7 +56,6 @@ __all__ = [
     "load_score_sde_state",
     "resolve_model_config",
     "save_params",
-    "sha256_file",
 ]
 
 
@@ -114,25 +116,8 @@ def check_params_tree(params: Any, expected: Any, what: str = "checkpoint") -> N
 def resolve_model_config(model_config: Any):
     """A known config name (see ``deis_jax.models.KNOWN_MODEL_CONFIGS``) or a config as is."""
     if isinstance(model_config, str):
-        from deis_jax.models.configs import get_model_config
-
         return get_model_config(model_config)
     return model_config
-
-
-def _expected_tree(model_config: Any) -> dict:
-    from deis_jax.models import abstract_params
-
-    return abstract_params(model_config)
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------- score_sde import
@@ -213,7 +198,7 @@ def load_score_sde_params(path: str | os.PathLike, model_config: Any, use_ema: b
                 "is it a score_sde checkpoint?"
             )
         params, what = target["target"], "score_sde optimizer.target"
-    check_params_tree(params, _expected_tree(config), what)
+    check_params_tree(params, abstract_params(config), what)
     return jax.tree.map(np.asarray, params)
 
 
@@ -230,8 +215,6 @@ def save_params(
     ``<path>/deis_jax_metadata.json`` together with the format version and parameter count.
     An existing ``path`` is an error unless ``overwrite``.
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"'{path}' already exists (pass overwrite=True to replace it)")
@@ -288,8 +271,6 @@ def load_params(path: str | os.PathLike, model_config: Any = None) -> dict:
     and a mismatch raises ``ValueError`` naming the first mismatching path. Returns a nested
     dict of host numpy arrays.
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise _missing_converted(path)
@@ -297,5 +278,5 @@ def load_params(path: str | os.PathLike, model_config: Any = None) -> dict:
         params = checkpointer.restore(path)
     params = jax.tree.map(np.asarray, params)
     if model_config is not None:
-        check_params_tree(params, _expected_tree(resolve_model_config(model_config)), f"'{path}'")
+        check_params_tree(params, abstract_params(resolve_model_config(model_config)), f"'{path}'")
     return params

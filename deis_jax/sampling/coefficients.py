@@ -1,7 +1,8 @@
 """Host-side exponential-integrator coefficients, exact in float64.
 
-Conventions (``deis_jax.sampling.sde``): ``alpha`` is the mean coefficient, ``rho = sigma/alpha``. On the
-grid ``t_0 = T > t_1 > ... > t_N`` step k maps ``t_k -> t_{k+1}``; ``eps_k = eps(x_k, t_k)``.
+Conventions (``deis_jax.sampling.sde``): ``alpha`` is the mean coefficient,
+``rho = sigma/alpha``. On the grid ``t_0 = T > t_1 > ... > t_N`` step k maps
+``t_k -> t_{k+1}``; ``eps_k = eps(x_k, t_k)``.
 
 With ``v = x / alpha`` the probability-flow ODE is ``dv/drho = eps(x, t(rho))``, so the exact
 variation-of-constants step is

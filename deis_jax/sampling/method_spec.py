@@ -40,25 +40,24 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_method_spec(text: str) -> MethodChoice:
-    """Parse and validate against the method registry (``ValueError`` naming what is allowed)."""
+    """Parse ``text`` and check it with the method's spec (``MethodSpec.check``).
+
+    A bad spec raises ``ValueError`` naming what is wrong and what is allowed.
+    """
     match = _SPEC.match(text.strip())
     if match is None:
         raise ValueError(f"method spec {text!r} is not of the form name[order][:key=value,...]")
     spec = solvers.get_method(match["name"])
-    order = spec.default_order if match["order"] is None else int(match["order"])
-    if order not in spec.orders:
-        raise ValueError(
-            f"order in method spec {text!r} must be one of {spec.orders} for {spec.name!r}"
-        )
     options: dict[str, Any] = {}
     if match["options"]:
         for item in match["options"].split(","):
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"option {item!r} in method spec {text!r} is not key=value")
-            if key not in spec.options:
-                raise ValueError(
-                    f"option {key!r} in method spec {text!r} is not one of {spec.options}"
-                )
             options[key] = _parse_value(value)
+    order = None if match["order"] is None else int(match["order"])
+    try:
+        order = spec.check(order, options)
+    except solvers.MethodArgumentError as err:
+        raise ValueError(f"{err.field} in method spec {text!r} {err.problem}") from None
     return MethodChoice(spec.name, order, options)

@@ -5,9 +5,9 @@
     x0 = jax.jit(sampler)(x_T, key)       # stochastic methods
 
 The coefficients are built once on the host in float64 (a ``StepTable``, see
-``deis_jax.sampling.solvers.table``) and cast to the working dtype; the device loop is a scan over the
-table rows whose body is the network call plus a few multiply-adds. Its size does not depend
-on the number of steps, so compile time and memory are flat in NFE.
+``deis_jax.sampling.solvers.table``) and cast to the working dtype; the device loop is a scan
+over the table rows whose body is the network call plus a few multiply-adds. Its size does not
+depend on the number of steps, so compile time and memory are flat in NFE.
 
 Randomness: the noise for sample ``i`` at step ``k`` is drawn from
 ``fold_in(fold_in(key, index_offset + i), k)``, so it depends only on the key, the *global*
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,7 @@ from deis_jax.sampling import solvers
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.solvers.table import StepTable, final_denoise_table
 from deis_jax.sampling.timesteps import time_grid, validate_grid
-
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+from deis_jax.sampling.wrappers import EpsFn
 
 
 def per_sample_normal(key: jax.Array, sample_index: jax.Array, step: jax.Array, shape, dtype):
@@ -47,7 +45,6 @@ def run_table(
     x: jax.Array,
     key: jax.Array | None = None,
     sample_index: jax.Array | None = None,
-    step_offset: int = 0,
 ) -> jax.Array:
     """Apply every row of ``table`` to ``x`` with one ``lax.scan`` (see ``StepTable``)."""
     num_stages, history = table.num_stages, table.history
@@ -68,7 +65,7 @@ def run_table(
         np.put_along_axis(ring, slots, table.out_hist, axis=1)
         table = table._replace(out_hist=ring)
     rows = jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), table)
-    steps = jnp.arange(table.num_steps) + step_offset
+    steps = jnp.arange(table.num_steps)
 
     def body(carry, row_and_step):
         x_k, hist = carry
@@ -89,7 +86,7 @@ def run_table(
             z = per_sample_normal(key, sample_index, step, x_k.shape, x_k.dtype)
             x_next = x_next + row.out_noise * z
         if history:
-            slot = (step - step_offset) % history
+            slot = step % history
             hist = jax.lax.dynamic_update_index_in_dim(hist, ks[0], slot, axis=0)
         return (x_next, hist), None
 
@@ -165,33 +162,17 @@ def get_sampler(
     """Build a sampler.
 
     Either give an explicit decreasing grid ``ts`` or an NFE budget ``nfe`` with a grid kind
-    (``deis_jax.sampling.timesteps.GRID_KINDS``; None = the method's default grid), ``grid_power`` and
-    the interval ``[t0, t1]`` (schedule defaults when None). A method spending S NFE per step
-    takes ``ceil(nfe / S)`` steps (Runge-Kutta rounds up, as in the DEIS table);
-    ``final_denoise`` adds one NFE. ``options`` are method-specific (e.g. ``tableau`` for
-    ``rhork``).
+    (``deis_jax.sampling.timesteps.GRID_KINDS``; None = the method's default grid),
+    ``grid_power`` (kinds ``time`` and ``rho`` only) and the interval ``[t0, t1]`` (schedule
+    defaults when None). A method spending S NFE per step takes ``ceil(nfe / S)`` steps
+    (Runge-Kutta rounds up, as in the DEIS table); ``final_denoise`` adds one NFE. ``options``
+    are method-specific (e.g. ``tableau`` for ``rhork``). The method's spec checks the order,
+    the options and the NFE (``MethodSpec.check``); a bad argument raises ``ValueError``.
     """
     spec = solvers.get_method(method)
-    order = spec.default_order if order is None else order
-    if order not in spec.orders:
-        raise ValueError(f"order for method {method!r} must be one of {spec.orders}, got {order}")
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for method {method!r}; allowed: {spec.options}"
-        )
-    if final_denoise and options.get("denoise_to_zero"):
-        raise ValueError(
-            "final_denoise and the ersde option denoise_to_zero both add the same final "
-            "Tweedie step; set only one"
-        )
+    order = spec.check(order, options, final_denoise=final_denoise)
     if ts is None:
-        min_nfe = spec.minimum_nfe(order, options)
-        if nfe is None or isinstance(nfe, bool) or int(nfe) != nfe or nfe < min_nfe:
-            raise ValueError(
-                f"nfe for method {method!r} (order {order}) must be an integer >= {min_nfe}, "
-                f"got {nfe!r}"
-            )
+        nfe = spec.check_nfe(nfe, order)
         num_steps = math.ceil(nfe / spec.nfe_per_step(order, options))
         grid = spec.default_grid if grid is None else grid
         ts = time_grid(schedule, num_steps, grid, power=grid_power, t0=t0, t1=t1)

@@ -82,17 +82,21 @@ class NoiseSchedule:
 
     # --- derived quantities -------------------------------------------------------------
     def alpha(self, t: Array) -> Array:
+        """The mean coefficient ``exp(log_alpha(t))``."""
         xp = array_namespace(t)
         return xp.exp(self.log_alpha(t))
 
     def sigma(self, t: Array) -> Array:
+        """The noise std ``alpha(t) rho(t)``."""
         return self.alpha(t) * self.rho(t)
 
     def log_snr(self, t: Array) -> Array:
+        """``log(alpha^2 / sigma^2) = -2 log rho``."""
         xp = array_namespace(t)
         return -2.0 * xp.log(self.rho(t))
 
     def t_from_log_snr(self, log_snr: Array) -> Array:
+        """Inverse of ``log_snr``."""
         xp = array_namespace(log_snr)
         return self.t_from_rho(xp.exp(-0.5 * _as_float(log_snr, xp)))
 
@@ -104,16 +108,33 @@ class NoiseSchedule:
         """x_T ~ N(0, prior_std^2 I)."""
         return self.prior_std * jax.random.normal(key, shape, dtype)
 
+    def interval(self, t0: float | None = None, t1: float | None = None) -> tuple[float, float]:
+        """The sampling interval ``(t0, t1)``: the given ends, the schedule's defaults where
+        ``None`` (the one place the defaults are resolved), checked by
+        :meth:`check_interval`."""
+        t0 = float(self.default_t0 if t0 is None else t0)
+        t1 = float(self.default_t1 if t1 is None else t1)
+        self.check_interval(t0, t1)
+        return t0, t1
+
     def check_interval(self, t0: float, t1: float) -> None:
-        """Raise ``ValueError`` unless ``t_min <= t0 < t1 <= t_max``."""
+        """Raise ``ValueError`` unless ``t_min <= t0 < t1 <= t_max`` (the message starts with
+        the name of the offending end, ``t0`` or ``t1``)."""
         if not (t0 > 0 or (self.is_discrete and t0 >= 0)):
             raise ValueError(f"t0 must be > 0 for a continuous schedule, got t0={t0}")
         if t0 < self.t_min:
-            raise ValueError(f"t0={t0} is below the schedule's domain t_min={self.t_min}")
+            raise ValueError(f"t0 must be >= {self.t_min} (the schedule's t_min), got {t0}")
         if not t0 < t1:
             raise ValueError(f"t0 must be < t1, got t0={t0}, t1={t1}")
         if t1 > self.t_max:
-            raise ValueError(f"t1={t1} exceeds the schedule's domain t_max={self.t_max}")
+            raise ValueError(f"t1 must be <= {self.t_max} (the schedule's t_max), got {t1}")
+
+
+def _linear_beta_integral(t: Array, beta_min: float, beta_max: float) -> Array:
+    """``int_0^t beta(s) ds = (b1 - b0) t^2 / 2 + b0 t`` for ``beta`` linear from b0 to b1."""
+    xp = array_namespace(t)
+    t = _as_float(t, xp)
+    return 0.5 * (beta_max - beta_min) * t**2 + beta_min * t
 
 
 def _vp_time_from_neg_log_alpha_bar(neg_log_abar, beta_min: float, beta_max: float, xp):
@@ -165,10 +186,12 @@ class VPSDE(NoiseSchedule):
 
     @classmethod
     def linear(cls, beta_min: float = 0.1, beta_max: float = 20.0, **kw) -> VPSDE:
+        """score_sde's linear beta schedule."""
         return cls(beta_min=beta_min, beta_max=beta_max, schedule="linear", **kw)
 
     @classmethod
     def cosine(cls, s: float = 0.008, **kw) -> VPSDE:
+        """The cosine schedule of Nichol & Dhariwal (offset ``s``)."""
         return cls(schedule="cosine", cosine_s=s, **kw)
 
     # cosine helpers
@@ -181,9 +204,7 @@ class VPSDE(NoiseSchedule):
 
     def neg_log_alpha_bar(self, t: Array) -> Array:
         """``-log alpha(t)^2 = int_0^t beta(s) ds`` (linear schedule)."""
-        xp = array_namespace(t)
-        t = _as_float(t, xp)
-        return 0.5 * (self.beta_max - self.beta_min) * t**2 + self.beta_min * t
+        return _linear_beta_integral(t, self.beta_min, self.beta_max)
 
     def beta(self, t: Array) -> Array:
         """``beta(t) = -d log alpha^2 / dt``."""
@@ -250,10 +271,9 @@ class SubVPSDE(NoiseSchedule):
                 f"SubVPSDE needs 0 < beta_min <= beta_max, got {self.beta_min}, {self.beta_max}"
             )
 
-    def neg_log_alpha_bar(self, t):
-        xp = array_namespace(t)
-        t = _as_float(t, xp)
-        return 0.5 * (self.beta_max - self.beta_min) * t**2 + self.beta_min * t
+    def neg_log_alpha_bar(self, t: Array) -> Array:
+        """``L(t) = int_0^t beta(s) ds`` of the linear beta schedule."""
+        return _linear_beta_integral(t, self.beta_min, self.beta_max)
 
     def log_alpha(self, t):
         return -0.5 * self.neg_log_alpha_bar(t)
@@ -344,6 +364,7 @@ class DiscreteVPSDE(NoiseSchedule):
 
     @classmethod
     def from_betas(cls, betas: Array, **kw) -> DiscreteVPSDE:
+        """A discrete schedule from its betas (each in (0, 1))."""
         betas = np.asarray(betas, dtype=np.float64)
         if np.any(betas <= 0) or np.any(betas >= 1):
             raise ValueError("DiscreteVPSDE betas must lie in (0, 1)")

@@ -8,6 +8,9 @@ Kinds (``kind`` argument / ``config.sampler.grid``):
 ``rho``       the same power law in ``rho = sigma/alpha`` (Karras et al.; default p = 7),
               then ``t_k = t(rho_k)``;
 ``karras``    ``rho`` with p = 7;
+
+Only ``time`` and ``rho`` take a ``power`` (``config.sampler.grid_power``); the named kinds fix
+theirs, and giving one anyway is an error rather than silently ignored.
 ``log_snr``   uniform in log-SNR (equivalently in log rho), the DPM-Solver default;
 ``custom``    an explicit array (``custom=``), validated.
 
@@ -22,12 +25,35 @@ domain.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from deis_jax.sampling.sde import NoiseSchedule
 
 GRID_KINDS = ("time", "linear", "quadratic", "rho", "karras", "log_snr", "custom")
 DEFAULT_POWER = {"time": 1.0, "linear": 1.0, "quadratic": 2.0, "rho": 7.0, "karras": 7.0}
+POWER_KINDS = ("time", "rho")  # the kinds whose power is free
+_FIXED_POWER_OF = {"linear": "time", "quadratic": "time", "karras": "rho"}
+
+
+def check_grid_power(kind: str, power: float | None) -> float | None:
+    """The power grid ``kind`` uses: ``power`` (> 0) for ``time`` and ``rho``, the kind's own
+    for the others. A power given for another kind raises ``ValueError`` (it would be ignored).
+    """
+    if power is None:
+        return DEFAULT_POWER.get(kind)
+    if kind not in POWER_KINDS:
+        fixed = _FIXED_POWER_OF.get(kind)
+        what = (
+            f"{kind!r} is {fixed!r} with power {DEFAULT_POWER[kind]:g}"
+            if fixed
+            else f"{kind!r} has no power"
+        )
+        raise ValueError(f"grid_power applies to the grid kinds {POWER_KINDS}; {what}")
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not power > 0:
+        raise ValueError(f"grid_power must be > 0, got {power!r}")
+    return power
 
 
 def _power_interp(a: float, b: float, num_steps: int, power: float) -> np.ndarray:
@@ -48,9 +74,14 @@ def time_grid(
     custom=None,
     integer: bool | None = None,
 ) -> np.ndarray:
-    """Build and validate a decreasing float64 grid of ``num_steps + 1`` times."""
+    """Build and validate a decreasing float64 grid of ``num_steps + 1`` times.
+
+    ``power`` applies to the kinds ``time`` and ``rho`` (see :func:`check_grid_power`);
+    ``[t0, t1]`` defaults to the schedule's interval (``NoiseSchedule.interval``).
+    """
     if kind not in GRID_KINDS:
         raise ValueError(f"grid kind must be one of {GRID_KINDS}, got {kind!r}")
+    power = check_grid_power(kind, power)
     if kind == "custom":
         if custom is None:
             raise ValueError("grid kind 'custom' needs the `custom` array of times")
@@ -62,20 +93,10 @@ def time_grid(
     if num_steps is None or int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     num_steps = int(num_steps)
-    t0 = schedule.default_t0 if t0 is None else float(t0)
-    t1 = schedule.default_t1 if t1 is None else float(t1)
-    schedule.check_interval(t0, t1)
+    t0, t1 = schedule.interval(t0, t1)
     integer = schedule.is_discrete if integer is None else integer
-    if power is None:
-        power = DEFAULT_POWER.get(kind, 1.0)
-    if power <= 0:
-        raise ValueError(f"grid power must be > 0, got {power}")
-    if kind == "karras":
-        power = 7.0
 
     if kind in ("time", "linear", "quadratic"):
-        if kind != "time":
-            power = DEFAULT_POWER[kind]
         ts = _power_interp(t1, t0, num_steps, power)
     elif kind in ("rho", "karras"):
         rhos = _power_interp(float(schedule.rho(t1)), float(schedule.rho(t0)), num_steps, power)

@@ -1,7 +1,9 @@
 """The one model interface: turn any network into ``eps_fn(x, t) -> eps``.
 
 Samplers only ever see ``eps_fn(x, t)``, where ``t`` is continuous SDE time (a scalar) and
-``x`` has a leading batch axis. Everything model-specific is converted here, in one place:
+``x`` has a leading batch axis; the training loss calls the same function with one time per
+example and a key for the network's own randomness, ``eps_fn(x, t, key)``. Everything
+model-specific is converted here, in one place:
 
 * what the network predicts -- with ``x = alpha x0 + sigma eps`` and ``v = alpha eps - sigma x0``:
 
@@ -29,10 +31,13 @@ from deis_jax.sampling.sde import NoiseSchedule
 
 PREDICTIONS = ("eps", "score", "x0", "v")
 
+# eps_fn(x, t) -> eps: x of shape (B, ...), t continuous SDE time (a scalar or shape (B,)).
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def output_to_eps(out, x, alpha, sigma, prediction: str):
+def output_to_eps(
+    out: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array, prediction: str
+) -> jax.Array:
     """Convert a network output of kind ``prediction`` at ``(alpha, sigma)`` into eps."""
     if prediction == "eps":
         return out
@@ -46,20 +51,25 @@ def output_to_eps(out, x, alpha, sigma, prediction: str):
 
 
 def eps_fn_from_model(
-    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    model_fn: Callable[..., jax.Array],
     schedule: NoiseSchedule,
     prediction: str = "eps",
     time_input: Callable[[jax.Array], jax.Array] | None = None,
 ) -> EpsFn:
-    """Wrap ``model_fn(x, cond)`` (``cond`` of shape ``(batch,)``) as ``eps_fn(x, t)``."""
+    """Wrap ``model_fn(x, cond)`` (``cond`` of shape ``(batch,)``) as ``eps_fn(x, t)``.
+
+    ``t`` is a scalar or one time per example (shape ``(batch,)``). The returned function also
+    takes an optional ``key``: ``eps_fn(x, t, key)`` calls ``model_fn(x, cond, key)`` (the
+    network's dropout during training); without a key ``model_fn`` gets two arguments.
+    """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     to_cond = schedule.model_time if time_input is None else time_input
 
-    def eps_fn(x, t):
+    def eps_fn(x: jax.Array, t: jax.Array, key: jax.Array | None = None) -> jax.Array:
         t = jnp.asarray(t)  # a scalar, or one time per example (shape (B,))
         cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
-        out = model_fn(x, cond)
+        out = model_fn(x, cond) if key is None else model_fn(x, cond, key)
         per_example = (-1,) + (1,) * (x.ndim - 1) if t.ndim == 1 else ()
         alpha = schedule.alpha(t).astype(x.dtype).reshape(per_example)
         sigma = schedule.sigma(t).astype(x.dtype).reshape(per_example)

@@ -7,7 +7,8 @@ For data ``x0``, ``t ~ U(eps, T)`` per example, ``z ~ N(0, I)`` and
     || s(x_t, t) + z / sigma(t) ||^2 g(t)^2                         (likelihood weighting)
 
 with the score ``s = -eps / sigma``. In the eps form used here (whatever the network predicts
-is converted to eps by ``deis_jax.sampling.wrappers.output_to_eps``) these are
+is converted to eps by ``deis_jax.sampling.wrappers.eps_fn_from_model``, the samplers' model
+interface) these are
 
     || eps(x_t, t) - z ||^2        and        || eps(x_t, t) - z ||^2 g(t)^2 / sigma(t)^2,
 
@@ -29,36 +30,15 @@ import jax
 import jax.numpy as jnp
 
 from deis_jax.sampling.sde import NoiseSchedule
-from deis_jax.sampling.wrappers import PREDICTIONS, output_to_eps
 
-# eps_model(x_t, t, key) -> eps, with x_t (B, ...) and t (B,) continuous SDE times.
+# eps_model(x_t, t, key) -> eps, with x_t (B, ...) and t (B,) continuous SDE times: what
+# ``deis_jax.sampling.wrappers.eps_fn_from_model`` returns, called with a dropout key.
 EpsModel = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
 def _per_example(v: jax.Array, x: jax.Array) -> jax.Array:
     """Reshape a (B,) vector to broadcast against a (B, ...) batch."""
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
-
-
-def eps_model_from_apply(
-    apply_fn: Callable[..., jax.Array], schedule: NoiseSchedule, prediction: str = "eps"
-) -> Callable[..., jax.Array]:
-    """``apply_fn(x, labels, key) -> output`` as ``eps_model(x, t, key)`` for per-example ``t``.
-
-    The conditioning (``schedule.model_time``) and the output conversion
-    (``wrappers.output_to_eps``) are the same ones samplers use.
-    """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-
-    def eps_model(x, t, key=None):
-        labels = schedule.model_time(t).astype(x.dtype)
-        out = apply_fn(x, labels, key)
-        alpha = _per_example(schedule.alpha(t), x).astype(x.dtype)
-        sigma = _per_example(schedule.sigma(t), x).astype(x.dtype)
-        return output_to_eps(out, x, alpha, sigma, prediction)
-
-    return eps_model
 
 
 def diffusion_squared(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:

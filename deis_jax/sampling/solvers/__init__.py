@@ -5,7 +5,20 @@ from deis_jax.sampling.solvers import (
     dpm_solver,  # noqa: F401  (registers dpmpp, unipc)
     stochastic,  # noqa: F401  (registers sddim, ersde)
 )
-from deis_jax.sampling.solvers.registry import MethodSpec, get_method, method_names, register_method
+from deis_jax.sampling.solvers.registry import (
+    MethodArgumentError,
+    MethodSpec,
+    get_method,
+    method_names,
+    register_method,
+)
 from deis_jax.sampling.solvers.table import StepTable
 
-__all__ = ["MethodSpec", "StepTable", "get_method", "method_names", "register_method"]
+__all__ = [
+    "MethodArgumentError",
+    "MethodSpec",
+    "StepTable",
+    "get_method",
+    "method_names",
+    "register_method",
+]

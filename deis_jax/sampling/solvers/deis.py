@@ -29,6 +29,7 @@ from deis_jax.sampling.solvers.table import StepTable, eps_prediction, multistep
 
 
 def build_ddim(schedule, ts, order: int = 0) -> StepTable:
+    """DDIM table: the order-0 exponential integrator."""
     psi, c = coef.ddim_coefficients(schedule, ts)
     return multistep_table(ts, psi, c[:, None])
 
@@ -43,15 +44,18 @@ def _polynomial_builder(basis: str):
 
 
 def build_ipndm(schedule, ts, order: int = 3) -> StepTable:
+    """iPNDM table: uniform-step Adams-Bashforth weights on any grid."""
     psi, _ = coef.ddim_coefficients(schedule, ts)
     return multistep_table(ts, psi, coef.adams_bashforth_eps_coefficients(schedule, ts, order))
 
 
 def rk_tableau_name(order: int, options: dict) -> str:
+    """The ``tableau`` option, else the default tableau of ``order``."""
     return options.get("tableau") or coef.RK_DEFAULT_BY_ORDER[order]
 
 
 def build_rhork(schedule, ts, order: int = 2, tableau: str | None = None) -> StepTable:
+    """rhoRK-DEIS table: an explicit Runge-Kutta tableau applied in rho."""
     name = rk_tableau_name(order, {"tableau": tableau})
     stage_t, stage_x, stage_k, psi, out_k = coef.rk_rho_coefficients(schedule, ts, name)
     n, s = stage_t.shape
@@ -73,40 +77,19 @@ def _rk_stages(order: int, options: dict) -> int:
     return len(coef.rk_tableau(rk_tableau_name(order, options))[0])
 
 
-register_method(MethodSpec("ddim", build_ddim, (0,), 0, "DDIM, the order-0 exponential integrator"))
+# DDIM, the order-0 exponential integrator.
+register_method(MethodSpec("ddim", build_ddim, (0,), 0))
+# tAB-DEIS: Adams-Bashforth with eps extrapolated in t.
 register_method(
-    MethodSpec(
-        "tab",
-        _polynomial_builder("t"),
-        (0, 1, 2, 3),
-        3,
-        "tAB-DEIS: Adams-Bashforth with eps extrapolated in t",
-        options=("quadrature_nodes",),
-    )
+    MethodSpec("tab", _polynomial_builder("t"), (0, 1, 2, 3), 3, options=("quadrature_nodes",))
 )
+# rhoAB-DEIS: Adams-Bashforth in rho.
 register_method(
-    MethodSpec(
-        "rhoab",
-        _polynomial_builder("rho"),
-        (0, 1, 2, 3),
-        3,
-        "rhoAB-DEIS: Adams-Bashforth in rho",
-        options=("quadrature_nodes",),
-    )
+    MethodSpec("rhoab", _polynomial_builder("rho"), (0, 1, 2, 3), 3, options=("quadrature_nodes",))
 )
+# iPNDM: fixed uniform-step AB weights on any grid.
+register_method(MethodSpec("ipndm", build_ipndm, (0, 1, 2, 3), 3))
+# rhoRK-DEIS: explicit Runge-Kutta in rho.
 register_method(
-    MethodSpec(
-        "ipndm", build_ipndm, (0, 1, 2, 3), 3, "iPNDM: fixed uniform-step AB weights on any grid"
-    )
-)
-register_method(
-    MethodSpec(
-        "rhork",
-        build_rhork,
-        (1, 2, 3, 4),
-        2,
-        "rhoRK-DEIS: explicit Runge-Kutta in rho",
-        stages=_rk_stages,
-        options=("tableau",),
-    )
+    MethodSpec("rhork", build_rhork, (1, 2, 3, 4), 2, stages=_rk_stages, options=("tableau",))
 )

@@ -71,6 +71,7 @@ belongs in the model wrapper, and is wrong for latent models).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -182,22 +183,6 @@ def dpmpp_coefficients(
     return ratio, coefs
 
 
-def build_dpmpp(
-    schedule,
-    ts,
-    order: int = 2,
-    lower_order_final: bool = True,
-    lower_order_final_below: int | None = 10,
-    order3: str = "authors",
-) -> StepTable:
-    out_x, coefs = dpmpp_coefficients(
-        schedule, ts, order, lower_order_final, lower_order_final_below, order3
-    )
-    _, alpha, sigma, _, _ = _grid(schedule, ts)
-    table = multistep_table(ts, out_x, coefs, prediction=data_prediction(alpha[:-1], sigma[:-1]))
-    return _check_table(table, "dpmpp")
-
-
 # --------------------------------------------------------------------------------------------
 # UniPC
 
@@ -266,40 +251,42 @@ def unipc_coefficients(
     return ratio, coefs
 
 
-def build_unipc(
-    schedule,
-    ts,
-    order: int = 2,
-    variant: str = "bh2",
-    lower_order_final: bool = True,
-    lower_order_final_below: int | None = None,
-) -> StepTable:
-    out_x, coefs = unipc_coefficients(
-        schedule, ts, order, variant, lower_order_final, lower_order_final_below
-    )
-    _, alpha, sigma, _, _ = _grid(schedule, ts)
-    table = multistep_table(ts, out_x, coefs, prediction=data_prediction(alpha[:-1], sigma[:-1]))
-    return _check_table(table, "unipc")
+def _data_prediction_builder(coefficients: Callable[..., tuple], name: str) -> Callable:
+    """``build(schedule, ts, order, **options)`` of a data-prediction multistep method whose
+    ``coefficients(schedule, ts, order, **options)`` returns ``(out_x, C)``."""
+
+    def build(schedule, ts, order: int = 2, **options) -> StepTable:
+        out_x, coefs = coefficients(schedule, ts, order, **options)
+        _, alpha, sigma, _, _ = _grid(schedule, ts)
+        prediction = data_prediction(alpha[:-1], sigma[:-1])
+        return _check_table(multistep_table(ts, out_x, coefs, prediction=prediction), name)
+
+    build.__doc__ = f"The {name} step table (data prediction; see ``{coefficients.__name__}``)."
+    return build
 
 
+build_dpmpp = _data_prediction_builder(dpmpp_coefficients, "dpmpp")
+build_unipc = _data_prediction_builder(unipc_coefficients, "unipc")
+
+
+# DPM-Solver++ multistep (1 = DDIM, 2M, 3M), data prediction.
 register_method(
     MethodSpec(
         "dpmpp",
         build_dpmpp,
         (1, 2, 3),
         2,
-        "DPM-Solver++ multistep (1 = DDIM, 2M, 3M), data prediction",
         default_grid="log_snr",
         options=("lower_order_final", "lower_order_final_below", "order3"),
     )
 )
+# UniPC: UniP-p predictor + UniC corrector (order p + 1), data prediction.
 register_method(
     MethodSpec(
         "unipc",
         build_unipc,
         (1, 2, 3),
         2,
-        "UniPC: UniP-p predictor + UniC corrector (order p + 1), data prediction",
         default_grid="log_snr",
         options=("variant", "lower_order_final", "lower_order_final_below"),
     )

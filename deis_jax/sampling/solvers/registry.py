@@ -1,47 +1,111 @@
 """Registry of sampling methods: name -> how to build its step table from a grid.
 
-A method is registered once with its allowed orders, the NFE it spends per step, whether it
-draws noise, and the extra keyword options it accepts. ``get_sampler`` and the config
-validation both read this registry, so a new method is available everywhere by registering it
-(see "Adding a sampler" in the README).
+A method is registered once with its allowed orders, the NFE it spends per step, its default
+grid and the extra keyword options it accepts. The spec is the one place where a method's
+arguments are checked (:meth:`MethodSpec.check`, :meth:`MethodSpec.check_nfe`): ``get_sampler``,
+the method-spec strings (``deis_jax.sampling.method_spec``) and the config validation all call
+it, so a new method is available and validated everywhere by registering it (see "Adding a
+sampler" in the README).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from deis_jax.sampling.solvers.table import StepTable
 
 BuildFn = Callable[..., StepTable]  # build(schedule, ts, order, **options) -> StepTable
+# options_check(options, final_denoise) raises MethodArgumentError for a bad combination.
+OptionsCheck = Callable[[Mapping[str, Any], bool], None]
+
+
+class MethodArgumentError(ValueError):
+    """A bad argument of a sampling method.
+
+    ``field`` names the argument (``order``, ``nfe``, ``options`` or ``options.<key>``) and
+    ``problem`` says what is wrong and what is allowed; the message is ``"<field> <problem>"``.
+    Callers that know where the argument came from re-prefix the field (config validation
+    reports ``config.sampler.<field> <problem>``).
+    """
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _one_stage(order: int, options: Mapping[str, Any]) -> int:
+    return 1
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
+    """A sampling method: ``build(schedule, ts, order, **options) -> StepTable`` and what it
+    accepts -- ``orders`` (``default_order`` when none is given), ``options`` (keyword names),
+    ``stages(order, options)`` (NFE per step), ``default_grid`` (a ``GRID_KINDS`` entry) and
+    an optional ``options_check`` for combinations the names alone do not rule out."""
+
     name: str
     build: BuildFn
     orders: tuple[int, ...]
     default_order: int
-    description: str
-    stages: Callable[[int, dict[str, Any]], int] = lambda order, options: 1
-    stochastic: bool = False
+    stages: Callable[[int, Mapping[str, Any]], int] = _one_stage
     default_grid: str = "quadratic"
     options: tuple[str, ...] = ()
-    min_nfe: Callable[[int, dict[str, Any]], int] | None = None
+    options_check: OptionsCheck | None = None
 
-    def nfe_per_step(self, order: int, options: dict[str, Any]) -> int:
+    def nfe_per_step(self, order: int, options: Mapping[str, Any]) -> int:
+        """Network evaluations per step for ``order`` and ``options``."""
         return self.stages(order, options)
 
-    def minimum_nfe(self, order: int, options: dict[str, Any]) -> int:
-        """Smallest NFE budget accepted (default 1: a budget rounds up to whole steps)."""
-        return 1 if self.min_nfe is None else self.min_nfe(order, options)
+    def check(
+        self,
+        order: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        final_denoise: bool = False,
+    ) -> int:
+        """Check ``order`` and the option names (and the ``options_check`` hook, which also
+        sees ``final_denoise``); return the order, ``default_order`` when None.
+
+        Raises ``MethodArgumentError`` (a ``ValueError``) naming the field and what is allowed.
+        """
+        order = self.default_order if order is None else order
+        if order not in self.orders:
+            raise MethodArgumentError(
+                "order", f"must be one of {self.orders} for method {self.name!r}, got {order!r}"
+            )
+        options = {} if options is None else options
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise MethodArgumentError(
+                "options",
+                f"has unknown key(s) {unknown} for method {self.name!r}; allowed: {self.options}",
+            )
+        if self.options_check is not None:
+            self.options_check(options, final_denoise)
+        return order
+
+    def check_nfe(self, nfe: Any, order: int) -> int:
+        """Check an NFE budget: an integer >= 1 (a budget rounds up to whole steps, so every
+        positive budget is accepted); return it as an ``int``."""
+        whole = isinstance(nfe, numbers.Real) and float(nfe).is_integer()
+        if isinstance(nfe, bool) or not whole or nfe < 1:
+            raise MethodArgumentError(
+                "nfe",
+                f"must be an integer >= 1, got {nfe!r} (method {self.name!r}, order {order})",
+            )
+        return int(nfe)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry (a name is registered once); returns it."""
     if spec.name in _REGISTRY:
         raise ValueError(f"method {spec.name!r} is already registered")
     if spec.default_order not in spec.orders:
@@ -51,10 +115,12 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 
 def method_names() -> tuple[str, ...]:
+    """Names of the registered methods, in registration order."""
     return tuple(_REGISTRY)
 
 
 def get_method(name: str) -> MethodSpec:
+    """The registered spec called ``name`` (``ValueError`` naming the allowed methods)."""
     if name not in _REGISTRY:
         raise ValueError(f"method must be one of {method_names()}, got {name!r}")
     return _REGISTRY[name]

@@ -1,11 +1,12 @@
 """Stochastic samplers: stochastic DDIM (the lambda-SDE integrator) and ER-SDE-Solvers.
 
 Both are exponential integrators of a marginal-preserving reverse SDE, written as step tables
-(``deis_jax.sampling.solvers.table``) whose ``out_noise`` column multiplies fresh standard normal noise
-``z_k`` (drawn per sample and step from ``fold_in(fold_in(key, index), k)``, so samples do not
-depend on the batch size). Every coefficient and noise scale is computed once on the host in
-float64. Notation: ``alpha`` is the mean coefficient, ``rho = sigma/alpha`` (EDM sigma, ER-SDE's
-lambda), ``v = x/alpha``; step k maps ``t_k -> t_{k+1}`` on a decreasing grid, one NFE per step.
+(``deis_jax.sampling.solvers.table``) whose ``out_noise`` column multiplies fresh standard
+normal noise ``z_k`` (drawn per sample and step from ``fold_in(fold_in(key, index), k)``, so
+samples do not depend on the batch size). Every coefficient and noise scale is computed once
+on the host in float64. Notation: ``alpha`` is the mean coefficient, ``rho = sigma/alpha`` (EDM
+sigma, ER-SDE's lambda), ``v = x/alpha``; step k maps ``t_k -> t_{k+1}`` on a decreasing grid,
+one NFE per step.
 
 ``sddim`` -- stochastic DDIM / the lambda-SDE exponential integrator (DEIS spec 2.7)
     The lambda-family ``dx = [F x - (1 + lam^2)/2 G G^T score] dt + lam G dw`` with the data
@@ -81,13 +82,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from deis_jax.sampling import coefficients as coef
-from deis_jax.sampling.solvers.registry import MethodSpec, register_method
+from deis_jax.sampling.solvers.registry import MethodArgumentError, MethodSpec, register_method
 from deis_jax.sampling.solvers.table import StepTable, data_prediction, multistep_table
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +157,7 @@ def _sddim_parameters(lam, eta) -> tuple[float | None, float | None]:
 def build_sddim(
     schedule, ts, order: int = 0, lam: float | None = None, eta: float | None = None
 ) -> StepTable:
+    """Stochastic DDIM table (``lam`` or ``eta``, see the module docstring); order 0 only."""
     psi, c, noise = sddim_coefficients(schedule, ts, lam, eta)
     return check_table(multistep_table(ts, psi, c[:, None], out_noise=noise), "sddim")
 
@@ -395,6 +397,7 @@ def build_ersde(
     official_clip: bool = False,
     denoise_to_zero: bool = False,
 ) -> StepTable:
+    """ER-SDE-Solver-``order`` table (see the module docstring for the options)."""
     if not isinstance(official_clip, bool):
         raise ValueError(f"ersde: option 'official_clip' must be a bool, got {official_clip!r}")
     if not isinstance(denoise_to_zero, bool):
@@ -427,25 +430,24 @@ def build_ersde(
 # registration
 
 
-register_method(
-    MethodSpec(
-        "sddim",
-        build_sddim,
-        (0,),
-        0,
-        "stochastic DDIM: exact x0-frozen step of the lambda-SDE (lam=0 DDIM, lam=1 DDPM)",
-        stochastic=True,
-        options=("lam", "eta"),
-    )
-)
+def _check_ersde_options(options: Mapping[str, Any], final_denoise: bool) -> None:
+    """``denoise_to_zero`` is ``final_denoise`` built into the table: refuse both at once."""
+    if final_denoise and options.get("denoise_to_zero"):
+        raise MethodArgumentError(
+            "options.denoise_to_zero",
+            "and final_denoise both add the same final Tweedie step; set only one",
+        )
+
+
+# Stochastic DDIM: exact x0-frozen step of the lambda-SDE (lam=0 DDIM, lam=1 DDPM).
+register_method(MethodSpec("sddim", build_sddim, (0,), 0, options=("lam", "eta")))
+# ER-SDE-Solver-1/2/3 (Cui et al.): exponential integrator of the extended reverse SDE.
 register_method(
     MethodSpec(
         "ersde",
         build_ersde,
         (1, 2, 3),
         3,
-        "ER-SDE-Solver-1/2/3 (Cui et al.): exponential integrator of the extended reverse SDE",
-        stochastic=True,
         default_grid="karras",
         options=(
             "phi",
@@ -455,5 +457,6 @@ register_method(
             "official_clip",
             "denoise_to_zero",
         ),
+        options_check=_check_ersde_options,
     )
 )
