@@ -24,8 +24,8 @@ import ml_collections
 from ml_collections import FieldReference
 
 from deis_jax.models import get_model_config
+from deis_jax.models.loading import DATA_FIELDS_OF_MODEL
 
-DATA_FIELDS = ("image_size", "num_channels", "centered")
 INFO_FIELDS = ("sde", "continuous", "score_sde_config", "checkpoint_dir", "ema_rate")
 
 
@@ -33,7 +33,7 @@ def model_block(known_name: str, **overrides) -> ml_collections.ConfigDict:
     """A published score_sde model block (``deis_jax.models.KNOWN_MODEL_CONFIGS``) without
     the fields that live in ``config.data`` / ``config.training``, plus ``overrides``."""
     values = get_model_config(known_name).to_dict()
-    for key in DATA_FIELDS + INFO_FIELDS:
+    for key in DATA_FIELDS_OF_MODEL + INFO_FIELDS:
         values.pop(key, None)
     values.update(overrides)
     return ml_collections.ConfigDict(values)

@@ -13,7 +13,7 @@ experiment config after the colon (``--config=configs/tables.py:vpsde_digits``).
         --config.eval.inception_weights=checkpoints/inception/pt_inception-2015-12-05.npz
 
 Fields (``config.table`` names the table: ``deis_cifar10`` | ``ipndm_ersde_dpmpp``; see
-``deis_jax.modes.table``), ``config.eval``:
+``deis_jax.experiments.tables``), ``config.eval``:
 
 * ``metric``             ``fid`` (Inception, needs ``inception_weights``) | ``fd_digits``
                          (the bundled digits classifier; digits only)

@@ -45,6 +45,7 @@ from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
+from PIL import Image
 
 TFDS_DATASETS = (
     "cifar10",
@@ -157,7 +158,6 @@ def get_source(data_config, split: str = "train"):
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a float HWC image to ``size x size`` (anti-aliased when shrinking)."""
-    from PIL import Image
 
     if image.shape[:2] == (size, size):
         return image

@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+from PIL import Image
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -44,7 +45,6 @@ def save_image_grid(
 
     ``scale`` > 1 enlarges each pixel (nearest neighbour), useful for 16x16 images.
     """
-    from PIL import Image
 
     grid = make_grid(images, ncol=ncol, padding=padding)
     if scale > 1:

@@ -9,9 +9,10 @@ Sampling is embarrassingly parallel over samples, so the whole story is data par
   and scalars. :func:`shard_batch` (a full batch every process holds),
   :func:`shard_local_batch` (this process's rows only), :func:`replicate` (parameters) put
   host data there; :func:`local_rows` and :func:`gather` bring results back.
-* :func:`shard_sampler` -- a :class:`~deis_jax.sampling.sampler.Sampler` jitted once with those in/out
-  shardings; :func:`make_generate_fn` -- the same, but ``x_T`` is drawn inside the jit from the
-  global sample indices, so nothing but int32 indices crosses the host/device boundary.
+* :func:`shard_sampler` -- a :class:`~deis_jax.sampling.sampler.Sampler` jitted once with
+  those in/out shardings; :func:`make_generate_fn` -- the same, but ``x_T`` is drawn inside the
+  jit from the global sample indices, so nothing but int32 indices crosses the host/device
+  boundary.
 * :func:`maybe_initialize_distributed` -- ``jax.distributed.initialize()`` when the
   environment describes several processes, a no-op on one machine.
 * :func:`process_range` -- the contiguous slice of a global index range that one process owns.
@@ -39,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -125,7 +127,6 @@ def gather(x: jax.Array) -> np.ndarray:
     """The whole array as numpy on every process (an all-gather when it spans processes)."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -133,8 +134,6 @@ def gather(x: jax.Array) -> np.ndarray:
 def barrier(name: str) -> None:
     """Wait for every process (a no-op with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -143,7 +142,6 @@ def allgather_ints(values) -> np.ndarray:
     values = np.asarray(values, np.int64).reshape(-1)
     if jax.process_count() == 1:
         return values[None]
-    from jax.experimental import multihost_utils
 
     # int32 on the wire (int64 needs x64); callers' counts fit.
     out = multihost_utils.process_allgather(values.astype(np.int32))
@@ -154,7 +152,6 @@ def broadcast_from_process_0(value: np.ndarray) -> np.ndarray:
     """Process 0's ``value`` on every process (identity with one process)."""
     if jax.process_count() == 1:
         return np.asarray(value)
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
@@ -236,7 +233,7 @@ def make_generate_fn(
     b, r = batch_sharding(mesh), replicated_sharding(mesh)
 
     def generate(params, prior_key, noise_key, indices):
-        x_T = jax.vmap(lambda i: prior(jax.random.fold_in(prior_key, i)))(indices)
+        x_T = prior_draws(prior, prior_key, indices)
         x_T = jax.lax.with_sharding_constraint(x_T, b)
         bound = sampler if bind is None else dataclasses.replace(sampler, eps_fn=bind(params))
         if not bound.stochastic:
@@ -244,6 +241,14 @@ def make_generate_fn(
         return bound(x_T, noise_key, sample_index=indices), indices
 
     return jax.jit(generate, in_shardings=(r, r, r, b), out_shardings=(b, b))
+
+
+def prior_draws(
+    prior: Callable[[jax.Array], jax.Array], prior_key: jax.Array, indices: jax.Array
+) -> jax.Array:
+    """``x_T`` of the samples with global ``indices``: row ``j`` is ``prior(fold_in(prior_key,
+    indices[j]))`` -- the one keying of ``x_T`` (:func:`make_generate_fn` draws with it)."""
+    return jax.vmap(lambda i: prior(jax.random.fold_in(prior_key, i)))(indices)
 
 
 def sample_keys(seed: int) -> tuple[jax.Array, jax.Array]:

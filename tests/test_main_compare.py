@@ -1,29 +1,37 @@
-"""The embedded main job end to end, and resuming a finished run without recomputing."""
+"""The embedded main job (``--mode=compare``) end to end, in process, and resuming a finished
+run without recomputing. (``main.py`` itself, a subprocess, is tested in
+``test_config_validation.py``: a bad value is a usage error before any work.)"""
 
 import csv
 import os
-import subprocess
 import sys
 
+from deis_jax.modes import run_mode
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = [
-    "--config.data.dims=(2,16)",
-    "--config.compare.nfes=(3,5)",
-    "--config.compare.methods=('ddim','tab3','rhork2')",
-    "--config.compare.num_samples=64",
-    "--config.compare.reference_steps=20",
-    "--config.compare.scatter_nfe=5",
-]
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import gmm_vpsde  # noqa: E402
+
+SMALL = {
+    "data.dims": (2, 16),
+    "compare.nfes": (3, 5),
+    "compare.methods": ("ddim", "tab3", "rhork2"),
+    "compare.num_samples": 64,
+    "compare.reference_steps": 20,
+    "compare.scatter_nfe": 5,
+}
 
 
-def run_main(workdir):
-    command = [sys.executable, "main.py", "--config=configs/gmm_vpsde.py", f"--workdir={workdir}"]
-    return subprocess.run(command + SMALL, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def small_config():
+    config = gmm_vpsde.get_config()
+    for path, value in SMALL.items():
+        section, field = path.split(".")
+        config[section][field] = value
+    return config
 
 
 def test_compare_end_to_end_and_resume(tmp_path):
-    first = run_main(tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+    run_mode("compare", small_config(), str(tmp_path))
     for name in ("results.csv", "results.md", "error_vs_nfe.png", "samples_2d.png"):
         assert os.path.getsize(tmp_path / name) > 0, name
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
@@ -38,10 +46,12 @@ def test_compare_end_to_end_and_resume(tmp_path):
     assert "## dim 16: RMSE vs reference" in table and "⁺1" in table
 
     cache = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert len(cache) == 2 * 3 * 2
-    second = run_main(tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    # Only the scatter cells (dim 2 at scatter_nfe) are re-run, and nothing is appended.
+    assert len(cache) == 2 * (3 * 2 + 1)  # every cell, the reference rows included
+    os.remove(tmp_path / "samples_2d.png")
+    run_mode("compare", small_config(), str(tmp_path))
+    # Nothing is appended; the scatter plot is redrawn (its cached cells' 2-D samples are
+    # recomputed) and the table is the same.
     assert (tmp_path / "results.jsonl").read_text().splitlines() == cache
+    assert os.path.getsize(tmp_path / "samples_2d.png") > 0
     rows2 = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [r["rmse"] for r in rows2] == [r["rmse"] for r in rows]

@@ -1,11 +1,14 @@
-"""End to end: ``main.py --mode=train`` then ``--mode=sample`` on tiny configs (subprocesses)."""
+"""End to end: ``main.py --mode=train`` then ``--mode=sample`` on tiny configs, in-process
+(``deis_jax.modes.run_mode``, what ``main.py`` calls), and ``main.py``'s start-up check."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,42 +16,57 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# A tiny DDPM++ (ncsnpp) so that compiling and running take seconds.
-TINY = [
-    "--config.model.nf=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.num_res_blocks=1",
-    "--config.model.attn_resolutions=()",
-    "--config.data.image_size=8",
-    "--config.training.batch_size=8",
-    "--config.training.n_iters=4",
-    "--config.training.log_every=2",
-    "--config.training.checkpoint_every=2",
-    "--config.sampling.num_samples=6",
-    "--config.sampling.batch_size=4",
-    "--config.sampler.nfe=4",
-]
-
-# Runs main.py under tfds.testing.mock_data: tfds datasets without files, TF or network.
-MOCKED_MAIN = """
-import runpy, sys
-import tensorflow_datasets as tfds
-sys.argv = ["main.py"] + sys.argv[1:]
-with tfds.testing.mock_data(num_examples=16):
-    runpy.run_path("main.py", run_name="__main__")
-"""
+from configs import vpsde_cifar10, vpsde_digits  # noqa: E402
+from deis_jax.experiments.generation import load_samples  # noqa: E402
+from deis_jax.models.loading import load_sampling_params  # noqa: E402
+from deis_jax.modes import run_mode  # noqa: E402
 
 
-def run_main(workdir, mode, config, extra=(), mocked=False):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-    env.pop("XLA_FLAGS", None)
-    head = [sys.executable, "-c", MOCKED_MAIN] if mocked else [sys.executable, "main.py"]
-    args = [f"--config={config}", f"--workdir={workdir}", f"--mode={mode}", *TINY, *extra]
-    out = subprocess.run(
-        head + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out.stderr
+def tiny(config):
+    """A tiny DDPM++ (ncsnpp) so that compiling and running take seconds."""
+    config.model.nf = 8
+    config.model.ch_mult = (1,)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = ()
+    config.data.image_size = 8
+    config.training.batch_size = 8
+    config.training.n_iters = 4
+    config.training.log_every = 2
+    config.training.checkpoint_every = 2
+    config.sampling.num_samples = 6
+    config.sampling.batch_size = 4
+    config.sampler.nfe = 4
+    return config
+
+
+@pytest.fixture(autouse=True)
+def as_main_runs():
+    """As ``main.py`` runs (no x64, which the test session enables), with most XLA
+    optimisations skipped: these tests are about wiring, not speed."""
+    previous = {
+        k: jax.config.values[k] for k in ("jax_enable_x64", "jax_disable_most_optimizations")
+    }
+    jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    for key, value in previous.items():
+        jax.config.update(key, value)
+
+
+def run_main(workdir, mode, config, caplog, mocked=False):
+    """``main.py --mode=<mode>`` in this process (``deis_jax.modes.run_mode``); returns the
+    log. ``mocked``: under ``tfds.testing.mock_data`` (tfds datasets without files, TF or
+    network)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        if mocked:
+            import tensorflow_datasets as tfds
+
+            with tfds.testing.mock_data(num_examples=16):
+                run_mode(mode, config, workdir)
+        else:
+            run_mode(mode, config, workdir)
+    return caplog.text
 
 
 def check_samples(workdir, num, size, channels, tag="tab3_nfe4_quadratic"):
@@ -62,38 +80,34 @@ def check_samples(workdir, num, size, channels, tag="tab3_nfe4_quadratic"):
     assert os.path.getsize(png) > 0
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    from deis_jax.experiments.generation import load_samples
-
     shards = load_samples(os.path.join(folder, "shards"))  # the verified, resumable copy
     np.testing.assert_array_equal(shards.samples, samples)
 
 
-def test_train_then_sample_digits(tmp_path):
+def test_train_then_sample_digits(tmp_path, caplog):
     workdir = str(tmp_path / "digits")
-    log = run_main(workdir, "train", "configs/vpsde_digits.py")
+    config = tiny(vpsde_digits.get_config())
+    log = run_main(workdir, "train", config, caplog)
     assert "steps/s" in log and "ETA" in log
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-    run_main(workdir, "sample", "configs/vpsde_digits.py")
+    run_main(workdir, "sample", config, caplog)
     check_samples(workdir, 6, 8, 1)
 
 
 @pytest.mark.slow
-def test_train_then_sample_cifar10_mocked(tmp_path):
+def test_train_then_sample_cifar10_mocked(tmp_path, caplog):
     workdir = str(tmp_path / "cifar10")
-    config = "configs/vpsde_cifar10.py"
-    run_main(workdir, "train", config, mocked=True)
-    run_main(workdir, "sample", config, mocked=True)
+    config = tiny(vpsde_cifar10.get_config())
+    run_main(workdir, "train", config, caplog, mocked=True)
+    run_main(workdir, "sample", config, caplog, mocked=True)
     check_samples(workdir, 6, 8, 3)
 
 
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
-    from configs.vpsde_digits import get_config
-    from deis_jax.modes import sample
-
-    config = get_config()
+    config = vpsde_digits.get_config()
     with pytest.raises(FileNotFoundError) as info:
-        sample.load_sampling_params(config, str(tmp_path), model=None)
+        load_sampling_params(config, str(tmp_path))
     message = str(info.value)
     assert "--mode=train" in message and "config.sampling.checkpoint" in message
     assert os.path.join(str(tmp_path), "checkpoints") in message

@@ -22,17 +22,17 @@ from deis_jax.models import (
 )
 from deis_jax.models import resampling as rs
 from deis_jax.models.checkpoints import flatten_tree
+from deis_jax.models.loading import DATA_FIELDS_OF_MODEL
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "score_sde"
 TREE_FILES = sorted(FIXTURES.glob("tree_*.json"))
 SMALL_MODELS = ["vp_cifar10_ddpmpp_continuous_small", "ve_cifar10_ncsnpp_continuous_small"]
-DATA_FIELDS = ("image_size", "num_channels", "centered")
 
 
 def fixture_config(meta: dict) -> ml_collections.ConfigDict:
     """Model config of a fixture: its model_config plus image_size/num_channels/centered."""
     values = dict(meta["model_config"])
-    values.update({k: meta["data_config"][k] for k in DATA_FIELDS})
+    values.update({k: meta["data_config"][k] for k in DATA_FIELDS_OF_MODEL})
     return ml_collections.ConfigDict(values)
 
 
@@ -65,7 +65,7 @@ def test_known_configs_reproduce_the_trees(tree_file):
     assert name in KNOWN_MODEL_CONFIGS
     config = get_model_config(name)
     recorded = dict(meta["model_config"])
-    recorded.update({k: meta["data_config"][k] for k in DATA_FIELDS})
+    recorded.update({k: meta["data_config"][k] for k in DATA_FIELDS_OF_MODEL})
     for key, value in recorded.items():
         mine = config[key]
         mine = list(mine) if isinstance(mine, tuple | list) else mine

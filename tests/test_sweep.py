@@ -1,4 +1,5 @@
-"""``--mode=sweep``: grid expansion, validation, results + summary, resume after a kill."""
+"""``--mode=sweep``: grid expansion, validation, results + summary, resume after a kill
+(``deis_jax.modes.sweep`` on ``deis_jax.experiments.sweep``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import jax
 import pytest
 
 from deis_jax.config_validation import ConfigError
-from deis_jax.modes import sweep
+from deis_jax.evaluation import gmm
+from deis_jax.experiments import sweep
+from deis_jax.modes import sweep as sweep_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FILE = os.path.join(ROOT, "configs", "sweeps", "gmm_methods.py")
@@ -54,14 +57,14 @@ def test_expand_axes_product_and_zip():
 
 def test_validation_names_point_and_field():
     with pytest.raises(ConfigError, match="sampler.nfee"):
-        sweep.validate(tiny_config((("sampler.nfee", (3,)),)))
+        sweep_mode.validate(tiny_config((("sampler.nfee", (3,)),)))
     with pytest.raises(ConfigError, match=r'sweep point \{"sampler.nfe": 0\}.*sampler.nfe'):
-        sweep.validate(tiny_config((("sampler.nfe", (3, 0)),)))
+        sweep_mode.validate(tiny_config((("sampler.nfe", (3, 0)),)))
     with pytest.raises(ConfigError, match="method spec"):
-        sweep.validate(tiny_config((("sampler.spec", ("tab3", "nosuch!")),)))
+        sweep_mode.validate(tiny_config((("sampler.spec", ("tab3", "nosuch!")),)))
     with pytest.raises(ConfigError, match="zipped axis"):
-        sweep.validate(tiny_config(((("sampler.grid", "sampler.t0"), ("quadratic",)),)))
-    points = sweep.validate(tiny_config(AXES))
+        sweep_mode.validate(tiny_config(((("sampler.grid", "sampler.t0"), ("quadratic",)),)))
+    points = sweep_mode.validate(tiny_config(AXES)).points
     assert [p.sampler.method for _, p in points] == ["ddim", "ddim", "tab", "tab"]
     assert [p.sampler.order for _, p in points] == [0, 0, 2, 2]
 
@@ -77,11 +80,11 @@ def test_sweep_resumes_after_a_kill(tmp_path, keep_x64):
         calls.append((point_config.sampler.method, point_config.sampler.nfe))
         return evaluate(point_config, context)
 
-    sweep.register_evaluator("flaky", sweep._validate_gmm, flaky)
+    sweep.register_evaluator("flaky", gmm.validate_problem, flaky)
     try:
         config.sweep.evaluator = "flaky"
         with pytest.raises(KeyboardInterrupt):
-            sweep.run_sweep(config, str(tmp_path), progress=False)
+            sweep_mode.run(config, str(tmp_path), progress=False)
         results = tmp_path / sweep.RESULTS_FILE
         assert len(results.read_text().splitlines()) == 2
         with open(results, "a") as f:
@@ -94,8 +97,8 @@ def test_sweep_resumes_after_a_kill(tmp_path, keep_x64):
             counted.append((point_config.sampler.method, point_config.sampler.nfe))
             return evaluate(point_config, context)
 
-        sweep.register_evaluator("flaky", sweep._validate_gmm, counting)
-        rows = sweep.run_sweep(config, str(tmp_path), progress=False)
+        sweep.register_evaluator("flaky", gmm.validate_problem, counting)
+        rows = sweep_mode.run(config, str(tmp_path), progress=False)
     finally:
         sweep.EVALUATORS.pop("flaky", None)
     assert counted == [("tab", 3), ("tab", 4)]  # only the two unfinished points
@@ -131,7 +134,7 @@ def test_main_runs_the_example_sweep_file(tmp_path):
         assert out.returncode == 0, out.stderr[-4000:]
     lines = (tmp_path / sweep.RESULTS_FILE).read_text().splitlines()
     assert len(lines) == 2
-    records = [json.loads(x)["records"][0] for x in lines]
+    records = [json.loads(x)["record"]["records"][0] for x in lines]
     assert records[0]["rmse"] > 0 and records[1]["rmse"] is None  # sddim is stochastic
     assert all(r["nll_gap"] is not None and r["nfe"] == 4 for r in records)
     for name in ("sweep.csv", "sweep.md", "sweep.png"):

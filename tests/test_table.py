@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,10 +16,13 @@ if ROOT not in sys.path:
 
 from configs import tables  # noqa: E402
 from deis_jax import build  # noqa: E402
+from deis_jax.config_validation import ConfigError  # noqa: E402
 from deis_jax.data import digits_images  # noqa: E402
 from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
+from deis_jax.experiments.scoring import SampleScorer  # noqa: E402
 from deis_jax.io_utils import read_jsonl  # noqa: E402
-from deis_jax.modes import table  # noqa: E402
+from deis_jax.models.loading import LoadedModel  # noqa: E402
+from deis_jax.modes import run_mode, table  # noqa: E402
 
 METHODS = ("ρ2Heun", "tAB2")
 NFES = (5, 10)
@@ -46,43 +49,39 @@ def digits_mixture_model(config):
     mixture = GaussianMixture(images.reshape(10, -1), np.full(10, 0.1), np.ones(10))
     flat_eps = mixture.eps_fn(schedule)
 
-    def eps_fn(params):
+    def bind(params):
         return lambda x, t: flat_eps(x.reshape(x.shape[0], -1), t).reshape(x.shape)
 
-    return table.TableModel(eps_fn, None, {"model": "digits mixture"})
+    return LoadedModel(bind, None, {"model": "digits mixture"})
 
 
 class Interrupt(Exception):
     pass
 
 
-def test_table_writes_every_cell_resumes_and_fills_the_paper_column(tmp_path):
+def test_table_writes_every_cell_resumes_and_fills_the_paper_column(tmp_path, monkeypatch):
     config = tiny_config()
     workdir = str(tmp_path)
     model = digits_mixture_model(config)
-    calls = []
+    calls, limit = [], [2]
+    score = SampleScorer.score
 
-    def hook_killing_after(n):
-        def hook(runner):
-            run_cell = runner.run_cell
+    def counted(scorer, sampler, advance=None):
+        if len(calls) == limit[0]:
+            raise Interrupt  # a kill between two cells
+        calls.append(sampler.method)
+        return score(scorer, sampler, advance)
 
-            def counted(sampler, progress=None):
-                if len(calls) == n:
-                    raise Interrupt  # a kill between two cells
-                calls.append(sampler.method)
-                return run_cell(sampler, progress)
-
-            runner.run_cell = counted
-
-        return hook
-
+    monkeypatch.setattr(SampleScorer, "score", counted)
+    plan = table.validate(config)
     with pytest.raises(Interrupt):
-        table.run(config, workdir, model=model, runner_hook=hook_killing_after(2))
+        table.run(config, workdir, plan, model=model)
     cache = os.path.join(workdir, "tables", "deis_cifar10", "cells.jsonl")
     assert len(list(read_jsonl(cache))) == 2
     first_mtime = os.path.getmtime(cache)
 
-    records = table.run(config, workdir, model=model, runner_hook=hook_killing_after(99))
+    limit[0] = 99
+    records = table.run(config, workdir, plan, model=model)
     total = len(METHODS) * len(NFES)
     assert len(calls) == total  # 2 before the kill + the rest; no finished cell recomputed
     assert len(list(read_jsonl(cache))) == total and len(records) == total
@@ -90,7 +89,7 @@ def test_table_writes_every_cell_resumes_and_fills_the_paper_column(tmp_path):
 
     # Re-running with everything cached samples nothing.
     before = len(calls)
-    table.run(config, workdir, model=model, runner_hook=hook_killing_after(99))
+    table.run(config, workdir, plan, model=model)
     assert len(calls) == before
 
     by_cell = {(r["method"], r["nfe_budget"]): r for r in records}
@@ -116,8 +115,6 @@ def test_table_writes_every_cell_resumes_and_fills_the_paper_column(tmp_path):
 
 
 def test_bad_table_config_fails_at_start(tmp_path):
-    from deis_jax.config_validation import ConfigError
-
     config = tiny_config()
     config.table = "nope"
     with pytest.raises(ConfigError, match="config.table must be one of"):
@@ -128,37 +125,37 @@ def test_bad_table_config_fails_at_start(tmp_path):
         table.validate(config)
     config = tiny_config()
     config.table, config.eval.methods, config.eval.nfes = "ipndm_ersde_dpmpp", None, None
-    _, rows, nfes = table.validate(config)  # every row of the peer table builds
-    assert len(rows) == 7 and nfes == [3, 5, 7, 9, 20]
+    plan = table.validate(config)  # every row of the peer table builds
+    assert len(plan.rows) == 7 and plan.nfes == [3, 5, 7, 9, 20] and len(plan.cells) == 35
     config = tiny_config()
     config.eval.metric = "fid"
     with pytest.raises(ConfigError, match="inception_weights.*download"):
         table.validate(config)
 
 
-def test_main_table_command_runs_end_to_end(tmp_path):
-    """The real command line on a tiny *untrained* network (wiring only)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    args = [
-        sys.executable, "main.py", "--config=configs/tables.py:vpsde_digits",
-        f"--workdir={tmp_path}", "--mode=table", "--config.table=deis_cifar10",
-        "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
-        "--config.model.attn_resolutions=()", "--config.eval.params=random",
-        "--config.eval.methods=('tAB1',)", "--config.eval.nfes=(3,)",
-        "--config.eval.num_samples=8", "--config.eval.batch_size=8", "--config.eval.is_splits=2",
-        "--config.eval.rmse=False", f"--config.eval.export={tmp_path}/export",
-    ]  # fmt: skip
-    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
+@pytest.fixture
+def float32_jax():
+    """``main.py`` runs without x64 (the test session enables it): do the same."""
+    previous = jax.config.values["jax_enable_x64"]
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def test_table_mode_runs_end_to_end_on_an_untrained_network(tmp_path, float32_jax):
+    """What ``main.py --config=configs/tables.py:vpsde_digits --mode=table`` runs, in-process,
+    on a tiny *untrained* network (wiring only)."""
+    config = tiny_config()
+    ev = config.eval
+    ev.params, ev.methods, ev.nfes, ev.rmse = "random", ("tAB1",), (3,), False
+    ev.num_samples, ev.batch_size, ev.export = 8, 8, f"{tmp_path}/export"
+    run_mode("table", config, str(tmp_path))
     md = open(f"{tmp_path}/export.md").read()
-    assert "tAB1" in md and "FD-digits" in md
+    assert "tAB1" in md and "FD-digits" in md and "random" in md
     assert os.path.exists(f"{tmp_path}/export.png") and os.path.exists(f"{tmp_path}/export.csv")
 
 
 def test_discretization_errors_against_the_exact_flow():
-    import jax
-
     from deis_jax import VPSDE
     from deis_jax.evaluation.discretization import discretization_errors
 

@@ -1,6 +1,6 @@
 """Training: the loss goes down, a killed run resumes identically, 8 devices == 1 device.
 
-Uses a tiny Flax conv net (injected into ``deis_jax.modes.train.train``) on the embedded
+Uses a tiny Flax conv net (injected into ``deis_jax.modes.train.run``) on the embedded
 digits at 8x8, so nothing here depends on the NCSN++ code or on downloads. Run as a script,
 this file prints the per-step losses of a short run (used for the multi-device comparison).
 """
@@ -25,6 +25,7 @@ if ROOT not in sys.path:
 from deis_jax import data  # noqa: E402
 from deis_jax.modes import train as train_mode  # noqa: E402
 from deis_jax.sampling import sde  # noqa: E402
+from deis_jax.sampling.wrappers import eps_fn_from_model  # noqa: E402
 from deis_jax.training import losses  # noqa: E402
 from deis_jax.training import train as training  # noqa: E402
 
@@ -78,7 +79,7 @@ def run_losses(config, workdir, callback_extra=None):
         if callback_extra is not None:
             callback_extra(step)
 
-    state, _ = train_mode.train(config, str(workdir), model=TinyNet(), callback=callback)
+    state, _ = train_mode.run(config, str(workdir), model=TinyNet(), callback=callback)
     return recorded, state
 
 
@@ -97,14 +98,14 @@ def test_dsm_loss_vanishes_for_the_exact_model(schedule, prediction):
         sigma = schedule.sigma(t)[:, None, None, None]
         return x / sigma if prediction == "eps" else -x / sigma**2
 
-    eps_model = losses.eps_model_from_apply(apply, schedule, prediction)
+    eps_model = eps_fn_from_model(apply, schedule, prediction)
     for weighting in (False, True):
         loss, per_example = losses.dsm_loss(
             eps_model, schedule, x0, jax.random.PRNGKey(0), likelihood_weighting=weighting
         )
         assert per_example.shape == (16,)
         assert float(loss) < 1e-6
-    wrong = losses.eps_model_from_apply(lambda x, labels, key: 0 * x, schedule, "eps")
+    wrong = eps_fn_from_model(lambda x, labels, key: 0 * x, schedule, "eps")
     loss, _ = losses.dsm_loss(wrong, schedule, x0, jax.random.PRNGKey(0), reduce_mean=True)
     assert abs(float(loss) - 1.0) < 0.15  # E z^2 = 1
     loss_sum, _ = losses.dsm_loss(wrong, schedule, x0, jax.random.PRNGKey(0), reduce_mean=False)
@@ -137,7 +138,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     )
 
     def eval_loss(params):  # fixed key: the same t and z before and after training
-        eps_model = losses.eps_model_from_apply(
+        eps_model = eps_fn_from_model(
             training.apply_fn(model, params, train=False), schedule, "eps"
         )
         return float(losses.dsm_loss(eps_model, schedule, batch, jax.random.PRNGKey(7))[0])

@@ -42,6 +42,7 @@ Statistics files (``load_stats`` / ``save_stats``), ``.npz``:
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -50,6 +51,11 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
+from jax.experimental import multihost_utils
+
+from deis_jax import data
+from deis_jax.io_utils import atomic_write_bytes
 
 
 class FeatureExtractor(Protocol):
@@ -145,19 +151,32 @@ class FeatureStats:
         return 0.5 * (cov + cov.T)
 
 
+def _allgather_sum(tree: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each leaf summed over the processes (in the leaf's own dtype), on every process."""
+    gathered = multihost_utils.process_allgather(tree)  # leading axis = process
+    return {
+        k: np.sum(np.asarray(gathered[k], np.asarray(v).dtype), axis=0) for k, v in tree.items()
+    }
+
+
 def allgather_stats(stats: FeatureStats) -> FeatureStats:
     """Merge the per-process statistics of all hosts (identity with one process)."""
     if jax.process_count() == 1:
         return stats
-    from jax.experimental import multihost_utils
-
     tree = {"n": np.asarray(stats.n, np.int64), "sum": stats.sum, "sum_outer": stats.sum_outer}
-    gathered = multihost_utils.process_allgather(tree)  # leading axis = process
-    return FeatureStats(
-        int(np.sum(gathered["n"])),
-        np.sum(np.asarray(gathered["sum"], np.float64), axis=0),
-        np.sum(np.asarray(gathered["sum_outer"], np.float64), axis=0),
+    total = _allgather_sum(tree)
+    return FeatureStats(int(total["n"]), total["sum"], total["sum_outer"])
+
+
+def allgather_is_stats(stats: ISStats) -> ISStats:
+    """Merge the per-process Inception-Score statistics of all hosts (identity with one
+    process); every process must have the same ``total`` and ``splits``."""
+    if jax.process_count() == 1:
+        return stats
+    total = _allgather_sum(
+        {"count": stats.count, "sum_p": stats.sum_p, "sum_plogp": stats.sum_plogp}
     )
+    return ISStats(stats.total, stats.splits, total["count"], total["sum_p"], total["sum_plogp"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,8 +193,6 @@ def _as_stats(mu, sigma) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), host float64."""
-    import scipy.linalg
-
     mu1, sigma1 = _as_stats(mu1, sigma1)
     mu2, sigma2 = _as_stats(mu2, sigma2)
     if mu1.shape != mu2.shape:
@@ -349,10 +366,6 @@ def kernel_inception_distance(
 
 def save_stats(path: str, stats: FeatureStats, **metadata: Any) -> None:
     """Write ``mu``, ``sigma`` (pytorch-fid compatible), the exact sums and string metadata."""
-    import io
-
-    from deis_jax.io_utils import atomic_write_bytes
-
     buf = io.BytesIO()
     meta = {k: np.asarray(str(v)) for k, v in metadata.items()}
     np.savez(
@@ -431,8 +444,6 @@ def dataset_image_batches(
     """uint8 NHWC batches of a dataset's images, preprocessed as for training but without
     flips or dequantisation (``deis_jax.data.to_unit_float``: crop / resize to the model's
     ``image_size``), in dataset order. ``source`` overrides ``data.get_source``."""
-    from deis_jax import data
-
     src = data.get_source(data_config, split) if source is None else source
     total = len(src) if max_images is None else min(len(src), int(max_images))
     size = int(data_config.image_size)

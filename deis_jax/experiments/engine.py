@@ -58,7 +58,7 @@ class Cell:
     fingerprint)."""
 
     key: str
-    cost: float = 1.0
+    cost: float = 1  # an int default: a bar of whole cells counts "3/243", not "3.0/243.0"
     label: str = ""
     payload: Any = None
 
@@ -109,7 +109,7 @@ def run_cells(
             done[cell.key] = cached[cell.key]
     for cell in todo:
         bar.set_postfix_str(cell.label or cell.key)
-        moved = [0.0]
+        moved = [0]
 
         def advance(amount: float, moved=moved) -> None:
             moved[0] += amount

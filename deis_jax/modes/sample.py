@@ -5,11 +5,11 @@
 Parameters come from ``config.sampling.checkpoint`` when set -- a converted score_sde
 checkpoint directory (``scripts/convert_score_sde_checkpoint.py``) or a raw score_sde
 ``checkpoint_<N>`` file -- and otherwise from the EMA parameters of the latest training
-checkpoint under ``<workdir>/checkpoints``. Writes, under
+checkpoint under ``<workdir>/checkpoints`` (``deis_jax.models.loading``). Writes, under
 ``<workdir>/samples/<method><order>_nfe<nfe>_<grid>/``: ``shards/`` (resumable, atomically
-written shards and a verified ``manifest.json``, see ``deis_jax.experiments.generation``), ``samples.npz``
-(``samples``: uint8 NHWC images, plus the sampler's time grid and NFE) and ``samples.png`` (a
-grid of up to 100).
+written shards and a verified ``manifest.json``, see ``deis_jax.experiments.generation``),
+``samples.npz`` (``samples``: uint8 NHWC images, plus the sampler's time grid and NFE) and
+``samples.png`` (a grid of up to 100).
 
 Sample ``i`` starts from ``x_T ~ N(0, prior_std^2)`` drawn with ``fold_in(prior_key, i)`` and
 its noise (stochastic samplers) from ``fold_in(noise_key, i)``, so the images do not depend on
@@ -20,26 +20,35 @@ from __future__ import annotations
 
 import io
 import os
+from typing import NamedTuple
 
 import jax
 import numpy as np
 from absl import logging
 
-from deis_jax import build, data, image_grid, parallel
+from deis_jax import data, image_grid, parallel
 from deis_jax.config_validation import ConfigError, require_number, validate_sampler, validate_sde
 from deis_jax.experiments import generation
 from deis_jax.io_utils import atomic_write_bytes
-from deis_jax.modes.train import validate_model_and_data
+from deis_jax.models.loading import LoadedModel, image_shape, load_model, validate_model_and_data
 from deis_jax.sampling import solvers
-from deis_jax.sampling.wrappers import eps_fn_from_model
-from deis_jax.training import train as training
+from deis_jax.sampling.sampler import Sampler
+from deis_jax.sampling.sde import NoiseSchedule
 
 MAX_GRID = 100
 
 
-def validate(config) -> None:
+class Plan(NamedTuple):
+    """What :func:`validate` built: the schedule and the sampler (network not yet bound)."""
+
+    schedule: NoiseSchedule
+    sampler: Sampler
+
+
+def validate(config) -> Plan:
+    """Check the SDE, sampler, model, data and ``config.sampling`` fields."""
     schedule = validate_sde(config)
-    validate_sampler(config, schedule)
+    sampler = validate_sampler(config, schedule)
     validate_model_and_data(config)
     require_number(config, "seed", integer=True, minimum=0)
     require_number(config, "sampling.num_samples", integer=True, minimum=1)
@@ -48,75 +57,24 @@ def validate(config) -> None:
     ckpt = config.sampling.get("checkpoint")
     if ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"config.sampling.checkpoint must be a path or None, got {ckpt!r}")
+    return Plan(schedule, sampler)
 
 
-def _missing_training_checkpoint(config, directory: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"no training checkpoint found in '{directory}'. Either train one first:\n"
-        f"    python main.py --config=<this config> --workdir={os.path.dirname(directory)} "
-        f"--mode=train\n"
-        f"or set config.sampling.checkpoint to a converted score_sde checkpoint, e.g. "
-        f"--config.sampling.checkpoint=checkpoints/converted/vp_cifar10_ddpmpp_deep_continuous_8 "
-        f"(download checkpoint_8 of vp/cifar10_ddpmpp_deep_continuous from the 'Pretrained "
-        f"checkpoints' of https://github.com/yang-song/score_sde into checkpoints/ and convert "
-        f"it with scripts/convert_score_sde_checkpoint.py)."
-    )
-
-
-def load_sampling_params(config, workdir: str, model):
-    """The parameters to sample with (see the module docstring for where they come from)."""
-    from deis_jax.models import checkpoints
-
-    path = config.sampling.get("checkpoint")
-    if path:
-        if os.path.isfile(path):  # a raw score_sde checkpoint_<N> msgpack file
-            logging.info("loading score_sde checkpoint %s (params_ema)", path)
-            return checkpoints.load_score_sde_params(path, training.model_config(config))
-        logging.info("loading converted parameters from %s", path)
-        return checkpoints.load_params(path, training.model_config(config))
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise _missing_training_checkpoint(config, directory)
-    tx = training.optimizer_from_config(config.training)
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    target = jax.eval_shape(lambda: training.init_state(model, tx, jax.random.PRNGKey(0), shape))
-    mngr = training.checkpoint_manager(directory)
-    try:
-        state = training.restore_state(mngr, target)
-        if state is None:
-            raise _missing_training_checkpoint(config, directory)
-        logging.info("restored EMA parameters from %s at step %d", directory, int(state.step))
-        return state.ema_params
-    finally:
-        mngr.close()
-
-
-def sample(config, workdir: str, *, model=None) -> dict:
+def run(
+    config, workdir: str, plan: Plan | None = None, *, model: LoadedModel | None = None
+) -> dict:
     """Generate ``config.sampling.num_samples`` images; returns paths and the sampler info.
 
     Generation is sharded over every device (and process) and resumable: shards are written
     atomically under ``<out_dir>/shards`` with a verified ``manifest.json``
     (``deis_jax.experiments.generation``), so a killed run continues where it stopped.
+    ``model`` replaces the network and parameters of the config.
     """
-    schedule = build.schedule_from_config(config.sde)
-    model = training.build_model(config) if model is None else model
-    params = load_sampling_params(config, workdir, model)
+    plan = validate(config) if plan is None else plan
+    schedule, sampler = plan.schedule, plan.sampler
+    model = load_model(config, workdir, schedule) if model is None else model
     mesh = parallel.make_mesh()
-    params = parallel.replicate(params, mesh)
-    prediction = training.model_prediction(config)
-    # Coefficients are built here once, on the host; the network is bound inside the jit so
-    # the parameters are arguments, not compile-time constants.
-    sampler = build.sampler_from_config(config.sampler, schedule, lambda x, t: x)
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-    def bind(p):
-        return eps_fn_from_model(
-            lambda x, labels: model.apply({"params": p}, x, labels, train=False),
-            schedule,
-            prediction,
-        )
-
+    shape = image_shape(config)
     grid = config.sampler.grid or solvers.get_method(sampler.method).default_grid
     tag = f"{sampler.method}{sampler.order}_nfe{sampler.nfe}_{grid}"
     out_dir = os.path.join(workdir, "samples", tag)
@@ -136,8 +94,8 @@ def sample(config, workdir: str, *, model=None) -> dict:
         per_device_batch=max(1, config.sampling.batch_size // mesh.size),
         mesh=mesh,
         prior=lambda key: schedule.prior_sample(key, shape),
-        params=params,
-        bind=bind,
+        params=model.params,
+        bind=model.bind,
         postprocess=lambda x: image_grid.to_uint8(data.postprocess(x, config.data.centered)),
         metadata={"config": config.to_dict(), "checkpoint": config.sampling.get("checkpoint")},
     )
@@ -159,7 +117,3 @@ def sample(config, workdir: str, *, model=None) -> dict:
         "nfe": sampler.nfe,
         "shape": None if images is None else images.shape,
     }
-
-
-def run(config, workdir: str) -> None:
-    sample(config, workdir)

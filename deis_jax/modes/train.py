@@ -11,51 +11,31 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deis_jax import build, data
-from deis_jax.config_validation import (
-    ConfigError,
-    get_field,
-    require_choice,
-    require_number,
-    validate_sde,
+from deis_jax import data, parallel
+from deis_jax.config_validation import ConfigError, require_choice, require_number, validate_sde
+from deis_jax.models.loading import (
+    build_model,
+    image_shape,
+    model_prediction,
+    validate_model_and_data,
 )
+from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.training import train as training
 
 BOOL = (True, False)
 
 
-def validate_model_and_data(config) -> None:
-    """``config.data`` and ``config.model`` (shared with ``--mode=sample``)."""
-    name = require_choice(config, "data.name", data.DATASETS)
-    require_number(config, "data.image_size", integer=True, minimum=1)
-    channels = require_number(config, "data.num_channels", integer=True, minimum=1)
-    if channels != data.NUM_CHANNELS[name]:
-        raise ConfigError(
-            f"config.data.num_channels must be {data.NUM_CHANNELS[name]} for dataset "
-            f"{name!r}, got {channels!r}"
-        )
-    require_choice(config, "data.centered", BOOL)
-    require_choice(config, "data.random_flip", BOOL)
-    get_field(config, "model")
-    try:
-        training.build_model(config)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"config.model is invalid: {err}") from None
-    prediction = config.model.get("prediction")
-    if prediction is not None:
-        from deis_jax.sampling.wrappers import PREDICTIONS
-
-        require_choice(config, "model.prediction", PREDICTIONS)
-
-
-def validate(config) -> None:
-    validate_sde(config)
+def validate(config) -> NoiseSchedule:
+    """Check the SDE, model, data and ``config.training`` fields; returns the schedule."""
+    schedule = validate_sde(config)
     validate_model_and_data(config)
     require_number(config, "seed", integer=True, minimum=0)
     t = "training"
@@ -72,19 +52,29 @@ def validate(config) -> None:
     require_choice(config, f"{t}.reduce_mean", BOOL)
     if config.training.get("ema_warmup") is not None:
         require_choice(config, f"{t}.ema_warmup", BOOL)
+    return schedule
 
 
-def train(config, workdir: str, *, model=None, source=None, callback=None):
+def run(
+    config,
+    workdir: str,
+    plan: NoiseSchedule | None = None,
+    *,
+    model: nn.Module | None = None,
+    source=None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> tuple[training.TrainState, list[dict]]:
     """Train (or resume) per ``config``; returns ``(final TrainState, logged records)``.
 
-    ``model`` (a Flax module) and ``source`` (a random-access data source) replace the ones
-    the config describes -- tests use them for tiny networks and mocked data.
+    ``plan`` is :func:`validate`'s schedule. ``model`` (a Flax module) and ``source`` (a
+    random-access data source) replace the ones the config describes -- tests use them for
+    tiny networks and mocked data; ``callback(step, metrics)`` runs after every step.
     """
+    schedule = validate(config) if plan is None else plan
     tcfg = config.training
-    schedule = build.schedule_from_config(config.sde)
-    model = training.build_model(config) if model is None else model
+    model = build_model(config) if model is None else model
     tx = training.optimizer_from_config(tcfg)
-    mesh = training.make_mesh()
+    mesh = parallel.make_mesh()
     if tcfg.batch_size % mesh.size:
         raise ConfigError(
             f"config.training.batch_size={tcfg.batch_size} must be divisible by the number "
@@ -95,7 +85,7 @@ def train(config, workdir: str, *, model=None, source=None, callback=None):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
 
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    shape = image_shape(config)
     init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1A1)
     state = jax.jit(
         lambda k: training.init_state(model, tx, k, shape),
@@ -127,7 +117,7 @@ def train(config, workdir: str, *, model=None, source=None, callback=None):
             model,
             schedule,
             tx,
-            prediction=training.model_prediction(config),
+            prediction=model_prediction(config),
             seed=config.seed,
             ema_rate=tcfg.ema_rate,
             ema_warmup=tcfg.get("ema_warmup", False),
@@ -135,7 +125,7 @@ def train(config, workdir: str, *, model=None, source=None, callback=None):
             reduce_mean=tcfg.reduce_mean,
             likelihood_weighting=tcfg.likelihood_weighting,
         )
-        return training.train_loop(
+        state, history = training.train_loop(
             state,
             training.shard_step(step_fn, mesh),
             batches,
@@ -148,9 +138,6 @@ def train(config, workdir: str, *, model=None, source=None, callback=None):
         )
     finally:
         mngr.close()
-
-
-def run(config, workdir: str) -> None:
-    _, history = train(config, workdir)
     if history:
         logging.info("final record: %s", json.dumps(history[-1]))
+    return state, history

@@ -9,6 +9,9 @@ replicated ``P()``, and XLA inserts the gradient all-reduce (no pmap).
 Resumability: the batch at step ``s`` is ``dataset[s]`` and the step's randomness is
 ``fold_in(PRNGKey(seed), s)`` (times, noise, dropout), so a run restored from the checkpoint at
 step ``s`` computes exactly the losses an uninterrupted run computes from ``s`` on.
+
+The network of a config is built by ``deis_jax.models.loading.build_model``; ``--mode=train``
+(``deis_jax.modes.train``) puts the pieces together.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deis_jax.parallel import make_mesh  # noqa: F401  (re-exported: the one mesh helper)
+from deis_jax.sampling import wrappers
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.training import losses
 
@@ -42,35 +46,6 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any
-
-
-# --- model --------------------------------------------------------------------------------
-
-DATA_FIELDS_OF_MODEL = ("image_size", "num_channels", "centered")
-
-
-def model_config(config) -> dict:
-    """``config.model`` with ``image_size``/``num_channels``/``centered`` from ``config.data``
-    (the single source of truth for them), as :func:`deis_jax.models.get_model` wants."""
-    values = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-    values.update({k: config.data[k] for k in DATA_FIELDS_OF_MODEL})
-    return values
-
-
-def build_model(config) -> nn.Module:
-    from deis_jax.models import get_model
-
-    return get_model(model_config(config))
-
-
-def model_prediction(config) -> str:
-    """What the network outputs: ``config.model.prediction`` if set, else score_sde's rule:
-    ``'score'`` for ``scale_by_sigma`` networks (VE NCSN++), ``'eps'`` otherwise (score =
-    -output / sigma, VP / sub-VP DDPM++)."""
-    prediction = config.model.get("prediction")
-    if prediction is not None:
-        return prediction
-    return "score" if config.model.get("scale_by_sigma", False) else "eps"
 
 
 # --- optimizer and state ------------------------------------------------------------------
@@ -136,7 +111,7 @@ def make_train_step(
         key = jax.random.fold_in(base_key, state.step)
 
         def loss_fn(params):
-            eps_model = losses.eps_model_from_apply(
+            eps_model = wrappers.eps_fn_from_model(
                 apply_fn(model, params, train=True), schedule, prediction
             )
             loss, _ = losses.dsm_loss(

@@ -1,0 +1,126 @@
+"""The feature extractor and the reference statistics an evaluation config (``config.eval``)
+asks for.
+
+* :func:`validate_eval` -- the start-up checks of those ``config.eval`` fields.
+* :func:`extractor_from_config` -- ``eval.metric='fid'``: the Inception network from the local
+  weights file ``eval.inception_weights`` (never downloaded; optionally checked against
+  ``eval.inception_sha256``); ``'fd_digits'``: the bundled digits classifier.
+* :class:`Reference` -- the statistics the samples are compared with: a stats file
+  ``eval.reference_stats`` (pytorch-fid ``mu``/``sigma`` or score_sde ``pool_3``), or those of
+  ``config.data`` split ``eval.reference_split`` (at most ``eval.reference_max_images``
+  images), computed once and cached in ``<workdir>/tables/``. Loaded on first use; the
+  reference *features* (for KID) only when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from deis_jax import config_validation as cv
+from deis_jax.evaluation import fid
+from deis_jax.evaluation.digits_classifier import DigitsClassifier
+from deis_jax.evaluation.inception import (
+    InceptionExtractor,
+    InceptionWeightsError,
+    weights_instructions,
+)
+
+METRICS = ("fid", "fd_digits")
+METRIC_LABEL = {"fid": "FID", "fd_digits": "FD-digits"}
+BOOL = (True, False)
+
+
+def validate_eval(config) -> None:
+    """Check the ``config.eval`` fields read here and by the table mode (``ConfigError``
+    naming the field): metric, sample counts, optional scores, reference."""
+    metric = cv.require_choice(config, "eval.metric", METRICS)
+    n = cv.require_number(config, "eval.num_samples", integer=True, minimum=2)
+    cv.require_number(config, "eval.batch_size", integer=True, minimum=1)
+    cv.require_number(config, "eval.seed", integer=True, minimum=0)
+    for flag in ("inception_score", "kid", "rmse"):
+        cv.require_choice(config, f"eval.{flag}", BOOL)
+    if config.eval.inception_score:
+        cv.require_number(config, "eval.is_splits", integer=True, minimum=1, maximum=n)
+    if config.eval.kid:
+        cv.require_number(config, "eval.kid_subsets", integer=True, minimum=1)
+        cv.require_number(config, "eval.kid_subset_size", integer=True, minimum=2)
+    if config.eval.rmse:
+        cv.require_number(config, "eval.rmse_num_samples", integer=True, minimum=1, maximum=n)
+        cv.require_number(config, "eval.rmse_reference_steps", integer=True, minimum=10)
+    cv.require_number(config, "eval.reference_max_images", integer=True, minimum=2, allow_none=True)
+    ref = cv.get_field(config, "eval.reference_stats")
+    if ref is not None and not os.path.isfile(ref):
+        raise cv.ConfigError(f"config.eval.reference_stats: no file at {ref!r}")
+    shape = (config.data.name, config.data.image_size, config.data.num_channels)
+    if metric == "fd_digits" and shape != ("digits", 16, 1):
+        raise cv.ConfigError(
+            f"config.eval.metric='fd_digits' needs config.data = digits at 16x16x1, got "
+            f"{shape}; use metric 'fid' for other datasets"
+        )
+    path = cv.get_field(config, "eval.inception_weights") if metric == "fid" else None
+    if metric == "fid" and not (path and os.path.isfile(path)):
+        where = f"no file at {path!r}" if path else "it is not set"
+        raise cv.ConfigError(
+            f"config.eval.inception_weights: {where}. " + weights_instructions(path)
+        ) from InceptionWeightsError(where)
+
+
+def extractor_from_config(config) -> fid.FeatureExtractor:
+    """The feature extractor of ``config.eval.metric`` (see the module docstring)."""
+    if config.eval.metric == "fd_digits":
+        return DigitsClassifier.load()
+    return InceptionExtractor.from_file(
+        config.eval.inception_weights, config.eval.get("inception_sha256")
+    )
+
+
+def reference_from_config(
+    config, workdir: str, extractor: fid.FeatureExtractor, *, keep_features: bool = False
+) -> dict[str, Any]:
+    """``{'mu', 'sigma', 'n', 'source', 'stats'?, 'features'?}`` of the reference (see the
+    module docstring); ``keep_features`` also returns every reference feature vector (not
+    possible from a stats file)."""
+    path = config.eval.get("reference_stats")
+    if path:
+        mu, sigma, meta = fid.load_stats(path)
+        if mu.shape[0] != extractor.feature_dim:
+            raise ValueError(
+                f"{path} holds {mu.shape[0]}-d statistics, the extractor gives "
+                f"{extractor.feature_dim}-d features"
+            )
+        if keep_features:
+            raise ValueError("config.eval.kid needs reference features, not a stats file")
+        return {"mu": mu, "sigma": sigma, "n": meta.get("n"), "source": path}
+    split = config.eval.reference_split
+    name = config.data.name.replace("/", "_")
+    cache = os.path.join(workdir, "tables", f"reference_{extractor.name}_{name}_{split}.npz")
+    out = fid.reference_stats(
+        extractor,
+        config.data,
+        split=split,
+        max_images=config.eval.get("reference_max_images"),
+        cache_path=cache,
+        keep_features=keep_features,
+    )
+    out["n"] = out["stats"].n
+    out["source"] = f"{config.data.name} {split} ({out['stats'].n} images)"
+    return out
+
+
+class Reference:
+    """The reference statistics of ``config``, loaded (or computed) on first use.
+
+    ``get()`` returns :func:`reference_from_config`'s dict; ``get(features=True)`` the same
+    with the reference features (recomputed once if they were not kept)."""
+
+    def __init__(self, config, workdir: str, extractor: fid.FeatureExtractor):
+        self.config, self.workdir, self.extractor = config, workdir, extractor
+        self._value: dict[str, Any] | None = None
+
+    def get(self, features: bool = False) -> dict[str, Any]:
+        if self._value is None or (features and "features" not in self._value):
+            self._value = reference_from_config(
+                self.config, self.workdir, self.extractor, keep_features=features
+            )
+        return self._value

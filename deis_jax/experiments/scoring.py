@@ -1,0 +1,158 @@
+"""Score a sampler on a network: draw samples, featurise them, compare with a reference.
+
+    scorer = SampleScorer(config, schedule, model, extractor, reference)
+    record = scorer.score(sampler)   # {"value": FD, "num_samples", "is_mean", "rmse", ...}
+
+Every call draws ``config.eval.num_samples`` images through the one sharded generation path
+(``deis_jax.parallel.make_generate_fn`` with ``parallel.sample_keys(config.eval.seed)``): sample
+``i`` starts from ``x_T = prior(fold_in(prior_key, i))`` and a stochastic sampler's noise is
+keyed by ``i`` too, so every sampler sees the same x_T and calls differ only by the sampler.
+The network parameters are jit arguments. The images are quantised to uint8 as a saved image
+would be and streamed through the feature extractor (``fid.FeatureStats``); the record holds
+
+* ``value`` -- the Frechet distance to the reference statistics (FID / FD-digits);
+* ``is_mean``, ``is_std`` -- Inception Score from the extractor's logits
+  (``config.eval.inception_score``, ``is_splits`` splits);
+* ``kid_mean``, ``kid_std`` -- KID (``config.eval.kid``; keeps the features in memory);
+* ``rmse``, ``rmse_reference_error`` -- deterministic samplers, ``config.eval.rmse``: RMSE of
+  the first ``rmse_num_samples`` samples against a reference ODE solve from the same x_T
+  (RK4 with ``rmse_reference_steps`` steps, validated by step doubling; solved once);
+* ``num_samples``, ``nonfinite_samples``, ``seconds``.
+
+Several processes: each process generates every ``process_count``-th batch on its own devices
+and the feature (and IS) statistics are all-gathered before the distance is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from deis_jax import data, image_grid, parallel
+from deis_jax.evaluation import fid
+from deis_jax.evaluation.discretization import reference_output
+from deis_jax.evaluation.features import Reference
+from deis_jax.evaluation.metrics import rmse
+from deis_jax.evaluation.reference import Reference as ReferenceSolve
+from deis_jax.evaluation.reference import reference_solve
+from deis_jax.models.loading import LoadedModel, image_shape
+from deis_jax.sampling.sampler import Sampler
+from deis_jax.sampling.sde import NoiseSchedule
+
+
+class SampleScorer:
+    """Samples, featurises and scores samplers (see the module docstring)."""
+
+    def __init__(
+        self,
+        config,
+        schedule: NoiseSchedule,
+        model: LoadedModel,
+        extractor: fid.FeatureExtractor,
+        reference: Reference,
+    ):
+        self.config, self.schedule, self.model = config, schedule, model
+        self.extractor, self.reference = extractor, reference
+        self.mesh = parallel.make_mesh(jax.local_devices())
+        ev = config.eval
+        self.n = int(ev.num_samples)
+        self.batch = math.ceil(int(ev.batch_size) / self.mesh.size) * self.mesh.size
+        self.shape = image_shape(config)
+        self.keys = parallel.sample_keys(int(ev.seed))
+        self._params = parallel.replicate(model.params, self.mesh)  # once, not per sampler
+        self._keys = parallel.replicate(self.keys, self.mesh)
+        self._rmse_ref: ReferenceSolve | None = None
+
+    def batches(self) -> list[int]:
+        """Offsets of this process's batches (strided over processes)."""
+        offsets = list(range(0, self.n, self.batch))
+        return offsets[jax.process_index() :: jax.process_count()]
+
+    def rmse_reference(self) -> ReferenceSolve:
+        """Reference-solve endpoints of the first ``rmse_num_samples`` x_T (solved once)."""
+        if self._rmse_ref is None:
+            ev = self.config.eval
+            t0, t1 = self.schedule.interval(self.config.sampler.t0, self.config.sampler.t1)
+            x_T = parallel.prior_draws(
+                lambda key: self.schedule.prior_sample(key, self.shape),
+                self.keys[0],
+                jnp.arange(int(ev.rmse_num_samples)),
+            )
+            self._rmse_ref = reference_solve(
+                self.schedule, self.model.eps_fn(), x_T, t0=t0, t1=t1,
+                steps=int(ev.rmse_reference_steps),
+            )  # fmt: skip
+            logging.info(
+                "reference solve: %d NFE, error estimate %.2e",
+                self._rmse_ref.nfe, self._rmse_ref.error_estimate,
+            )  # fmt: skip
+        return self._rmse_ref
+
+    def score(self, sampler: Sampler, advance: Callable[[float], None] | None = None) -> dict:
+        """The record of ``sampler`` (see the module docstring); ``advance(k)`` is called
+        with the NFE x samples of every finished batch."""
+        ev, config = self.config.eval, self.config
+        start = time.perf_counter()
+        generate = parallel.make_generate_fn(sampler, self.mesh, self.shape, bind=self.model.bind)
+        params, (prior_key, noise_key) = self._params, self._keys
+        stats = fid.FeatureStats.empty(self.extractor.feature_dim)
+        is_stats = None
+        if ev.inception_score:
+            is_stats = fid.ISStats.empty(self.extractor.num_classes, self.n, int(ev.is_splits))
+        feats, rmse_out = [], []
+        m = int(ev.rmse_num_samples) if (ev.rmse and not sampler.stochastic) else 0
+        nonfinite = 0
+        for offset in self.batches():
+            indices = np.arange(offset, offset + self.batch, dtype=np.int32)
+            x, _ = generate(params, prior_key, noise_key, parallel.shard_batch(indices, self.mesh))
+            count = min(self.batch, self.n - offset)
+            x = np.asarray(jax.device_get(x))[:count]
+            nonfinite += int(np.sum(~np.all(np.isfinite(x.reshape(count, -1)), axis=1)))
+            if offset < m:
+                rmse_out.append(x[: m - offset].astype(np.float64))
+            images = image_grid.to_uint8(data.postprocess(np.nan_to_num(x), config.data.centered))
+            f, logits = self.extractor.features_and_logits(images)
+            f = np.asarray(jax.device_get(f), np.float64)
+            stats.update(f)
+            if is_stats is not None:
+                is_stats.update(np.asarray(jax.device_get(logits)), offset + np.arange(count))
+            if ev.kid:
+                feats.append(f.astype(np.float32))
+            if advance is not None:
+                advance(count * sampler.nfe)
+        stats = fid.allgather_stats(stats)
+        reference = self.reference.get(features=bool(ev.kid))
+        record: dict[str, Any] = {
+            "value": fid.frechet_distance(
+                stats.mean, stats.cov, reference["mu"], reference["sigma"]
+            ),
+            "num_samples": stats.n,
+            "nonfinite_samples": nonfinite,
+        }
+        if is_stats is not None:
+            record["is_mean"], record["is_std"] = fid.allgather_is_stats(is_stats).result()
+        if ev.kid:
+            record["kid_mean"], record["kid_std"] = fid.kernel_inception_distance(
+                np.concatenate(feats),
+                reference["features"],
+                int(ev.kid_subsets),
+                int(ev.kid_subset_size),
+                seed=int(ev.seed),
+            )
+        if m:
+            ref = self.rmse_reference()
+            bound = dataclasses.replace(sampler, eps_fn=self.model.eps_fn())
+            record["rmse"] = rmse(np.concatenate(rmse_out)[:m], reference_output(bound, ref))
+            record["rmse_reference_error"] = ref.error_estimate
+        record["seconds"] = time.perf_counter() - start
+        if nonfinite:
+            logging.warning("%d of %d samples are not finite", nonfinite, stats.n)
+        return record

@@ -1,0 +1,374 @@
+"""Paper tables: the registry of tables (rows = methods, columns = NFE budgets) and their report.
+
+A table is a :class:`TableSpec`: rows naming a ``deis_jax.sampling.method_spec`` string,
+per-row overrides of ``config.sampler`` (grid, options) and the published row of
+``deis_jax.evaluation.paper_numbers`` they are compared with. ``--mode=table`` runs every
+(row, NFE) cell through the experiment engine (``deis_jax.experiments.engine``), each cell
+scored by ``deis_jax.experiments.scoring``; this module builds the cells' samplers, keys and
+records and writes ``table.md`` (ours and the paper's numbers side by side), ``table.csv`` and
+``metric_vs_nfe.png`` (log-log).
+
+Registered tables:
+
+``deis_cifar10``       DEIS Table "Variants of DEIS on CIFAR10": DDIM, rho2Heun, rho3Kutta,
+                       rho4RK, rhoAB1-3, tAB1-3 at NFE 5, 10, 15, 20, 50 on the config's grid.
+``ipndm_ersde_dpmpp``  The peer samplers of the AMED / diff-solvers CIFAR-10 table that exist
+                       here (DPM-Solver++(3M), UniPC-3, iPNDM, DDIM, EDM-Heun, DEIS-tAB3) and
+                       ER-SDE-Solver-3 (stochastic), at NFE 3, 5, 7, 9, 20.
+
+More are added with ``register_table(TableSpec(...))``; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from deis_jax import build
+from deis_jax.evaluation.paper_numbers import PAPER_TABLES, PaperValue, with_extra_nfe
+from deis_jax.io_utils import atomic_write_bytes, atomic_write_text
+from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
+from deis_jax.sampling import solvers
+from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
+from deis_jax.sampling.sampler import EpsFn, Sampler
+from deis_jax.sampling.sde import NoiseSchedule
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRow:
+    """One method of a table: ``spec`` (``deis_jax.sampling.method_spec``), ``overrides`` of
+    ``config.sampler`` fields (``grid``, ``grid_power``, ``final_denoise``, ``options``) and
+    the published row it is compared with, ``paper = (paper table key, row name)``."""
+
+    label: str
+    spec: str
+    overrides: dict = dataclasses.field(default_factory=dict)
+    paper: tuple[str, str] | None = None
+
+    @property
+    def choice(self) -> MethodChoice:
+        return parse_method_spec(self.spec)
+
+    def paper_value(self, nfe: int) -> PaperValue | None:
+        """The published number at NFE budget ``nfe`` (None: not published / no paper row)."""
+        if self.paper is None or self.paper[0] not in PAPER_TABLES:
+            return None
+        return PAPER_TABLES[self.paper[0]].get(self.paper[1], nfe)
+
+    def grid(self, sampler_config) -> str:
+        """The time grid this row samples on: its override, ``config.sampler.grid``, else
+        the method's default."""
+        return (
+            self.overrides.get("grid")
+            or sampler_config.grid
+            or solvers.get_method(self.choice.method).default_grid
+        )
+
+    def sampler(
+        self, sampler_config, schedule: NoiseSchedule, nfe: int, eps_fn: EpsFn | None = None
+    ) -> Sampler:
+        """``config.sampler`` with this row's method and overrides at an NFE budget (the
+        network is bound later; ``eps_fn=None`` puts a placeholder)."""
+        choice = self.choice
+        overrides = dict(self.overrides)
+        options = {**choice.options, **overrides.pop("options", {})}
+        return build.sampler_from_config(
+            sampler_config,
+            schedule,
+            (lambda x, t: x) if eps_fn is None else eps_fn,
+            method=choice.method,
+            order=choice.order,
+            nfe=nfe,
+            options=options,
+            **overrides,
+        )
+
+
+def cell_key(row: TableRow, nfe: int) -> str:
+    """The cache key of a (row, NFE budget) cell."""
+    return f"{row.label}|{row.spec}|{json.dumps(row.overrides, sort_keys=True)}|{nfe}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """A table: its ``rows``, NFE budgets ``nfes`` and the ``notes`` printed under it."""
+
+    name: str
+    title: str
+    rows: tuple[TableRow, ...]
+    nfes: tuple[int, ...]
+    notes: str = ""
+
+    def select(self, labels: str | Sequence[str] | None) -> list[TableRow]:
+        """The rows called ``labels`` in table order (None: every row); ``ValueError`` for
+        an unknown label or an empty selection."""
+        if labels is None:
+            return list(self.rows)
+        labels = (labels,) if isinstance(labels, str) else tuple(labels)
+        known = tuple(r.label for r in self.rows)
+        if not labels or any(w not in known for w in labels):
+            raise ValueError(f"must be a non-empty subset of {known}, got {labels!r}")
+        by_label = {r.label: r for r in self.rows}
+        return [by_label[w] for w in labels]
+
+
+TABLES: dict[str, TableSpec] = {}
+
+
+def register_table(spec: TableSpec) -> TableSpec:
+    """Add ``spec`` to :data:`TABLES` (names and row labels must be unique)."""
+    if spec.name in TABLES:
+        raise ValueError(f"table {spec.name!r} is already registered")
+    labels = [r.label for r in spec.rows]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"table {spec.name!r} has duplicate row labels {labels}")
+    TABLES[spec.name] = spec
+    return spec
+
+
+def _deis(label: str, spec: str) -> TableRow:
+    return TableRow(label, spec, {}, ("deis_cifar10", label))
+
+
+register_table(
+    TableSpec(
+        name="deis_cifar10",
+        title="Variants of DEIS (DEIS paper, CIFAR-10 table)",
+        rows=(
+            _deis("DDIM", "ddim"),
+            _deis("ρ2Heun", "rhork2:tableau=heun"),
+            _deis("ρ3Kutta", "rhork3:tableau=kutta3"),
+            _deis("ρ4RK", "rhork4:tableau=rk4"),
+            _deis("ρAB1", "rhoab1"),
+            _deis("ρAB2", "rhoab2"),
+            _deis("ρAB3", "rhoab3"),
+            _deis("tAB1", "tab1"),
+            _deis("tAB2", "tab2"),
+            _deis("tAB3", "tab3"),
+        ),
+        nfes=(5, 10, 15, 20, 50),
+        notes="Every row uses config.sampler's grid (DEIS: quadratic in t, t0 = 1e-3).",
+    )
+)
+
+_LOG_SNR_LOF = {"grid": "log_snr", "options": {"lower_order_final_below": None}}
+_AMED = "amed_cifar10"
+
+register_table(
+    TableSpec(
+        name="ipndm_ersde_dpmpp",
+        title="Training-free peers (AMED / diff-solvers CIFAR-10 table, ER-SDE)",
+        rows=(
+            TableRow("DPM-Solver++(3M)", "dpmpp3", _LOG_SNR_LOF, (_AMED, "DPM-Solver++(3M)")),
+            TableRow("UniPC", "unipc3", {"grid": "log_snr"}, (_AMED, "UniPC")),
+            TableRow("iPNDM", "ipndm3", {"grid": "karras"}, (_AMED, "iPNDM")),
+            TableRow("DDIM", "ddim", {"grid": "karras"}, (_AMED, "DDIM")),
+            TableRow(
+                "EDM (Heun)", "rhork2:tableau=heun", {"grid": "karras"}, (_AMED, "EDM (Heun)")
+            ),
+            TableRow(
+                "DEIS-tAB3",
+                "tab3",
+                {"grid": "quadratic"},
+                ("deis_tab3_cifar10_diffsolvers", "DEIS-tAB3"),
+            ),
+            TableRow(
+                "ER-SDE-Solver-3",
+                "ersde3",
+                {"grid": "karras"},
+                ("ersde_cifar10", "ER-SDE-Solver-3"),
+            ),
+        ),
+        nfes=(3, 5, 7, 9, 20),
+        notes=(
+            "Published numbers are on EDM's CIFAR-10 network (not score_sde's), with "
+            "dynamic thresholding for DPM-Solver++/UniPC: compare shapes, not values. "
+            "DPM-Solver-2 and the AMED rows of the published table have no method here yet."
+        ),
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# cache identity
+
+
+EVAL_FIELDS = (
+    "metric", "num_samples", "seed", "inception_score", "is_splits", "kid", "kid_subsets",
+    "kid_subset_size", "rmse", "rmse_num_samples", "rmse_reference_steps", "reference_stats",
+    "reference_split", "reference_max_images",
+)  # fmt: skip
+
+
+def fingerprint_payload(config, model_identity: dict, extractor) -> dict[str, Any]:
+    """Everything a table cell's result depends on besides its row and NFE (model, SDE, data,
+    sampler base settings, eval settings, extractor weights): hashed with
+    ``engine.fingerprint`` into the cache fingerprint."""
+    options = config.sampler.get("options")
+    return {
+        "sde": config.sde.to_dict(),
+        "data": [config.data.name, config.data.image_size, config.data.num_channels,
+                 config.data.centered],
+        "sampler": {k: config.sampler.get(k) for k in
+                    ("grid", "grid_power", "t0", "t1", "final_denoise")},
+        "sampler_options": options.to_dict() if options is not None else {},
+        "model": model_identity,
+        "extractor": [extractor.name, extractor.weights_sha256],
+        "eval": {k: config.eval.get(k) for k in EVAL_FIELDS},
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+CSV_FIELDS = (
+    "table", "method", "spec", "grid", "nfe_budget", "nfe", "metric", "value", "paper",
+    "paper_nfe", "is_mean", "is_std", "kid_mean", "kid_std", "rmse", "rmse_reference_error",
+    "num_samples", "nonfinite_samples", "seconds",
+)  # fmt: skip
+REPORT_FILES = (("md", "table.md"), ("csv", "table.csv"), ("png", "metric_vs_nfe.png"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportContext:
+    """What the text around the table says: metric label, sample count, extractor and
+    reference, SDE and interval, default grid, model, cache fingerprint, RMSE steps."""
+
+    metric: str
+    num_samples: int
+    extractor: str
+    reference: str | None
+    sde: str
+    t0: float
+    t1: float
+    grid: str | None
+    fingerprint: str
+    model: str
+    notes: str
+    rmse_steps: int | None
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}g}" if abs(x) >= 1e-3 else f"{x:.2e}"
+
+
+def _curves(rows, nfes, index, key) -> dict:
+    curves = {}
+    for row in rows:
+        recs = [index[(row.label, n)] for n in nfes if (row.label, n) in index]
+        recs = [r for r in recs if r.get(key) is not None]
+        if recs:
+            curves[row.label] = ([r["nfe"] for r in recs], [r[key] for r in recs])
+    return curves
+
+
+def write_report(
+    out_dir: str,
+    spec: TableSpec,
+    rows: Sequence[TableRow],
+    nfes: Sequence[int],
+    done: Mapping[str, dict],
+    ctx: ReportContext,
+    *,
+    plot: bool,
+) -> list[dict]:
+    """Rewrite ``table.csv`` and ``table.md`` (and ``metric_vs_nfe.png`` when ``plot``) from
+    the finished cells ``done`` (``{cell_key: record}``); returns the records in table order,
+    with the paper's value (``paper``, ``paper_nfe``) added."""
+    records = []
+    for row in rows:
+        for nfe in nfes:
+            rec = done.get(cell_key(row, nfe))
+            if rec is None:
+                continue
+            paper = row.paper_value(nfe)
+            rec = dict(rec)
+            rec["paper"] = None if paper is None else paper.value
+            rec["paper_nfe"] = None if paper is None else nfe + paper.extra_nfe
+            records.append(rec)
+    write_csv(os.path.join(out_dir, "table.csv"), records, CSV_FIELDS)
+    index = {(r["method"], r["nfe_budget"]): r for r in records}
+    metric = ctx.metric
+
+    def cell(row, nfe, key, digits=4):
+        r = index.get((row.label, nfe))
+        if r is None or r.get(key) is None:
+            return "—"
+        return with_extra_nfe(_fmt(r[key], digits), r["nfe"] - r["nfe_budget"])
+
+    headers = ["method"]
+    for nfe in nfes:
+        headers += [f"NFE {nfe}", "paper"]
+    main_rows = []
+    for row in rows:
+        line = [row.label]
+        for nfe in nfes:
+            paper = row.paper_value(nfe)
+            line += [cell(row, nfe, "value"), "—" if paper is None else paper.text()]
+        main_rows.append(line)
+    sections = [
+        f"# {spec.title}: {metric} (ours) and the paper's numbers\n",
+        f"Model: {ctx.model}. "
+        f"Our {metric} on {ctx.num_samples} samples per cell against {ctx.reference}; "
+        f"extractor {ctx.extractor}. SDE {ctx.sde}, t0 = {ctx.t0}, t1 = {ctx.t1}, "
+        f"default grid {ctx.grid}. ⁺k: the sampler spent k NFE more than the column "
+        f"(Runge-Kutta rounds up to whole steps), as the superscripts in the paper. "
+        f"{ctx.notes}\n",
+        markdown_table(headers, main_rows),
+    ]
+    extra = [("is_mean", "IS (extractor logits)", 4), ("kid_mean", "KID", 3)]
+    ref_err = [r["rmse_reference_error"] for r in records if r.get("rmse_reference_error")]
+    ref_note = f", its error estimate {max(ref_err):.1e}" if ref_err else ""
+    steps = ctx.rmse_steps
+    extra.append(
+        (
+            "rmse",
+            f"RMSE vs a reference ODE solve on the first x_T (RK4 in ρ, {steps} "
+            f"and {2 * (steps or 0)} steps{ref_note})",
+            3,
+        )
+    )
+    for key, title, digits in extra:
+        if any(r.get(key) is not None for r in records):
+            body = [[row.label] + [cell(row, n, key, digits) for n in nfes] for row in rows]
+            header = ["method"] + [f"NFE {n}" for n in nfes]
+            sections.append(f"## {title}\n\n" + markdown_table(header, body))
+    seconds = sum(r.get("seconds") or 0.0 for r in records)
+    sections.append(
+        f"{len(records)} cells, {seconds / 60:.1f} min of sampling and scoring "
+        f"(cache fingerprint {ctx.fingerprint}).\n"
+    )
+    atomic_write_text(os.path.join(out_dir, "table.md"), "\n".join(sections))
+    if plot:
+        panels = [(f"ours: {metric}", _curves(rows, nfes, index, "value"))]
+        paper_curves = {}
+        for row in rows:
+            pts = [(n + p.extra_nfe, p.value) for n in nfes if (p := row.paper_value(n))]
+            if pts:
+                paper_curves[row.label] = ([p[0] for p in pts], [p[1] for p in pts])
+        if paper_curves:
+            panels.append(("paper: FID", paper_curves))
+        if any(r.get("rmse") is not None for r in records):
+            panels.append(("ours: RMSE vs reference solve", _curves(rows, nfes, index, "rmse")))
+        path = os.path.join(out_dir, "metric_vs_nfe.png")
+        plot_metric_vs_nfe(panels, path, "(see panel title)", xticks=sorted(nfes))
+    return records
+
+
+def export_report(out_dir: str, prefix: str) -> None:
+    """Copy the report to ``<prefix>.md``, ``<prefix>.csv`` and ``<prefix>.png``."""
+    for ext, name in REPORT_FILES:
+        with open(os.path.join(out_dir, name), "rb") as f:
+            atomic_write_bytes(f"{prefix}.{ext}", f.read())
