@@ -44,7 +44,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deis_jax.sampling.sampler import Sampler
+from deis_jax.sampling.sampler import Sampler, sample
+from deis_jax.sampling.wrappers import model_argument
 
 DATA_AXIS = "data"
 
@@ -185,23 +186,26 @@ def shard_sampler(sampler: Sampler, mesh: jax.sharding.Mesh) -> Callable:
 
     ``x_T`` is sharded ``P('data')`` (its length a multiple of ``mesh.size``), the key and
     offset are replicated, and ``x_0`` comes back sharded ``P('data')``. ``index_offset`` is
-    the global index of row 0 (stochastic methods key their noise by it)."""
+    the global index of row 0 (stochastic methods key their noise by it). The sampler's
+    ``eps_fn`` is a replicated argument of the compiled function (its parameters are not
+    baked in; see ``deis_jax.sampling.wrappers.model_argument``)."""
     b, r = batch_sharding(mesh), replicated_sharding(mesh)
+    plan, eps_fn = sampler.plan, replicate(model_argument(sampler.eps_fn), mesh)
     if sampler.stochastic:
         jitted = jax.jit(
-            lambda x_T, key, offset: sampler(x_T, key, offset),
-            in_shardings=(b, r, r),
+            lambda f, x_T, key, offset: sample(plan, f, x_T, key, index_offset=offset),
+            in_shardings=(r, b, r, r),
             out_shardings=b,
         )
 
         def call(x_T, key=None, index_offset=0):
             if key is None:
                 raise ValueError("this sampler is stochastic: pass a PRNG key")
-            return jitted(x_T, jax.device_put(key, r), np.int32(index_offset))
+            return jitted(eps_fn, x_T, jax.device_put(key, r), np.int32(index_offset))
 
         return call
-    jitted = jax.jit(lambda x_T: sampler(x_T), in_shardings=b, out_shardings=b)
-    return lambda x_T, key=None, index_offset=0: jitted(x_T)
+    jitted = jax.jit(lambda f, x_T: sample(plan, f, x_T), in_shardings=(r, b), out_shardings=b)
+    return lambda x_T, key=None, index_offset=0: jitted(eps_fn, x_T)
 
 
 def make_generate_fn(

@@ -3,16 +3,19 @@
     python scripts/benchmark.py                      # writes results/benchmark.{md,csv}
     python scripts/benchmark.py --batch 512 --dim 3072 --hidden 1024 --out results/gpu
 
-For a fixed eps_fn (a two-layer MLP, cheap but not free) and batch it reports, per method:
+Two noise predictions, each at every ``--nfe`` (default 10 and 50):
 
-* samples/s at ``--nfe``;
-* overhead = time(sampler) / time(bare loop) - 1, where the bare loop is a ``lax.scan`` that
-  calls the same eps_fn NFE times and does nothing else (target < 10%), and the same in
-  milliseconds per NFE (the sampler's own arithmetic is a few memory-bound passes over the
-  state, so it is a fixed cost per step: against a real U-Net it vanishes);
-* compile time at NFE 10 and 100 (target: flat in NFE -- one scan body whatever the steps);
-* the compiled program's memory (XLA ``memory_analysis``: arguments + outputs + temporaries)
-  at NFE 10 and 100 (target: flat in NFE).
+* ``mlp``: a two-layer MLP in float32, cheap but not free (a stand-in for a network);
+* ``mixture``: the exact eps of a Gaussian mixture in float64 -- a few passes over the
+  state, so the sampler's own arithmetic is a large fraction of the time and any extra copy
+  in the loop shows.
+
+Per method it reports samples/s, ``ratio`` = time(sampler) / time(bare loop), where the bare
+loop is a ``lax.scan`` that calls the same eps_fn NFE times and does nothing else, and the
+overhead in milliseconds per NFE. Targets (``target_ratio``, multistep methods): <= 1.05
+with the MLP and <= 1.15 with the mixture. Compile time and the compiled program's memory
+(XLA ``memory_analysis``: arguments + outputs + temporaries) are measured at NFE 10 and 100
+(target: flat in NFE -- one scan body whatever the steps).
 
 Timings are the best of ``--repeats`` alternating runs after a warm-up.
 """
@@ -40,10 +43,15 @@ METHODS = ("ddim", "tab3", "rhoab3", "ipndm3", "rhork:tableau=heun", "rhork:tabl
            "dpmpp2", "unipc2", "sddim", "ersde3")  # fmt: skip
 
 
+EPS_KINDS = ("mlp", "mixture")
+TARGET_RATIO = {"mlp": 1.05, "mixture": 1.15}  # multistep methods
+
+
 def make_eps_fn(dim: int, hidden: int, seed: int = 0):
+    """A two-layer tanh MLP ``[x, t] -> eps`` with float32 weights."""
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    w1 = jax.random.normal(k1, (dim + 1, hidden)) / np.sqrt(dim)
-    w2 = jax.random.normal(k2, (hidden, dim)) / np.sqrt(hidden)
+    w1 = jax.random.normal(k1, (dim + 1, hidden), jnp.float32) / np.sqrt(dim)
+    w2 = jax.random.normal(k2, (hidden, dim), jnp.float32) / np.sqrt(hidden)
 
     def eps_fn(x, t):
         h = jnp.concatenate([x, jnp.broadcast_to(t, x.shape[:1] + (1,)).astype(x.dtype)], 1)
@@ -98,41 +106,57 @@ def bare_loop(eps_fn, nfe: int):
     return jax.jit(loop)
 
 
+def eps_and_state(kind: str, schedule, args):
+    """``(eps_fn, x)`` of an eps kind: the float32 MLP or the float64 exact mixture."""
+    if kind == "mlp":
+        x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.dim), jnp.float32)
+        return make_eps_fn(args.dim, args.hidden), x
+    mixture = deis.GaussianMixture.embedded(args.dim)
+    x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.dim), jnp.float64)
+    return mixture.eps_fn(schedule), x
+
+
 def benchmark(args) -> list[dict]:
     schedule = deis.VPSDE.linear()
-    eps_fn = make_eps_fn(args.dim, args.hidden)
-    x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.dim), jnp.float32)
     key = jax.random.PRNGKey(2)
     rows = []
-    for text in args.methods:
-        choice = parse_method_spec(text)
+    for kind in args.eps:
+        eps_fn, x = eps_and_state(kind, schedule, args)
+        for text in args.methods:
+            choice = parse_method_spec(text)
 
-        def build(nfe, choice=choice):
-            return deis.get_sampler(schedule, eps_fn, method=choice.method, order=choice.order,
-                                    nfe=nfe, **choice.options)  # fmt: skip
+            def build(nfe, choice=choice, eps_fn=eps_fn):
+                return deis.get_sampler(schedule, eps_fn, method=choice.method,
+                                        order=choice.order, nfe=nfe, **choice.options)  # fmt: skip
 
-        sampler = build(args.nfe)
-        call_args = (x, key) if sampler.stochastic else (x,)
-        seconds, bare = paired_times(
-            jax.jit(sampler), call_args, bare_loop(eps_fn, sampler.nfe), (x,), args.repeats
-        )
-        c10, m10 = compile_stats(build(10), *call_args)
-        c100, m100 = compile_stats(build(100), *call_args)
-        row = {
-            "method": choice.label,
-            "nfe": sampler.nfe,
-            "samples_per_s": args.batch / seconds,
-            "overhead_pct": 100.0 * (seconds / bare - 1.0),
-            "overhead_ms_per_nfe": 1e3 * (seconds - bare) / sampler.nfe,
-            "eps_ms_per_nfe": 1e3 * bare / sampler.nfe,
-            "compile_s_nfe10": c10,
-            "compile_s_nfe100": c100,
-            "memory_mib_nfe10": m10 / 2**20,
-            "memory_mib_nfe100": m100 / 2**20,
-        }
-        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in row.items()), flush=True)  # fmt: skip
-        rows.append(row)
+            probe = build(10)
+            call_args = (x, key) if probe.stochastic else (x,)
+            c10, m10 = compile_stats(probe, *call_args)
+            c100, m100 = compile_stats(build(100), *call_args)
+            for nfe in args.nfe:
+                sampler = build(nfe)
+                seconds, bare = paired_times(jax.jit(sampler), call_args,
+                                             bare_loop(eps_fn, sampler.nfe), (x,),
+                                             args.repeats)  # fmt: skip
+                target = TARGET_RATIO[kind] if sampler.table.history else None
+                row = {
+                    "eps": f"{kind} {x.dtype}",
+                    "method": choice.label,
+                    "nfe": sampler.nfe,
+                    "samples_per_s": args.batch / seconds,
+                    "ratio": seconds / bare,
+                    "target_ratio": "" if target is None else target,
+                    "meets_target": "" if target is None else seconds / bare <= target,
+                    "overhead_ms_per_nfe": 1e3 * (seconds - bare) / sampler.nfe,
+                    "eps_ms_per_nfe": 1e3 * bare / sampler.nfe,
+                    "compile_s_nfe10": c10,
+                    "compile_s_nfe100": c100,
+                    "memory_mib_nfe10": m10 / 2**20,
+                    "memory_mib_nfe100": m100 / 2**20,
+                }
+                print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in row.items()), flush=True)  # fmt: skip
+                rows.append(row)
     return rows
 
 
@@ -153,19 +177,24 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=3072)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--nfe", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--nfe", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--eps", nargs="+", default=list(EPS_KINDS), choices=EPS_KINDS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--out", default="results/benchmark", help="path prefix for .md/.csv")
     args = parser.parse_args()
+    jax.config.update("jax_enable_x64", True)  # the mixture rows; the MLP stays float32
     rows = benchmark(args)
     fields = list(rows[0])
     write_csv(args.out + ".csv", rows, fields)
     header = (
         f"# Sampler benchmark\n\nMachine: {machine_description()}.\n\n"
-        f"eps_fn: MLP {args.dim}→{args.hidden}→{args.dim} (tanh), batch {args.batch}, float32. "
+        f"eps_fn: `mlp` = MLP {args.dim}→{args.hidden}→{args.dim} (tanh), float32; "
+        f"`mixture` = exact eps of an 8-component Gaussian mixture in R^{args.dim}, float64. "
+        f"Batch {args.batch}. "
         f"Command: `python scripts/benchmark.py {' '.join(sys.argv[1:])}`.\n"
-        "Overhead: sampler time over a bare `lax.scan` of the same NFE eps_fn calls. "
+        "Ratio: sampler time over a bare `lax.scan` of the same NFE eps_fn calls (target for "
+        "multistep methods: <= 1.05 with the MLP, <= 1.15 with the mixture). "
         "Memory: XLA's compiled-program buffers (arguments + outputs + temporaries).\n\n"
     )
     table = markdown_table(fields, [[r[f] for f in fields] for r in rows])

@@ -16,9 +16,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from deis_jax.sampling.sampler import get_sampler
+from deis_jax.sampling.sampler import make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
-from deis_jax.sampling.wrappers import EpsFn
+from deis_jax.sampling.wrappers import EpsFn, model_argument
 
 
 class Reference(NamedTuple):
@@ -38,13 +38,17 @@ def reference_solve(
     steps: int = 500,
     grid: str = "log_snr",
 ) -> Reference:
-    """Solve from ``t1`` to ``t0`` with RK4 at ``steps`` and ``2 steps``; return the fine one."""
+    """Solve from ``t1`` to ``t0`` with RK4 at ``steps`` and ``2 steps``; return the fine one.
+
+    ``eps_fn`` is an argument of the compiled solve (:func:`model_argument`): the parameters of
+    an ``eps_fn_from_model(Partial(apply, params), ...)`` are not baked into it."""
 
     def solve(num_steps):
-        sampler = get_sampler(
-            schedule, eps_fn, method="rhork", order=4, nfe=4 * num_steps, grid=grid, t0=t0, t1=t1
+        plan = make_plan(
+            schedule, method="rhork", order=4, nfe=4 * num_steps, grid=grid, t0=t0, t1=t1
         )
-        return np.asarray(jax.jit(sampler)(x_T), np.float64), sampler.nfe
+        x0 = jax.jit(sample, static_argnums=0)(plan, model_argument(eps_fn), x_T)
+        return np.asarray(x0, np.float64), plan.nfe
 
     coarse, _ = solve(steps)
     fine, nfe = solve(2 * steps)

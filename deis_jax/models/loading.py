@@ -22,6 +22,7 @@ them as arguments instead of baking them into the executable as constants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -180,6 +181,10 @@ class LoadedModel:
         return self.bind(self.params)
 
 
+def _apply_for_sampling(model: nn.Module, params: Any, x: jax.Array, labels: jax.Array):
+    return model.apply({"params": params}, x, labels, train=False)
+
+
 def load_model(
     config, workdir: str, schedule: NoiseSchedule, *, params: str = "checkpoint"
 ) -> LoadedModel:
@@ -204,9 +209,10 @@ def load_model(
     identity["model"] = config.model.to_dict()
     prediction = model_prediction(config)
 
+    apply = functools.partial(_apply_for_sampling, model)
+
     def bind(p) -> EpsFn:
-        apply = lambda x, labels: model.apply({"params": p}, x, labels, train=False)  # noqa: E731
-        return eps_fn_from_model(apply, schedule, prediction)
+        return eps_fn_from_model(jax.tree_util.Partial(apply, p), schedule, prediction)
 
     return LoadedModel(bind, values, identity)
 

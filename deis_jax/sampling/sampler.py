@@ -1,6 +1,9 @@
-"""``get_sampler``: one entry point, one generic ``lax.scan`` loop for every method.
+"""Plans and samplers: one generic ``lax.scan`` loop for every method.
 
-    sampler = get_sampler(schedule, eps_fn, method="tab", order=3, nfe=10)
+    plan = make_plan(schedule, method="tab", order=3, nfe=10)    # no model involved
+    x0 = jax.jit(sample, static_argnums=0)(plan, eps_fn, x_T)   # the model is an argument
+
+    sampler = get_sampler(schedule, eps_fn, method="tab", order=3, nfe=10)  # plan + eps_fn
     x0 = jax.jit(sampler)(x_T)            # deterministic methods
     x0 = jax.jit(sampler)(x_T, key)       # stochastic methods
 
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deis_jax.sampling import solvers
-from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.sde import NoiseSchedule, array_namespace
 from deis_jax.sampling.solvers.table import StepTable, final_denoise_table
 from deis_jax.sampling.timesteps import time_grid, validate_grid
 from deis_jax.sampling.wrappers import EpsFn
@@ -39,36 +43,80 @@ def per_sample_normal(key: jax.Array, sample_index: jax.Array, step: jax.Array, 
     return jax.vmap(one)(sample_index).astype(dtype)
 
 
+class TableStructure(NamedTuple):
+    """The static shape of a step table's loop body, read once off a host table.
+
+    ``converts``: some stage combines data predictions (``pred_x != 0`` or ``pred_eps != 1``);
+    ``noisy``: some step adds noise. Tables with the same structure run through the same
+    compiled loop, whatever their values (e.g. a table traced from a grid being fitted).
+    """
+
+    num_stages: int
+    history: int
+    converts: bool
+    noisy: bool
+
+
+def table_structure(table: StepTable) -> TableStructure:
+    """The :class:`TableStructure` of a concrete (host) table."""
+    pred_x, pred_eps, out_noise = (np.asarray(a) for a in (table.pred_x, table.pred_eps,
+                                                            table.out_noise))  # fmt: skip
+    return TableStructure(
+        num_stages=table.num_stages,
+        history=table.history,
+        converts=bool(np.any(pred_x != 0) or np.any(pred_eps != 1)),
+        noisy=bool(np.any(out_noise != 0)),
+    )
+
+
+def ring_coefficients(table: StepTable):
+    """First-stage output coefficients of every step, laid out for a ring buffer.
+
+    The loop keeps the last ``R = history + 1`` first-stage outputs in a ring: the output of
+    step k goes to slot ``k mod R`` *before* the step's update reads the ring, so the buffer
+    is written in place and only read afterwards (no copy of the history per step). Row k of
+    the result holds, in slot ``(k - j) mod R``, the coefficient of ``K_0^(k-j)``
+    (``out_k[k, 0]`` for j = 0, ``out_hist[k, j - 1]`` after): a static gather, so it works
+    on host arrays and on traced ones alike.
+    """
+    xp = array_namespace(table.out_k, table.out_hist)
+    lagged = xp.concatenate([table.out_k[:, :1], table.out_hist], axis=1)  # (N, R) by lag j
+    ring = lagged.shape[1]
+    slot_to_lag = (np.arange(table.num_steps)[:, None] - np.arange(ring)[None, :]) % ring
+    return xp.take_along_axis(lagged, xp.asarray(slot_to_lag), axis=1)
+
+
 def run_table(
     eps_fn: EpsFn,
     table: StepTable,
     x: jax.Array,
     key: jax.Array | None = None,
     sample_index: jax.Array | None = None,
-) -> jax.Array:
-    """Apply every row of ``table`` to ``x`` with one ``lax.scan`` (see ``StepTable``)."""
-    num_stages, history = table.num_stages, table.history
-    # Static structure read off the host table: skip work that is identically zero.
-    converts = bool(np.any(table.pred_x != 0) or np.any(table.pred_eps != 1))
-    noisy = bool(np.any(table.out_noise != 0))
-    if noisy and key is None:
+    *,
+    structure: TableStructure | None = None,
+    trajectory: bool = False,
+):
+    """Apply every row of ``table`` to ``x`` with one ``lax.scan`` (see ``StepTable``).
+
+    ``structure`` (default: read off ``table``, which must then be concrete) fixes what the
+    loop body computes; pass it when ``table`` is traced, e.g. built from a grid under
+    ``jax.grad``. With ``trajectory=True`` the result is ``(x_0, states)``, ``states`` of
+    shape ``(N + 1, *x.shape)``: the state at every grid point, ``x`` first.
+    """
+    structure = table_structure(table) if structure is None else structure
+    num_stages, history = structure.num_stages, structure.history
+    if structure.noisy and key is None:
         raise ValueError("this sampler is stochastic: pass a PRNG key")
-    if noisy and sample_index is None:
+    if structure.noisy and sample_index is None:
         sample_index = jnp.arange(x.shape[0])
-    if history:
-        # The history is a ring buffer: the first-stage output of step k goes to slot
-        # k mod H (an in-place update, no shifting copies), so the coefficient of
-        # K^(k-1-j) moves to slot (k-1-j) mod H -- a permutation done here, on the host.
-        ks_ = np.arange(table.num_steps)[:, None]
-        slots = (ks_ - 1 - np.arange(history)[None, :]) % history
-        ring = np.zeros_like(table.out_hist)
-        np.put_along_axis(ring, slots, table.out_hist, axis=1)
-        table = table._replace(out_hist=ring)
+    ring_size = history + 1 if history else 0
+    if ring_size:
+        table = table._replace(out_hist=ring_coefficients(table))
     rows = jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), table)
     steps = jnp.arange(table.num_steps)
 
     def body(carry, row_and_step):
-        x_k, hist = carry
+        x_k, ring = carry
         row, step = row_and_step
         ks = []
         for s in range(num_stages):
@@ -76,34 +124,38 @@ def run_table(
             for l_ in range(s):
                 x_s = x_s + row.stage_k[s, l_] * ks[l_]
             eps = eps_fn(x_s, row.t[s])
-            ks.append(row.pred_x[s] * x_s + row.pred_eps[s] * eps if converts else eps)
+            ks.append(row.pred_x[s] * x_s + row.pred_eps[s] * eps if structure.converts else eps)
         x_next = row.out_x * x_k
-        for s in range(num_stages):
+        if ring_size:
+            ring = jax.lax.dynamic_update_index_in_dim(ring, ks[0], step % ring_size, axis=0)
+            for slot in range(ring_size):
+                x_next = x_next + row.out_hist[slot] * ring[slot]
+        else:
+            x_next = x_next + row.out_k[0] * ks[0]
+        for s in range(1, num_stages):
             x_next = x_next + row.out_k[s] * ks[s]
-        for j in range(history):
-            x_next = x_next + row.out_hist[j] * hist[j]
-        if noisy:
+        if structure.noisy:
             z = per_sample_normal(key, sample_index, step, x_k.shape, x_k.dtype)
             x_next = x_next + row.out_noise * z
-        if history:
-            slot = step % history
-            hist = jax.lax.dynamic_update_index_in_dim(hist, ks[0], slot, axis=0)
-        return (x_next, hist), None
+        return (x_next, ring), (x_next if trajectory else None)
 
-    hist0 = jnp.zeros((history,) + x.shape, x.dtype)
-    (x, _), _ = jax.lax.scan(body, (x, hist0), (rows, steps))
-    return x
+    ring0 = jnp.zeros((ring_size,) + x.shape, x.dtype)
+    (x_out, _), states = jax.lax.scan(body, (x, ring0), (rows, steps))
+    if trajectory:
+        return x_out, jnp.concatenate([x[None], states], axis=0)
+    return x_out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Sampler:
-    """A jittable ``x_T -> x_0`` map with everything a benchmark or a test needs to inspect.
+class SamplingPlan:
+    """A method on a time grid, with no model: everything :func:`sample` needs but ``eps_fn``.
 
-    ``nfe`` is the exact number of ``eps_fn`` calls per sample (final denoise included),
-    ``ts`` the float64 time grid, ``table`` the float64 coefficients.
+    ``ts`` is the float64 grid, ``table`` the float64 coefficients (``final_table`` the
+    optional Tweedie step), ``nfe`` the exact number of ``eps_fn`` calls per sample. A plan is
+    built once (:func:`make_plan`) and run with any network: ``sample(plan, eps_fn, x_T)``.
+    Plans hash by identity, so one can be a static argument of ``jax.jit``.
     """
 
-    eps_fn: EpsFn
     schedule: NoiseSchedule
     method: str
     order: int
@@ -121,8 +173,108 @@ class Sampler:
         return self.table.num_steps
 
     @property
+    def structure(self) -> TableStructure:
+        return table_structure(self.table)
+
+    @property
     def stochastic(self) -> bool:
-        return bool(np.any(self.table.out_noise != 0))
+        return self.structure.noisy
+
+    def build_table(self, ts) -> StepTable:
+        """This plan's method and options on another grid ``ts`` (host or traced): the
+        builder ordinary sampling uses, so a fitted grid runs the very same method."""
+        return solvers.get_method(self.method).build(self.schedule, ts, self.order,
+                                                     **self.options)  # fmt: skip
+
+
+def sample(
+    plan: SamplingPlan,
+    eps_fn: EpsFn,
+    x_T: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    index_offset: int | jax.Array = 0,
+    sample_index: jax.Array | None = None,
+    table: StepTable | None = None,
+    trajectory: bool = False,
+):
+    """Integrate ``x_T`` from ``plan.ts[0]`` to ``plan.ts[-1]`` with the network ``eps_fn``.
+
+    Pure and jittable: ``jax.jit(sample, static_argnums=0)(plan, eps_fn, x_T)``. The model is
+    an argument: pass ``eps_fn`` as a pytree (``eps_fn_from_model`` of a
+    ``jax.tree_util.Partial(apply, params)``) and its parameters are arguments of the
+    compiled function, not constants baked into it. ``table`` replaces ``plan.table`` by one of
+    the same structure (e.g. ``plan.build_table(ts)`` traced from a grid being fitted).
+    The noise of row i is keyed by its global sample index: ``sample_index[i]`` when given
+    (rows in any order, e.g. a shard of a sharded batch), else ``index_offset + i``.
+    ``trajectory=True`` also returns the states at the grid points (see :func:`run_table`).
+    """
+    structure = plan.structure
+    if key is not None and sample_index is None:
+        sample_index = index_offset + jnp.arange(x_T.shape[0])
+    table = plan.table if table is None else table
+    out = run_table(eps_fn, table, x_T, key, sample_index, structure=structure,
+                    trajectory=trajectory)  # fmt: skip
+    x, states = out if trajectory else (out, None)
+    if plan.final_table is not None:
+        x = run_table(eps_fn, plan.final_table, x)
+    return (x, states) if trajectory else x
+
+
+def make_plan(
+    schedule: NoiseSchedule,
+    ts=None,
+    *,
+    method: str = "tab",
+    order: int | None = None,
+    nfe: int | None = None,
+    grid: str | None = None,
+    grid_power: float | None = None,
+    t0: float | None = None,
+    t1: float | None = None,
+    final_denoise: bool = False,
+    **options,
+) -> SamplingPlan:
+    """Build a :class:`SamplingPlan` (the arguments are those of :func:`get_sampler`)."""
+    spec = solvers.get_method(method)
+    order = spec.check(order, options, final_denoise=final_denoise)
+    if ts is None:
+        nfe = spec.check_nfe(nfe, order)
+        num_steps = math.ceil(nfe / spec.nfe_per_step(order, options))
+        grid = spec.default_grid if grid is None else grid
+        ts = time_grid(schedule, num_steps, grid, power=grid_power, t0=t0, t1=t1)
+    else:
+        ts = np.asarray(ts, dtype=np.float64)
+        validate_grid(schedule, ts)
+    table = spec.build(schedule, ts, order, **options)
+    final = final_denoise_table(schedule, float(ts[-1])) if final_denoise else None
+    return SamplingPlan(schedule, method, order, ts, table, final, dict(options))
+
+
+def _plan_field(name: str) -> property:
+    return property(lambda self: getattr(self.plan, name), doc=f"``plan.{name}``")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampler:
+    """A plan bound to a network: a jittable ``x_T -> x_0`` map (``get_sampler``'s result).
+
+    Exposes the plan's fields (``ts``, ``table``, ``nfe``, ...) for benchmarks and tests.
+    """
+
+    plan: SamplingPlan
+    eps_fn: EpsFn
+
+    schedule = _plan_field("schedule")
+    method = _plan_field("method")
+    order = _plan_field("order")
+    ts = _plan_field("ts")
+    table = _plan_field("table")
+    final_table = _plan_field("final_table")
+    options = _plan_field("options")
+    nfe = _plan_field("nfe")
+    num_steps = _plan_field("num_steps")
+    stochastic = _plan_field("stochastic")
 
     def __call__(
         self,
@@ -131,17 +283,9 @@ class Sampler:
         index_offset: int | jax.Array = 0,
         sample_index: jax.Array | None = None,
     ) -> jax.Array:
-        """Integrate from ``ts[0]`` to ``ts[-1]``.
-
-        The noise of row i is keyed by its global sample index: ``sample_index[i]`` when
-        given (rows in any order, e.g. a shard of a sharded batch), else ``index_offset + i``.
-        """
-        if key is not None and sample_index is None:
-            sample_index = index_offset + jnp.arange(x_T.shape[0])
-        x = run_table(self.eps_fn, self.table, x_T, key, sample_index)
-        if self.final_table is not None:
-            x = run_table(self.eps_fn, self.final_table, x)
-        return x
+        """``sample(self.plan, self.eps_fn, x_T, key, ...)``."""
+        return sample(self.plan, self.eps_fn, x_T, key, index_offset=index_offset,
+                      sample_index=sample_index)  # fmt: skip
 
 
 def get_sampler(
@@ -169,16 +313,7 @@ def get_sampler(
     are method-specific (e.g. ``tableau`` for ``rhork``). The method's spec checks the order,
     the options and the NFE (``MethodSpec.check``); a bad argument raises ``ValueError``.
     """
-    spec = solvers.get_method(method)
-    order = spec.check(order, options, final_denoise=final_denoise)
-    if ts is None:
-        nfe = spec.check_nfe(nfe, order)
-        num_steps = math.ceil(nfe / spec.nfe_per_step(order, options))
-        grid = spec.default_grid if grid is None else grid
-        ts = time_grid(schedule, num_steps, grid, power=grid_power, t0=t0, t1=t1)
-    else:
-        ts = np.asarray(ts, dtype=np.float64)
-        validate_grid(schedule, ts)
-    table = spec.build(schedule, ts, order, **options)
-    final = final_denoise_table(schedule, float(ts[-1])) if final_denoise else None
-    return Sampler(eps_fn, schedule, method, order, ts, table, final, dict(options))
+    plan = make_plan(schedule, ts, method=method, order=order, nfe=nfe, grid=grid,
+                     grid_power=grid_power, t0=t0, t1=t1, final_denoise=final_denoise,
+                     **options)  # fmt: skip
+    return Sampler(plan, eps_fn)

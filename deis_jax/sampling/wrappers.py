@@ -22,6 +22,7 @@ model-specific is converted here, in one place:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -50,6 +51,26 @@ def output_to_eps(
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
+def model_argument(fn: Callable) -> jax.tree_util.Partial:
+    """``fn`` as a pytree, so that it can be an argument of a jitted function.
+
+    A ``jax.tree_util.Partial`` is returned as it is (its bound arguments -- the network
+    parameters -- are the pytree's leaves, hence arguments of the compiled function, never
+    constants baked into it); any other callable is wrapped with no leaves.
+    """
+    return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
+
+
+def _eps_from_model_output(model_fn, x, t, key=None, *, schedule, prediction, to_cond):
+    t = jnp.asarray(t)  # a scalar, or one time per example (shape (B,))
+    cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
+    out = model_fn(x, cond) if key is None else model_fn(x, cond, key)
+    per_example = (-1,) + (1,) * (x.ndim - 1) if t.ndim == 1 else ()
+    alpha = schedule.alpha(t).astype(x.dtype).reshape(per_example)
+    sigma = schedule.sigma(t).astype(x.dtype).reshape(per_example)
+    return output_to_eps(out, x, alpha, sigma, prediction)
+
+
 def eps_fn_from_model(
     model_fn: Callable[..., jax.Array],
     schedule: NoiseSchedule,
@@ -61,21 +82,18 @@ def eps_fn_from_model(
     ``t`` is a scalar or one time per example (shape ``(batch,)``). The returned function also
     takes an optional ``key``: ``eps_fn(x, t, key)`` calls ``model_fn(x, cond, key)`` (the
     network's dropout during training); without a key ``model_fn`` gets two arguments.
+
+    The result is a ``jax.tree_util.Partial`` whose leaves are those of ``model_fn``: give a
+    ``Partial(apply, params)`` and ``jax.jit(sample, static_argnums=0)(plan, eps_fn, x_T)``
+    takes the parameters as arguments (see :func:`model_argument`).
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     to_cond = schedule.model_time if time_input is None else time_input
-
-    def eps_fn(x: jax.Array, t: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        t = jnp.asarray(t)  # a scalar, or one time per example (shape (B,))
-        cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
-        out = model_fn(x, cond) if key is None else model_fn(x, cond, key)
-        per_example = (-1,) + (1,) * (x.ndim - 1) if t.ndim == 1 else ()
-        alpha = schedule.alpha(t).astype(x.dtype).reshape(per_example)
-        sigma = schedule.sigma(t).astype(x.dtype).reshape(per_example)
-        return output_to_eps(out, x, alpha, sigma, prediction)
-
-    return eps_fn
+    convert = functools.partial(
+        _eps_from_model_output, schedule=schedule, prediction=prediction, to_cond=to_cond
+    )
+    return jax.tree_util.Partial(convert, model_argument(model_fn))
 
 
 def guided_eps_fn(eps_cond: EpsFn, eps_uncond: EpsFn, guidance_scale: float) -> EpsFn:
