@@ -26,6 +26,7 @@ called with JAX arrays under ``jax_enable_x64`` they trace and are differentiabl
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -50,17 +51,60 @@ def gauss_legendre(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lagrange_basis(u, nodes):
-    """``l_j(u) = prod_{m != j} (u - nodes_m) / (nodes_j - nodes_m)``, stacked on a last axis."""
+    """``l_j(u) = prod_{m != j} (u - nodes_m) / (nodes_j - nodes_m)``, stacked on a last axis.
+
+    ``nodes`` has shape ``(q + 1,)`` (any ``u``), or ``(..., q + 1)`` for a batch of node sets
+    whose leading axes broadcast against the leading axes of ``u`` (shape ``(..., M)``).
+    """
     xp = array_namespace(u, nodes)
-    q1 = nodes.shape[0]
+    q1 = nodes.shape[-1]
+    node = [nodes[m] if nodes.ndim == 1 else nodes[..., m, None] for m in range(q1)]
+    diff = [u - node[m] for m in range(q1)]
     cols = []
     for j in range(q1):
         val = xp.ones_like(u)
         for m in range(q1):
             if m != j:
-                val = val * (u - nodes[m]) / (nodes[j] - nodes[m])
+                val = val * diff[m] / (node[j] - node[m])
         cols.append(val)
     return xp.stack(cols, axis=-1)
+
+
+def take_rows(x, idx: np.ndarray):
+    """``x[idx]`` for a static, non-negative integer index array, built from slices of the
+    contiguous runs of ``idx`` (traced, a slice differentiates to a pad, where a gather would
+    differentiate to a scatter, which is slow to compile)."""
+    idx = np.asarray(idx)
+    if idx.size and idx.min() < 0:
+        raise ValueError(f"take_rows needs non-negative indices, got {idx}")
+    runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
+    parts = [x[run[0] : run[-1] + 1] for run in runs if run.size]
+    if len(parts) == 1:
+        return parts[0]
+    return array_namespace(x).concatenate(parts) if parts else x[:0]
+
+
+def rows_by_order(xp, orders, rows_of: Callable[[Callable, int], tuple]) -> tuple:
+    """Per-step arrays computed one order at a time, vectorised over the steps of that order.
+
+    ``rows_of(take, q)`` computes the rows of the steps k whose order is ``q``, reading the
+    grid quantities through ``take(x, shift=0) = x[k + shift]`` (stacked over those k), and
+    returns a tuple of arrays with one row per such step. The groups are put back in step
+    order. All indices are static (slices), so traced, the graph has a size independent of the
+    number of steps, and each step reads only its own, valid, history.
+    """
+    orders = np.asarray(orders)
+    groups, steps = [], []
+    for q in np.unique(orders):
+        ks = np.flatnonzero(orders == q)
+
+        def take(x, shift: int = 0, ks=ks):
+            return take_rows(x, ks + shift)
+
+        groups.append(rows_of(take, int(q)))
+        steps.append(ks)
+    perm = np.argsort(np.concatenate(steps))
+    return tuple(take_rows(xp.concatenate(parts), perm) for parts in zip(*groups, strict=True))
 
 
 def ddim_coefficients(schedule: NoiseSchedule, ts):
@@ -98,16 +142,18 @@ def polynomial_eps_coefficients(
     alpha_next = schedule.alpha(ts[1:])
     knots = ts if basis == "t" else rho
     num_steps = ts.shape[0] - 1
-    rows = []
-    for k in range(num_steps):
-        q = min(k, order)
-        h = rho[k + 1] - rho[k]
-        rho_nodes = rho[k] + h * nodes01
+
+    def rows_of(take: Callable, q: int) -> tuple:
+        h = take(rho, 1) - take(rho)
+        rho_nodes = take(rho)[:, None] + h[:, None] * nodes01  # (G, M)
         u = schedule.t_from_rho(rho_nodes) if basis == "t" else rho_nodes
-        basis_vals = lagrange_basis(u, knots[k - q : k + 1][::-1])  # nodes: k, k-1, ..., k-q
-        integral = alpha_next[k] * h * (weights01 @ basis_vals)
-        rows.append(xp.concatenate([integral, xp.zeros(order - q)]))
-    return xp.stack(rows)
+        nodes = xp.stack([take(knots, -j) for j in range(q + 1)], axis=-1)  # k, k-1, ..., k-q
+        basis_vals = lagrange_basis(u, nodes)  # (G, M, q + 1)
+        integral = (take(alpha_next) * h)[:, None] * (weights01 @ basis_vals)
+        return (xp.concatenate([integral, xp.zeros((h.shape[0], order - q))], axis=1),)
+
+    orders = [min(k, order) for k in range(num_steps)]
+    return rows_by_order(xp, orders, rows_of)[0]
 
 
 def adams_bashforth_eps_coefficients(schedule: NoiseSchedule, ts, order: int):

@@ -17,15 +17,24 @@ linear part integrated exactly; see ``deis_jax.sampling.coefficients`` for the f
 
 Multistep methods warm up with lower orders on the history they have (no extra NFE), so they
 spend exactly N NFE for N steps; rhoRK spends S per step.
+
+Every builder is a pure array function of the grid: a numpy ``ts`` gives a numpy float64
+table, a JAX ``ts`` (under ``jax_enable_x64``, traceable and differentiable) a ``jax.numpy``
+one.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from deis_jax.sampling import coefficients as coef
+from deis_jax.sampling.sde import array_namespace
 from deis_jax.sampling.solvers.registry import MethodSpec, register_method
-from deis_jax.sampling.solvers.table import StepTable, eps_prediction, multistep_table
+from deis_jax.sampling.solvers.table import (
+    StepTable,
+    as_float,
+    eps_prediction,
+    finish_table,
+    multistep_table,
+)
 
 
 def build_ddim(schedule, ts, order: int = 0) -> StepTable:
@@ -57,10 +66,12 @@ def rk_tableau_name(order: int, options: dict) -> str:
 def build_rhork(schedule, ts, order: int = 2, tableau: str | None = None) -> StepTable:
     """rhoRK-DEIS table: an explicit Runge-Kutta tableau applied in rho."""
     name = rk_tableau_name(order, {"tableau": tableau})
+    xp = array_namespace(ts)
+    ts = as_float(ts, xp)
     stage_t, stage_x, stage_k, psi, out_k = coef.rk_rho_coefficients(schedule, ts, name)
     n, s = stage_t.shape
-    pred_x, pred_eps = eps_prediction(n, s)
-    return StepTable(
+    pred_x, pred_eps = eps_prediction(n, s, xp)
+    table = StepTable(
         t=stage_t,
         stage_x=stage_x,
         stage_k=stage_k,
@@ -68,9 +79,10 @@ def build_rhork(schedule, ts, order: int = 2, tableau: str | None = None) -> Ste
         pred_eps=pred_eps,
         out_x=psi,
         out_k=out_k,
-        out_hist=np.zeros((n, 0)),
-        out_noise=np.zeros(n),
-    ).as_numpy()
+        out_hist=xp.zeros((n, 0)),
+        out_noise=xp.zeros(n),
+    )
+    return finish_table(table, xp)
 
 
 def _rk_stages(order: int, options: dict) -> int:

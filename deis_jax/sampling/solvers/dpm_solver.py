@@ -66,6 +66,12 @@ belongs in the model wrapper, and is wrong for latent models).
     equals the reference's, because the last step has no corrector. ``lower_order_final``
     works as in ``dpmpp``, but defaults to always (``lower_order_final_below=None``, the
     reference UniPC rule).
+
+Both tables are pure array functions of the grid: a numpy ``ts`` gives numpy float64, a JAX
+``ts`` (under ``jax_enable_x64``; traceable, differentiable) ``jax.numpy`` arrays from the same
+code. The rows are computed one order at a time, vectorised over the steps of that order
+(``deis_jax.sampling.coefficients.rows_by_order``), so a traced table has a graph whose size
+does not grow with the number of steps.
 """
 
 from __future__ import annotations
@@ -75,42 +81,70 @@ from collections.abc import Callable
 
 import numpy as np
 
+from deis_jax.sampling.coefficients import rows_by_order
+from deis_jax.sampling.sde import Array, array_namespace
 from deis_jax.sampling.solvers.registry import MethodSpec, register_method
-from deis_jax.sampling.solvers.table import StepTable, data_prediction, multistep_table
+from deis_jax.sampling.solvers.table import (
+    StepTable,
+    as_float,
+    data_prediction,
+    multistep_table,
+)
 
 DPMPP_ORDER3 = ("authors", "corrected")
 UNIPC_VARIANTS = ("bh1", "bh2")
+PHI_SERIES_TERMS = 40  # terms of the phi_n series used for |z| < 1 (converged in float64)
 
 
-def phi_functions(z: float, n_max: int) -> np.ndarray:
-    """``[phi_1(z), ..., phi_{n_max}(z)]`` in float64, stable for small |z|."""
-    z = float(z)
-    if abs(z) < 1.0:  # series phi_n(z) = sum_j z^j / (j + n)!
-        out = []
-        for n in range(1, n_max + 1):
-            term, total = 1.0 / math.factorial(n), 0.0
-            for j in range(40):
-                total += term
-                term *= z / (j + n + 1)
-            out.append(total)
-        return np.array(out)
-    vals, prev = [], math.exp(z)  # phi_0 = e^z, phi_n = (phi_{n-1} - 1/(n-1)!)/z
-    for n in range(1, n_max + 1):
-        prev = (prev - 1.0 / math.factorial(n - 1)) / z
-        vals.append(prev)
-    return np.array(vals)
+def phi_functions(z: Array, n_max: int) -> Array:
+    """``[phi_1(z), ..., phi_{n_max}(z)]`` stacked on a new last axis, stable for small |z|.
+
+    ``phi_n(z) = int_0^1 e^((1-u) z) u^(n-1)/(n-1)! du``. For ``|z| < 1`` the series
+    ``phi_n(z) = sum_j z^j / (j + n)!`` (40 terms); otherwise the recurrence
+    ``phi_0 = e^z``, ``phi_n = (phi_{n-1} - 1/(n-1)!) / z``. Both branches are evaluated and
+    selected elementwise with ``where``; each is fed a harmless ``z`` (0 for the series, 1 for
+    the recurrence) where it is not selected, so value and gradient are NaN-free. ``z`` may
+    be a Python float, a numpy array (float64) or a JAX array / tracer.
+    """
+    xp = array_namespace(z)
+    z = as_float(z, xp)
+    small = xp.abs(z) < 1.0
+    z_rec = xp.where(small, 1.0, z)
+    ns = np.arange(1, n_max + 1)
+    # the series for all n at once on a last axis, summed term by term; the operands are
+    # broadcast explicitly (an elementwise chain XLA fuses into one kernel, cheap to compile
+    # and to differentiate)
+    shape = (*z.shape, n_max)
+    z_series = xp.broadcast_to(xp.where(small, z, 0.0)[..., None], shape)
+    term = xp.broadcast_to(xp.asarray([1.0 / math.factorial(n) for n in ns]), shape)
+    total = xp.zeros(shape)
+    for j in range(PHI_SERIES_TERMS):
+        total = total + term
+        term = term * (z_series / xp.asarray(j + ns + 1.0))
+    prev, recurrence = xp.exp(z_rec), []
+    for n in ns:
+        prev = (prev - 1.0 / math.factorial(n - 1)) / z_rec
+        recurrence.append(prev)
+    return xp.where(small[..., None], total, xp.stack(recurrence, axis=-1))
 
 
-def _grid(schedule, ts):
-    ts = np.asarray(ts, np.float64)
-    log_alpha = np.asarray(schedule.log_alpha(ts), np.float64)
-    log_rho = np.log(np.asarray(schedule.rho(ts), np.float64))
-    alpha = np.exp(log_alpha)
-    sigma = alpha * np.exp(log_rho)
+def _grid(schedule, ts: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """``(ts, alpha, sigma, lambda, sigma_{k+1}/sigma_k)`` on the grid, in ``ts``' namespace."""
+    xp = array_namespace(ts)
+    ts = as_float(ts, xp)
+    log_alpha = as_float(schedule.log_alpha(ts), xp)
+    log_rho = xp.log(as_float(schedule.rho(ts), xp))
+    alpha = xp.exp(log_alpha)
+    sigma = alpha * xp.exp(log_rho)
     lam = -log_rho
     # sigma_{k+1}/sigma_k computed in log space
-    ratio = np.exp((log_alpha[1:] + log_rho[1:]) - (log_alpha[:-1] + log_rho[:-1]))
+    ratio = xp.exp((log_alpha[1:] + log_rho[1:]) - (log_alpha[:-1] + log_rho[:-1]))
     return ts, alpha, sigma, lam, ratio
+
+
+def _pad_columns(xp, rows: Array, width: int) -> Array:
+    """``rows`` (G, w) zero-padded on the right to (G, width)."""
+    return xp.concatenate([rows, xp.zeros((rows.shape[0], width - rows.shape[1]))], axis=1)
 
 
 def step_orders(num_steps: int, order: int, lower_order_final: bool, below: int | None):
@@ -134,6 +168,9 @@ def _check_lower_order_final(method: str, lower_order_final, below) -> None:
 
 
 def _check_table(table: StepTable, method: str) -> StepTable:
+    """Reject non-finite coefficients of a numpy table (a traced table passes unchecked)."""
+    if array_namespace(*table) is not np:
+        return table
     for name, arr in table._asdict().items():
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"method {method!r}: non-finite coefficients in {name!r}")
@@ -156,30 +193,37 @@ def dpmpp_coefficients(
     if order3 not in DPMPP_ORDER3:
         raise ValueError(f"dpmpp: option 'order3' must be one of {DPMPP_ORDER3}, got {order3!r}")
     _check_lower_order_final("dpmpp", lower_order_final, lower_order_final_below)
+    xp = array_namespace(ts)
     ts, alpha, _, lam, ratio = _grid(schedule, ts)
-    n = ts.size - 1
-    orders = step_orders(n, order, lower_order_final, lower_order_final_below)
+    orders = step_orders(ts.shape[0] - 1, order, lower_order_final, lower_order_final_below)
     weight = 2.0 if order3 == "corrected" else 1.0
-    coefs = np.zeros((n, 3))
-    for k, q in enumerate(orders):
-        h = lam[k + 1] - lam[k]
-        p1, p2, p3 = phi_functions(-h, 3)
-        e1 = h * p1  # 1 - e^-h
+    steps = lam[1:] - lam[:-1]  # h_k
+    phis = phi_functions(-steps, 3)  # (N, 3)
+    first = xp.asarray(np.array([1.0, 0.0, 0.0]))
+    back1 = xp.asarray(np.array([1.0, -1.0, 0.0]))
+    back2 = xp.asarray(np.array([0.0, 1.0, -1.0]))
+
+    def rows_of(take: Callable, q: int) -> tuple:
+        h, phi = take(steps), take(phis)
+        e1 = (h * phi[:, 0])[:, None]  # 1 - e^-h
         if q == 1:
-            row = np.array([e1, 0.0, 0.0])
+            row = e1 * first
         elif q == 2:
-            r0 = (lam[k] - lam[k - 1]) / h
-            d1 = np.array([1.0, -1.0, 0.0]) / r0
-            row = np.array([e1, 0.0, 0.0]) + 0.5 * e1 * d1
+            r0 = (take(steps, -1) / h)[:, None]
+            d1 = back1 / r0
+            row = e1 * first + 0.5 * e1 * d1
         else:
-            r0 = (lam[k] - lam[k - 1]) / h
-            r1 = (lam[k - 1] - lam[k - 2]) / h
-            d1_0 = np.array([1.0, -1.0, 0.0]) / r0
-            d1_1 = np.array([0.0, 1.0, -1.0]) / r1
+            r0 = (take(steps, -1) / h)[:, None]
+            r1 = (take(steps, -2) / h)[:, None]
+            d1_0 = back1 / r0
+            d1_1 = back2 / r1
             d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
-            row = np.array([e1, 0.0, 0.0]) + h * p2 * d1 + weight * h * p3 * d2
-        coefs[k] = alpha[k + 1] * row
+            p2, p3 = phi[:, 1][:, None], phi[:, 2][:, None]
+            row = e1 * first + h[:, None] * p2 * d1 + weight * h[:, None] * p3 * d2
+        return (take(alpha, 1)[:, None] * row,)
+
+    (coefs,) = rows_by_order(xp, orders, rows_of)
     return ratio, coefs
 
 
@@ -187,36 +231,51 @@ def dpmpp_coefficients(
 # UniPC
 
 
-def _unipc_step(lam, k: int, p: int, variant: str):
-    """Weights of step k (order p) on model outputs by lag: index 0 = ``x0_{k+1}`` (the
-    corrector's new value), 1 = ``x0_k``, 1 + j = ``x0_{k-j}``.
+def _unipc_steps(lam: Array, phis: Array, take: Callable, p: int, variant: str, width: int):
+    """Weights of a group of G steps k of order p (read through ``take(x, shift) =
+    x[k + shift]``, see ``rows_by_order``) on model outputs by lag: column 0 = ``x0_{k+1}``
+    (the corrector's new value), 1 = ``x0_k``, 1 + j = ``x0_{k-j}``.
 
-    Returns ``(base, pred, corr)`` without the ``alpha_{k+1}`` factor: ``base`` is the DDIM
-    term, ``pred``/``corr`` the UniP/UniC increments, each of length p + 1.
+    ``phis[k, i - 1] = phi_i(-h_k)`` for i = 1..p + 1 at least. Returns ``(base, pred, corr)``
+    of shape ``(G, width)`` (``width >= p + 1``, zero beyond column p), without the
+    ``alpha_{k+1}`` factor: ``base`` is the DDIM term, ``pred``/``corr`` the UniP/UniC
+    increments.
     """
-    h = lam[k + 1] - lam[k]
+    xp = array_namespace(lam)
+    lam_k = take(lam)
+    h = (take(lam, 1) - lam_k)[:, None]  # (G, 1)
     hh = -h
-    phis = phi_functions(hh, p + 1)
-    b_h = math.expm1(hh) if variant == "bh2" else hh
+    b_h = xp.expm1(hh) if variant == "bh2" else hh
+    zero = xp.zeros_like(h)
     # order conditions: sum_j a_j r_j^(i-1) = i! hh phi_{i+1}(hh) / B(h), i = 1..p
-    rhs = np.array([math.factorial(i) * hh * phis[i] / b_h for i in range(1, p + 1)])
-    rks = np.array([(lam[k - j] - lam[k]) / h for j in range(1, p)] + [1.0])
-    vander = np.stack([rks ** (i - 1) for i in range(1, p + 1)])  # (p, p)
-    base = np.zeros(p + 1)
-    base[1] = -math.expm1(hh)
-    pred = np.zeros(p + 1)
+    factorials = np.array([float(math.factorial(i)) for i in range(1, p + 1)])
+    rhs = factorials * hh * take(phis)[:, 1 : p + 1] / b_h  # (G, p)
+    # r_j = (lambda_{k-j} - lambda_k) / h for j = 1..p-1, and r_p = 1
+    rks = xp.concatenate(
+        [(take(lam, -j) - lam_k)[:, None] / h for j in range(1, p)] + [zero + 1.0], axis=1
+    )
+    vander = xp.stack([rks ** (i - 1) for i in range(1, p + 1)], -2)  # (G, p, p)
+
+    def solve(mat: Array, vec: Array) -> Array:
+        return xp.linalg.solve(mat, vec[..., None])[..., 0]
+
+    def increments(a: Array) -> Array:
+        """``-B sum_{j<p} a_j (x0_{k-j} - x0_k) / r_j`` by lag (column 0 is 0)."""
+        terms = b_h * a[:, : p - 1] / rks[:, : p - 1]  # (G, p - 1)
+        total = zero
+        for j in range(p - 1):  # summed in sequence
+            total = total + terms[:, j : j + 1]
+        rest = xp.zeros((h.shape[0], width - 1 - p))
+        return xp.concatenate([zero, total, -terms, rest], axis=1)
+
+    half = xp.full(h.shape, 0.5)
+    base = xp.concatenate([zero, -xp.expm1(hh), xp.zeros((h.shape[0], width - 2))], axis=1)
+    pred = xp.zeros((h.shape[0], width))
     if p >= 2:
-        a = np.array([0.5]) if p == 2 else np.linalg.solve(vander[:-1, :-1], rhs[:-1])
-        for j in range(1, p):  # -B sum_j a_j (x0_{k-j} - x0_k) / r_j
-            pred[1 + j] += -b_h * a[j - 1] / rks[j - 1]
-            pred[1] += b_h * a[j - 1] / rks[j - 1]
-    a_c = np.array([0.5]) if p == 1 else np.linalg.solve(vander, rhs)
-    corr = np.zeros(p + 1)
-    for j in range(1, p):
-        corr[1 + j] += -b_h * a_c[j - 1] / rks[j - 1]
-        corr[1] += b_h * a_c[j - 1] / rks[j - 1]
-    corr[0] += -b_h * a_c[-1]  # r_p = 1: a^c_p (x0_{k+1} - x0_k)
-    corr[1] += b_h * a_c[-1]
+        pred = increments(half if p == 2 else solve(vander[:, :-1, :-1], rhs[:, :-1]))
+    a_c = half if p == 1 else solve(vander, rhs)
+    last = b_h * a_c[:, -1:]  # r_p = 1: a^c_p (x0_{k+1} - x0_k)
+    corr = increments(a_c) + xp.concatenate([-last, last, xp.zeros((h.shape[0], width - 2))], 1)
     return base, pred, corr
 
 
@@ -237,17 +296,22 @@ def unipc_coefficients(
             f"unipc: option 'variant' must be one of {UNIPC_VARIANTS}, got {variant!r}"
         )
     _check_lower_order_final("unipc", lower_order_final, lower_order_final_below)
+    xp = array_namespace(ts)
     ts, alpha, _, lam, ratio = _grid(schedule, ts)
-    n = ts.size - 1
-    orders = step_orders(n, order, lower_order_final, lower_order_final_below)
-    coefs = np.zeros((n, order + 1))
-    prev_delta = None  # corrector minus predictor of the previous step, by lag from x0_k
-    for k, p in enumerate(orders):
-        base, pred, corr = _unipc_step(lam, k, p, variant)
-        coefs[k, :p] += alpha[k + 1] * (base + pred)[1:]  # lags 0..p-1 from x0_k
-        if prev_delta is not None:  # x^c_k = x~_k + delta . (x0_k, x0_{k-1}, ...)
-            coefs[k, : prev_delta.size] += ratio[k] * prev_delta
-        prev_delta = alpha[k + 1] * (corr - pred)  # lags: 0 = x0_{k+1}, 1 = x0_k, ...
+    orders = step_orders(ts.shape[0] - 1, order, lower_order_final, lower_order_final_below)
+    phis = phi_functions(-(lam[1:] - lam[:-1]), order + 1)  # (N, order + 1)
+    width = order + 1
+
+    def rows_of(take: Callable, p: int) -> tuple:
+        base, pred, corr = _unipc_steps(lam, phis, take, p, variant, width)
+        a_next = take(alpha, 1)[:, None]
+        own = a_next * (base + pred)[:, 1:]  # lags 0..order-1 from x0_k
+        delta = a_next * (corr - pred)  # corrector minus predictor; 0 = x0_{k+1}, 1 = x0_k
+        return _pad_columns(xp, own, width), delta
+
+    own, delta = rows_by_order(xp, orders, rows_of)
+    # x^c_k = x~_k + delta_{k-1} . (x0_k, x0_{k-1}, ...): row k also applies step k-1's UniC
+    coefs = xp.concatenate([own[:1], own[1:] + ratio[1:, None] * delta[:-1]])
     return ratio, coefs
 
 

@@ -13,25 +13,36 @@ combinations act on: eps itself (``0, 1``) or the data prediction
 ``x0 = (X - sigma eps) / alpha`` (``1/alpha, -sigma/alpha``). Multistep methods have S = 1 and
 a history; Runge-Kutta methods have S stages and no history; stochastic methods add noise.
 The device loop (``deis_jax.sampling.sampler.run_table``) is nothing but these multiply-adds.
+
+Tables are pure array functions of the time grid: built from a numpy grid they are numpy
+float64 (``StepTable.as_numpy``); built from a JAX array (under ``jax_enable_x64``, possibly a
+tracer inside ``jax.jit``/``jax.grad``) every field is a ``jax.numpy`` array computed by the
+same code, so a grid can be optimised through its coefficients.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+
+from deis_jax.sampling.sde import Array, array_namespace
 
 
 class StepTable(NamedTuple):
-    t: np.ndarray  # (N, S) stage times, continuous SDE time
-    stage_x: np.ndarray  # (N, S)
-    stage_k: np.ndarray  # (N, S, S), strictly lower triangular in the last two axes
-    pred_x: np.ndarray  # (N, S)
-    pred_eps: np.ndarray  # (N, S)
-    out_x: np.ndarray  # (N,)
-    out_k: np.ndarray  # (N, S)
-    out_hist: np.ndarray  # (N, H)
-    out_noise: np.ndarray  # (N,)
+    """Per-step coefficients (numpy float64 on the host, or ``jax.numpy`` arrays when built
+    from a JAX grid); shapes below with N steps, S stages and H history slots."""
+
+    t: Array  # (N, S) stage times, continuous SDE time
+    stage_x: Array  # (N, S)
+    stage_k: Array  # (N, S, S), strictly lower triangular in the last two axes
+    pred_x: Array  # (N, S)
+    pred_eps: Array  # (N, S)
+    out_x: Array  # (N,)
+    out_k: Array  # (N, S)
+    out_hist: Array  # (N, H)
+    out_noise: Array  # (N,)
 
     @property
     def num_steps(self) -> int:
@@ -53,44 +64,66 @@ class StepTable(NamedTuple):
         return StepTable(*(np.asarray(a, dtype=np.float64) for a in self))
 
 
-def eps_prediction(n: int, s: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """``(pred_x, pred_eps)`` for methods that combine eps values."""
-    return np.zeros((n, s)), np.ones((n, s))
+def as_float(x: Array, xp) -> Array:
+    """``x`` as a float array of namespace ``xp``: float64 for numpy; for ``jax.numpy`` the
+    default float dtype (float64 under ``jax_enable_x64``), without a host round trip."""
+    if xp is np:
+        return np.asarray(x, dtype=np.float64)
+    return jnp.asarray(x, dtype=jnp.result_type(float))
 
 
-def data_prediction(alpha, sigma) -> tuple[np.ndarray, np.ndarray]:
-    """``(pred_x, pred_eps)`` turning eps into ``x0 = (X - sigma eps)/alpha`` at each stage."""
-    alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+def finish_table(table: StepTable, xp) -> StepTable:
+    """``table.as_numpy()`` when it was built with numpy, else ``table`` unchanged (its fields
+    stay ``jax.numpy`` arrays, possibly tracers)."""
+    return table.as_numpy() if xp is np else table
+
+
+def eps_prediction(n: int, s: int = 1, xp=np) -> tuple[Array, Array]:
+    """``(pred_x, pred_eps) = (0, 1)`` of shape ``(n, s)`` for methods that combine eps values."""
+    return xp.zeros((n, s)), xp.ones((n, s))
+
+
+def data_prediction(alpha: Array, sigma: Array) -> tuple[Array, Array]:
+    """``(pred_x, pred_eps) = (1/alpha, -sigma/alpha)``: eps turned into
+    ``x0 = (X - sigma eps)/alpha`` at each stage. The namespace follows the arguments."""
+    xp = array_namespace(alpha, sigma)
+    alpha, sigma = as_float(alpha, xp), as_float(sigma, xp)
     return 1.0 / alpha, -sigma / alpha
 
 
 def multistep_table(
-    ts,
-    out_x,
-    coefs,
+    ts: Array,
+    out_x: Array,
+    coefs: Array,
     *,
-    prediction: tuple[np.ndarray, np.ndarray] | None = None,
-    out_noise=None,
+    prediction: tuple[Array, Array] | None = None,
+    out_noise: Array | None = None,
 ) -> StepTable:
     """Single-stage table: ``x_{k+1} = out_x_k x_k + sum_j coefs[k, j] K_{k-j} (+ noise)``.
 
     ``coefs[:, 0]`` multiplies the current evaluation, ``coefs[:, j]`` the one j steps back.
+    With numpy inputs the table is numpy float64; if any input is a JAX array (or tracer) the
+    fields are ``jax.numpy`` arrays.
     """
-    ts = np.asarray(ts, np.float64)
-    coefs = np.asarray(coefs, np.float64)
-    n = ts.size - 1
-    pred_x, pred_eps = eps_prediction(n) if prediction is None else prediction
-    return StepTable(
+    extra = (() if prediction is None else tuple(prediction)) + (
+        () if out_noise is None else (out_noise,)
+    )
+    xp = array_namespace(ts, out_x, coefs, *extra)
+    ts, coefs = as_float(ts, xp), as_float(coefs, xp)
+    n = ts.shape[0] - 1
+    pred_x, pred_eps = eps_prediction(n, xp=xp) if prediction is None else prediction
+    table = StepTable(
         t=ts[:-1, None],
-        stage_x=np.ones((n, 1)),
-        stage_k=np.zeros((n, 1, 1)),
-        pred_x=np.reshape(pred_x, (n, 1)),
-        pred_eps=np.reshape(pred_eps, (n, 1)),
-        out_x=np.asarray(out_x, np.float64),
+        stage_x=xp.ones((n, 1)),
+        stage_k=xp.zeros((n, 1, 1)),
+        pred_x=xp.reshape(as_float(pred_x, xp), (n, 1)),
+        pred_eps=xp.reshape(as_float(pred_eps, xp), (n, 1)),
+        out_x=as_float(out_x, xp),
         out_k=coefs[:, :1],
         out_hist=coefs[:, 1:],
-        out_noise=np.zeros(n) if out_noise is None else np.asarray(out_noise, np.float64),
-    ).as_numpy()
+        out_noise=xp.zeros(n) if out_noise is None else as_float(out_noise, xp),
+    )
+    return finish_table(table, xp)
 
 
 def final_denoise_table(schedule, t0: float) -> StepTable:
