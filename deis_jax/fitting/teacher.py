@@ -1,0 +1,390 @@
+"""The one teacher every fitting method shares: accurate trajectories on a fine grid, cached.
+
+A teacher for a frozen ``eps_fn`` and starting points ``x_T`` (n of them) is the probability-
+flow ODE solved accurately from ``t1`` to ``t0``, recorded on a fine grid of ``M`` times
+``ts[0] = t1 > ... > ts[M-1] = t0`` (default: 61 points uniform in log-SNR):
+
+* ``states[:, k]`` -- the solution at ``ts[k]`` (``states[:, 0] = x_T``, ``states[:, -1] = x0``);
+* ``eps[:, k] = eps_fn(states[:, k], ts[k])`` for ``k = 0 .. M-2`` -- what grid searches such
+  as GITS read (one jump from node k needs the model output there, never at ``t0``);
+* ``x0`` -- the endpoint, all that LD3-style endpoint losses need (``keep_states=False``).
+
+The solver is classical RK4 in ``rho = sigma/alpha`` (``rhork``, order 4) on a *refined* grid
+that splits every fine interval ``[ts[k], ts[k+1]]`` into ``substeps`` sub-intervals equal in
+log-SNR (``log rho_{k,s} = log rho_k + (s/S)(log rho_{k+1} - log rho_k)``), so the fine nodes
+are refined nodes and their states are read off one ``trajectory=True`` run of the ordinary
+sampler -- no second integrator. Its accuracy is recorded as the Richardson estimate
+``error_estimate = RMS(x0_fine - x0_coarse) / 15``, with ``x0_coarse`` the same solve on every
+other refined node (half the substeps) for the first ``error_samples`` rows of ``x_T``: for a
+fourth-order method the coarse error is about 16 times the fine one, so their difference is
+about 15 times the fine error.
+
+Teachers are cached as one ``.npz`` (written atomically) next to their settings: the solver,
+the fine grid, the schedule, the working dtype, the caller's ``model_id`` (e.g. a hash of the
+network parameters) and a sha256 of ``x_T``. :func:`load_or_solve_teacher` reuses a file only
+when all of these match, and recomputes (never crashes) on a torn or corrupt file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import numbers
+import zipfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from deis_jax.io_utils import atomic_write_bytes
+from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
+from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power, time_grid
+from deis_jax.sampling.wrappers import EpsFn, model_argument
+
+TEACHER_FORMAT = 1
+TEACHER_SOLVER = {"method": "rhork", "order": 4}
+TEACHER_GRID_KINDS = tuple(k for k in GRID_KINDS if k != "custom")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Teacher:
+    """Teacher trajectories on a fine grid (see the module docstring).
+
+    ``ts``: (M,) float64, decreasing from t1 to t0. ``x_T``, ``x0``: (n, *shape).
+    ``states``: (n, M, *shape) or None; ``eps``: (n, M-1, *shape) or None.
+    ``settings``: JSON-able description of how the teacher was made (the cache key).
+    ``error_estimate``: Richardson estimate of the RMS error of ``x0``.
+    """
+
+    ts: np.ndarray
+    x_T: np.ndarray
+    x0: np.ndarray
+    states: np.ndarray | None
+    eps: np.ndarray | None
+    settings: dict
+    error_estimate: float
+
+    @property
+    def num_points(self) -> int:
+        """M, the number of fine grid points."""
+        return int(self.ts.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        """n, the number of trajectories."""
+        return int(self.x_T.shape[0])
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def working_dtype() -> np.dtype:
+    """float64 when ``jax_enable_x64`` is on, else float32."""
+    return np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
+
+
+def array_digest(x) -> str:
+    """sha256 (hex) of an array's shape and float64 values (so float32 and float64 copies of
+    the same values hash alike)."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float64))
+    digest = hashlib.sha256(repr(x.shape).encode())
+    digest.update(x.tobytes())
+    return digest.hexdigest()
+
+
+def describe_schedule(schedule: NoiseSchedule) -> dict[str, Any]:
+    """A JSON-able description of ``schedule``: its class and dataclass fields, arrays
+    replaced by their :func:`array_digest` (a ``repr`` hides e.g. the discrete
+    ``alphas_cumprod``)."""
+    out: dict[str, Any] = {"class": type(schedule).__name__}
+    if dataclasses.is_dataclass(schedule):
+        for field in dataclasses.fields(schedule):
+            value = getattr(schedule, field.name)
+            if isinstance(value, np.ndarray | jax.Array):
+                value = "sha256:" + array_digest(value)
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[field.name] = value
+    else:
+        out["repr"] = repr(schedule)
+    return json.loads(json.dumps(out, default=repr))
+
+
+def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+def teacher_settings(
+    schedule: NoiseSchedule,
+    x_T,
+    *,
+    t0: float | None = None,
+    t1: float | None = None,
+    num_points: int = 61,
+    grid: str = "log_snr",
+    grid_power: float | None = None,
+    substeps: int = 4,
+    keep_states: bool = True,
+    model_id: str = "",
+    error_samples: int | None = 16,
+) -> dict[str, Any]:
+    """The validated, JSON-normalised settings of a teacher (the cache key of
+    :func:`load_or_solve_teacher`); the arguments are those of :func:`solve_teacher`.
+    ``batch_size`` is not a setting: it does not change the result."""
+    _check_int("num_points", num_points, 2)
+    _check_int("substeps", substeps, 1)
+    _check_int("error_samples", error_samples, 1, allow_none=True)
+    if grid not in TEACHER_GRID_KINDS:
+        raise ValueError(f"grid must be one of {TEACHER_GRID_KINDS}, got {grid!r}")
+    grid_power = check_grid_power(grid, grid_power)
+    if not isinstance(model_id, str):
+        raise ValueError(f"model_id must be a string, got {model_id!r}")
+    shape = np.shape(x_T)
+    if len(shape) < 2 or shape[0] < 1:
+        raise ValueError(f"x_T must have shape (n, ...) with n >= 1, got {shape}")
+    t0, t1 = schedule.interval(t0, t1)
+    settings = {
+        "format": TEACHER_FORMAT,
+        "solver": dict(TEACHER_SOLVER),
+        "num_points": int(num_points),
+        "grid": grid,
+        "grid_power": grid_power,
+        "substeps": int(substeps),
+        "t0": t0,
+        "t1": t1,
+        "schedule": describe_schedule(schedule),
+        "dtype": working_dtype().name,
+        "keep_states": bool(keep_states),
+        "error_samples": error_samples,
+        "model_id": model_id,
+        "x_T_shape": list(shape),
+        "x_T_sha256": array_digest(x_T),
+    }
+    return json.loads(json.dumps(settings))
+
+
+# --- the solve ------------------------------------------------------------------------------
+
+
+def refine_grid(schedule: NoiseSchedule, ts: np.ndarray, substeps: int) -> np.ndarray:
+    """Split every interval of the decreasing grid ``ts`` into ``substeps`` parts equal in
+    log-SNR (equivalently in ``log rho``); ``refined[::substeps] == ts`` exactly."""
+    ts = np.asarray(ts, np.float64)
+    log_rho = np.log(np.asarray(schedule.rho(ts), np.float64))
+    frac = np.arange(substeps) / substeps
+    sub = log_rho[:-1, None] + frac[None, :] * np.diff(log_rho)[:, None]  # (M-1, S)
+    refined = np.asarray(schedule.t_from_rho(np.exp(sub.ravel())), np.float64)
+    refined = np.append(refined, ts[-1])
+    refined[::substeps] = ts
+    return refined
+
+
+def halve_grid(ts: np.ndarray) -> np.ndarray:
+    """Every other point of ``ts``, endpoints kept (the last step is a single one when the
+    number of steps is odd)."""
+    coarse = ts[::2]
+    return coarse if coarse[-1] == ts[-1] else np.append(coarse, ts[-1])
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_plan(schedule: NoiseSchedule, ts: tuple[float, ...]) -> SamplingPlan:
+    return make_plan(schedule, np.array(ts, np.float64), **TEACHER_SOLVER)
+
+
+def teacher_plan(schedule: NoiseSchedule, ts: np.ndarray) -> SamplingPlan:
+    """The teacher's RK4 plan on ``ts``; the same object for the same (schedule, grid), so a
+    repeated solve reuses the compiled loop (plans are static arguments, hashed by
+    identity). An unhashable schedule gets a fresh plan."""
+    try:
+        hash(schedule)
+    except TypeError:
+        return make_plan(schedule, np.asarray(ts, np.float64), **TEACHER_SOLVER)
+    return _cached_plan(schedule, tuple(float(t) for t in ts))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _solve_batch(plan: SamplingPlan, eps_fn, x_T, stride: int, keep_states: bool):
+    """x0, and (if ``keep_states``) the states at every ``stride``-th grid point and eps
+    there (all but the last), batch axis first."""
+    if not keep_states:
+        return sample(plan, eps_fn, x_T), None, None
+    x0, states = sample(plan, eps_fn, x_T, trajectory=True)
+    fine = states[::stride]  # (M, B, ...)
+    ts = jnp.asarray(plan.ts[::stride][:-1], x_T.dtype)
+    eps = jax.lax.map(lambda a: eps_fn(a[0], a[1]), (fine[:-1], ts))
+    return x0, jnp.moveaxis(fine, 0, 1), jnp.moveaxis(eps, 0, 1)
+
+
+def _batched(fn, x: np.ndarray, batch_size: int | None) -> list:
+    """Apply ``fn`` to ``x`` in batches of ``batch_size`` rows (the last one padded by
+    repeating its final row, so every call has one shape and compiles once), concatenating
+    each output (``None`` outputs stay ``None``)."""
+    n = x.shape[0]
+    batch = n if batch_size is None else min(batch_size, n)
+    parts = []
+    for start in range(0, n, batch):
+        chunk = x[start : start + batch]
+        size = chunk.shape[0]
+        if size < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - size, axis=0)])
+        out = fn(jnp.asarray(chunk))
+        parts.append([None if o is None else np.asarray(o)[:size] for o in out])
+    return [None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True)]
+
+
+def solve_teacher(
+    schedule: NoiseSchedule,
+    eps_fn: EpsFn,
+    x_T,
+    *,
+    t0: float | None = None,
+    t1: float | None = None,
+    num_points: int = 61,
+    grid: str = "log_snr",
+    grid_power: float | None = None,
+    substeps: int = 4,
+    keep_states: bool = True,
+    model_id: str = "",
+    batch_size: int | None = None,
+    error_samples: int | None = 16,
+) -> Teacher:
+    """Solve the probability-flow ODE from every row of ``x_T`` (shape (n, ...)).
+
+    Fine grid: ``time_grid(schedule, num_points - 1, grid, power=grid_power, t0=t0, t1=t1)``.
+    Solver: RK4 in rho on that grid refined ``substeps`` times in log-SNR (the module
+    docstring), i.e. ``4 * substeps * (num_points - 1)`` eps calls per sample, plus
+    ``num_points - 1`` for the stored eps when ``keep_states``. Rows are processed
+    ``batch_size`` at a time (default: all at once) in float64 under ``jax_enable_x64``, else
+    float32. ``error_estimate`` uses the first ``error_samples`` rows (None: all).
+    """
+    _check_int("batch_size", batch_size, 1, allow_none=True)
+    settings = teacher_settings(
+        schedule, x_T, t0=t0, t1=t1, num_points=num_points, grid=grid, grid_power=grid_power,
+        substeps=substeps, keep_states=keep_states, model_id=model_id,
+        error_samples=error_samples,
+    )  # fmt: skip
+    dtype = working_dtype()
+    x_T = np.asarray(x_T, dtype)
+    ts = time_grid(schedule, num_points - 1, grid, power=grid_power, t0=t0, t1=t1)
+    refined = refine_grid(schedule, ts, substeps)
+    plan = teacher_plan(schedule, refined)
+    eps_arg = model_argument(eps_fn)
+
+    x0, states, eps = _batched(
+        lambda x: _solve_batch(plan, eps_arg, x, substeps, keep_states), x_T, batch_size
+    )
+
+    num_check = x_T.shape[0] if error_samples is None else min(error_samples, x_T.shape[0])
+    coarse_plan = teacher_plan(schedule, halve_grid(refined))
+    (coarse,) = _batched(
+        lambda x: (_solve_batch(coarse_plan, eps_arg, x, 1, False)[0],),
+        x_T[:num_check],
+        batch_size,
+    )
+    diff = np.asarray(x0[:num_check], np.float64) - np.asarray(coarse, np.float64)
+    error_estimate = float(np.sqrt(np.mean(diff**2)) / 15.0)
+    return Teacher(ts, x_T, x0, states, eps, settings, error_estimate)
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+def save_teacher(path: str, teacher: Teacher) -> None:
+    """Write ``teacher`` to ``path`` as one ``.npz`` (settings as a JSON string), atomically."""
+    arrays = {
+        "ts": np.asarray(teacher.ts, np.float64),
+        "x_T": teacher.x_T,
+        "x0": teacher.x0,
+        "settings": np.array(json.dumps(teacher.settings, sort_keys=True)),
+        "error_estimate": np.float64(teacher.error_estimate),
+    }
+    if teacher.states is not None:
+        arrays["states"] = teacher.states
+    if teacher.eps is not None:
+        arrays["eps"] = teacher.eps
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_teacher(path: str, *, states: bool = True) -> Teacher:
+    """Read a teacher written by :func:`save_teacher` (``states=False`` skips reading the
+    states and eps). A file whose arrays do not fit together raises ``ValueError``."""
+    with np.load(path, allow_pickle=False) as data:
+        ts, x_T, x0 = data["ts"], data["x_T"], data["x0"]
+        settings = json.loads(str(data["settings"]))
+        error_estimate = float(data["error_estimate"])
+        st = data["states"] if states and "states" in data.files else None
+        eps = data["eps"] if states and "eps" in data.files else None
+    n, m = x_T.shape[0], ts.shape[0]
+    ok = ts.ndim == 1 and x0.shape == x_T.shape and isinstance(settings, dict)
+    ok = ok and (st is None or st.shape == (n, m) + x_T.shape[1:])
+    ok = ok and (eps is None or eps.shape == (n, m - 1) + x_T.shape[1:])
+    if not ok:
+        raise ValueError(f"teacher file {path} is inconsistent (array shapes do not match)")
+    return Teacher(ts, x_T, x0, st, eps, settings, error_estimate)
+
+
+def settings_differences(cached: dict, requested: dict) -> list[str]:
+    """The settings keys whose values differ. A cached teacher with states also serves a
+    request without them (``keep_states``: True cached, False requested is not a
+    difference)."""
+    keys = sorted(set(cached) | set(requested))
+    diff = [k for k in keys if cached.get(k) != requested.get(k)]
+    if "keep_states" in diff and cached.get("keep_states") and not requested.get("keep_states"):
+        diff.remove("keep_states")
+    return diff
+
+
+def _describe(key: str, value) -> str:
+    text = repr(value)
+    return text[:19] + "..." if key.endswith("sha256") and len(text) > 22 else text
+
+
+def load_or_solve_teacher(
+    path: str,
+    schedule: NoiseSchedule,
+    eps_fn: EpsFn,
+    x_T,
+    *,
+    model_id: str,
+    **settings,
+) -> Teacher:
+    """The teacher cached at ``path`` when it was made with the same settings (those of
+    :func:`solve_teacher`, passed as keywords), ``model_id`` and ``x_T``; otherwise solve it
+    and overwrite the file. A missing, torn or corrupt file is recomputed (with a warning for
+    the latter two), never an error."""
+    batch_size = settings.pop("batch_size", None)
+    requested = teacher_settings(schedule, x_T, model_id=model_id, **settings)
+    try:
+        cached = load_teacher(path, states=requested["keep_states"])
+    except FileNotFoundError:
+        logging.info("teacher cache %s: no file; solving", path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        logging.warning("teacher cache %s is unreadable (%s: %s); recomputing",
+                        path, type(err).__name__, err)  # fmt: skip
+    else:
+        diff = settings_differences(cached.settings, requested)
+        if not diff:
+            logging.info("teacher cache %s: reusing", path)
+            if cached.settings["keep_states"] != requested["keep_states"]:
+                cached = dataclasses.replace(cached, settings=requested)
+            return cached
+        for key in diff:
+            logging.info("teacher cache %s: %s differs (cached %s, requested %s); recomputing",
+                         path, key, _describe(key, cached.settings.get(key)),
+                         _describe(key, requested.get(key)))  # fmt: skip
+    teacher = solve_teacher(schedule, eps_fn, x_T, model_id=model_id, batch_size=batch_size,
+                            **settings)  # fmt: skip
+    save_teacher(path, teacher)
+    return teacher
