@@ -1,0 +1,374 @@
+"""LD3: learn a sampler's time grid by backpropagating through the sampler (Tong et al., 2025).
+
+**Grid.** Between the fixed ends of ``plan.ts`` the grid lives in half-log-SNR
+``lambda = log(alpha / sigma)``. With ``N`` steps and ``N`` logits ``theta``,
+
+    lambda_i = lambda_0 + (lambda_N - lambda_0) * sum_{m < i} softmax(theta)_m,  i = 0..N,
+
+so the ends are exact, the grid is strictly monotone by construction (every softmax weight is
+positive) and ``theta`` has ``N - 1`` effective degrees of freedom (adding a constant does
+nothing). ``theta_init = log(diff(lambda(plan.ts)))`` reproduces ``plan.ts``: the fit starts
+from the plan's own grid. ``t_i = schedule.t_from_log_snr(2 lambda_i)``.
+
+**Table (optional).** With ``learn_table=True`` the method's output coefficients also get
+bounded sum-zero corrections ``raw`` (``deis_jax.sampling.learned.corrected_table``), fitted
+jointly with the grid; ``raw = 0`` is the base method.
+
+**Loss.** For starting points ``x_T`` and teacher endpoints ``x0`` (an accurate ODE solve from
+the same ``x_T``), the mean over samples of the squared distance per dimension,
+
+    L(theta, raw) = mean_b  |Psi_{theta, raw}(x_T^b) - x0^b|^2 / D        (= RMSE^2),
+
+where ``Psi`` is :func:`deis_jax.sampling.sampler.sample` run with ``plan.build_table(ts)`` --
+the same builder and the same scan as ordinary sampling, differentiated by ``jax.grad``.
+
+**Soft teacher (optional, ``ball > 0``).** LD3's relaxation: the student may start from a
+moved latent ``x_T'`` in the ball ``|x_T' - x_T| <= r`` with ``r = ball * sqrt(D) / N^2``
+(``N`` steps; in ``x_T`` units, so ``ball`` is the radius relative to ``|x_T| ~ sqrt(D)`` at
+one step; LD3's CIFAR-10 setting ``0.001 D / N^2`` is ``ball = 0.001 sqrt(D)``). Per update,
+each training latent takes one gradient step of size ``shift_lr`` (default ``12 / N``) on its
+own loss, is projected onto its ball, and the move is kept only if that sample's loss with the
+updated parameters is lower than before the update. If no latent of an update moved,
+``shift_lr`` is halved. Validation always uses the original latents.
+
+**Optimisation.** Adam (optax) on ``(theta, raw)`` jointly with global-norm gradient clipping;
+minibatches from ``PRNGKey(seed)`` (shuffled passes; full batch when ``batch_size`` is None);
+the validation loss is evaluated first at the init and then every ``eval_every`` updates,
+training stops after ``patience`` evaluations without improvement, and the parameters with the
+best validation loss are returned -- never worse than the init on the validation set. An
+update whose loss or gradient is not finite is skipped (and logged).
+
+Precision: fit under ``jax_enable_x64`` with float64 ``x_T`` when the grid must be accurate;
+the returned grid is recomputed on the host in float64 from the best logits either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from deis_jax.sampling.learned import corrected_table, correction_mask
+from deis_jax.sampling.sampler import SamplingPlan, sample
+from deis_jax.sampling.sde import Array, array_namespace
+from deis_jax.sampling.wrappers import EpsFn, model_argument
+
+logger = logging.getLogger(__name__)
+
+Params = dict[str, Array]  # {"theta": (N,)} plus {"raw": (N, S + H)} when learning a table
+
+
+class LD3Result(NamedTuple):
+    """What :func:`fit_ld3` found.
+
+    ``ts``: the best grid (numpy float64, decreasing, the plan's end points); ``raw``: the best
+    table corrections (``(N, S + H)`` numpy, for ``corrected_table``) or None when only the
+    grid was fitted; ``theta``: the best logits. ``train_loss[i]``: the minibatch loss before
+    update ``i`` (NaN for a skipped update); ``val_loss``: the validation loss at each
+    evaluation after an update (one per update when ``eval_every = 1``); ``best_step``: the
+    number of updates behind the best parameters (0 = the init); ``seconds``: wall time.
+    """
+
+    ts: np.ndarray
+    raw: np.ndarray | None
+    theta: np.ndarray
+    train_loss: list[float]
+    val_loss: list[float]
+    best_step: int
+    init_val_loss: float
+    best_val_loss: float
+    seconds: float
+    skipped_steps: int
+
+
+# --- grid parametrisation -----------------------------------------------------------------
+
+
+def half_log_snr(plan: SamplingPlan) -> np.ndarray:
+    """``lambda = log(alpha / sigma) = log_snr / 2`` at the plan's grid (float64, increasing)."""
+    return 0.5 * np.asarray(plan.schedule.log_snr(np.asarray(plan.ts, np.float64)), np.float64)
+
+
+def init_theta(plan: SamplingPlan) -> np.ndarray:
+    """Logits reproducing ``plan.ts``: ``theta_i = log(lambda_{i+1} - lambda_i)``, shape (N,)."""
+    return np.log(np.diff(half_log_snr(plan)))
+
+
+def grid_from_params(plan: SamplingPlan, theta: Array) -> Array:
+    """The grid ``ts`` (length N + 1, decreasing) of logits ``theta`` (shape (N,)).
+
+    ``lambda_i = lambda_0 + (lambda_N - lambda_0) cumsum(softmax(theta))_{i-1}`` for the
+    interior points; the ends are ``plan.ts[0]`` and ``plan.ts[-1]`` exactly. numpy ``theta``
+    gives a numpy float64 grid, a JAX ``theta`` (possibly traced) a ``jax.numpy`` one.
+    """
+    xp = array_namespace(theta)
+    n = plan.num_steps
+    if tuple(theta.shape) != (n,):
+        raise ValueError(f"theta must have shape ({n},) (one logit per step), got {theta.shape}")
+    lam = half_log_snr(plan)
+    e = xp.exp(theta - xp.max(theta))
+    fractions = xp.cumsum(e / xp.sum(e))[:-1]
+    interior = plan.schedule.t_from_log_snr(2.0 * (lam[0] + (lam[-1] - lam[0]) * fractions))
+    ends = plan.ts[:1], plan.ts[-1:]
+    if xp is np:
+        return np.concatenate([ends[0], np.asarray(interior, np.float64), ends[1]])
+    first, last = (jnp.asarray(end, interior.dtype) for end in ends)
+    return jnp.concatenate([first, interior, last])
+
+
+def fitted_table(plan: SamplingPlan, params: Params, max_delta: float):
+    """The step table of ``params``: ``plan``'s method on ``grid_from_params``, with the learned
+    corrections when ``params`` has ``raw``. Traceable."""
+    table = plan.build_table(grid_from_params(plan, params["theta"]))
+    if "raw" in params:
+        table = corrected_table(table, params["raw"], max_delta)
+    return table
+
+
+# --- loss ---------------------------------------------------------------------------------
+
+
+def per_sample_loss(
+    plan: SamplingPlan,
+    max_delta: float,
+    params: Params,
+    eps_fn: EpsFn,
+    x_T: jax.Array,
+    x0: jax.Array,
+) -> jax.Array:
+    """``|Psi_params(x_T^b) - x0^b|^2 / D`` for every sample ``b`` (shape ``(B,)``)."""
+    table = fitted_table(plan, params, max_delta)
+    out = sample(plan, eps_fn, x_T, table=table)
+    err = (out - jnp.asarray(x0, out.dtype)).reshape(out.shape[0], -1)
+    return jnp.mean(err**2, axis=1)
+
+
+def _mean_loss(plan, max_delta, params, eps_fn, x_T, x0):
+    losses = per_sample_loss(plan, max_delta, params, eps_fn, x_T, x0)
+    return jnp.mean(losses), losses
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _loss_and_grads(plan, max_delta, latent_grad, params, eps_fn, x_T, x0):
+    """``((mean loss, per-sample losses), (d/dparams, d/dx_T or None))`` of the mean loss;
+    the latent gradient (for the soft teacher) only when ``latent_grad``."""
+    argnums = (2, 4) if latent_grad else 2
+    value, grads = jax.value_and_grad(_mean_loss, argnums=argnums, has_aux=True)(
+        plan, max_delta, params, eps_fn, x_T, x0
+    )
+    return value, (grads if latent_grad else (grads, None))
+
+
+_per_sample_loss_jit = jax.jit(per_sample_loss, static_argnums=(0, 1))
+
+
+# --- fitting ------------------------------------------------------------------------------
+
+
+def _check_inputs(x_T, x0, name: str) -> tuple[np.ndarray, np.ndarray]:
+    x_T, x0 = np.asarray(x_T), np.asarray(x0)
+    if x_T.shape != x0.shape or x_T.ndim < 2 or len(x_T) == 0:
+        raise ValueError(
+            f"x_T_{name} and x0_{name} must be non-empty batches of the same shape (B, ...), "
+            f"got {x_T.shape} and {x0.shape}"
+        )
+    return x_T, x0
+
+
+def _finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def _project_to_ball(x: np.ndarray, center: np.ndarray, radius: float) -> np.ndarray:
+    """Per sample, the point of the ball ``|x - center| <= radius`` nearest to ``x``."""
+    d = (x - center).reshape(len(x), -1)
+    norm = np.linalg.norm(d, axis=1, keepdims=True)
+    factor = np.minimum(1.0, radius / np.maximum(norm, 1e-300))
+    return center + (d * factor).reshape(x.shape)
+
+
+class _SoftTeacher:
+    """LD3's soft teacher: per-sample latents ``x_T'`` kept within ``|x_T' - x_T| <= radius``
+    (on the host; see the module docstring)."""
+
+    def __init__(self, x_T: np.ndarray, radius: float, lr: float):
+        self.origin, self.moved = x_T, x_T.copy()
+        self.radius, self.lr = radius, lr
+
+    def move(self, idx: np.ndarray, losses, grad, updated_loss: Callable, x0) -> int:
+        """One projected gradient step on the latents ``idx``, kept per sample only where
+        ``updated_loss(x_T', x0)`` (per sample, with the updated parameters) is below
+        ``losses`` (the loss before the update). ``grad`` is the gradient of the batch-*mean*
+        loss, so ``B * grad`` is each sample's own. Halves the step size when nothing moved;
+        returns the number of latents moved."""
+        g = np.asarray(grad, np.float64) * len(idx)
+        if not np.all(np.isfinite(g)):
+            return 0
+        trial = self.moved[idx] - self.lr * g
+        trial = _project_to_ball(trial, self.origin[idx], self.radius).astype(self.moved.dtype)
+        after = np.asarray(updated_loss(trial, x0))
+        accept = np.isfinite(after) & (after < np.asarray(losses))
+        self.moved[idx[accept]] = trial[accept]
+        if not accept.any():
+            self.lr *= 0.5
+        return int(accept.sum())
+
+
+class _Batches:
+    """Index batches: shuffled passes over ``n`` samples (dropping a short last batch, so
+    every batch has the same shape), or the full set every time."""
+
+    def __init__(self, n: int, batch_size: int | None, seed: int):
+        self.n = n
+        self.size = n if batch_size is None or batch_size >= n else int(batch_size)
+        self.full = self.size == n
+        self.key = jax.random.PRNGKey(seed)
+        self.order = np.arange(n)
+        self.pos = n
+
+    def next(self) -> np.ndarray:
+        if self.full:
+            return self.order
+        if self.pos + self.size > self.n:
+            self.key, sub = jax.random.split(self.key)
+            self.order = np.asarray(jax.random.permutation(sub, self.n))
+            self.pos = 0
+        idx = self.order[self.pos : self.pos + self.size]
+        self.pos += self.size
+        return idx
+
+
+def fit_ld3(
+    plan: SamplingPlan,
+    eps_fn: EpsFn,
+    x_T_train,
+    x0_train,
+    x_T_val,
+    x0_val,
+    *,
+    learn_table: bool = False,
+    max_delta: float = 0.1,
+    steps: int = 300,
+    learning_rate: float = 0.05,
+    batch_size: int | None = None,
+    patience: int = 30,
+    ball: float = 0.0,
+    shift_lr: float | None = None,
+    clip_norm: float = 1.0,
+    eval_every: int = 1,
+    seed: int = 0,
+    callback: Callable[[int, float, float | None], None] | None = None,
+) -> LD3Result:
+    """Fit ``plan``'s grid (and with ``learn_table`` its coefficients) to teacher endpoints.
+
+    ``x_T_*`` are starting points at ``plan.ts[0]`` and ``x0_*`` the teacher's endpoints at
+    ``plan.ts[-1]`` from the same points (``*_train`` drive the updates, ``*_val`` the early
+    stopping). ``max_delta`` bounds the table corrections (``corrected_table``). ``steps``
+    updates of Adam(``learning_rate``) after clipping the global gradient norm to
+    ``clip_norm``; ``batch_size`` training samples per update (None: all); ``patience``
+    validation evaluations (every ``eval_every`` updates) without improvement stop the fit.
+    ``ball > 0`` turns on the soft teacher (module docstring; ``shift_lr`` default ``12/N``).
+    ``callback(step, train_loss, val_loss)`` is called after every update (``val_loss`` None
+    when the update was not evaluated). See the module docstring for the math.
+    """
+    if plan.stochastic:
+        raise ValueError(
+            f"LD3 fits deterministic samplers only: method {plan.method!r} adds noise at some "
+            "step (use an ODE method such as ddim, tab, ipndm, dpmpp or unipc)"
+        )
+    if steps < 0 or patience < 1 or eval_every < 1:
+        raise ValueError(
+            f"need steps >= 0, patience >= 1, eval_every >= 1; got {steps}, {patience}, "
+            f"{eval_every}"
+        )
+    if ball < 0 or max_delta < 0:
+        raise ValueError(f"ball and max_delta must be >= 0, got {ball} and {max_delta}")
+    x_T_train, x0_train = _check_inputs(x_T_train, x0_train, "train")
+    x_T_val, x0_val = _check_inputs(x_T_val, x0_val, "val")
+    # on the device once (the soft-teacher latents stay on the host: they are moved per batch)
+    train_x, train_x0 = jnp.asarray(x_T_train), jnp.asarray(x0_train)
+    val_x, val_x0 = jnp.asarray(x_T_val), jnp.asarray(x0_val)
+    start = time.perf_counter()
+    f = model_argument(eps_fn)
+    max_delta = float(max_delta)
+
+    params: Params = {"theta": jnp.asarray(init_theta(plan))}
+    if learn_table:
+        params["raw"] = jnp.zeros(correction_mask(plan.table).shape)
+    optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(learning_rate))
+    opt_state = optimizer.init(params)
+
+    def val_loss_of(p: Params) -> float:
+        return float(jnp.mean(_per_sample_loss_jit(plan, max_delta, p, f, val_x, val_x0)))
+
+    best_params, best_val, best_step = params, val_loss_of(params), 0
+    init_val = best_val
+    if not np.isfinite(init_val):
+        raise ValueError(f"the initial grid's validation loss is not finite ({init_val})")
+
+    num_steps = plan.num_steps
+    radius = ball * np.sqrt(x_T_train[0].size) / num_steps**2
+    lr_shift = 12.0 / num_steps if shift_lr is None else float(shift_lr)
+    soft = _SoftTeacher(x_T_train, radius, lr_shift) if ball > 0 else None
+    batches = _Batches(len(x_T_train), batch_size, seed)
+
+    train_curve: list[float] = []
+    val_curve: list[float] = []
+    skipped = bad_evals = 0
+    for step in range(steps):
+        idx = batches.next()
+        if soft is not None:
+            x_b = soft.moved[idx]
+        else:
+            x_b = train_x if batches.full else train_x[idx]
+        x0_b = train_x0 if batches.full else train_x0[idx]
+        (loss, losses), (g_params, g_x) = _loss_and_grads(
+            plan, max_delta, soft is not None, params, f, x_b, x0_b
+        )
+        loss = float(loss)
+        if not (np.isfinite(loss) and _finite(g_params)):
+            skipped += 1
+            logger.warning("LD3 step %d: non-finite loss or gradient (%s), update skipped",
+                           step, loss)  # fmt: skip
+            train_curve.append(float("nan"))
+        else:
+            train_curve.append(loss)
+            updates, opt_state = optimizer.update(g_params, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if soft is not None:
+                updated_loss = functools.partial(_per_sample_loss_jit, plan, max_delta, params, f)
+                soft.move(idx, losses, g_x, updated_loss, x0_b)
+        val = None
+        if (step + 1) % eval_every == 0:
+            val = val_loss_of(params)
+            val_curve.append(val)
+            if np.isfinite(val) and val < best_val:
+                best_params, best_val, best_step, bad_evals = params, val, step + 1, 0
+            else:
+                bad_evals += 1
+        if callback is not None:
+            callback(step, train_curve[-1], val)
+        if bad_evals >= patience:
+            break
+
+    theta = np.asarray(best_params["theta"], np.float64)
+    raw = np.asarray(best_params["raw"], np.float64) if learn_table else None
+    return LD3Result(
+        ts=grid_from_params(plan, theta),
+        raw=raw,
+        theta=theta,
+        train_loss=train_curve,
+        val_loss=val_curve,
+        best_step=best_step,
+        init_val_loss=init_val,
+        best_val_loss=best_val,
+        seconds=time.perf_counter() - start,
+        skipped_steps=skipped,
+    )
