@@ -63,6 +63,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampler.t1 = FieldReference(None, field_type=float)
     sampler.final_denoise = False
     sampler.options = ml_collections.ConfigDict()
+    sampler.grid_file = FieldReference(None, field_type=str)  # with grid='optimized'
 
     config.model = model_block("vp_cifar10_ddpmpp_continuous")
 

@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampler.t1 = 1.0
     config.sampler.final_denoise = False
     config.sampler.options = ml_collections.ConfigDict()
+    # With grid="optimized": a grid file written by --mode=fit (configs/fit_gmm.py).
+    config.sampler.grid_file = ml_collections.FieldReference(None, field_type=str)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "gmm"

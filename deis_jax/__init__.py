@@ -7,12 +7,17 @@ against).
     sample = deis.get_sampler(sde, eps_fn, method="tab", order=3, nfe=10)
     x0 = jax.jit(sample)(x_T)
 
-The top level re-exports the sampling core (``deis_jax.sampling``) and the analytic test
-distributions (``deis_jax.evaluation.analytic``); networks, training and evaluation are
-imported from their subpackages.
+    plan = deis.make_plan(sde, method="ipndm", order=3, nfe=5)   # no model: the network is
+    x0 = jax.jit(deis.sample, static_argnums=0)(plan, eps_fn, x_T)  # an argument at call time
+    grid = deis.optimize_grid(sde, eps_fn, x_T, method="ipndm", order=3, nfe=5)  # fitted grid
+
+The top level re-exports the sampling core (``deis_jax.sampling``), grid fitting
+(``deis_jax.fitting``) and the analytic test distributions (``deis_jax.evaluation.analytic``);
+networks, training and evaluation are imported from their subpackages.
 """
 
 from deis_jax.evaluation.analytic import GaussianMixture
+from deis_jax.fitting import OptimizedGrid, optimize_grid
 from deis_jax.sampling.coefficients import (
     RK_TABLEAUS,
     adams_bashforth_eps_coefficients,
@@ -20,7 +25,14 @@ from deis_jax.sampling.coefficients import (
     polynomial_eps_coefficients,
     rk_rho_coefficients,
 )
-from deis_jax.sampling.sampler import Sampler, get_sampler, run_table
+from deis_jax.sampling.sampler import (
+    Sampler,
+    SamplingPlan,
+    get_sampler,
+    make_plan,
+    run_table,
+    sample,
+)
 from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, NoiseSchedule, SubVPSDE, get_sde
 from deis_jax.sampling.solvers import (
     MethodArgumentError,
@@ -42,7 +54,9 @@ __all__ = [
     "MethodArgumentError",
     "MethodSpec",
     "NoiseSchedule",
+    "OptimizedGrid",
     "Sampler",
+    "SamplingPlan",
     "StepTable",
     "SubVPSDE",
     "VESDE",
@@ -54,11 +68,14 @@ __all__ = [
     "get_sampler",
     "get_sde",
     "guided_eps_fn",
+    "make_plan",
     "method_names",
+    "optimize_grid",
     "output_to_eps",
     "polynomial_eps_coefficients",
     "register_method",
     "rk_rho_coefficients",
     "run_table",
+    "sample",
     "time_grid",
 ]

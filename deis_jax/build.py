@@ -3,13 +3,17 @@
 ``config.sde``:     name (vpsde | subvpsde | vesde | discrete_vpsde), beta_min, beta_max,
                     schedule (linear | cosine, VP only), num_scales, sigma_min, sigma_max
                     (VE), beta_start, beta_end, num_steps (discrete).
-``config.sampler``: method, order, nfe, grid, grid_power, t0, t1, final_denoise, options.
+``config.sampler``: method, order, nfe, grid, grid_power, t0, t1, final_denoise, options,
+                    grid_file (with ``grid="optimized"``: a fitted grid file, see
+                    ``deis_jax.fitting.grid_file``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from deis_jax.fitting.grid_file import OPTIMIZED_GRID, OptimizedGrid
+from deis_jax.sampling import solvers
 from deis_jax.sampling.sampler import Sampler, get_sampler
 from deis_jax.sampling.sde import NoiseSchedule, get_sde
 from deis_jax.sampling.wrappers import EpsFn
@@ -37,7 +41,10 @@ def schedule_from_config(sde_cfg) -> NoiseSchedule:
 def sampler_from_config(
     sampler_cfg, schedule: NoiseSchedule, eps_fn: EpsFn, **overrides: Any
 ) -> Sampler:
-    """``get_sampler`` with the config's fields; ``overrides`` replace individual fields."""
+    """``get_sampler`` with the config's fields; ``overrides`` replace individual fields.
+
+    ``grid="optimized"`` reads ``grid_file`` (an :class:`OptimizedGrid`) and refuses it with
+    a ``ValueError`` naming every setting it was not fitted for."""
     fields = {
         k: _get(sampler_cfg, k)
         for k in ("method", "order", "nfe", "grid", "grid_power", "t0", "t1", "final_denoise")
@@ -46,4 +53,16 @@ def sampler_from_config(
     options = dict(_get(sampler_cfg, "options") or {})
     options.update(fields.pop("options", None) or {})
     fields["final_denoise"] = bool(fields["final_denoise"])
-    return get_sampler(schedule, eps_fn, **fields, **options)
+    if fields["grid"] != OPTIMIZED_GRID:
+        return get_sampler(schedule, eps_fn, **fields, **options)
+    path = fields.pop("grid_file", None) or _get(sampler_cfg, "grid_file")
+    if not path:
+        raise ValueError("grid='optimized' needs grid_file (a file written by --mode=fit)")
+    if fields["final_denoise"]:
+        raise ValueError("grid='optimized' does not take final_denoise (fit the grid with it)")
+    grid = OptimizedGrid.load(path)
+    spec = solvers.get_method(fields["method"])
+    order = spec.check(fields["order"], options)
+    grid.check_compatible(schedule, method=fields["method"], order=order, nfe=fields["nfe"],
+                          options=options, t0=fields["t0"], t1=fields["t1"])  # fmt: skip
+    return Sampler(grid.plan(schedule), eps_fn)

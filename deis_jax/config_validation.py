@@ -9,10 +9,12 @@ interval by ``NoiseSchedule.interval``: this module only says which config field
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
 from deis_jax.build import sampler_from_config, schedule_from_config
+from deis_jax.fitting.grid_file import OPTIMIZED_GRID
 from deis_jax.sampling import solvers
 from deis_jax.sampling.sde import SDE_NAMES, VP_BETA_SCHEDULES, NoiseSchedule
 from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power
@@ -114,16 +116,25 @@ def validate_sampler(config, schedule: NoiseSchedule | None = None, path: str = 
         raise ConfigError(f"config.{path}.{err.field} {err.problem}") from None
     grid = section.get("grid")
     if grid is not None:
-        require_choice(config, f"{path}.grid", GRID_KINDS)
+        require_choice(config, f"{path}.grid", GRID_KINDS + (OPTIMIZED_GRID,))
     for field in ("grid_power", "t0", "t1"):
         if section.get(field) is not None:
             require_number(config, f"{path}.{field}")
     try:
-        check_grid_power(spec.default_grid if grid is None else grid, section.get("grid_power"))
+        if grid != OPTIMIZED_GRID:
+            check_grid_power(spec.default_grid if grid is None else grid, section.get("grid_power"))
         schedule.interval(section.get("t0"), section.get("t1"))
     except ValueError as err:  # their messages start with the field: grid_power, t0 or t1
         raise ConfigError(f"config.{path}.{err}") from None
+    if grid == OPTIMIZED_GRID:
+        grid_file = section.get("grid_file")
+        if not isinstance(grid_file, str) or not os.path.isfile(grid_file):
+            raise ConfigError(
+                f"config.{path}.grid_file must name an existing grid file (written by "
+                f"--mode=fit) when config.{path}.grid='optimized', got {grid_file!r}"
+            )
     try:
         return sampler_from_config(section, schedule, lambda x, t: x)
     except ValueError as err:
-        raise ConfigError(f"config.{path} is invalid: {err}") from None
+        where = f"{path}.grid_file" if grid == OPTIMIZED_GRID else path
+        raise ConfigError(f"config.{where} is invalid: {err}") from None

@@ -11,10 +11,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from deis_jax.config_validation import ConfigError
-from deis_jax.modes import compare, sample, sweep, table, train
+from deis_jax.modes import compare, fit, sample, sweep, table, train
 
 MODES: dict[str, ModuleType] = {
     "compare": compare,
+    "fit": fit,
     "sample": sample,
     "sweep": sweep,
     "table": table,

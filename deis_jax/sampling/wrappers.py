@@ -22,7 +22,7 @@ model-specific is converted here, in one place:
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -61,14 +61,26 @@ def model_argument(fn: Callable) -> jax.tree_util.Partial:
     return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
 
 
-def _eps_from_model_output(model_fn, x, t, key=None, *, schedule, prediction, to_cond):
-    t = jnp.asarray(t)  # a scalar, or one time per example (shape (B,))
-    cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
-    out = model_fn(x, cond) if key is None else model_fn(x, cond, key)
-    per_example = (-1,) + (1,) * (x.ndim - 1) if t.ndim == 1 else ()
-    alpha = schedule.alpha(t).astype(x.dtype).reshape(per_example)
-    sigma = schedule.sigma(t).astype(x.dtype).reshape(per_example)
-    return output_to_eps(out, x, alpha, sigma, prediction)
+@dataclasses.dataclass(frozen=True)
+class ModelOutputToEps:
+    """``(model_fn, x, t, key=None) -> eps``: the conversion of :func:`eps_fn_from_model`.
+
+    A value object (equal settings compare equal), so two eps functions built from the same
+    schedule and prediction share one compiled sampler whatever their parameters."""
+
+    schedule: NoiseSchedule
+    prediction: str
+    time_input: Callable[[jax.Array], jax.Array] | None = None
+
+    def __call__(self, model_fn, x, t, key=None):
+        t = jnp.asarray(t)  # a scalar, or one time per example (shape (B,))
+        to_cond = self.schedule.model_time if self.time_input is None else self.time_input
+        cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
+        out = model_fn(x, cond) if key is None else model_fn(x, cond, key)
+        per_example = (-1,) + (1,) * (x.ndim - 1) if t.ndim == 1 else ()
+        alpha = self.schedule.alpha(t).astype(x.dtype).reshape(per_example)
+        sigma = self.schedule.sigma(t).astype(x.dtype).reshape(per_example)
+        return output_to_eps(out, x, alpha, sigma, self.prediction)
 
 
 def eps_fn_from_model(
@@ -89,10 +101,7 @@ def eps_fn_from_model(
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    to_cond = schedule.model_time if time_input is None else time_input
-    convert = functools.partial(
-        _eps_from_model_output, schedule=schedule, prediction=prediction, to_cond=to_cond
-    )
+    convert = ModelOutputToEps(schedule, prediction, time_input)
     return jax.tree_util.Partial(convert, model_argument(model_fn))
 
 

@@ -1,0 +1,168 @@
+"""``--mode=fit``: fit time grids (and tables) to a model, and measure them on held-out x_T.
+
+    python main.py --config=configs/fit_gmm.py --workdir=runs/fit_gmm
+    python main.py --config=configs/fit_gmm.py:digits --workdir=runs/digits --mode=fit
+
+The cells and the report are :mod:`deis_jax.experiments.fitting`: every method of
+``fit.methods`` at every NFE of ``fit.nfes`` on its default grid, on each fixed grid kind of
+``fit.fixed_grids``, and with each fitted variant of ``fit.variants`` (``gits``, ``ld3``,
+``ld3+table``), all measured by the RMSE against a fine reference solve on held-out starting
+points. The problems are the exact-score mixtures of ``data.dims`` (``data.name='gmm'``) or
+the image model of the config (``fit.params``: its checkpoint as ``--mode=sample`` loads it,
+or ``random``). Writes the grid files (``grids/``), the teacher caches (``teachers/``), the
+cell cache ``results.jsonl`` (a killed run resumes where it stopped) and the report.
+
+Fields of ``config.fit``: ``methods`` (method specs, e.g. ``tab3``, ``dpmpp2``), ``nfes``,
+``variants``, ``fixed_grids``, ``num_fit`` (train + validation starting points),
+``validation_fraction``, ``num_heldout``, ``teacher_points``, ``teacher_grid``,
+``teacher_substeps`` / ``heldout_substeps`` (RK4 steps per teacher interval), ``max_delta``
+(bound of the learned corrections, relative), ``gits_metric``, ``gits_gamma``, ``ld3`` (the
+settings of ``deis_jax.fitting.ld3.fit_ld3``), ``plot_nfe``, ``x64``, ``params``, ``fd`` (image
+models: also score every cell with ``config.eval``'s metric, as ``--mode=table`` does).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import jax
+
+from deis_jax import config_validation as cv
+from deis_jax.evaluation import gmm
+from deis_jax.experiments import fitting
+from deis_jax.experiments.engine import Cell, Progress, fingerprint, run_cells
+from deis_jax.fitting.gits import METRICS as GITS_METRICS
+from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
+from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.timesteps import GRID_KINDS
+
+VARIANT_COST = {"gits": 2, "ld3": 20, "ld3+table": 20}  # progress-bar weights (fixed: 1)
+
+
+class Plan(NamedTuple):
+    schedule: NoiseSchedule
+    choices: list[MethodChoice]
+    variants: list[str]
+    cells: list[Cell]
+    fingerprint: str
+
+
+def validate(config) -> Plan:
+    """Check every field (before any work) and lay out the cells."""
+    if cv.get_field(config, "data.name") == "gmm":
+        schedule = gmm.validate_problem(config)
+        problems = [f"dim{d}" for d in config.data.dims]
+    else:
+        from deis_jax.models.loading import validate_model_and_data
+
+        schedule = cv.validate_sde(config)
+        cv.validate_sampler(config, schedule)
+        validate_model_and_data(config)
+        cv.require_choice(config, "fit.params", ("checkpoint", "random"))
+        problems = [config.data.name]
+    nfes = cv.require_int_list(config, "fit.nfes", minimum=1)
+    cv.require_number(config, "fit.plot_nfe", integer=True, minimum=1)
+    choices = []
+    for text in cv.get_field(config, "fit.methods"):
+        try:
+            choice = parse_method_spec(text)
+        except ValueError as err:
+            raise cv.ConfigError(f"config.fit.methods: {err}") from None
+        if choice.method in ("sddim", "ersde"):
+            raise cv.ConfigError(f"config.fit.methods: {text!r} is stochastic (no ODE grid to fit)")
+        choices.append(choice)
+    allowed = ("default",) + tuple(f"fixed:{k}" for k in GRID_KINDS if k != "custom")
+    allowed += fitting.FITTED_VARIANTS
+    variants = ["default"] + [f"fixed:{k}" for k in cv.get_field(config, "fit.fixed_grids")]
+    variants += list(cv.get_field(config, "fit.variants"))
+    for v in variants:
+        if v not in allowed:
+            raise cv.ConfigError(
+                f"config.fit.variants / fixed_grids: {v!r} is not one of {allowed}"
+            )
+    for field in ("num_fit", "num_heldout", "teacher_points", "teacher_substeps",
+                  "heldout_substeps"):  # fmt: skip
+        cv.require_number(config, f"fit.{field}", integer=True, minimum=2)
+    cv.require_number(config, "fit.validation_fraction", minimum=0, maximum=0.9,
+                      exclusive_minimum=True)  # fmt: skip
+    cv.require_number(config, "fit.max_delta", minimum=0, exclusive_minimum=True)
+    cv.require_number(config, "fit.gits_gamma", minimum=0, exclusive_minimum=True)
+    cv.require_choice(config, "fit.gits_metric", GITS_METRICS)
+    cv.require_choice(config, "fit.teacher_grid", tuple(k for k in GRID_KINDS if k != "custom"))
+    cells = [
+        Cell(f"{p}|{c.label}|{n}|{v}", cost=VARIANT_COST.get(v, 1),
+             label=f"{p} {c.label} nfe={n} {v}", payload=(p, c, n, v))
+        for p in problems for c in choices for n in nfes for v in variants
+    ]  # fmt: skip
+    if len({c.key for c in cells}) != len(cells):
+        raise cv.ConfigError("config.fit.methods / nfes / variants must not repeat")
+    return Plan(schedule, choices, variants, cells, fitting.experiment_fingerprint(config))
+
+
+def make_problem(config, workdir: str, schedule: NoiseSchedule, name: str) -> fitting.FitProblem:
+    """The mixture of ``dim<d>`` or the config's image model, with its starting points."""
+    fit_cfg = config.fit
+    if name.startswith("dim") and config.data.name == "gmm":
+        dim = int(name[3:])
+        eps_fn = gmm.mixture_for_dim(config, dim).eps_fn(schedule)
+        model_id = fingerprint({"mixture": config.data.to_dict(), "dim": dim, "seed": config.seed})
+        shape: tuple[int, ...] = (dim,)
+    else:
+        from deis_jax.models.loading import image_shape, load_model
+
+        model = load_model(config, workdir, schedule, params=config.fit.params)
+        eps_fn, model_id, shape = model.eps_fn(), fingerprint(model.identity), image_shape(config)
+    x_fit, x_heldout = fitting.draw_starting_points(
+        schedule, config.seed + 1000, shape, int(fit_cfg.num_fit), int(fit_cfg.num_heldout)
+    )
+    return fitting.FitProblem(name, eps_fn, model_id, x_fit, x_heldout)
+
+
+def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
+    """Run (or resume) the fits and evaluations and write the report; returns the rows."""
+    plan = validate(config) if plan is None else plan
+    if config.fit.x64:
+        jax.config.update("jax_enable_x64", True)
+    t0, t1 = plan.schedule.interval(config.sampler.t0, config.sampler.t1)
+    names = list(dict.fromkeys(cell.payload[0] for cell in plan.cells))
+    problems = {name: make_problem(config, workdir, plan.schedule, name) for name in names}
+    # the cells' identity includes the models' (a resumed run never mixes two checkpoints)
+    identity = fingerprint([plan.fingerprint] + [p.model_id for p in problems.values()])
+    teachers: dict[str, fitting.Teachers] = {}
+    scorer = fd_scorer(config, workdir, plan.schedule) if config.fit.get("fd") else None
+
+    def compute(cell: Cell, advance: Progress) -> dict:
+        name, choice, nfe, variant = cell.payload
+        if name not in teachers:
+            teachers[name] = fitting.teachers(config.fit, problems[name], plan.schedule, t0, t1,
+                                              os.path.join(workdir, "teachers"))  # fmt: skip
+        return fitting.compute_cell(config, plan.schedule, problems[name], teachers[name],
+                                    choice, nfe, variant, workdir, scorer=scorer)  # fmt: skip
+
+    os.makedirs(workdir, exist_ok=True)
+    records = list(
+        run_cells(
+            plan.cells, compute, cache_path=os.path.join(workdir, "results.jsonl"),
+            fingerprint=identity, desc="fit",
+        ).values()
+    )  # fmt: skip
+    if jax.process_index() == 0:
+        nfes = list(config.fit.nfes)
+        fitting.write_report(workdir, records, plan.variants, nfes, int(config.fit.plot_nfe))
+        for row in fitting.summary_rows(records, nfes):
+            print(f"{row[0]} NFE {row[1]}: best fixed {row[2]} {row[3]:.3e}, "
+                  f"best fitted {row[4]} {row[5]:.3e} ({row[6]:.2f}x)")  # fmt: skip
+    return records
+
+
+def fd_scorer(config, workdir: str, schedule: NoiseSchedule):
+    """The ``--mode=table`` scorer (``config.eval``: FD-digits / FID) of the config's model."""
+    from deis_jax.evaluation import features
+    from deis_jax.experiments.scoring import SampleScorer
+    from deis_jax.models.loading import load_model
+
+    model = load_model(config, workdir, schedule, params=config.fit.params)
+    extractor = features.extractor_from_config(config)
+    reference = features.Reference(config, workdir, extractor)
+    return SampleScorer(config, schedule, model, extractor, reference)
