@@ -56,6 +56,17 @@ def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def check_num_steps(num_steps, m: int) -> None:
+    """``num_steps`` must be an integer in ``[1, M - 1]`` for a teacher grid of M points."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise ValueError(f"num_steps must be an integer in [1, {m - 1}], got {num_steps!r}")
+    if not 1 <= num_steps <= m - 1:
+        raise ValueError(
+            f"num_steps must be in [1, {m - 1}] (M - 1 for a teacher grid of M = {m} points), "
+            f"got {num_steps}"
+        )
+
+
 def check_gamma(gamma) -> float:
     """``gamma`` as a float, or ``ValueError`` unless it is a finite number > 0."""
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
@@ -141,13 +152,7 @@ def dp_path(cost, num_steps: int, gamma: float = DEFAULT_GAMMA) -> list[int]:
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1] or cost.shape[0] < 2:
         raise ValueError(f"cost must be a square (M, M) matrix with M >= 2, got {cost.shape}")
     m = cost.shape[0]
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-        raise ValueError(f"num_steps must be an integer in [1, {m - 1}], got {num_steps!r}")
-    if not 1 <= num_steps <= m - 1:
-        raise ValueError(
-            f"num_steps must be in [1, {m - 1}] (M - 1 for a teacher grid of M = {m} points), "
-            f"got {num_steps}"
-        )
+    check_num_steps(num_steps, m)
     gamma = check_gamma(gamma)
     upper = np.triu(np.ones((m, m), dtype=bool), k=1)
     if np.any(np.isnan(cost[upper])):
@@ -189,13 +194,7 @@ def gits_grid(
     _check_choice("space", space, SPACES)
     gamma = check_gamma(gamma)
     m = teacher.num_points
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-        raise ValueError(f"num_steps must be an integer in [1, {m - 1}], got {num_steps!r}")
-    if not 1 <= num_steps <= m - 1:
-        raise ValueError(
-            f"num_steps must be in [1, {m - 1}] (M - 1 for a teacher grid of M = {m} points), "
-            f"got {num_steps}"
-        )
+    check_num_steps(num_steps, m)
     cost = jump_costs(teacher, schedule, metric, space=space)
     path = dp_path(cost, num_steps, gamma)
     return np.asarray(teacher.ts, np.float64)[path]

@@ -235,7 +235,16 @@ def make_plan(
     final_denoise: bool = False,
     **options,
 ) -> SamplingPlan:
-    """Build a :class:`SamplingPlan` (the arguments are those of :func:`get_sampler`)."""
+    """Build a :class:`SamplingPlan`.
+
+    Either give an explicit decreasing grid ``ts`` or an NFE budget ``nfe`` with a grid kind
+    (``deis_jax.sampling.timesteps.GRID_KINDS``; None = the method's default grid),
+    ``grid_power`` (kinds ``time`` and ``rho`` only) and the interval ``[t0, t1]`` (schedule
+    defaults when None). A method spending S NFE per step takes ``ceil(nfe / S)`` steps
+    (Runge-Kutta rounds up, as in the DEIS table); ``final_denoise`` adds one NFE. ``options``
+    are method-specific (e.g. ``tableau`` for ``rhork``). The method's spec checks the order,
+    the options and the NFE (``MethodSpec.check``); a bad argument raises ``ValueError``.
+    """
     spec = solvers.get_method(method)
     order = spec.check(order, options, final_denoise=final_denoise)
     if ts is None:
@@ -288,32 +297,7 @@ class Sampler:
                       sample_index=sample_index)  # fmt: skip
 
 
-def get_sampler(
-    schedule: NoiseSchedule,
-    eps_fn: EpsFn,
-    ts=None,
-    *,
-    method: str = "tab",
-    order: int | None = None,
-    nfe: int | None = None,
-    grid: str | None = None,
-    grid_power: float | None = None,
-    t0: float | None = None,
-    t1: float | None = None,
-    final_denoise: bool = False,
-    **options,
-) -> Sampler:
-    """Build a sampler.
-
-    Either give an explicit decreasing grid ``ts`` or an NFE budget ``nfe`` with a grid kind
-    (``deis_jax.sampling.timesteps.GRID_KINDS``; None = the method's default grid),
-    ``grid_power`` (kinds ``time`` and ``rho`` only) and the interval ``[t0, t1]`` (schedule
-    defaults when None). A method spending S NFE per step takes ``ceil(nfe / S)`` steps
-    (Runge-Kutta rounds up, as in the DEIS table); ``final_denoise`` adds one NFE. ``options``
-    are method-specific (e.g. ``tableau`` for ``rhork``). The method's spec checks the order,
-    the options and the NFE (``MethodSpec.check``); a bad argument raises ``ValueError``.
-    """
-    plan = make_plan(schedule, ts, method=method, order=order, nfe=nfe, grid=grid,
-                     grid_power=grid_power, t0=t0, t1=t1, final_denoise=final_denoise,
-                     **options)  # fmt: skip
-    return Sampler(plan, eps_fn)
+def get_sampler(schedule: NoiseSchedule, eps_fn: EpsFn, ts=None, **plan_args) -> Sampler:
+    """``Sampler(make_plan(schedule, ts, **plan_args), eps_fn)``: a plan bound to a network
+    (see :func:`make_plan` for the arguments)."""
+    return Sampler(make_plan(schedule, ts, **plan_args), eps_fn)
