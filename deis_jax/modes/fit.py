@@ -81,9 +81,10 @@ def validate(config) -> Plan:
             raise cv.ConfigError(
                 f"config.fit.variants / fixed_grids: {v!r} is not one of {allowed}"
             )
-    for field in ("num_fit", "num_heldout", "teacher_points", "teacher_substeps",
-                  "heldout_substeps"):  # fmt: skip
+    for field in ("num_fit", "num_heldout", "teacher_points"):
         cv.require_number(config, f"fit.{field}", integer=True, minimum=2)
+    for field in ("teacher_substeps", "heldout_substeps"):
+        cv.require_number(config, f"fit.{field}", integer=True, minimum=1)
     cv.require_number(config, "fit.validation_fraction", minimum=0, maximum=0.9,
                       exclusive_minimum=True)  # fmt: skip
     cv.require_number(config, "fit.max_delta", minimum=0, exclusive_minimum=True)
