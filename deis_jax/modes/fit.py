@@ -138,8 +138,10 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
         if name not in teachers:
             teachers[name] = fitting.teachers(config.fit, problems[name], plan.schedule, t0, t1,
                                               os.path.join(workdir, "teachers"))  # fmt: skip
-        return fitting.compute_cell(config, plan.schedule, problems[name], teachers[name],
-                                    choice, nfe, variant, workdir, scorer=scorer)  # fmt: skip
+        record = fitting.compute_cell(config, plan.schedule, problems[name], teachers[name],
+                                      choice, nfe, variant, workdir, scorer=scorer)  # fmt: skip
+        jax.clear_caches()  # every fit compiles its own programs: keep memory flat over cells
+        return record
 
     os.makedirs(workdir, exist_ok=True)
     records = list(
