@@ -101,18 +101,18 @@ def validate(config) -> Plan:
     return Plan(schedule, choices, variants, cells, fitting.experiment_fingerprint(config))
 
 
-def make_problem(config, workdir: str, schedule: NoiseSchedule, name: str) -> fitting.FitProblem:
-    """The mixture of ``dim<d>`` or the config's image model, with its starting points."""
+def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitting.FitProblem:
+    """The mixture of ``dim<d>``, or the image ``model`` (a ``LoadedModel``), with its
+    starting points."""
     fit_cfg = config.fit
-    if name.startswith("dim") and config.data.name == "gmm":
+    if model is None:
         dim = int(name[3:])
         eps_fn = gmm.mixture_for_dim(config, dim).eps_fn(schedule)
         model_id = fingerprint({"mixture": config.data.to_dict(), "dim": dim, "seed": config.seed})
         shape: tuple[int, ...] = (dim,)
     else:
-        from deis_jax.models.loading import image_shape, load_model
+        from deis_jax.models.loading import image_shape
 
-        model = load_model(config, workdir, schedule, params=config.fit.params)
         eps_fn, model_id, shape = model.eps_fn(), fingerprint(model.identity), image_shape(config)
     x_fit, x_heldout = fitting.draw_starting_points(
         schedule, config.seed + 1000, shape, int(fit_cfg.num_fit), int(fit_cfg.num_heldout)
@@ -127,11 +127,18 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
         jax.config.update("jax_enable_x64", True)
     t0, t1 = plan.schedule.interval(config.sampler.t0, config.sampler.t1)
     names = list(dict.fromkeys(cell.payload[0] for cell in plan.cells))
-    problems = {name: make_problem(config, workdir, plan.schedule, name) for name in names}
+    model = None
+    if config.data.name != "gmm":  # the image model, loaded once for fitting and scoring
+        from deis_jax.models.loading import load_model
+
+        model = load_model(config, workdir, plan.schedule, params=config.fit.params)
+    problems = {name: make_problem(config, plan.schedule, name, model) for name in names}
     # the cells' identity includes the models' (a resumed run never mixes two checkpoints)
     identity = fingerprint([plan.fingerprint] + [p.model_id for p in problems.values()])
     teachers: dict[str, fitting.Teachers] = {}
-    scorer = fd_scorer(config, workdir, plan.schedule) if config.fit.get("fd") else None
+    scorer = None
+    if config.fit.get("fd") and model is not None:
+        scorer = fd_scorer(config, workdir, plan.schedule, model)
 
     def compute(cell: Cell, advance: Progress) -> dict:
         name, choice, nfe, variant = cell.payload
@@ -159,13 +166,11 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
     return records
 
 
-def fd_scorer(config, workdir: str, schedule: NoiseSchedule):
-    """The ``--mode=table`` scorer (``config.eval``: FD-digits / FID) of the config's model."""
+def fd_scorer(config, workdir: str, schedule: NoiseSchedule, model):
+    """The ``--mode=table`` scorer (``config.eval``: FD-digits / FID) of ``model``."""
     from deis_jax.evaluation import features
     from deis_jax.experiments.scoring import SampleScorer
-    from deis_jax.models.loading import load_model
 
-    model = load_model(config, workdir, schedule, params=config.fit.params)
     extractor = features.extractor_from_config(config)
     reference = features.Reference(config, workdir, extractor)
     return SampleScorer(config, schedule, model, extractor, reference)
