@@ -1,6 +1,8 @@
 """LD3 (``deis_jax.fitting.ld3``): gradients through the sampler, the grid parametrisation, and
 fits on exact-score Gaussian mixtures against accurate reference endpoints."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,3 +256,30 @@ def test_soft_teacher_moves_latents_within_the_ball_and_validates_on_originals(
     theta = jnp.asarray(result.theta)
     val = jnp.mean(ld3._per_sample_loss_jit(plan, 0.1, {"theta": theta}, F, x_T[:64], x0[:64]))
     np.testing.assert_allclose(float(val), result.best_val_loss, rtol=1e-12)
+
+
+def test_resumed_fit_equals_an_uninterrupted_one(teacher, tmp_path, caplog):
+    """With ``state_path`` a finished fit continues to more steps -- minibatches, Adam and the
+    soft teacher's latents restored -- bitwise like a fit run in one go."""
+    x_T, x0 = teacher
+    data = (x_T[:64], x0[:64], x_T[64:96], x0[64:96])
+    kwargs = dict(learning_rate=0.02, batch_size=24, ball=0.05, learn_table=True, seed=1)
+    reference = ld3.fit_ld3(DDIM2, F, *data, steps=16, **kwargs)
+    path = str(tmp_path / "ld3.state")
+    first = ld3.fit_ld3(DDIM2, F, *data, steps=7, state_path=path, state_fingerprint="ring",
+                        **kwargs)  # fmt: skip
+    assert len(first.train_loss) == 7
+    with caplog.at_level(logging.INFO, logger="deis_jax.fitting.adam_loop"):
+        resumed = ld3.fit_ld3(DDIM2, F, *data, steps=16, state_path=path,
+                              state_fingerprint="ring", **kwargs)  # fmt: skip
+    assert "resumed from" in caplog.text and "at update 7/16" in caplog.text
+    for field in ("theta", "raw", "ts", "train_loss"):
+        np.testing.assert_array_equal(getattr(resumed, field), getattr(reference, field))
+    assert resumed.val_loss == reference.val_loss and resumed.best_step == reference.best_step
+    # other data under the same fingerprint string: not resumed (the data are hashed)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        other = ld3.fit_ld3(DDIM2, F, x_T[:64], x0[:64], x_T[96:128], x0[96:128], steps=16,
+                            state_path=path, state_fingerprint="ring", **kwargs)  # fmt: skip
+    assert "ignoring the training state" in caplog.text
+    assert other.val_loss != reference.val_loss

@@ -31,12 +31,14 @@ own loss, is projected onto its ball, and the move is kept only if that sample's
 updated parameters is lower than before the update. If no latent of an update moved,
 ``shift_lr`` is halved. Validation always uses the original latents.
 
-**Optimisation.** Adam (optax) on ``(theta, raw)`` jointly with global-norm gradient clipping;
-minibatches from ``PRNGKey(seed)`` (shuffled passes; full batch when ``batch_size`` is None);
-the validation loss is evaluated first at the init and then every ``eval_every`` updates,
-training stops after ``patience`` evaluations without improvement, and the parameters with the
-best validation loss are returned -- never worse than the init on the validation set. An
-update whose loss or gradient is not finite is skipped (and logged).
+**Optimisation.** :func:`deis_jax.fitting.adam_loop.fit_adam` (the loop shared with the other
+learned samplers; the soft teacher runs as its ``after_update`` hook): Adam (optax) on
+``(theta, raw)`` jointly with global-norm gradient clipping; minibatches from ``PRNGKey(seed)``
+(shuffled passes; full batch when ``batch_size`` is None); the validation loss is evaluated
+first at the init and then every ``eval_every`` updates, training stops after ``patience``
+evaluations without improvement, and the parameters with the best validation loss are returned
+-- never worse than the init on the validation set. An update whose loss or gradient is not
+finite is skipped (and logged). With ``state_path`` the fit is resumable.
 
 Precision: fit under ``jax_enable_x64`` with float64 ``x_T`` when the grid must be accurate;
 the returned grid is recomputed on the host in float64 from the best logits either way.
@@ -45,6 +47,7 @@ the returned grid is recomputed on the host in float64 from the best logits eith
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -53,8 +56,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from deis_jax.fitting.adam_loop import ExtraState, fit_adam
 from deis_jax.sampling.learned import corrected_table, correction_mask
 from deis_jax.sampling.sampler import SamplingPlan, sample
 from deis_jax.sampling.sde import Array, array_namespace
@@ -182,10 +185,6 @@ def _check_inputs(x_T, x0, name: str) -> tuple[np.ndarray, np.ndarray]:
     return x_T, x0
 
 
-def _finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
-
-
 def _project_to_ball(x: np.ndarray, center: np.ndarray, radius: float) -> np.ndarray:
     """Per sample, the point of the ball ``|x - center| <= radius`` nearest to ``x``."""
     d = (x - center).reshape(len(x), -1)
@@ -221,30 +220,6 @@ class _SoftTeacher:
         return int(accept.sum())
 
 
-class _Batches:
-    """Index batches: shuffled passes over ``n`` samples (dropping a short last batch, so
-    every batch has the same shape), or the full set every time."""
-
-    def __init__(self, n: int, batch_size: int | None, seed: int):
-        self.n = n
-        self.size = n if batch_size is None or batch_size >= n else int(batch_size)
-        self.full = self.size == n
-        self.key = jax.random.PRNGKey(seed)
-        self.order = np.arange(n)
-        self.pos = n
-
-    def next(self) -> np.ndarray:
-        if self.full:
-            return self.order
-        if self.pos + self.size > self.n:
-            self.key, sub = jax.random.split(self.key)
-            self.order = np.asarray(jax.random.permutation(sub, self.n))
-            self.pos = 0
-        idx = self.order[self.pos : self.pos + self.size]
-        self.pos += self.size
-        return idx
-
-
 def fit_ld3(
     plan: SamplingPlan,
     eps_fn: EpsFn,
@@ -265,6 +240,8 @@ def fit_ld3(
     eval_every: int = 1,
     seed: int = 0,
     callback: Callable[[int, float, float | None], None] | None = None,
+    state_path: str | None = None,
+    state_fingerprint: str = "",
 ) -> LD3Result:
     """Fit ``plan``'s grid (and with ``learn_table`` its coefficients) to teacher endpoints.
 
@@ -277,6 +254,11 @@ def fit_ld3(
     ``ball > 0`` turns on the soft teacher (module docstring; ``shift_lr`` default ``12/N``).
     ``callback(step, train_loss, val_loss)`` is called after every update (``val_loss`` None
     when the update was not evaluated). See the module docstring for the math.
+
+    ``state_path``: make the fit resumable (:func:`deis_jax.fitting.adam_loop.fit_adam`): a
+    rerun with the same arguments continues from the state saved there and returns what an
+    uninterrupted fit would. The state is keyed by the plan, the settings and a hash of the
+    data; ``eps_fn`` cannot be hashed, so name the model in ``state_fingerprint``.
     """
     if plan.stochastic:
         raise ValueError(
@@ -302,73 +284,97 @@ def fit_ld3(
     params: Params = {"theta": jnp.asarray(init_theta(plan))}
     if learn_table:
         params["raw"] = jnp.zeros(correction_mask(plan.table).shape)
-    optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(learning_rate))
-    opt_state = optimizer.init(params)
 
     def val_loss_of(p: Params) -> float:
         return float(jnp.mean(_per_sample_loss_jit(plan, max_delta, p, f, val_x, val_x0)))
 
-    best_params, best_val, best_step = params, val_loss_of(params), 0
-    init_val = best_val
-    if not np.isfinite(init_val):
-        raise ValueError(f"the initial grid's validation loss is not finite ({init_val})")
-
-    num_steps = plan.num_steps
+    num_steps, num_train = plan.num_steps, len(x_T_train)
     radius = ball * np.sqrt(x_T_train[0].size) / num_steps**2
     lr_shift = 12.0 / num_steps if shift_lr is None else float(shift_lr)
     soft = _SoftTeacher(x_T_train, radius, lr_shift) if ball > 0 else None
-    batches = _Batches(len(x_T_train), batch_size, seed)
 
-    train_curve: list[float] = []
-    val_curve: list[float] = []
-    skipped = bad_evals = 0
-    for step in range(steps):
-        idx = batches.next()
+    def loss_and_grads(p: Params, idx: np.ndarray):
+        full = len(idx) == num_train  # the sampler's full batch is arange(num_train)
         if soft is not None:
             x_b = soft.moved[idx]
         else:
-            x_b = train_x if batches.full else train_x[idx]
-        x0_b = train_x0 if batches.full else train_x0[idx]
+            x_b = train_x if full else train_x[idx]
+        x0_b = train_x0 if full else train_x0[idx]
         (loss, losses), (g_params, g_x) = _loss_and_grads(
-            plan, max_delta, soft is not None, params, f, x_b, x0_b
+            plan, max_delta, soft is not None, p, f, x_b, x0_b
         )
-        loss = float(loss)
-        if not (np.isfinite(loss) and _finite(g_params)):
-            skipped += 1
-            logger.warning("LD3 step %d: non-finite loss or gradient (%s), update skipped",
-                           step, loss)  # fmt: skip
-            train_curve.append(float("nan"))
-        else:
-            train_curve.append(loss)
-            updates, opt_state = optimizer.update(g_params, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            if soft is not None:
-                updated_loss = functools.partial(_per_sample_loss_jit, plan, max_delta, params, f)
-                soft.move(idx, losses, g_x, updated_loss, x0_b)
-        val = None
-        if (step + 1) % eval_every == 0:
-            val = val_loss_of(params)
-            val_curve.append(val)
-            if np.isfinite(val) and val < best_val:
-                best_params, best_val, best_step, bad_evals = params, val, step + 1, 0
-            else:
-                bad_evals += 1
-        if callback is not None:
-            callback(step, train_curve[-1], val)
-        if bad_evals >= patience:
-            break
+        return loss, (losses, g_x, x0_b), g_params
 
+    def soft_teacher_step(step: int, idx: np.ndarray, aux, new_params: Params) -> None:
+        losses, g_x, x0_b = aux
+        updated_loss = functools.partial(_per_sample_loss_jit, plan, max_delta, new_params, f)
+        soft.move(idx, losses, g_x, updated_loss, x0_b)
+
+    extra = None
+    if soft is not None:
+
+        def set_soft(state) -> None:
+            moved = np.array(state["moved"], dtype=soft.moved.dtype)
+            if moved.shape != soft.moved.shape:
+                raise ValueError(f"saved latents of shape {moved.shape}, not {soft.moved.shape}")
+            soft.moved, soft.lr = moved, float(state["lr"])
+
+        extra = ExtraState(get=lambda: {"moved": soft.moved, "lr": soft.lr}, set=set_soft)
+    fingerprint = ""
+    if state_path is not None:
+        fingerprint = _fingerprint(
+            state_fingerprint, plan, learn_table, max_delta, ball, lr_shift,
+            x_T_train, x0_train, x_T_val, x0_val,
+        )  # fmt: skip
+
+    loop_start = time.perf_counter()
+    result = fit_adam(
+        loss_and_grads,
+        val_loss_of,
+        params,
+        num_train,
+        steps=steps,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        patience=patience,
+        clip_norm=clip_norm,
+        eval_every=eval_every,
+        seed=seed,
+        callback=callback,
+        after_update=soft_teacher_step if soft is not None else None,
+        state_path=state_path,
+        state_fingerprint=fingerprint,
+        extra_state=extra,
+        name="LD3",
+    )
+    best_params = result.params
     theta = np.asarray(best_params["theta"], np.float64)
     raw = np.asarray(best_params["raw"], np.float64) if learn_table else None
     return LD3Result(
         ts=grid_from_params(plan, theta),
         raw=raw,
         theta=theta,
-        train_loss=train_curve,
-        val_loss=val_curve,
-        best_step=best_step,
-        init_val_loss=init_val,
-        best_val_loss=best_val,
-        seconds=time.perf_counter() - start,
-        skipped_steps=skipped,
+        train_loss=result.train_loss,
+        val_loss=result.val_loss,
+        best_step=result.best_step,
+        init_val_loss=result.init_val_loss,
+        best_val_loss=result.best_val_loss,
+        seconds=loop_start - start + result.seconds,
+        skipped_steps=result.skipped_steps,
     )
+
+
+def _fingerprint(user: str, plan: SamplingPlan, *settings_and_data) -> str:
+    """What a resumable LD3 fit fits: the caller's string (naming the model, which cannot be
+    hashed here), the plan's method and grid, the LD3 settings and a sha256 of the data."""
+    digest = hashlib.sha256()
+    for item in settings_and_data:
+        if isinstance(item, np.ndarray):
+            digest.update(f"{item.dtype}{item.shape}".encode())
+            digest.update(np.ascontiguousarray(item).tobytes())
+        else:
+            digest.update(repr(item).encode())
+        digest.update(b"|")
+    ts = np.asarray(plan.ts, np.float64)
+    digest.update(ts.tobytes() + init_theta(plan).tobytes())
+    return f"ld3 {user} {plan.method} order={plan.order} nfe={plan.nfe} {digest.hexdigest()[:16]}"
