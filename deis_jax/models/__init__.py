@@ -18,6 +18,15 @@ discrete models               integer step        eps (VP) / score (VE)
 
 Inputs are in [-1, 1] when ``centered`` (DDPM++ / DDPM) and in [0, 1] otherwise (NCSN++ VE);
 the network rescales [0, 1] inputs to [-1, 1] internally.
+
+Feature output: both networks sow their bottleneck -- the activation after the middle block
+(ResBlock, Attn, ResBlock) at the lowest resolution ``H_low = image_size / 2**(L - 1)`` -- as
+``intermediates['bottleneck']``. Sowing is a no-op unless that collection is mutable, so the
+parameters and the output are the same either way. :func:`apply_with_features` returns
+``(out, features)``: ``out`` as above and ``features`` of shape ``(B, H_low * W_low)``, the
+channel mean of the bottleneck, flattened, float32 and under ``jax.lax.stop_gradient`` (what
+the AMED sampler's predictor reads). Samplers get it through
+``deis_jax.sampling.wrappers.eps_with_features``.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ __all__ = [
     "MODEL_NAMES",
     "NCSNpp",
     "abstract_params",
+    "apply_with_features",
     "get_model",
     "get_model_config",
     "init_params",
@@ -165,3 +175,28 @@ def abstract_params(config: Mapping[str, Any]) -> dict:
         lambda: model.init({"params": jax.random.key(0)}, x, labels, train=False)
     )
     return variables["params"]
+
+
+def apply_with_features(
+    model: nn.Module, params: Any, x: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(out, features)`` of ``model`` (in eval mode, ``train=False``).
+
+    ``out`` is exactly ``model.apply({'params': params}, x, labels, train=False)``;
+    ``features`` has shape ``(B, H_low * W_low)``: the channel mean of the activation the
+    network sows as ``intermediates['bottleneck']`` (after the middle block, at the lowest
+    resolution), flattened row-major, float32, wrapped in ``jax.lax.stop_gradient``.
+
+    Raises:
+      ValueError: if ``model`` sows no ``bottleneck`` (not an :class:`NCSNpp` / :class:`DDPM`).
+    """
+    out, state = model.apply({"params": params}, x, labels, train=False, mutable=["intermediates"])
+    sown = state.get("intermediates", {}).get("bottleneck")
+    if not sown:
+        raise ValueError(
+            f"{type(model).__name__} sows no 'bottleneck' intermediate; features are "
+            "available for the networks of deis_jax.models (NCSNpp, DDPM)"
+        )
+    h = sown[-1]
+    features = jnp.mean(h.astype(jnp.float32), axis=-1).reshape(h.shape[0], -1)
+    return out, jax.lax.stop_gradient(features)

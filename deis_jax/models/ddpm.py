@@ -5,7 +5,7 @@ Architecture (``L = len(ch_mult)`` resolutions, ``R = num_res_blocks``)::
     temb = Dense(act(Dense(sinusoidal(labels))))           # Dense_0, Dense_1 (conditional)
     h = Conv_0(x)                                          # x -> 2x - 1 if not centered
     down: per level R x [ResnetBlockDDPM (+ AttnBlock)], then Downsample (stride-2 conv)
-    mid:  ResnetBlockDDPM, AttnBlock, ResnetBlockDDPM
+    mid:  ResnetBlockDDPM, AttnBlock, ResnetBlockDDPM      # sown as 'bottleneck'
     up:   per level (R + 1) x ResnetBlockDDPM on concat(h, skip) (+ AttnBlock), Upsample
     out = Conv(act(GroupNorm(h)))                          # GroupNorm_0, Conv_1
 
@@ -38,7 +38,9 @@ class DDPM(nn.Module):
     ``labels`` of shape ``(B,)``: ``999 * t`` for continuous VP / sub-VP models, the integer
     step for discrete ones. Returns a noise prediction shaped like ``x`` (score =
     ``-output / sigma_t``), or, with ``scale_by_sigma`` (discrete VE), ``output / sigma``
-    where ``sigma`` is looked up from the integer label.
+    where ``sigma`` is looked up from the integer label. With ``mutable=['intermediates']`` the
+    activation after the middle block is sown as ``intermediates['bottleneck']`` (see
+    :func:`deis_jax.models.apply_with_features`).
     """
 
     nf: int = 128
@@ -86,6 +88,9 @@ class DDPM(nn.Module):
         h = resblock()(h, temb, train)
         h = AttnBlock()(h)
         h = resblock()(h, temb, train)
+        # the bottleneck activation (B, H_low, W_low, C): a no-op unless 'intermediates' is
+        # mutable (see deis_jax.models.apply_with_features); no parameters, same outputs
+        self.sow("intermediates", "bottleneck", h)
 
         for i_level in reversed(range(num_resolutions)):
             for _ in range(self.num_res_blocks + 1):

@@ -2,6 +2,7 @@
 
     model = loading.load_model(config, workdir, schedule)   # a LoadedModel
     eps_fn = model.bind(model.params)                       # x, t -> eps, for any sampler
+    eps, feats = wrappers.eps_with_features(eps_fn, x, t)   # and the bottleneck feature (AMED)
 
 * :func:`model_config` / :func:`build_model` -- the Flax network of ``config.model``, with
   ``image_size`` / ``num_channels`` / ``centered`` (:data:`DATA_FIELDS_OF_MODEL`) taken from
@@ -36,7 +37,7 @@ from absl import logging
 
 from deis_jax import data
 from deis_jax.config_validation import ConfigError, get_field, require_choice, require_number
-from deis_jax.models import DATA_FIELDS_OF_MODEL, checkpoints, get_model
+from deis_jax.models import DATA_FIELDS_OF_MODEL, apply_with_features, checkpoints, get_model
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import PREDICTIONS, EpsFn, eps_fn_from_model
 from deis_jax.training import train as training
@@ -170,7 +171,9 @@ def params_digest(params: Any) -> str:
 class LoadedModel:
     """A noise prediction with its parameters kept apart: ``bind(params) -> eps_fn(x, t)``
     (pass ``params`` into the jitted sampler as an argument); ``identity`` (JSON-able) says
-    which network and weights these are, for result caches."""
+    which network and weights these are, for result caches. The eps functions of
+    :func:`load_model` also give the network's bottleneck feature,
+    ``deis_jax.sampling.wrappers.eps_with_features(eps_fn, x, t) -> (eps, features)``."""
 
     bind: Callable[[Any], EpsFn]
     params: Any
@@ -181,7 +184,13 @@ class LoadedModel:
         return self.bind(self.params)
 
 
-def _apply_for_sampling(model: nn.Module, params: Any, x: jax.Array, labels: jax.Array):
+def _apply_for_sampling(
+    model: nn.Module, params: Any, x: jax.Array, labels: jax.Array, *, features: bool = False
+):
+    """The network in eval mode: ``out``, or with ``features=True`` ``(out, features)`` (the
+    bottleneck feature of :func:`deis_jax.models.apply_with_features`)."""
+    if features:
+        return apply_with_features(model, params, x, labels)
     return model.apply({"params": params}, x, labels, train=False)
 
 

@@ -15,7 +15,7 @@ Architecture (``L = len(ch_mult)`` resolutions, ``R = num_res_blocks``)::
     down: for each level: R x [ResBlock (+ Attn at attn_resolutions)], then a downsampling
           ResBlock (or Downsample for resblock_type='ddpm'), optionally merged with the
           downsampled input pyramid ('input_skip': Combine, 'residual': add (/ sqrt 2))
-    mid:  ResBlock, Attn, ResBlock
+    mid:  ResBlock, Attn, ResBlock                            # sown as 'bottleneck'
     up:   for each level: (R + 1) x ResBlock on concat(h, skip), Attn at attn_resolutions,
           optional output pyramid ('output_skip' / 'residual'), then an upsampling ResBlock
           (or Upsample)
@@ -79,6 +79,10 @@ class NCSNpp(nn.Module):
     * VP / sub-VP (``scale_by_sigma=False``): a noise prediction, ``eps``; the score is
       ``-output / sigma_t``.
     * VE with ``scale_by_sigma=True``: the score itself (the network divides by sigma).
+
+    With ``mutable=['intermediates']`` the activation after the middle block (lowest
+    resolution) is also sown as ``intermediates['bottleneck']``, a 1-tuple; see
+    :func:`deis_jax.models.apply_with_features`.
 
     Fields mirror score_sde's ``config.model`` (plus ``centered`` from ``config.data``);
     build instances from a config with :func:`deis_jax.models.get_model`.
@@ -214,6 +218,9 @@ class NCSNpp(nn.Module):
         h = self._resblock()(h, temb, train)
         h = self._attn()(h)
         h = self._resblock()(h, temb, train)
+        # the bottleneck activation (B, H_low, W_low, C): a no-op unless 'intermediates' is
+        # mutable (see deis_jax.models.apply_with_features); no parameters, same outputs
+        self.sow("intermediates", "bottleneck", h)
 
         # ------------------------------------------------------------------ upsampling
         pyramid = None

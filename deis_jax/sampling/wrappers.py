@@ -18,11 +18,25 @@ model-specific is converted here, in one place:
   score_sde's continuous VP/sub-VP models, ``sigma(t)`` for VE, the step index for discrete
   DDPM schedules), broadcast to shape ``(batch,)``; pass ``time_input`` to override.
 * classifier-free guidance, ``eps = eps_uncond + w (eps_cond - eps_uncond)``.
+
+Bottleneck features (for the AMED sampler, whose tiny predictor reads the network's
+lowest-resolution activation): :func:`eps_with_features` ``(eps_fn, x, t) -> (eps, features)``
+calls ``eps_fn(x, t, features=True)``, which an eps function of :func:`eps_fn_from_model`
+forwards as ``model_fn(x, cond, features=True)``; such a ``model_fn`` must then return
+``(out, features)`` -- ``features`` of shape ``(B, F)``, for the networks of
+:mod:`deis_jax.models` the channel mean of the bottleneck activation, ``(B, H_low * W_low)``,
+float32 and under ``stop_gradient`` (``deis_jax.models.apply_with_features``). The eps functions
+of ``deis_jax.models.loading.load_model`` do this; :func:`supports_features` says whether an
+eps function can (without calling it). Plain functions -- an exact mixture's eps, a guided eps,
+a ``model_fn`` without the ``features`` keyword -- cannot: :func:`eps_with_features` raises a
+``ValueError`` for them, and a sampler should fall back to a feature-free predictor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -34,6 +48,13 @@ PREDICTIONS = ("eps", "score", "x0", "v")
 
 # eps_fn(x, t) -> eps: x of shape (B, ...), t continuous SDE time (a scalar or shape (B,)).
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+_NO_FEATURES = (
+    "eps_with_features needs a network that returns its bottleneck feature: build eps_fn "
+    "with eps_fn_from_model around a model_fn(x, cond, *, features=False) that returns "
+    "(out, features) when features=True -- e.g. LoadedModel.eps_fn() of a model from "
+    "deis_jax.models.loading.load_model -- or use the feature-free predictor"
+)
 
 
 def output_to_eps(
@@ -63,7 +84,10 @@ def model_argument(fn: Callable) -> jax.tree_util.Partial:
 
 @dataclasses.dataclass(frozen=True)
 class ModelOutputToEps:
-    """``(model_fn, x, t, key=None) -> eps``: the conversion of :func:`eps_fn_from_model`.
+    """``(model_fn, x, t, key=None, *, features=False) -> eps``: the conversion of
+    :func:`eps_fn_from_model`; with ``features=True`` it calls
+    ``model_fn(x, cond[, key], features=True)``, which must return ``(out, features)``, and
+    returns ``(eps, features)``.
 
     A value object (equal settings compare equal), so two eps functions built from the same
     schedule and prediction share one compiled sampler whatever their parameters."""
@@ -72,15 +96,26 @@ class ModelOutputToEps:
     prediction: str
     time_input: Callable[[jax.Array], jax.Array] | None = None
 
-    def __call__(self, model_fn, x, t, key=None):
+    def __call__(self, model_fn, x, t, key=None, *, features: bool = False):
         t = jnp.asarray(t)  # a scalar, or one time per example (shape (B,))
         to_cond = self.schedule.model_time if self.time_input is None else self.time_input
         cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
-        out = model_fn(x, cond) if key is None else model_fn(x, cond, key)
+        args = (x, cond) if key is None else (x, cond, key)
+        if features:
+            result = model_fn(*args, features=True)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise ValueError(
+                    f"model_fn(x, cond, features=True) must return (out, features), got "
+                    f"{type(result).__name__}; {_NO_FEATURES}"
+                )
+            out, feats = result
+        else:
+            out = model_fn(*args)
         per_example = (-1,) + (1,) * (x.ndim - 1) if t.ndim == 1 else ()
         alpha = self.schedule.alpha(t).astype(x.dtype).reshape(per_example)
         sigma = self.schedule.sigma(t).astype(x.dtype).reshape(per_example)
-        return output_to_eps(out, x, alpha, sigma, self.prediction)
+        eps = output_to_eps(out, x, alpha, sigma, self.prediction)
+        return (eps, feats) if features else eps
 
 
 def eps_fn_from_model(
@@ -98,6 +133,10 @@ def eps_fn_from_model(
     The result is a ``jax.tree_util.Partial`` whose leaves are those of ``model_fn``: give a
     ``Partial(apply, params)`` and ``jax.jit(sample, static_argnums=0)(plan, eps_fn, x_T)``
     takes the parameters as arguments (see :func:`model_argument`).
+
+    ``eps_fn(x, t, features=True)`` calls ``model_fn(x, cond, features=True)`` and returns
+    ``(eps, features)`` (see :func:`eps_with_features`); only a ``model_fn`` that takes that
+    keyword and returns ``(out, features)`` supports it.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -113,3 +152,65 @@ def guided_eps_fn(eps_cond: EpsFn, eps_uncond: EpsFn, guidance_scale: float) -> 
         return e_u + guidance_scale * (eps_cond(x, t) - e_u)
 
     return eps_fn
+
+
+def _takes_features_keyword(fn: Callable) -> bool:
+    """Whether ``fn`` accepts a ``features`` keyword, by its signature (True when unknown:
+    :func:`eps_with_features` then finds out at trace time)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == "features" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in params
+    )
+
+
+def supports_features(eps_fn: Callable) -> bool:
+    """Whether ``eps_fn`` can return the network's bottleneck feature (see
+    :func:`eps_with_features`): an eps function of :func:`eps_fn_from_model` around a
+    ``model_fn`` that takes a ``features`` keyword (e.g. ``LoadedModel.eps_fn()`` of
+    ``deis_jax.models.loading.load_model``). Decided from the function's structure, without
+    calling the network."""
+    if not (
+        isinstance(eps_fn, jax.tree_util.Partial)
+        and isinstance(eps_fn.func, ModelOutputToEps)
+        and len(eps_fn.args) == 1
+        and not eps_fn.keywords
+    ):
+        return False
+    return _takes_features_keyword(eps_fn.args[0])
+
+
+def eps_with_features(eps_fn: EpsFn, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(eps, features)`` from one network call: ``eps_fn(x, t, features=True)``.
+
+    ``eps`` equals ``eps_fn(x, t)``; ``features`` is what the network returns alongside, for
+    the networks of :mod:`deis_jax.models` the channel mean of the bottleneck activation,
+    shape ``(B, H_low * W_low)``, float32, under ``stop_gradient``.
+
+    Raises:
+      ValueError: if ``eps_fn`` cannot return features (:func:`supports_features` is False, or
+        its ``model_fn`` rejects the ``features`` keyword when traced): a plain function such
+        as an exact mixture's eps, a guided eps, or a ``model_fn`` without the keyword.
+    """
+    if not supports_features(eps_fn):
+        raise ValueError(f"{_NO_FEATURES} (got {_describe(eps_fn)})")
+    try:
+        return eps_fn(x, t, features=True)
+    except TypeError as err:
+        if "features" not in str(err):
+            raise
+        raise ValueError(f"{_NO_FEATURES} (model_fn: {err})") from err
+
+
+def _describe(fn: Callable) -> str:
+    """A short name for ``fn`` in error messages."""
+    around = isinstance(fn, jax.tree_util.Partial) and isinstance(fn.func, ModelOutputToEps)
+    inner = fn.args[0] if around and fn.args else fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    name = getattr(inner, "__qualname__", type(inner).__name__)
+    return f"an eps_fn_from_model around {name}" if around else name
