@@ -92,16 +92,21 @@ class GaussianMixture:
         return (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
 
     def eps_fn(self, schedule: NoiseSchedule):
-        """Exact ``eps(x, t)`` for ``x`` of shape ``(B, D)`` and scalar ``t``."""
+        """Exact ``eps(x, t)`` for ``x`` of shape ``(B, D)`` and a scalar ``t`` or one time
+        per sample (shape ``(B,)``, e.g. AMED's intermediate points)."""
         means = jnp.asarray(self.means)
         log_w = jnp.log(jnp.asarray(self.weights))
         var0 = jnp.asarray(self.stds) ** 2  # (K, D)
 
         def eps_fn(x, t):
             dtype = x.dtype
+            t = jnp.asarray(t)
             alpha = schedule.alpha(t).astype(dtype)
             sigma = schedule.sigma(t).astype(dtype)
-            var = alpha**2 * var0.astype(dtype) + sigma**2  # (K, D)
+            sigma_out = sigma
+            if t.ndim == 1:  # per sample: broadcast against (B, K, D) and (B, D)
+                alpha, sigma, sigma_out = alpha[:, None, None], sigma[:, None, None], sigma[:, None]
+            var = alpha**2 * var0.astype(dtype) + sigma**2  # (K, D), or (B, K, D) per sample
             diff = x[:, None, :] - alpha * means.astype(dtype)[None]  # (B, K, D)
             # Multiply by 1/var (not divide): XLA rewrites the division that way on some
             # layouts only, and the explicit form keeps results bit-identical across devices.
@@ -109,7 +114,7 @@ class GaussianMixture:
             sq = jnp.sum(diff * scaled, axis=-1)  # (B, K)
             logits = log_w.astype(dtype) - 0.5 * sq - 0.5 * jnp.sum(jnp.log(var), axis=-1)
             resp = jax.nn.softmax(logits, axis=-1)
-            return sigma * jnp.einsum("bk,bkd->bd", resp, scaled)
+            return sigma_out * jnp.einsum("bk,bkd->bd", resp, scaled)
 
         return eps_fn
 

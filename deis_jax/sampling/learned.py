@@ -37,11 +37,12 @@ def correction_mask(table: StepTable) -> np.ndarray:
     """Boolean ``(N, S + H)`` mask of the coefficient slots a correction may change.
 
     Columns ``0..S-1`` are the stage outputs ``out_k`` (always active); column ``S + j`` is the
-    history slot ``out_hist[:, j]``, active in row ``k`` iff ``j < k`` (a warm-up row has only
-    ``k`` earlier outputs). Depends only on the table's shapes, so it is static under ``jit``.
+    history slot ``out_hist[:, j]``, active in row ``k`` iff ``j < k S`` (a warm-up row has
+    only ``k S`` earlier outputs). Depends only on the table's shapes, so it is static under
+    ``jit``.
     """
     n, s, h = table.num_steps, table.num_stages, table.history
-    history = np.arange(h)[None, :] < np.arange(n)[:, None]
+    history = np.arange(h)[None, :] < s * np.arange(n)[:, None]
     return np.concatenate([np.ones((n, s), dtype=bool), history], axis=1)
 
 

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deis_jax.sampling import solvers
-from deis_jax.sampling.sde import NoiseSchedule, array_namespace
+from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.solvers.table import StepTable, final_denoise_table
 from deis_jax.sampling.timesteps import time_grid, validate_grid
-from deis_jax.sampling.wrappers import EpsFn
+from deis_jax.sampling.wrappers import EpsFn, eps_with_features
 
 
 def per_sample_normal(key: jax.Array, sample_index: jax.Array, step: jax.Array, shape, dtype):
@@ -47,43 +47,69 @@ class TableStructure(NamedTuple):
     """The static shape of a step table's loop body, read once off a host table.
 
     ``converts``: some stage combines data predictions (``pred_x != 0`` or ``pred_eps != 1``);
-    ``noisy``: some step adds noise. Tables with the same structure run through the same
-    compiled loop, whatever their values (e.g. a table traced from a grid being fitted).
+    ``noisy``: some step adds noise; ``stage_history``: some stage input reads the history
+    (``stage_hist != 0``). Tables with the same structure run through the same compiled loop,
+    whatever their values (e.g. a table traced from a grid being fitted).
     """
 
     num_stages: int
     history: int
     converts: bool
     noisy: bool
+    stage_history: bool = False
 
 
 def table_structure(table: StepTable) -> TableStructure:
     """The :class:`TableStructure` of a concrete (host) table."""
-    pred_x, pred_eps, out_noise = (np.asarray(a) for a in (table.pred_x, table.pred_eps,
-                                                            table.out_noise))  # fmt: skip
+    pred_x, pred_eps, out_noise, stage_hist = (
+        np.asarray(a) for a in (table.pred_x, table.pred_eps, table.out_noise, table.stage_hist)
+    )
     return TableStructure(
         num_stages=table.num_stages,
         history=table.history,
         converts=bool(np.any(pred_x != 0) or np.any(pred_eps != 1)),
         noisy=bool(np.any(out_noise != 0)),
+        stage_history=bool(np.any(stage_hist != 0)),
     )
 
 
-def ring_coefficients(table: StepTable):
-    """First-stage output coefficients of every step, laid out for a ring buffer.
+class StepRule(Protocol):
+    """Step coefficients computed on the device, per sample, inside the sampling loop.
 
-    The loop keeps the last ``R = history + 1`` first-stage outputs in a ring: the output of
-    step k goes to slot ``k mod R`` *before* the step's update reads the ring, so the buffer
-    is written in place and only read afterwards (no copy of the history per step). Row k of
-    the result holds, in slot ``(k - j) mod R``, the coefficient of ``K_0^(k-j)``
-    (``out_k[k, 0]`` for j = 0, ``out_hist[k, j - 1]`` after): a static gather, so it works
-    on host arrays and on traced ones alike.
+    ``rule(params, row, step, x, features) -> row'`` is called once per step, right after the
+    first stage's network call: ``row`` is the host table's row of step ``step`` (a traced
+    integer), ``x`` the state at the step's start (batch ``B``), ``features`` the network's
+    bottleneck feature of that call (``(B, F)``; None unless ``needs_features``) and
+    ``params`` the rule's learned parameters. The returned row has the same structure; any
+    field may carry a trailing batch axis (``t`` of shape ``(S, B)``, ``out_k`` ``(S, B)``,
+    ...) for per-sample coefficients, and stage times ``t[s]`` for ``s >= 1`` may differ per
+    sample. AMED's predictor (``deis_jax.sampling.solvers.amed``) is one such rule; a learned
+    per-step noise or parallel directions would be another, running through the same loop.
     """
-    xp = array_namespace(table.out_k, table.out_hist)
-    lagged = xp.concatenate([table.out_k[:, :1], table.out_hist], axis=1)  # (N, R) by lag j
-    ring = lagged.shape[1]
-    slot_to_lag = (np.arange(table.num_steps)[:, None] - np.arange(ring)[None, :]) % ring
-    return xp.take_along_axis(lagged, xp.asarray(slot_to_lag), axis=1)
+
+    needs_features: bool
+
+    def __call__(self, params, row: StepTable, step: jax.Array, x: jax.Array, features): ...
+
+
+def _scaled(c: jax.Array, v: jax.Array) -> jax.Array:
+    """``c * v`` for a scalar ``c`` or a per-sample ``c`` of shape ``(B,)``."""
+    return c * v if c.ndim == 0 else c.reshape(c.shape + (1,) * (v.ndim - 1)) * v
+
+
+def _ring_sum(ring: jax.Array, lagged: jax.Array, newest: jax.Array) -> jax.Array:
+    """``sum_L lagged[L] * (the output written L evaluations before the newest one)``.
+
+    The ring holds the last ``R`` stage outputs, output number ``e`` in slot ``e mod R``;
+    ``newest`` is the number of the most recent one. ``lagged`` (``(R,)`` or per sample
+    ``(R, B)``) is permuted to slot order with a small gather, so the ring itself is only
+    written in place and read, never shifted or copied."""
+    size = ring.shape[0]
+    by_slot = jnp.take(lagged, (newest - jnp.arange(size)) % size, axis=0)
+    total = _scaled(by_slot[0], ring[0])
+    for slot in range(1, size):
+        total = total + _scaled(by_slot[slot], ring[slot])
+    return total
 
 
 def run_table(
@@ -95,6 +121,10 @@ def run_table(
     *,
     structure: TableStructure | None = None,
     trajectory: bool = False,
+    first_eps_scale: float | None = None,
+    rule: StepRule | None = None,
+    rule_params=None,
+    first_step: int = 0,
 ):
     """Apply every row of ``table`` to ``x`` with one ``lax.scan`` (see ``StepTable``).
 
@@ -102,6 +132,13 @@ def run_table(
     loop body computes; pass it when ``table`` is traced, e.g. built from a grid under
     ``jax.grad``. With ``trajectory=True`` the result is ``(x_0, states)``, ``states`` of
     shape ``(N + 1, *x.shape)``: the state at every grid point, ``x`` first.
+
+    ``first_eps_scale``: the analytical first step (AFS) -- step 0's first stage makes no
+    network call and uses ``eps = first_eps_scale * X`` instead (one NFE saved).
+    ``rule`` with ``rule_params``: every row is recomputed on the device by the rule
+    (:class:`StepRule`) after the step's first network call. ``first_step``: the global
+    index of ``table``'s first row (a rule and AFS see global step numbers; e.g. one
+    interval run on its own).
     """
     structure = table_structure(table) if structure is None else structure
     num_stages, history = structure.num_stages, structure.history
@@ -109,34 +146,64 @@ def run_table(
         raise ValueError("this sampler is stochastic: pass a PRNG key")
     if structure.noisy and sample_index is None:
         sample_index = jnp.arange(x.shape[0])
-    ring_size = history + 1 if history else 0
-    if ring_size:
-        table = table._replace(out_hist=ring_coefficients(table))
+    active_rule = rule if rule_params is not None else None
+    converts = structure.converts or active_rule is not None
+    ring_size = history + num_stages if history else 0
     rows = jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), table)
-    steps = jnp.arange(table.num_steps)
+    steps = first_step + jnp.arange(table.num_steps)
+    wants_features = active_rule is not None and active_rule.needs_features
+
+    def first_call(x_s, t, step):
+        """Stage 0's eps (and features): the network, or the analytic AFS value at step 0."""
+        call = (lambda: eps_with_features(eps_fn, x_s, t)) if wants_features else (
+            lambda: (eps_fn(x_s, t), None))  # fmt: skip
+        if first_eps_scale is None:
+            return call()
+
+        def analytic():
+            eps, feats = jax.eval_shape(call)
+            zeros = None if feats is None else jnp.zeros(feats.shape, feats.dtype)
+            return (first_eps_scale * x_s).astype(eps.dtype), zeros
+
+        return jax.lax.cond(step == 0, analytic, call)
 
     def body(carry, row_and_step):
         x_k, ring = carry
         row, step = row_and_step
+        first_out = step * num_stages  # number of this step's first stage output
         ks = []
         for s in range(num_stages):
-            x_s = x_k if s == 0 else row.stage_x[s] * x_k
-            for l_ in range(s):
-                x_s = x_s + row.stage_k[s, l_] * ks[l_]
-            eps = eps_fn(x_s, row.t[s])
-            ks.append(row.pred_x[s] * x_s + row.pred_eps[s] * eps if structure.converts else eps)
-        x_next = row.out_x * x_k
+            x_s = x_k
+            if s > 0:
+                x_s = _scaled(row.stage_x[s], x_k)
+                if ring_size and structure.stage_history:
+                    unused = jnp.zeros((num_stages - s,) + row.stage_hist.shape[2:], x_k.dtype)
+                    lagged = jnp.concatenate([row.stage_k[s, :s][::-1], row.stage_hist[s], unused])
+                    x_s = x_s + _ring_sum(ring, lagged, first_out + s - 1)
+                else:
+                    for l_ in range(s):
+                        x_s = x_s + _scaled(row.stage_k[s, l_], ks[l_])
+            if s == 0:
+                eps, feats = first_call(x_s, row.t[0], step)
+                if active_rule is not None:
+                    row = active_rule(rule_params, row, step, x_k, feats)
+            else:
+                eps = eps_fn(x_s, row.t[s])
+            k_s = _scaled(row.pred_x[s], x_s) + _scaled(row.pred_eps[s], eps) if converts else eps
+            ks.append(k_s)
+            if ring_size:
+                ring = jax.lax.dynamic_update_index_in_dim(ring, k_s, (first_out + s) % ring_size,
+                                                           axis=0)  # fmt: skip
+        x_next = _scaled(row.out_x, x_k)
         if ring_size:
-            ring = jax.lax.dynamic_update_index_in_dim(ring, ks[0], step % ring_size, axis=0)
-            for slot in range(ring_size):
-                x_next = x_next + row.out_hist[slot] * ring[slot]
+            lagged = jnp.concatenate([row.out_k[::-1], row.out_hist])
+            x_next = x_next + _ring_sum(ring, lagged, first_out + num_stages - 1)
         else:
-            x_next = x_next + row.out_k[0] * ks[0]
-        for s in range(1, num_stages):
-            x_next = x_next + row.out_k[s] * ks[s]
+            for s in range(num_stages):
+                x_next = x_next + _scaled(row.out_k[s], ks[s])
         if structure.noisy:
             z = per_sample_normal(key, sample_index, step, x_k.shape, x_k.dtype)
-            x_next = x_next + row.out_noise * z
+            x_next = x_next + _scaled(row.out_noise, z)
         return (x_next, ring), (x_next if trajectory else None)
 
     ring0 = jnp.zeros((ring_size,) + x.shape, x.dtype)
@@ -154,6 +221,11 @@ class SamplingPlan:
     optional Tweedie step), ``nfe`` the exact number of ``eps_fn`` calls per sample. A plan is
     built once (:func:`make_plan`) and run with any network: ``sample(plan, eps_fn, x_T)``.
     Plans hash by identity, so one can be a static argument of ``jax.jit``.
+
+    ``afs``: the analytical first step (the first network call is replaced by
+    ``eps = x / sqrt(alpha^2 + sigma^2)`` at ``ts[0]``, one NFE saved). ``rule``: the method
+    computes its coefficients on the device from learned parameters (:class:`StepRule`, e.g.
+    AMED); ``table`` is then what the rule gives with neutral parameters (AMED: ``r = 1/2``).
     """
 
     schedule: NoiseSchedule
@@ -163,10 +235,23 @@ class SamplingPlan:
     table: StepTable
     final_table: StepTable | None
     options: dict
+    afs: bool = False
+    rule: StepRule | None = None
 
     @property
     def nfe(self) -> int:
-        return self.table.nfe + (self.final_table.nfe if self.final_table is not None else 0)
+        final = self.final_table.nfe if self.final_table is not None else 0
+        return self.table.nfe - int(self.afs) + final
+
+    @property
+    def first_eps_scale(self) -> float | None:
+        """AFS: ``eps = scale * x_T`` with ``scale = 1 / sqrt(alpha^2 + sigma^2)`` at ``ts[0]``
+        (the eps of standard normal data: x_T / sigma for VE at large sigma, x_T for VP)."""
+        if not self.afs:
+            return None
+        t = np.float64(self.ts[0])
+        alpha, sigma = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        return 1.0 / math.sqrt(alpha**2 + sigma**2)
 
     @property
     def num_steps(self) -> int:
@@ -197,6 +282,7 @@ def sample(
     sample_index: jax.Array | None = None,
     table: StepTable | None = None,
     trajectory: bool = False,
+    rule_params=None,
 ):
     """Integrate ``x_T`` from ``plan.ts[0]`` to ``plan.ts[-1]`` with the network ``eps_fn``.
 
@@ -208,13 +294,18 @@ def sample(
     The noise of row i is keyed by its global sample index: ``sample_index[i]`` when given
     (rows in any order, e.g. a shard of a sharded batch), else ``index_offset + i``.
     ``trajectory=True`` also returns the states at the grid points (see :func:`run_table`).
+    ``rule_params``: the learned parameters of ``plan.rule`` (e.g. a trained AMED
+    predictor); None runs ``plan.table`` as it is (AMED: the base solver, ``r = 1/2``).
     """
     structure = plan.structure
     if key is not None and sample_index is None:
         sample_index = index_offset + jnp.arange(x_T.shape[0])
+    if rule_params is not None and plan.rule is None:
+        raise ValueError(f"rule_params given, but method {plan.method!r} has no learned rule")
     table = plan.table if table is None else table
     out = run_table(eps_fn, table, x_T, key, sample_index, structure=structure,
-                    trajectory=trajectory)  # fmt: skip
+                    trajectory=trajectory, first_eps_scale=plan.first_eps_scale,
+                    rule=plan.rule, rule_params=rule_params)  # fmt: skip
     x, states = out if trajectory else (out, None)
     if plan.final_table is not None:
         x = run_table(eps_fn, plan.final_table, x)
@@ -233,6 +324,7 @@ def make_plan(
     t0: float | None = None,
     t1: float | None = None,
     final_denoise: bool = False,
+    afs: bool = False,
     **options,
 ) -> SamplingPlan:
     """Build a :class:`SamplingPlan`.
@@ -244,20 +336,30 @@ def make_plan(
     (Runge-Kutta rounds up, as in the DEIS table); ``final_denoise`` adds one NFE. ``options``
     are method-specific (e.g. ``tableau`` for ``rhork``). The method's spec checks the order,
     the options and the NFE (``MethodSpec.check``); a bad argument raises ``ValueError``.
+    ``afs=True`` (deterministic methods) replaces the first network call by its analytic
+    value (:attr:`SamplingPlan.first_eps_scale`): a budget of ``nfe`` then takes
+    ``ceil((nfe + 1) / S)`` steps, e.g. AMED's NFE 5 = 3 two-stage steps.
     """
     spec = solvers.get_method(method)
     order = spec.check(order, options, final_denoise=final_denoise)
+    if not isinstance(afs, bool | np.bool_):
+        raise solvers.MethodArgumentError("afs", f"must be True or False, got {afs!r}")
     if ts is None:
         nfe = spec.check_nfe(nfe, order)
-        num_steps = math.ceil(nfe / spec.nfe_per_step(order, options))
+        num_steps = math.ceil((nfe + int(afs)) / spec.nfe_per_step(order, options))
         grid = spec.default_grid if grid is None else grid
         ts = time_grid(schedule, num_steps, grid, power=grid_power, t0=t0, t1=t1)
     else:
         ts = np.asarray(ts, dtype=np.float64)
         validate_grid(schedule, ts)
     table = spec.build(schedule, ts, order, **options)
+    if afs and np.any(np.asarray(table.out_noise) != 0):
+        raise solvers.MethodArgumentError(
+            "afs", f"is for deterministic methods; {method!r} adds noise (use afs=False)"
+        )
+    rule = None if spec.rule is None else spec.rule(schedule, ts, order, **options)
     final = final_denoise_table(schedule, float(ts[-1])) if final_denoise else None
-    return SamplingPlan(schedule, method, order, ts, table, final, dict(options))
+    return SamplingPlan(schedule, method, order, ts, table, final, dict(options), bool(afs), rule)
 
 
 def _plan_field(name: str) -> property:
@@ -273,6 +375,7 @@ class Sampler:
 
     plan: SamplingPlan
     eps_fn: EpsFn
+    rule_params: object = None
 
     schedule = _plan_field("schedule")
     method = _plan_field("method")
@@ -294,7 +397,7 @@ class Sampler:
     ) -> jax.Array:
         """``sample(self.plan, self.eps_fn, x_T, key, ...)``."""
         return sample(self.plan, self.eps_fn, x_T, key, index_offset=index_offset,
-                      sample_index=sample_index)  # fmt: skip
+                      sample_index=sample_index, rule_params=self.rule_params)  # fmt: skip
 
 
 def get_sampler(schedule: NoiseSchedule, eps_fn: EpsFn, ts=None, **plan_args) -> Sampler:

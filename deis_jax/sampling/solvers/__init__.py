@@ -1,8 +1,9 @@
 """Sampling methods. Importing this package registers every built-in method."""
 
 from deis_jax.sampling.solvers import (
+    amed,  # noqa: F401  (registers amed, amed_ddim, amed_dpm, amed_ipndm)
     deis,  # noqa: F401  (registers ddim, tab, rhoab, ipndm, rhork)
-    dpm_solver,  # noqa: F401  (registers dpmpp, unipc)
+    dpm_solver,  # noqa: F401  (registers dpmpp, unipc, dpm2)
     stochastic,  # noqa: F401  (registers sddim, ersde)
 )
 from deis_jax.sampling.solvers.registry import (

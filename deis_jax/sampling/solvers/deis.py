@@ -81,6 +81,7 @@ def build_rhork(schedule, ts, order: int = 2, tableau: str | None = None) -> Ste
         out_k=out_k,
         out_hist=xp.zeros((n, 0)),
         out_noise=xp.zeros(n),
+        stage_hist=xp.zeros((n, s, 0)),
     )
     return finish_table(table, xp)
 

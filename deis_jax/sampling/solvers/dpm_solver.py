@@ -88,6 +88,7 @@ from deis_jax.sampling.solvers.table import (
     StepTable,
     as_float,
     data_prediction,
+    finish_table,
     multistep_table,
 )
 
@@ -329,6 +330,42 @@ def _data_prediction_builder(coefficients: Callable[..., tuple], name: str) -> C
     return build
 
 
+def build_dpm2(schedule, ts, order: int = 2) -> StepTable:
+    """Singlestep DPM-Solver-2 (eps form, ``r1 = 1/2``): with ``h = lambda_{k+1} - lambda_k``
+    and the stage ``s`` at ``lambda_k + h/2`` (the geometric midpoint in rho),
+
+        x_s     = (alpha_s/alpha_k) x_k - sigma_s expm1(h/2) eps(x_k, t_k),
+        x_{k+1} = (alpha_{k+1}/alpha_k) x_k - sigma_{k+1} expm1(h) eps(x_s, t_s).
+
+    Two NFE per step; globally second order. AMED's base solver (``amed`` with ``r = 1/2``)."""
+    xp = array_namespace(ts)
+    ts = as_float(ts, xp)
+    log_alpha = as_float(schedule.log_alpha(ts), xp)
+    lam = -xp.log(as_float(schedule.rho(ts), xp))
+    h = lam[1:] - lam[:-1]
+    lam_s = lam[:-1] + 0.5 * h
+    t_s = as_float(schedule.t_from_rho(xp.exp(-lam_s)), xp)
+    log_alpha_s = as_float(schedule.log_alpha(t_s), xp)
+    sigma_s = xp.exp(log_alpha_s - lam_s)
+    sigma_x = xp.exp(log_alpha[1:] - lam[1:])
+    n = h.shape[0]
+    zeros, ones = xp.zeros(n), xp.ones(n)
+    table = StepTable(
+        t=xp.stack([ts[:-1], t_s], axis=1),
+        stage_x=xp.stack([ones, xp.exp(log_alpha_s - log_alpha[:-1])], axis=1),
+        stage_k=xp.stack([xp.stack([zeros, zeros], axis=1),
+                          xp.stack([-sigma_s * xp.expm1(0.5 * h), zeros], axis=1)], axis=1),
+        pred_x=xp.zeros((n, 2)),
+        pred_eps=xp.ones((n, 2)),
+        out_x=xp.exp(log_alpha[1:] - log_alpha[:-1]),
+        out_k=xp.stack([zeros, -sigma_x * xp.expm1(h)], axis=1),
+        out_hist=xp.zeros((n, 0)),
+        out_noise=zeros,
+        stage_hist=xp.zeros((n, 2, 0)),
+    )  # fmt: skip
+    return finish_table(table, xp)
+
+
 build_dpmpp = _data_prediction_builder(dpmpp_coefficients, "dpmpp")
 build_unipc = _data_prediction_builder(unipc_coefficients, "unipc")
 
@@ -343,6 +380,12 @@ register_method(
         default_grid="log_snr",
         options=("lower_order_final", "lower_order_final_below", "order3"),
     )
+)
+# Singlestep DPM-Solver-2 (eps form), AMED's base solver.
+register_method(
+    MethodSpec(
+        "dpm2", build_dpm2, (2,), 2, stages=lambda order, options: 2, default_grid="karras"
+    )  # fmt: skip
 )
 # UniPC: UniP-p predictor + UniC corrector (order p + 1), data prediction.
 register_method(

@@ -17,6 +17,10 @@ from typing import Any
 
 from deis_jax.sampling.solvers.table import StepTable
 
+# Options every method accepts; ``make_plan`` takes them as its own keywords (not passed to
+# the builder): ``afs`` -- the analytical first step (``sampling.sampler.make_plan``).
+GENERIC_OPTIONS = ("afs",)
+
 BuildFn = Callable[..., StepTable]  # build(schedule, ts, order, **options) -> StepTable
 # options_check(options, final_denoise) raises MethodArgumentError for a bad combination.
 OptionsCheck = Callable[[Mapping[str, Any], bool], None]
@@ -46,7 +50,9 @@ class MethodSpec:
     """A sampling method: ``build(schedule, ts, order, **options) -> StepTable`` and what it
     accepts -- ``orders`` (``default_order`` when none is given), ``options`` (keyword names),
     ``stages(order, options)`` (NFE per step), ``default_grid`` (a ``GRID_KINDS`` entry) and
-    an optional ``options_check`` for combinations the names alone do not rule out."""
+    an optional ``options_check`` for combinations the names alone do not rule out.
+    ``rule(schedule, ts, order, **options)``, for methods whose coefficients are computed on
+    the device from learned parameters, builds their ``StepRule`` (``sampling.sampler``)."""
 
     name: str
     build: BuildFn
@@ -56,6 +62,7 @@ class MethodSpec:
     default_grid: str = "quadratic"
     options: tuple[str, ...] = ()
     options_check: OptionsCheck | None = None
+    rule: Callable[..., Any] | None = None
 
     def nfe_per_step(self, order: int, options: Mapping[str, Any]) -> int:
         """Network evaluations per step for ``order`` and ``options``."""
@@ -79,14 +86,20 @@ class MethodSpec:
                 "order", f"must be one of {self.orders} for method {self.name!r}, got {order!r}"
             )
         options = {} if options is None else options
-        unknown = sorted(set(options) - set(self.options))
+        unknown = sorted(set(options) - set(self.options) - set(GENERIC_OPTIONS))
         if unknown:
             raise MethodArgumentError(
                 "options",
-                f"has unknown key(s) {unknown} for method {self.name!r}; allowed: {self.options}",
+                f"has unknown key(s) {unknown} for method {self.name!r}; allowed: "
+                f"{self.options + GENERIC_OPTIONS}",
             )
+        if "afs" in options and not isinstance(options["afs"], bool):
+            raise MethodArgumentError(
+                "options.afs", f"must be True or False, got {options['afs']!r}"
+            )
+        own = {k: v for k, v in options.items() if k not in GENERIC_OPTIONS}
         if self.options_check is not None:
-            self.options_check(options, final_denoise)
+            self.options_check(own, final_denoise)
         return order
 
     def check_nfe(self, nfe: Any, order: int) -> int:

@@ -2,16 +2,20 @@
 
 One step ``k`` of any sampler in this package is
 
-    X_s     = stage_x[k,s] * x_k + sum_{l<s} stage_k[k,s,l] * K_l          (s = 0..S-1)
+    X_s     = stage_x[k,s] * x_k + sum_{l<s} stage_k[k,s,l] * K_l
+              + sum_j stage_hist[k,s,j] * E_{k,j}                               (s = 0..S-1)
     K_s     = pred_x[k,s] * X_s + pred_eps[k,s] * eps(X_s, t[k,s])          (one NFE each)
     x_{k+1} = out_x[k] * x_k + sum_s out_k[k,s] * K_s
-              + sum_j out_hist[k,j] * K_0^{(k-1-j)} + out_noise[k] * z_k
+              + sum_j out_hist[k,j] * E_{k,j} + out_noise[k] * z_k
 
-where ``K_0^{(k-1-j)}`` is the first-stage output of an earlier step (the multistep history)
-and ``z_k`` is standard normal noise. ``pred_x``/``pred_eps`` choose what the linear
-combinations act on: eps itself (``0, 1``) or the data prediction
-``x0 = (X - sigma eps) / alpha`` (``1/alpha, -sigma/alpha``). Multistep methods have S = 1 and
-a history; Runge-Kutta methods have S stages and no history; stochastic methods add noise.
+where ``E_{k,j}`` is the (j+1)-th most recent stage output *before* step k, counting every
+stage of every earlier step (the multistep history: for single-stage methods
+``E_{k,j} = K_0^{(k-1-j)}``; a two-stage method with history, such as AMED-Plugin on iPNDM,
+also remembers its intermediate evaluations), and ``z_k`` is standard normal noise.
+``pred_x``/``pred_eps`` choose what the linear combinations act on: eps itself (``0, 1``) or
+the data prediction ``x0 = (X - sigma eps) / alpha`` (``1/alpha, -sigma/alpha``). Multistep
+methods have S = 1 and a history; Runge-Kutta methods have S stages and no history;
+stochastic methods add noise; AMED's two-stage steps also have a history.
 The device loop (``deis_jax.sampling.sampler.run_table``) is nothing but these multiply-adds.
 
 Tables are pure array functions of the time grid: built from a numpy grid they are numpy
@@ -43,6 +47,7 @@ class StepTable(NamedTuple):
     out_k: Array  # (N, S)
     out_hist: Array  # (N, H)
     out_noise: Array  # (N,)
+    stage_hist: Array  # (N, S, H); row s = 0 is zero (the first stage reads x_k only)
 
     @property
     def num_steps(self) -> int:
@@ -122,6 +127,7 @@ def multistep_table(
         out_k=coefs[:, :1],
         out_hist=coefs[:, 1:],
         out_noise=xp.zeros(n) if out_noise is None else as_float(out_noise, xp),
+        stage_hist=xp.zeros((n, 1, coefs.shape[1] - 1)),
     )
     return finish_table(table, xp)
 
