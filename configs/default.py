@@ -64,6 +64,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampler.final_denoise = False
     sampler.options = ml_collections.ConfigDict()
     sampler.grid_file = FieldReference(None, field_type=str)  # with grid='optimized'
+    sampler.predictor_file = FieldReference(None, field_type=str)  # AMED: trained predictor
 
     config.model = model_block("vp_cifar10_ddpmpp_continuous")
 

@@ -35,11 +35,25 @@ def fit_block() -> ml_collections.ConfigDict:
         {"steps": 300, "learning_rate": 0.05, "patience": 40, "seed": 0}
     )
     fit.ld3.batch_size = ml_collections.FieldReference(None, field_type=int)  # None: all
+    fit.amed = amed_block()
     fit.plot_nfe = 5
     fit.x64 = True
     fit.params = "checkpoint"  # image models: checkpoint | random
     fit.fd = False  # image models: also FD / FID of every cell (config.eval)
     return fit
+
+
+def amed_block() -> ml_collections.ConfigDict:
+    """``config.fit.amed``: training of AMED predictors (variant ``amed``)."""
+    amed = ml_collections.ConfigDict()
+    amed.steps = 300  # Adam updates (AMED: about 80 batches of 128 per step on CIFAR-10)
+    amed.learning_rate = 5e-3  # AMED's
+    amed.batch_size = ml_collections.FieldReference(32, field_type=int)  # None: all
+    amed.patience = 60
+    amed.seed = 0
+    amed.refine = 4  # teacher points per student interval (the student grid is contained)
+    amed.substeps = 2  # RK4 steps per teacher interval
+    return amed
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampler.options = ml_collections.ConfigDict()
     # With grid="optimized": a grid file written by --mode=fit (configs/fit_gmm.py).
     config.sampler.grid_file = ml_collections.FieldReference(None, field_type=str)
+    config.sampler.predictor_file = ml_collections.FieldReference(None, field_type=str)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "gmm"

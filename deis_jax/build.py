@@ -5,13 +5,16 @@
                     (VE), beta_start, beta_end, num_steps (discrete).
 ``config.sampler``: method, order, nfe, grid, grid_power, t0, t1, final_denoise, options,
                     grid_file (with ``grid="optimized"``: a fitted grid file, see
-                    ``deis_jax.fitting.grid_file``).
+                    ``deis_jax.fitting.grid_file``), predictor_file (AMED methods: a
+                    trained predictor file, ``deis_jax.fitting.amed.AmedPredictorFile``,
+                    which carries its own grid).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from deis_jax.fitting.amed import AmedPredictorFile
 from deis_jax.fitting.grid_file import OPTIMIZED_GRID, OptimizedGrid
 from deis_jax.sampling import solvers
 from deis_jax.sampling.sampler import Sampler, get_sampler
@@ -44,7 +47,8 @@ def sampler_from_config(
     """``get_sampler`` with the config's fields; ``overrides`` replace individual fields.
 
     ``grid="optimized"`` reads ``grid_file`` (an :class:`OptimizedGrid`) and refuses it with
-    a ``ValueError`` naming every setting it was not fitted for."""
+    a ``ValueError`` naming every setting it was not fitted for; ``predictor_file`` likewise
+    reads a trained AMED predictor (its grid and parameters) for an AMED method."""
     fields = {
         k: _get(sampler_cfg, k)
         for k in ("method", "order", "nfe", "grid", "grid_power", "t0", "t1", "final_denoise")
@@ -53,6 +57,9 @@ def sampler_from_config(
     options = dict(_get(sampler_cfg, "options") or {})
     options.update(fields.pop("options", None) or {})
     fields["final_denoise"] = bool(fields["final_denoise"])
+    predictor_path = fields.pop("predictor_file", None) or _get(sampler_cfg, "predictor_file")
+    if predictor_path:
+        return _learned_predictor_sampler(predictor_path, fields, options, schedule, eps_fn)
     if fields["grid"] != OPTIMIZED_GRID:
         return get_sampler(schedule, eps_fn, **fields, **options)
     path = fields.pop("grid_file", None) or _get(sampler_cfg, "grid_file")
@@ -66,3 +73,19 @@ def sampler_from_config(
     grid.check_compatible(schedule, method=fields["method"], order=order, nfe=fields["nfe"],
                           options=options, t0=fields["t0"], t1=fields["t1"])  # fmt: skip
     return Sampler(grid.plan(schedule), eps_fn)
+
+
+def _learned_predictor_sampler(path, fields, options, schedule, eps_fn) -> Sampler:
+    """The sampler of an AMED predictor file, refused (``ValueError`` naming every setting)
+    unless the config asks for what it was trained for."""
+    if fields["grid"] == OPTIMIZED_GRID:
+        raise ValueError("predictor_file carries its own grid: do not combine it with "
+                         "grid='optimized'")  # fmt: skip
+    if fields["final_denoise"]:
+        raise ValueError("predictor_file does not take final_denoise")
+    learned = AmedPredictorFile.load(path)
+    spec = solvers.get_method(fields["method"])
+    order = spec.check(fields["order"], options)
+    learned.check_compatible(schedule, method=fields["method"], order=order, nfe=fields["nfe"],
+                             options=options, t0=fields["t0"], t1=fields["t1"])  # fmt: skip
+    return Sampler(learned.plan(schedule), eps_fn, rule_params=learned.rule_params())

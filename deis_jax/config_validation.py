@@ -126,6 +126,14 @@ def validate_sampler(config, schedule: NoiseSchedule | None = None, path: str = 
         schedule.interval(section.get("t0"), section.get("t1"))
     except ValueError as err:  # their messages start with the field: grid_power, t0 or t1
         raise ConfigError(f"config.{path}.{err}") from None
+    predictor_file = section.get("predictor_file")
+    if predictor_file is not None and (
+        not isinstance(predictor_file, str) or not os.path.isfile(predictor_file)
+    ):
+        raise ConfigError(
+            f"config.{path}.predictor_file must name an existing AMED predictor file (written "
+            f"by --mode=fit with the 'amed' variant), got {predictor_file!r}"
+        )
     if grid == OPTIMIZED_GRID:
         grid_file = section.get("grid_file")
         if not isinstance(grid_file, str) or not os.path.isfile(grid_file):
@@ -137,4 +145,5 @@ def validate_sampler(config, schedule: NoiseSchedule | None = None, path: str = 
         return sampler_from_config(section, schedule, lambda x, t: x)
     except ValueError as err:
         where = f"{path}.grid_file" if grid == OPTIMIZED_GRID else path
+        where = f"{path}.predictor_file" if predictor_file else where
         raise ConfigError(f"config.{where} is invalid: {err}") from None

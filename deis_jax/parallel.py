@@ -190,10 +190,14 @@ def shard_sampler(sampler: Sampler, mesh: jax.sharding.Mesh) -> Callable:
     ``eps_fn`` is a replicated argument of the compiled function (its parameters are not
     baked in; see ``deis_jax.sampling.wrappers.model_argument``)."""
     b, r = batch_sharding(mesh), replicated_sharding(mesh)
-    plan, eps_fn = sampler.plan, replicate(model_argument(sampler.eps_fn), mesh)
+    plan = sampler.plan
+    # the network and the learned rule's parameters (e.g. an AMED predictor), replicated
+    model = replicate((model_argument(sampler.eps_fn), sampler.rule_params), mesh)
     if sampler.stochastic:
         jitted = jax.jit(
-            lambda f, x_T, key, offset: sample(plan, f, x_T, key, index_offset=offset),
+            lambda m, x_T, key, offset: sample(
+                plan, m[0], x_T, key, index_offset=offset, rule_params=m[1]
+            ),
             in_shardings=(r, b, r, r),
             out_shardings=b,
         )
@@ -201,11 +205,15 @@ def shard_sampler(sampler: Sampler, mesh: jax.sharding.Mesh) -> Callable:
         def call(x_T, key=None, index_offset=0):
             if key is None:
                 raise ValueError("this sampler is stochastic: pass a PRNG key")
-            return jitted(eps_fn, x_T, jax.device_put(key, r), np.int32(index_offset))
+            return jitted(model, x_T, jax.device_put(key, r), np.int32(index_offset))
 
         return call
-    jitted = jax.jit(lambda f, x_T: sample(plan, f, x_T), in_shardings=(r, b), out_shardings=b)
-    return lambda x_T, key=None, index_offset=0: jitted(eps_fn, x_T)
+    jitted = jax.jit(
+        lambda m, x_T: sample(plan, m[0], x_T, rule_params=m[1]),
+        in_shardings=(r, b),
+        out_shardings=b,
+    )
+    return lambda x_T, key=None, index_offset=0: jitted(model, x_T)
 
 
 def make_generate_fn(

@@ -6,10 +6,14 @@ one cell is computed:
 * ``default``            the method's own grid (``config.sampler.grid`` when set);
 * ``fixed:<kind>``       each grid kind of ``config.fit.fixed_grids`` (``time``, ``rho``, ...);
 * ``gits``, ``ld3``      a grid fitted by :func:`deis_jax.fitting.optimize_grid`;
-* ``ld3+table``          LD3 with learned table corrections, fitted jointly with the grid.
+* ``ld3+table``          LD3 with learned table corrections, fitted jointly with the grid;
+* ``amed``               (AMED methods only) an AMED predictor trained by distillation on the
+                         method's own grid (:mod:`deis_jax.fitting.amed`); its ``default``
+                         cell is the base solver (``r = 1/2``: DPM-Solver-2, iPNDM, ...).
 
 Fitted variants write their grid file (``grids/<problem>/<method>_nfe<nfe>_<variant>.json``),
-usable as ``config.sampler.grid_file``. Every variant is measured by its RMSE against a
+usable as ``config.sampler.grid_file`` (``amed``: the predictor file, usable as
+``config.sampler.predictor_file``). Every variant is measured by its RMSE against a
 reference on *held-out* starting points (never fitted on): a fine RK4 solve of the same ODE,
 the held-out teacher, whose own error estimate is reported. The fitting starting points (train
 + validation) and the held-out ones are drawn from disjoint keys.
@@ -30,6 +34,7 @@ import numpy as np
 
 from deis_jax import build
 from deis_jax.experiments.engine import fingerprint
+from deis_jax.fitting.amed import amed_teacher, fit_amed
 from deis_jax.fitting.optimize import endpoint_loss, optimize_grid
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
 from deis_jax.io_utils import atomic_write_text
@@ -37,9 +42,20 @@ from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.sampling.method_spec import MethodChoice
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.solvers.amed import AMED_METHODS
 from deis_jax.sampling.wrappers import EpsFn
 
-FITTED_VARIANTS = ("gits", "ld3", "ld3+table")
+FITTED_VARIANTS = ("gits", "ld3", "ld3+table", "amed")
+GRID_VARIANTS = ("gits", "ld3", "ld3+table")  # fit a grid (not for AMED methods)
+
+
+def applies(choice: MethodChoice, variant: str) -> bool:
+    """Whether ``variant`` is a cell of ``choice``: ``amed`` for AMED methods only, the grid
+    fits for the other methods only; default and fixed grids for all."""
+    is_amed = choice.method in AMED_METHODS
+    if variant == "amed":
+        return is_amed
+    return not (is_amed and variant in GRID_VARIANTS)
 
 
 class FitProblem(NamedTuple):
@@ -110,7 +126,10 @@ def compute_cell(
     fit_cfg, sampler_cfg = config.fit, config.sampler
     record: dict[str, Any] = {"problem": problem.name, "method": choice.label,
                               "nfe_budget": nfe, "variant": variant}  # fmt: skip
-    if variant in FITTED_VARIANTS:
+    if variant == "amed":
+        plan, rule_params = _train_amed(config, schedule, problem, choice, nfe, workdir, record)
+    elif variant in FITTED_VARIANTS:
+        rule_params = None
         grid = optimize_grid(
             schedule, problem.eps_fn, problem.x_fit, method=choice.method, order=choice.order,
             nfe=nfe, objective="gits" if variant == "gits" else "ld3",
@@ -131,23 +150,64 @@ def compute_cell(
                       fit_seconds=prov["seconds"],
                       val_loss_curve=prov["fit"].get("val_loss_curve"))  # fmt: skip
     else:
+        rule_params = None
         kind = None if variant == "default" else variant.split(":", 1)[1]
-        plan = build.sampler_from_config(
-            sampler_cfg, schedule, problem.eps_fn, method=choice.method, order=choice.order,
-            nfe=nfe, options=choice.options, **({"grid": kind} if kind else {}),
-        ).plan  # fmt: skip
-    mse = endpoint_loss(plan, problem.eps_fn, problem.x_heldout, teach.heldout.x0)
+        plan = _fixed_plan(sampler_cfg, schedule, problem, choice, nfe, kind)
+    mse = endpoint_loss(plan, problem.eps_fn, problem.x_heldout, teach.heldout.x0,
+                        rule_params=rule_params)  # fmt: skip
     record.update(nfe=plan.nfe, heldout_rmse=float(np.sqrt(mse)), ts=[float(t) for t in plan.ts],
                   reference_error=teach.heldout.error_estimate)  # fmt: skip
     if scorer is not None:  # e.g. FD-digits on config.eval.num_samples images
-        record["fd"] = scorer.score(Sampler(plan, problem.eps_fn))["value"]
+        record["fd"] = scorer.score(Sampler(plan, problem.eps_fn, rule_params))["value"]
     return record
+
+
+def _fixed_plan(sampler_cfg, schedule, problem: FitProblem, choice: MethodChoice, nfe: int,
+                kind: str | None):  # fmt: skip
+    """The method's plan on its default grid (``kind`` None) or on grid kind ``kind``."""
+    return build.sampler_from_config(
+        sampler_cfg, schedule, problem.eps_fn, method=choice.method, order=choice.order,
+        nfe=nfe, options=choice.options, predictor_file=None,
+        **({"grid": kind} if kind else {}),
+    ).plan  # fmt: skip
+
+
+def _train_amed(config, schedule, problem: FitProblem, choice: MethodChoice, nfe: int,
+                workdir: str, record: dict):  # fmt: skip
+    """Train the cell's AMED predictor (teacher cached under ``teachers/``, resumable state
+    under ``amed_state/``), write its file; returns ``(plan, params)`` and fills ``record``."""
+    amed_cfg = config.fit.amed
+    plan = _fixed_plan(config.sampler, schedule, problem, choice, nfe, None)
+    name = f"{problem.name}_{fingerprint([choice.label, [float(t) for t in plan.ts]])}"
+    os.makedirs(os.path.join(workdir, "teachers"), exist_ok=True)
+    teacher = amed_teacher(
+        plan, problem.eps_fn, problem.x_fit, path=os.path.join(workdir, "teachers",
+                                                               f"amed_{name}.npz"),
+        model_id=problem.model_id, refine=int(amed_cfg.refine), substeps=int(amed_cfg.substeps),
+    )  # fmt: skip
+    path = grid_path(workdir, problem.name, choice, nfe, "amed")
+    fit = fit_amed(
+        plan, problem.eps_fn, teacher, validation_fraction=float(config.fit.validation_fraction),
+        steps=int(amed_cfg.steps), learning_rate=float(amed_cfg.learning_rate),
+        batch_size=amed_cfg.batch_size, patience=int(amed_cfg.patience),
+        seed=int(amed_cfg.seed), model_id=problem.model_id,
+        state_path=os.path.join(workdir, "amed_state", f"{name}_nfe{nfe}.state"),
+    )  # fmt: skip
+    fit.predictor.save(path)
+    prov = fit.predictor.provenance
+    record.update(grid_file=os.path.relpath(path, workdir), val_loss_init=prov["val_loss_init"],
+                  val_loss_fitted=prov["val_loss_fitted"], fit_seconds=prov["seconds"],
+                  val_loss_curve=prov["val_loss_curve"],
+                  teacher_error=teacher.error_estimate)  # fmt: skip
+    return plan, fit.params
 
 
 def experiment_fingerprint(config) -> str:
     """Every setting a cell's result depends on (cell keys add problem/method/NFE/variant)."""
     identity = {k: config[k].to_dict() for k in ("sde", "data", "fit")}
-    keys = ("grid", "grid_power", "t0", "t1", "options")
+    if "amed" not in config.fit.variants:  # AMED settings matter to amed cells only
+        identity["fit"].pop("amed", None)
+    keys = ("grid", "grid_power", "t0", "t1", "options")  # (amed settings: inside config.fit)
     identity["sampler"] = {k: config.sampler.get(k) for k in keys}
     identity["seed"] = config.seed
     return fingerprint(identity)

@@ -39,14 +39,20 @@ from deis_jax.sampling.wrappers import EpsFn, model_argument
 
 
 def endpoint_loss(
-    plan: SamplingPlan, eps_fn: EpsFn, x_T: np.ndarray, x0: np.ndarray, batch_size: int = 256
+    plan: SamplingPlan,
+    eps_fn: EpsFn,
+    x_T: np.ndarray,
+    x0: np.ndarray,
+    batch_size: int = 256,
+    rule_params=None,
 ) -> float:
-    """Mean squared distance per dimension between ``plan``'s endpoints and ``x0``."""
-    run = jax.jit(sample, static_argnums=0)
+    """Mean squared distance per dimension between ``plan``'s endpoints and ``x0``
+    (``rule_params``: a learned rule's parameters, e.g. an AMED predictor's)."""
+    run = jax.jit(lambda plan, f, x, p: sample(plan, f, x, rule_params=p), static_argnums=0)
     f = model_argument(eps_fn)
     total = 0.0
     for start in range(0, len(x_T), batch_size):
-        out = np.asarray(run(plan, f, x_T[start : start + batch_size]), np.float64)
+        out = np.asarray(run(plan, f, x_T[start : start + batch_size], rule_params), np.float64)
         total += float(np.sum((out - x0[start : start + batch_size]) ** 2))
     return total / x0.size
 

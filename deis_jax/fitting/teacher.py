@@ -44,7 +44,7 @@ from absl import logging
 from deis_jax.io_utils import atomic_write_bytes
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
-from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power, time_grid
+from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power, time_grid, validate_grid
 from deis_jax.sampling.wrappers import EpsFn, model_argument
 
 TEACHER_FORMAT = 1
@@ -137,16 +137,22 @@ def teacher_settings(
     keep_states: bool = True,
     model_id: str = "",
     error_samples: int | None = 16,
+    ts=None,
 ) -> dict[str, Any]:
     """The validated, JSON-normalised settings of a teacher (the cache key of
     :func:`load_or_solve_teacher`); the arguments are those of :func:`solve_teacher`.
     ``batch_size`` is not a setting: it does not change the result."""
-    _check_int("num_points", num_points, 2)
     _check_int("substeps", substeps, 1)
     _check_int("error_samples", error_samples, 1, allow_none=True)
-    if grid not in TEACHER_GRID_KINDS:
+    if ts is not None:  # an explicit fine grid (e.g. a refinement of a student's grid)
+        ts = np.asarray(ts, np.float64)
+        validate_grid(schedule, ts)
+        num_points, grid, grid_power = int(ts.shape[0]), "custom", None
+        t0, t1 = float(ts[-1]), float(ts[0])
+    _check_int("num_points", num_points, 2)
+    if grid not in TEACHER_GRID_KINDS + (("custom",) if ts is not None else ()):
         raise ValueError(f"grid must be one of {TEACHER_GRID_KINDS}, got {grid!r}")
-    grid_power = check_grid_power(grid, grid_power)
+    grid_power = None if ts is not None else check_grid_power(grid, grid_power)
     if not isinstance(model_id, str):
         raise ValueError(f"model_id must be a string, got {model_id!r}")
     shape = np.shape(x_T)
@@ -170,6 +176,8 @@ def teacher_settings(
         "x_T_shape": list(shape),
         "x_T_sha256": array_digest(x_T),
     }
+    if ts is not None:
+        settings["ts"] = [float(t) for t in ts]
     return json.loads(json.dumps(settings))
 
 
@@ -257,10 +265,14 @@ def solve_teacher(
     model_id: str = "",
     batch_size: int | None = None,
     error_samples: int | None = 16,
+    ts=None,
 ) -> Teacher:
     """Solve the probability-flow ODE from every row of ``x_T`` (shape (n, ...)).
 
-    Fine grid: ``time_grid(schedule, num_points - 1, grid, power=grid_power, t0=t0, t1=t1)``.
+    Fine grid: ``time_grid(schedule, num_points - 1, grid, power=grid_power, t0=t0, t1=t1)``,
+    or the explicit decreasing grid ``ts`` (which then replaces ``num_points``, ``grid``,
+    ``grid_power``, ``t0`` and ``t1``; e.g. :func:`refine_grid` of a student's grid, so that
+    the teacher's states include the student's grid points exactly).
     Solver: RK4 in rho on that grid refined ``substeps`` times in log-SNR (the module
     docstring), i.e. ``4 * substeps * (num_points - 1)`` eps calls per sample, plus
     ``num_points - 1`` for the stored eps when ``keep_states``. Rows are processed
@@ -271,11 +283,13 @@ def solve_teacher(
     settings = teacher_settings(
         schedule, x_T, t0=t0, t1=t1, num_points=num_points, grid=grid, grid_power=grid_power,
         substeps=substeps, keep_states=keep_states, model_id=model_id,
-        error_samples=error_samples,
+        error_samples=error_samples, ts=ts,
     )  # fmt: skip
     dtype = working_dtype()
     x_T = np.asarray(x_T, dtype)
-    ts = time_grid(schedule, num_points - 1, grid, power=grid_power, t0=t0, t1=t1)
+    if ts is None:
+        ts = time_grid(schedule, num_points - 1, grid, power=grid_power, t0=t0, t1=t1)
+    ts = np.asarray(ts, np.float64)
     refined = refine_grid(schedule, ts, substeps)
     plan = teacher_plan(schedule, refined)
     eps_arg = model_argument(eps_fn)

@@ -15,7 +15,9 @@ cell cache ``results.jsonl`` (a killed run resumes where it stopped) and the rep
 Fields of ``config.fit``: ``methods`` (method specs, e.g. ``tab3``, ``dpmpp2``), ``nfes``,
 ``variants``, ``fixed_grids``, ``num_fit`` (train + validation starting points),
 ``validation_fraction``, ``num_heldout``, ``teacher_points``, ``teacher_grid``,
-``teacher_substeps`` / ``heldout_substeps`` (RK4 steps per teacher interval), ``max_delta``
+``teacher_substeps`` / ``heldout_substeps`` (RK4 steps per teacher interval), ``amed``
+(variant ``amed``: ``steps``, ``learning_rate``, ``batch_size``, ``patience``, ``seed``,
+``refine`` -- teacher points per student interval -- and ``substeps``), ``max_delta``
 (bound of the learned corrections, relative), ``gits_metric``, ``gits_gamma``, ``ld3`` (the
 settings of ``deis_jax.fitting.ld3.fit_ld3``), ``plot_nfe``, ``x64``, ``params``, ``fd`` (image
 models: also score every cell with ``config.eval``'s metric, as ``--mode=table`` does).
@@ -35,9 +37,10 @@ from deis_jax.experiments.engine import Cell, Progress, fingerprint, run_cells
 from deis_jax.fitting.gits import METRICS as GITS_METRICS
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.solvers.amed import AMED_METHODS
 from deis_jax.sampling.timesteps import GRID_KINDS
 
-VARIANT_COST = {"gits": 2, "ld3": 20, "ld3+table": 20}  # progress-bar weights (fixed: 1)
+VARIANT_COST = {"gits": 2, "ld3": 20, "ld3+table": 20, "amed": 20}  # bar weights (fixed: 1)
 
 
 class Plan(NamedTuple):
@@ -91,10 +94,22 @@ def validate(config) -> Plan:
     cv.require_number(config, "fit.gits_gamma", minimum=0, exclusive_minimum=True)
     cv.require_choice(config, "fit.gits_metric", GITS_METRICS)
     cv.require_choice(config, "fit.teacher_grid", tuple(k for k in GRID_KINDS if k != "custom"))
+    if "amed" in variants:
+        if not any(c.method in AMED_METHODS for c in choices):
+            raise cv.ConfigError(f"config.fit.variants has 'amed' but config.fit.methods has no "
+                                 f"AMED method {AMED_METHODS}")  # fmt: skip
+        for field in ("steps", "patience", "refine", "substeps", "seed"):
+            cv.require_number(config, f"fit.amed.{field}", integer=True,
+                              minimum=0 if field in ("steps", "seed") else 1)  # fmt: skip
+        cv.require_number(config, "fit.amed.learning_rate", minimum=0, exclusive_minimum=True)
+        batch = cv.get_field(config, "fit.amed.batch_size")
+        if batch is not None:
+            cv.require_number(config, "fit.amed.batch_size", integer=True, minimum=1)
     cells = [
         Cell(f"{p}|{c.label}|{n}|{v}", cost=VARIANT_COST.get(v, 1),
              label=f"{p} {c.label} nfe={n} {v}", payload=(p, c, n, v))
         for p in problems for c in choices for n in nfes for v in variants
+        if fitting.applies(c, v)
     ]  # fmt: skip
     if len({c.key for c in cells}) != len(cells):
         raise cv.ConfigError("config.fit.methods / nfes / variants must not repeat")

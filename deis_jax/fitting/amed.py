@@ -1,0 +1,376 @@
+"""Train an AMED predictor by distillation, and keep it in one file with its sampling settings.
+
+    plan = make_plan(schedule, method="amed_ipndm", nfe=5, afs=True, scale_time=0.2)
+    teacher = amed_teacher(plan, eps_fn, x_T, path="teachers/amed.npz", model_id=...)
+    fit = fit_amed(plan, eps_fn, teacher, steps=200)          # Adam, validation, resumable
+    fit.predictor.save("amed_ipndm3_nfe5.json")              # method, NFE, AFS, grid, params
+    x0 = sample(plan, eps_fn, x_T, rule_params=fit.params)
+
+**Teacher.** The shared teacher (``deis_jax.fitting.teacher``: RK4 in rho, cached) solved on
+the student's grid refined ``refine`` times in log-SNR (:func:`teacher_grid`), so that every
+``refine``-th teacher point *is* a student grid point (the paper's ``K = (M+1)(N-1)+1`` grid,
+with an accurate solver instead of Heun/iPNDM); its states there are the targets.
+
+**Loss** (AMED's L2 distance to the teacher points, per sample, summed over the steps and
+averaged over dimensions):
+
+* one-step students (``amed``, ``amed_ddim``, ``amed_dpm``) are *teacher-forced*: step k starts
+  from the teacher's state at ``t_k`` and is compared with the teacher's at ``t_{k+1}``, so
+  the loss is the sum of the paper's per-interval losses;
+* the multistep student (``amed_ipndm``) rolls out its own trajectory (its history carried)
+  and is compared at every grid point, gradients flowing through the whole rollout.
+
+The paper takes one Adam step per interval and detaches the rollout between intervals; here
+one step on the sum is taken (the same stationary points for the teacher-forced students).
+The loop is :func:`deis_jax.fitting.adam_loop.fit_adam` (the one LD3 uses): minibatches,
+global-norm clipping, validation early stopping (the best-validation predictor is returned,
+never worse than the initial ``r = 1/2`` one on the validation set), non-finite updates
+skipped, resumable from ``state_path``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deis_jax.fitting.adam_loop import LoopResult, fit_adam
+from deis_jax.fitting.teacher import (
+    Teacher,
+    array_digest,
+    describe_schedule,
+    load_or_solve_teacher,
+    refine_grid,
+)
+from deis_jax.io_utils import atomic_write_text
+from deis_jax.models.amed_predictor import (
+    init_predictor,
+    predictor_from_settings,
+    predictor_settings,
+)
+from deis_jax.sampling.sampler import SamplingPlan, make_plan, run_table
+from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.solvers.amed import AMED_METHODS, amed_options
+from deis_jax.sampling.wrappers import EpsFn, eps_with_features, model_argument
+
+FORMAT_VERSION = 1
+DEFAULT_REFINE = 4  # teacher grid points per student interval
+
+
+def check_amed_plan(plan: SamplingPlan) -> None:
+    if plan.method not in AMED_METHODS or plan.rule is None:
+        raise ValueError(f"an AMED predictor needs an AMED method {AMED_METHODS}, got "
+                         f"{plan.method!r}")  # fmt: skip
+
+
+# --- the teacher ----------------------------------------------------------------------------
+
+
+def teacher_grid(plan: SamplingPlan, refine: int = DEFAULT_REFINE) -> np.ndarray:
+    """The student's grid refined ``refine`` times in log-SNR: ``grid[::refine] == plan.ts``
+    exactly."""
+    return refine_grid(plan.schedule, plan.ts, refine)
+
+
+def amed_teacher(
+    plan: SamplingPlan,
+    eps_fn: EpsFn,
+    x_T,
+    *,
+    path: str,
+    model_id: str,
+    refine: int = DEFAULT_REFINE,
+    substeps: int = 2,
+    batch_size: int | None = None,
+) -> Teacher:
+    """The cached teacher of ``x_T`` on :func:`teacher_grid` (RK4, ``substeps`` per point)."""
+    return load_or_solve_teacher(path, plan.schedule, eps_fn, x_T, model_id=model_id,
+                                 ts=teacher_grid(plan, refine), substeps=substeps,
+                                 keep_states=True, batch_size=batch_size)  # fmt: skip
+
+
+def student_targets(plan: SamplingPlan, teacher: Teacher) -> np.ndarray:
+    """The teacher's states at the student's grid points ``ts[1:]``: ``(n, N, ...)``.
+    ``ValueError`` unless the teacher's grid contains the student's grid exactly."""
+    if teacher.states is None:
+        raise ValueError("the teacher has no states (solve it with keep_states=True)")
+    index = {float(t): i for i, t in enumerate(teacher.ts)}
+    missing = [float(t) for t in plan.ts if float(t) not in index]
+    if missing:
+        raise ValueError(f"the teacher's grid does not contain the student's grid points "
+                         f"{missing[:4]} (solve it on teacher_grid(plan))")  # fmt: skip
+    return teacher.states[:, [index[float(t)] for t in plan.ts[1:]]]
+
+
+# --- the loss -------------------------------------------------------------------------------
+
+
+def per_sample_loss(plan: SamplingPlan, params, eps_fn: EpsFn, x_T, targets) -> jax.Array:
+    """Sum over the steps of ``|x_{k+1}^student - x_{k+1}^teacher|^2 / D``, per sample (B,):
+    teacher-forced steps for one-step students, the student's own rollout otherwise."""
+    dtype = x_T.dtype
+    targets = jnp.asarray(targets, dtype)
+    n = plan.num_steps
+
+    def err(a, b):
+        return jnp.mean((a - b).reshape(a.shape[0], -1) ** 2, axis=1)
+
+    run = functools.partial(run_table, eps_fn, structure=plan.structure, rule=plan.rule,
+                            rule_params=params, first_eps_scale=plan.first_eps_scale)  # fmt: skip
+    if plan.table.history:
+        _, states = run(plan.table, x_T, trajectory=True)
+        return sum(err(states[k + 1], targets[:, k]) for k in range(n))
+    starts = [x_T] + [targets[:, k] for k in range(n - 1)]
+    total = 0.0
+    for k in range(n):
+        row = jax.tree.map(lambda a, k=k: a[k : k + 1], plan.table)
+        total = total + err(run(row, starts[k], first_step=k), targets[:, k])
+    return total
+
+
+def _mean_loss(plan, params, eps_fn, x_T, targets):
+    return jnp.mean(per_sample_loss(plan, params, eps_fn, x_T, targets))
+
+
+_loss_and_grad = jax.jit(jax.value_and_grad(_mean_loss, argnums=1), static_argnums=0)
+_loss = jax.jit(_mean_loss, static_argnums=0)
+
+
+def init_params(plan: SamplingPlan, eps_fn: EpsFn, x_T, seed: int = 0):
+    """Fresh predictor parameters: zero logits (``r = 1/2``, ``c = a = 1``) for the stepwise
+    predictor; AMED's initialisation for the bottleneck one, its input width read off the
+    network's feature (``eps_with_features``) without running it."""
+    check_amed_plan(plan)
+    key = jax.random.PRNGKey(seed)
+    if not plan.rule.needs_features:
+        return init_predictor(plan.rule.predictor, key)
+    x = jnp.asarray(np.asarray(x_T)[:1])
+    t = jnp.asarray(plan.ts[0], x.dtype)
+    shape = jax.eval_shape(lambda x: eps_with_features(eps_fn, x, t)[1], x).shape
+    return init_predictor(plan.rule.predictor, key, int(np.prod(shape[1:])))
+
+
+# --- the file -------------------------------------------------------------------------------
+
+
+def _to_lists(tree):
+    return jax.tree.map(lambda a: np.asarray(a).tolist(), flax.serialization.to_state_dict(tree))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AmedPredictorFile:
+    """A trained predictor with every sampling setting it needs: the method (AMED-Solver or
+    the plugin's base), order, options (predictor kind and head ranges), AFS, NFE, schedule
+    and grid. ``plan(schedule)`` rebuilds the sampling plan, ``params`` are the predictor's
+    (``sample(plan, eps_fn, x_T, rule_params=params)``)."""
+
+    ts: np.ndarray
+    method: str
+    order: int
+    nfe: int
+    afs: bool
+    options: dict
+    schedule: dict
+    predictor: dict  # predictor_settings(...)
+    params: Any
+    provenance: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_plan(cls, plan: SamplingPlan, params, provenance: dict | None = None):
+        check_amed_plan(plan)
+        return cls(np.asarray(plan.ts, np.float64), plan.method, plan.order, plan.nfe, plan.afs,
+                   amed_options(plan.options), describe_schedule(plan.schedule),
+                   predictor_settings(plan.rule.predictor),
+                   jax.tree.map(np.asarray, params), dict(provenance or {}))  # fmt: skip
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.method, "order": self.order, "nfe": self.nfe, "afs": self.afs,
+                "options": dict(self.options), "schedule": self.schedule,
+                "t0": float(self.ts[-1]), "t1": float(self.ts[0])}  # fmt: skip
+
+    def check_compatible(self, schedule: NoiseSchedule, *, method: str, order: int, nfe: int,
+                         options: dict | None = None, t0: float | None = None,
+                         t1: float | None = None) -> None:  # fmt: skip
+        """Raise ``ValueError`` naming every setting that differs from the trained ones
+        (``options`` may carry ``afs``; t0/t1 None: the schedule's defaults)."""
+        options = dict(options or {})
+        afs = bool(options.pop("afs", False))
+        t0, t1 = schedule.interval(t0, t1)
+        wanted = {"method": method, "order": order, "nfe": nfe, "afs": afs,
+                  "options": amed_options(options), "schedule": describe_schedule(schedule),
+                  "t0": t0, "t1": t1}  # fmt: skip
+        have = self.settings()
+        diffs = []
+        for key, value in wanted.items():
+            same = (math.isclose(value, have[key], rel_tol=1e-12) if key in ("t0", "t1")
+                    else value == have[key])  # fmt: skip
+            if not same:
+                diffs.append(f"{key}: trained for {have[key]!r}, asked for {value!r}")
+        if diffs:
+            raise ValueError("the AMED predictor file was trained for other settings: "
+                             + "; ".join(diffs))  # fmt: skip
+
+    def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
+        if describe_schedule(schedule) != self.schedule:
+            raise ValueError(f"the AMED predictor was trained for schedule {self.schedule}, "
+                             f"not {schedule}")  # fmt: skip
+        plan = make_plan(schedule, self.ts, method=self.method, order=self.order, afs=self.afs,
+                         **self.options)  # fmt: skip
+        if plan.nfe != self.nfe or predictor_settings(plan.rule.predictor) != self.predictor:
+            raise ValueError(
+                "the AMED predictor file does not match its own settings "
+                f"(NFE {plan.nfe} vs {self.nfe}, predictor "
+                f"{predictor_settings(plan.rule.predictor)} vs {self.predictor})"
+            )
+        return plan
+
+    def rule_params(self):
+        """The predictor's parameters as JAX arrays."""
+        return jax.tree.map(jnp.asarray, self.params)
+
+    def to_json(self) -> str:
+        record = {
+            "format": "deis_jax.AmedPredictor", "version": FORMAT_VERSION,
+            "method": self.method, "order": self.order, "nfe": self.nfe, "afs": self.afs,
+            "options": self.options, "schedule": self.schedule,
+            "ts": [float(t) for t in self.ts], "predictor": self.predictor,
+            "params_dtype": str(jax.tree.leaves(self.params)[0].dtype),
+            "params": _to_lists(self.params), "provenance": self.provenance,
+        }  # fmt: skip
+        return json.dumps(record, allow_nan=False) + "\n"
+
+    def save(self, path: str) -> None:
+        """Write the JSON file atomically."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> AmedPredictorFile:
+        """Read a file of :meth:`save`; ``ValueError`` naming the path when it is not one."""
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a valid AMED predictor file (damaged JSON: {err})"
+                             ) from None  # fmt: skip
+        if not isinstance(record, dict) or record.get("format") != "deis_jax.AmedPredictor":
+            raise ValueError(f"{path} is not a deis_jax AMED predictor file")
+        if record.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has version {record.get('version')!r}; this deis_jax "
+                             f"reads version {FORMAT_VERSION}")  # fmt: skip
+        try:
+            dtype = np.dtype(record["params_dtype"])
+            params = jax.tree.map(lambda v: np.asarray(v, dtype), record["params"],
+                                  is_leaf=lambda v: isinstance(v, list))  # fmt: skip
+            predictor_from_settings(record["predictor"])
+            return cls(np.asarray(record["ts"], np.float64), record["method"],
+                       int(record["order"]), int(record["nfe"]), bool(record["afs"]),
+                       dict(record["options"]), dict(record["schedule"]),
+                       dict(record["predictor"]), params,
+                       dict(record["provenance"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} is not a valid AMED predictor file: {err}") from None
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AmedFit:
+    """:func:`fit_amed`'s result: the best-validation parameters, the loop's record, and the
+    file to save."""
+
+    params: Any
+    loop: LoopResult
+    predictor: AmedPredictorFile
+
+
+def fit_amed(
+    plan: SamplingPlan,
+    eps_fn: EpsFn,
+    teacher: Teacher,
+    *,
+    validation_fraction: float = 0.25,
+    steps: int = 200,
+    learning_rate: float = 5e-3,
+    batch_size: int | None = 32,
+    patience: int = 40,
+    clip_norm: float = 1.0,
+    eval_every: int = 1,
+    seed: int = 0,
+    state_path: str | None = None,
+    checkpoint_every: int = 25,
+    model_id: str = "",
+    callback: Callable[[int, float, float | None], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> AmedFit:
+    """Train ``plan``'s predictor on ``teacher`` (module docstring). The teacher's first
+    ``validation_fraction`` of its starting points are held out for early stopping (at least
+    one), the rest drive Adam(``learning_rate``, AMED's 5e-3) in minibatches of
+    ``batch_size`` (None: all). ``state_path`` makes the fit resumable (a killed fit continues
+    from its last checkpoint, written every ``checkpoint_every`` updates, and ends with the
+    same predictor as an uninterrupted fit); ``model_id`` names the network in its identity."""
+    check_amed_plan(plan)
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    start = time.perf_counter()
+    x_T = np.asarray(teacher.x_T)
+    targets = student_targets(plan, teacher)
+    num_val = max(1, int(round(validation_fraction * len(x_T))))
+    if num_val >= len(x_T):
+        raise ValueError(f"need at least 2 teacher trajectories, got {len(x_T)}")
+    val_x, val_y = jnp.asarray(x_T[:num_val]), jnp.asarray(targets[:num_val])
+    train_x, train_y = jnp.asarray(x_T[num_val:]), jnp.asarray(targets[num_val:])
+    f = model_argument(eps_fn)
+    params = init_params(plan, eps_fn, x_T, seed)
+
+    def loss_and_grads(p, idx):
+        loss, grads = _loss_and_grad(plan, p, f, train_x[idx], train_y[idx])
+        return loss, None, grads
+
+    def val_loss(p) -> float:
+        return float(_loss(plan, p, f, val_x, val_y))
+
+    identity = json.dumps({"model": model_id, "plan": {**_plan_identity(plan)},
+                           "teacher": teacher.settings.get("x_T_sha256"),
+                           "targets": array_digest(targets[:, -1])}, sort_keys=True)  # fmt: skip
+    loop = fit_adam(loss_and_grads, val_loss, params, len(train_x), steps=steps,
+                    learning_rate=learning_rate, batch_size=batch_size, patience=patience,
+                    clip_norm=clip_norm, eval_every=eval_every, seed=seed, callback=callback,
+                    state_path=state_path, state_fingerprint=identity, progress=progress,
+                    checkpoint_every=checkpoint_every,
+                    name="amed")  # fmt: skip
+    provenance = {
+        "objective": "amed-distillation", "model_id": model_id,
+        "teacher": {k: teacher.settings.get(k) for k in ("solver", "substeps", "num_points")},
+        "teacher_error_estimate": teacher.error_estimate,
+        "num_train": len(train_x), "num_val": num_val, "steps_run": len(loop.train_loss),
+        "best_step": loop.best_step, "val_loss_init": loop.init_val_loss,
+        "val_loss_fitted": loop.best_val_loss, "seconds": time.perf_counter() - start,
+        "settings": {"learning_rate": learning_rate, "batch_size": batch_size,
+                     "patience": patience, "clip_norm": clip_norm, "seed": seed,
+                     "validation_fraction": validation_fraction},
+        "val_loss_curve": [float(v) for v in loop.val_loss],
+    }  # fmt: skip
+    return AmedFit(loop.params, loop, AmedPredictorFile.from_plan(plan, loop.params, provenance))
+
+
+def _plan_identity(plan: SamplingPlan) -> dict:
+    return {
+        "method": plan.method,
+        "order": plan.order,
+        "options": plan.options,
+        "afs": plan.afs,
+        "ts": [float(t) for t in plan.ts],
+        "schedule": describe_schedule(plan.schedule),
+    }
