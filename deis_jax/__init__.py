@@ -10,6 +10,9 @@ against).
     plan = deis.make_plan(sde, method="ipndm", order=3, nfe=5)   # no model: the network is
     x0 = jax.jit(deis.sample, static_argnums=0)(plan, eps_fn, x_T)  # an argument at call time
     grid = deis.optimize_grid(sde, eps_fn, x_T, method="ipndm", order=3, nfe=5)  # fitted grid
+    plan = deis.make_plan(sde, method="amed_ipndm", nfe=5, afs=True)   # AMED-Plugin: train its
+    fit = deis.fit_amed(plan, eps_fn, deis.amed_teacher(plan, eps_fn, x_T, path=..., model_id=...))
+    x0 = deis.sample(plan, eps_fn, x_T, rule_params=fit.params)      # predictor, then sample
 
 The top level re-exports the sampling core (``deis_jax.sampling``), grid fitting
 (``deis_jax.fitting``) and the analytic test distributions (``deis_jax.evaluation.analytic``);
@@ -17,7 +20,13 @@ networks, training and evaluation are imported from their subpackages.
 """
 
 from deis_jax.evaluation.analytic import GaussianMixture
-from deis_jax.fitting import OptimizedGrid, optimize_grid
+from deis_jax.fitting import (
+    AmedPredictorFile,
+    OptimizedGrid,
+    amed_teacher,
+    fit_amed,
+    optimize_grid,
+)
 from deis_jax.sampling.coefficients import (
     RK_TABLEAUS,
     adams_bashforth_eps_coefficients,
@@ -46,6 +55,7 @@ from deis_jax.sampling.timesteps import GRID_KINDS, time_grid
 from deis_jax.sampling.wrappers import EpsFn, eps_fn_from_model, guided_eps_fn, output_to_eps
 
 __all__ = [
+    "AmedPredictorFile",
     "GRID_KINDS",
     "RK_TABLEAUS",
     "DiscreteVPSDE",
@@ -62,8 +72,10 @@ __all__ = [
     "VESDE",
     "VPSDE",
     "adams_bashforth_eps_coefficients",
+    "amed_teacher",
     "ddim_coefficients",
     "eps_fn_from_model",
+    "fit_amed",
     "get_method",
     "get_sampler",
     "get_sde",

@@ -242,3 +242,40 @@ def test_stepwise_predictor_shape():
     assert isinstance(plan.rule.predictor, StepwisePredictor)
     assert plan.rule.predictor.num_steps == plan.num_steps
     assert not plan.rule.needs_features
+
+
+def test_bottleneck_predictor_through_the_loop():
+    """The paper's predictor on a (tiny, random) DDPM++: it reads the network's bottleneck
+    feature inside the one sampling loop (zeros on the AFS step); with zero weights it is the
+    base solver; gradients reach its weights through the samples."""
+    import functools
+
+    from deis_jax.fitting.amed import init_params
+    from deis_jax.models import get_model, get_model_config
+    from deis_jax.models.loading import _apply_for_sampling
+    from deis_jax.sampling.wrappers import eps_fn_from_model
+
+    config = get_model_config("vp_cifar10_ddpmpp_continuous")
+    config.update(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8)
+    model = get_model(config)
+    x = jax.random.normal(jax.random.PRNGKey(5), (3, 8, 8, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.ones(3)))["params"]
+    rng = np.random.default_rng(0)
+    net = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), jnp.float32),
+                       shapes)  # fmt: skip
+    apply = functools.partial(_apply_for_sampling, model)
+    eps_fn = eps_fn_from_model(jax.tree_util.Partial(apply, net), SDE, "eps")
+    plan = make_plan(SDE, method="amed_ipndm", nfe=5, afs=True, scale_time=0.2)
+    assert plan.rule.needs_features
+    params = init_params(plan, eps_fn, x)
+    # 16 features (the 4x4 bottleneck): 72 + (16*128 + 128) + (128*4 + 4) + 3 heads * 21
+    assert sum(p.size for p in jax.tree.leaves(params)) == 72 + 2176 + 516 + 63
+    run = jax.jit(lambda p, x: sample(plan, eps_fn, x, rule_params=p))
+    base = sample(plan, eps_fn, x)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    np.testing.assert_allclose(run(zero, x), base, rtol=1e-5, atol=1e-5)
+    out = run(params, x)
+    assert np.all(np.isfinite(out)) and np.max(np.abs(out - base)) > 1e-4
+    grads = jax.grad(lambda p: jnp.mean(run(p, x) ** 2))(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert np.any(grads["feat_hidden"]["kernel"] != 0)  # the feature reaches the loss

@@ -220,9 +220,10 @@ class AmedRule:
         r, c, a = self.outputs(params, step, x, features)
         rho, alpha = (jnp.asarray(v, dtype) for v in (self.rho, self.alpha))
         w = jnp.asarray(self.weights, dtype)[step]  # (2, M)
-        return step_coefficients(self.schedule, self.method, rho[step], rho[step + 1],
+        row = step_coefficients(self.schedule, self.method, rho[step], rho[step + 1],
                                  alpha[step], alpha[step + 1], row.t[0], r, c, a, w[0],
                                  w[1])  # fmt: skip
+        return jax.tree.map(lambda f: f.astype(dtype), row)
 
 
 def _rule(method: str):
