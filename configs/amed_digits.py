@@ -21,6 +21,7 @@ AMED_PLUGIN = "amed_ipndm3:afs=true,scale_time=0.2"
 
 def get_config():
     config = fit_digits.get_config()
+    config.sampler.grid = None  # every method on its own default grid (AMED's, as the table)
     fit = config.fit
     fit.methods = (AMED_SOLVER, AMED_PLUGIN, "ipndm3", "tab3")
     fit.nfes = (3, 5, 7)

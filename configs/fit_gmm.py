@@ -46,6 +46,7 @@ def fit_block() -> ml_collections.ConfigDict:
 def amed_block() -> ml_collections.ConfigDict:
     """``config.fit.amed``: training of AMED predictors (variant ``amed``)."""
     amed = ml_collections.ConfigDict()
+    amed.loss = "auto"  # teacher-forced (one-step students) / endpoint (multistep): fitting/amed.py
     amed.steps = 300  # Adam updates (AMED: about 80 batches of 128 per step on CIFAR-10)
     amed.learning_rate = 5e-3  # AMED's
     amed.batch_size = ml_collections.FieldReference(32, field_type=int)  # None: all

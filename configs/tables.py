@@ -12,8 +12,8 @@ experiment config after the colon (``--config=configs/tables.py:vpsde_digits``).
         --config.sampling.checkpoint=checkpoints/converted/vp_cifar10_ddpmpp_deep_continuous_8 \
         --config.eval.inception_weights=checkpoints/inception/pt_inception-2015-12-05.npz
 
-Fields (``config.table`` names the table: ``deis_cifar10`` | ``ipndm_ersde_dpmpp``; see
-``deis_jax.experiments.tables``), ``config.eval``:
+Fields (``config.table`` names the table: ``deis_cifar10`` | ``ipndm_ersde_dpmpp`` |
+``amed_cifar10``; see ``deis_jax.experiments.tables``), ``config.eval``:
 
 * ``metric``             ``fid`` (Inception, needs ``inception_weights``) | ``fd_digits``
                          (the bundled digits classifier; digits only)
@@ -37,6 +37,15 @@ Fields (``config.table`` names the table: ``deis_cifar10`` | ``ipndm_ersde_dpmpp
                          parameters, as ``--mode=sample``) | ``random`` (untrained network:
                          smoke tests only)
 * ``export``             also write ``<export>.md/.csv/.png`` (e.g. ``results/digits_deis_table``)
+* ``amed_predictors``    the directory of the trained AMED predictors the AMED rows sample
+                         with (``amed_cifar10``), named as ``--mode=fit`` writes them:
+                         ``<dir>/<label>_nfe<n>_amed.json`` (``<dir>`` =
+                         ``<fit workdir>/grids/<problem>``, e.g. ``runs/digits/grids/digits``;
+                         train with ``configs/amed_digits.py``). Every file must match its row
+                         (method, options, NFE, AFS, interval, grid), checked before any
+                         sampling; its sha256 is in the cells' cache keys. None: the AMED rows
+                         are not run (the table's notes say so). ``config.sampler.
+                         predictor_file`` is not used by the table.
 """
 
 from __future__ import annotations
@@ -73,6 +82,7 @@ def add_table_fields(config: ml_collections.ConfigDict, table: str = "deis_cifar
     ev.nfes = FieldReference(None, field_type=tuple)
     ev.params = "checkpoint"
     ev.export = FieldReference(None, field_type=str)
+    ev.amed_predictors = FieldReference(None, field_type=str)  # AMED rows: predictor directory
     return config
 
 

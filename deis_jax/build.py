@@ -57,7 +57,8 @@ def sampler_from_config(
     options = dict(_get(sampler_cfg, "options") or {})
     options.update(fields.pop("options", None) or {})
     fields["final_denoise"] = bool(fields["final_denoise"])
-    predictor_path = fields.pop("predictor_file", None) or _get(sampler_cfg, "predictor_file")
+    # an explicit predictor_file override (None included) wins over the config's
+    predictor_path = fields.pop("predictor_file", _get(sampler_cfg, "predictor_file"))
     if predictor_path:
         return _learned_predictor_sampler(predictor_path, fields, options, schedule, eps_fn)
     if fields["grid"] != OPTIMIZED_GRID:

@@ -196,3 +196,29 @@ def test_amed_variant_needs_an_amed_method():
     config.fit.methods = ("ipndm3",)
     with pytest.raises(ConfigError, match="has no AMED method"):
         get_mode("fit").validate(config)
+
+
+def test_loss_choices():
+    from deis_jax.fitting.amed import resolve_loss
+
+    one_step = make_plan(SDE, method="amed", nfe=5, predictor="stepwise")
+    multistep = make_plan(SDE, method="amed_ipndm", nfe=5, predictor="stepwise")
+    assert resolve_loss(one_step, "auto") == "teacher_forced"
+    assert resolve_loss(multistep, "auto") == "endpoint"
+    with pytest.raises(ValueError, match="for one-step students"):
+        resolve_loss(multistep, "teacher_forced")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        resolve_loss(one_step, "l1")
+    # endpoint = the final point's error of the rollout; trajectory adds every grid point
+    eps_fn = mixture()
+    x = SDE.prior_sample(jax.random.PRNGKey(6), (3, 8), jnp.float64)
+    params = {"r_logit": jnp.full(multistep.num_steps, 0.2),
+              "c_logit": jnp.zeros(multistep.num_steps)}  # fmt: skip
+    out, states = sample(multistep, eps_fn, x, trajectory=True, rule_params=params)
+    targets = jnp.zeros((3, multistep.num_steps, 8))
+    np.testing.assert_allclose(per_sample_loss(multistep, params, eps_fn, x, targets, "endpoint"),
+                               np.mean(np.asarray(out) ** 2, axis=1), rtol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        per_sample_loss(multistep, params, eps_fn, x, targets, "trajectory"),
+        np.sum(np.mean(np.asarray(states[1:]) ** 2, axis=2), axis=0), rtol=1e-12,
+    )  # fmt: skip

@@ -187,7 +187,8 @@ def _train_amed(config, schedule, problem: FitProblem, choice: MethodChoice, nfe
     )  # fmt: skip
     path = grid_path(workdir, problem.name, choice, nfe, "amed")
     fit = fit_amed(
-        plan, problem.eps_fn, teacher, validation_fraction=float(config.fit.validation_fraction),
+        plan, problem.eps_fn, teacher, loss=amed_cfg.loss,
+        validation_fraction=float(config.fit.validation_fraction),
         steps=int(amed_cfg.steps), learning_rate=float(amed_cfg.learning_rate),
         batch_size=amed_cfg.batch_size, patience=int(amed_cfg.patience),
         seed=int(amed_cfg.seed), model_id=problem.model_id,

@@ -12,9 +12,20 @@ Registered tables:
 
 ``deis_cifar10``       DEIS Table "Variants of DEIS on CIFAR10": DDIM, rho2Heun, rho3Kutta,
                        rho4RK, rhoAB1-3, tAB1-3 at NFE 5, 10, 15, 20, 50 on the config's grid.
-``ipndm_ersde_dpmpp``  The peer samplers of the AMED / diff-solvers CIFAR-10 table that exist
-                       here (DPM-Solver++(3M), UniPC-3, iPNDM, DDIM, EDM-Heun, DEIS-tAB3) and
+``ipndm_ersde_dpmpp``  The training-free peers of the AMED / diff-solvers CIFAR-10 table
+                       (DPM-Solver++(3M), UniPC-3, iPNDM, DDIM, EDM-Heun, DEIS-tAB3) and
                        ER-SDE-Solver-3 (stochastic), at NFE 3, 5, 7, 9, 20.
+``amed_cifar10``       The AMED paper's CIFAR-10 table: DPM-Solver++(3M), UniPC, iPNDM, DDIM,
+                       EDM-Heun and DPM-Solver-2 (both with the analytical first step, AFS),
+                       AMED-Solver and AMED-Plugin on iPNDM (AFS), at NFE 3, 5, 7, 9. The AMED
+                       rows sample with trained predictors (``config.eval.amed_predictors``:
+                       the directory of the ``<label>_nfe<n>_amed.json`` files ``--mode=fit``
+                       writes); without it they are not run.
+
+AMED rows (:attr:`TableRow.needs_predictor`) read one predictor file per NFE
+(:meth:`TableRow.predictor_path`), which must have been trained for the row's method, options,
+NFE, interval and time grid; the file's sha256 is part of the cell's cache key
+(:func:`cell_key`), so a retrained predictor never reuses the cells of an old one.
 
 More are added with ``register_table(TableSpec(...))``; nothing else changes.
 """
@@ -28,14 +39,18 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from deis_jax import build
 from deis_jax.evaluation.paper_numbers import PAPER_TABLES, PaperValue, with_extra_nfe
+from deis_jax.experiments.fitting import grid_path
 from deis_jax.io_utils import atomic_write_bytes, atomic_write_text
 from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.sampling import solvers
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sampler import EpsFn, Sampler
 from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.solvers.amed import AMED_METHODS
 
 # --------------------------------------------------------------------------------------------
 # registry
@@ -71,29 +86,81 @@ class TableRow:
             or solvers.get_method(self.choice.method).default_grid
         )
 
+    @property
+    def needs_predictor(self) -> bool:
+        """Whether the row is an AMED method, sampled with a trained predictor file."""
+        return self.choice.method in AMED_METHODS
+
+    def predictor_path(self, directory: str, nfe: int) -> str:
+        """The predictor file of this row at NFE ``nfe`` in ``directory``: the name
+        ``--mode=fit`` gives it (``deis_jax.experiments.fitting.grid_path``, variant
+        ``amed``: ``<sanitized method label>_nfe<nfe>_amed.json``)."""
+        name = os.path.basename(grid_path("", "", self.choice, nfe, "amed"))
+        return os.path.join(directory, name)
+
     def sampler(
-        self, sampler_config, schedule: NoiseSchedule, nfe: int, eps_fn: EpsFn | None = None
+        self,
+        sampler_config,
+        schedule: NoiseSchedule,
+        nfe: int,
+        eps_fn: EpsFn | None = None,
+        *,
+        predictor_file: str | None = None,
     ) -> Sampler:
         """``config.sampler`` with this row's method and overrides at an NFE budget (the
-        network is bound later; ``eps_fn=None`` puts a placeholder)."""
+        network is bound later; ``eps_fn=None`` puts a placeholder). ``predictor_file``: a
+        trained AMED predictor (``build.sampler_from_config`` refuses one trained for other
+        settings, and so does this row when its grid is not the row's); ``config.sampler``'s
+        own ``predictor_file`` is never used."""
         choice = self.choice
         overrides = dict(self.overrides)
         options = {**choice.options, **overrides.pop("options", {})}
-        return build.sampler_from_config(
-            sampler_config,
-            schedule,
-            (lambda x, t: x) if eps_fn is None else eps_fn,
-            method=choice.method,
-            order=choice.order,
-            nfe=nfe,
-            options=options,
-            **overrides,
-        )
+        base = _without_predictor(sampler_config)
+
+        def build_sampler(path):
+            return build.sampler_from_config(
+                base,
+                schedule,
+                (lambda x, t: x) if eps_fn is None else eps_fn,
+                method=choice.method,
+                order=choice.order,
+                nfe=nfe,
+                options=options,
+                predictor_file=path,
+                **overrides,
+            )
+
+        sampler = build_sampler(None)
+        if predictor_file is None:
+            return sampler
+        learned = build_sampler(predictor_file)
+        if learned.ts.shape != sampler.ts.shape or not np.allclose(
+            learned.ts, sampler.ts, rtol=1e-9, atol=0.0
+        ):
+            grid = self.grid(sampler_config)
+            raise ValueError(
+                f"the AMED predictor file was trained on another time grid than the row's "
+                f"{grid!r} grid (file: {_fmt_ts(learned.ts)}; row: {_fmt_ts(sampler.ts)}); "
+                f"train it with --config.sampler.grid={grid}"
+            )
+        return learned
 
 
-def cell_key(row: TableRow, nfe: int) -> str:
-    """The cache key of a (row, NFE budget) cell."""
-    return f"{row.label}|{row.spec}|{json.dumps(row.overrides, sort_keys=True)}|{nfe}"
+def _without_predictor(sampler_config) -> dict:
+    cfg = sampler_config.to_dict() if hasattr(sampler_config, "to_dict") else dict(sampler_config)
+    cfg["predictor_file"] = None
+    return cfg
+
+
+def _fmt_ts(ts) -> str:
+    return "[" + ", ".join(f"{float(t):.4g}" for t in ts) + "]"
+
+
+def cell_key(row: TableRow, nfe: int, predictor_sha256: str | None = None) -> str:
+    """The cache key of a (row, NFE budget) cell; a cell sampled with a predictor file has the
+    file's content (``predictor_sha256``) in its key."""
+    key = f"{row.label}|{row.spec}|{json.dumps(row.overrides, sort_keys=True)}|{nfe}"
+    return key if predictor_sha256 is None else f"{key}|predictor={predictor_sha256}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +257,42 @@ register_table(
         notes=(
             "Published numbers are on EDM's CIFAR-10 network (not score_sde's), with "
             "dynamic thresholding for DPM-Solver++/UniPC: compare shapes, not values. "
-            "DPM-Solver-2 and the AMED rows of the published table have no method here yet."
+            "DPM-Solver-2 (with AFS) and the AMED rows of the published table are in the "
+            "amed_cifar10 table (--config.table=amed_cifar10)."
+        ),
+    )
+)
+
+_KARRAS = {"grid": "karras"}
+
+register_table(
+    TableSpec(
+        name="amed_cifar10",
+        title="AMED-Solver / AMED-Plugin and their peers (AMED paper, CIFAR-10 table)",
+        rows=(
+            TableRow("DPM-Solver++(3M)", "dpmpp3", _LOG_SNR_LOF, (_AMED, "DPM-Solver++(3M)")),
+            TableRow("UniPC", "unipc3", {"grid": "log_snr"}, (_AMED, "UniPC")),
+            TableRow("iPNDM", "ipndm3", _KARRAS, (_AMED, "iPNDM")),
+            TableRow("DDIM", "ddim", _KARRAS, (_AMED, "DDIM")),
+            TableRow("EDM (Heun)", "rhork2:tableau=heun,afs=true", _KARRAS, (_AMED, "EDM (Heun)")),
+            TableRow("DPM-Solver-2", "dpm2:afs=true", _KARRAS, (_AMED, "DPM-Solver-2")),
+            TableRow("AMED-Solver", "amed:afs=true", {"grid": "linear"}, (_AMED, "AMED-Solver")),
+            TableRow(
+                "AMED-Plugin",
+                "amed_ipndm3:afs=true,scale_time=0.2",
+                _KARRAS,
+                (_AMED, "AMED-Plugin (iPNDM)"),
+            ),
+        ),
+        nfes=(3, 5, 7, 9),
+        notes=(
+            "Published numbers are on EDM's CIFAR-10 network (not score_sde's), with "
+            "dynamic thresholding for DPM-Solver++/UniPC: compare shapes, not values. "
+            "EDM (Heun), DPM-Solver-2, AMED-Solver and AMED-Plugin use the analytical first "
+            "step (AFS): N two-evaluation steps spend 2N-1 NFE, exactly the odd budgets. "
+            "AMED-Solver samples on the time-uniform grid (the paper's), AMED-Plugin on "
+            "iPNDM-3 on EDM's rho = 7 grid, each with the trained predictor of "
+            "config.eval.amed_predictors for its NFE."
         ),
     )
 )
@@ -232,7 +334,7 @@ def fingerprint_payload(config, model_identity: dict, extractor) -> dict[str, An
 CSV_FIELDS = (
     "table", "method", "spec", "grid", "nfe_budget", "nfe", "metric", "value", "paper",
     "paper_nfe", "is_mean", "is_std", "kid_mean", "kid_std", "rmse", "rmse_reference_error",
-    "num_samples", "nonfinite_samples", "seconds",
+    "num_samples", "nonfinite_samples", "seconds", "predictor_file", "predictor_sha256",
 )  # fmt: skip
 REPORT_FILES = (("md", "table.md"), ("csv", "table.csv"), ("png", "metric_vs_nfe.png"))
 
@@ -285,12 +387,14 @@ def write_report(
     plot: bool,
 ) -> list[dict]:
     """Rewrite ``table.csv`` and ``table.md`` (and ``metric_vs_nfe.png`` when ``plot``) from
-    the finished cells ``done`` (``{cell_key: record}``); returns the records in table order,
-    with the paper's value (``paper``, ``paper_nfe``) added."""
+    the finished cells ``done`` (``{cell key: record}``, the records of this run's cells);
+    returns the records in table order, with the paper's value (``paper``, ``paper_nfe``)
+    added."""
+    by_cell = {(r["method"], r["nfe_budget"]): r for r in done.values()}
     records = []
     for row in rows:
         for nfe in nfes:
-            rec = done.get(cell_key(row, nfe))
+            rec = by_cell.get((row.label, nfe))
             if rec is None:
                 continue
             paper = row.paper_value(nfe)

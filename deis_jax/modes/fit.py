@@ -16,7 +16,7 @@ Fields of ``config.fit``: ``methods`` (method specs, e.g. ``tab3``, ``dpmpp2``),
 ``variants``, ``fixed_grids``, ``num_fit`` (train + validation starting points),
 ``validation_fraction``, ``num_heldout``, ``teacher_points``, ``teacher_grid``,
 ``teacher_substeps`` / ``heldout_substeps`` (RK4 steps per teacher interval), ``amed``
-(variant ``amed``: ``steps``, ``learning_rate``, ``batch_size``, ``patience``, ``seed``,
+(variant ``amed``: ``loss``, ``steps``, ``learning_rate``, ``batch_size``, ``patience``, ``seed``,
 ``refine`` -- teacher points per student interval -- and ``substeps``), ``max_delta``
 (bound of the learned corrections, relative), ``gits_metric``, ``gits_gamma``, ``ld3`` (the
 settings of ``deis_jax.fitting.ld3.fit_ld3``), ``plot_nfe``, ``x64``, ``params``, ``fd`` (image
@@ -34,6 +34,7 @@ from deis_jax import config_validation as cv
 from deis_jax.evaluation import gmm
 from deis_jax.experiments import fitting
 from deis_jax.experiments.engine import Cell, Progress, fingerprint, run_cells
+from deis_jax.fitting.amed import LOSSES as AMED_LOSSES
 from deis_jax.fitting.gits import METRICS as GITS_METRICS
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sde import NoiseSchedule
@@ -102,6 +103,7 @@ def validate(config) -> Plan:
             cv.require_number(config, f"fit.amed.{field}", integer=True,
                               minimum=0 if field in ("steps", "seed") else 1)  # fmt: skip
         cv.require_number(config, "fit.amed.learning_rate", minimum=0, exclusive_minimum=True)
+        cv.require_choice(config, "fit.amed.loss", AMED_LOSSES)
         batch = cv.get_field(config, "fit.amed.batch_size")
         if batch is not None:
             cv.require_number(config, "fit.amed.batch_size", integer=True, minimum=1)

@@ -6,8 +6,15 @@
 (with ``configs/tables.py``'s fields in the config; ``--config=configs/tables.py:vpsde_digits``
 adds them to any experiment config). ``config.table`` names a registered table of
 ``deis_jax.experiments.tables`` (``deis_cifar10``: the DEIS variants; ``ipndm_ersde_dpmpp``:
-the training-free peers and ER-SDE-Solver-3). Runge-Kutta rows round up to whole steps; the
-real NFE is shown as a "+k" superscript, as in the paper.
+the training-free peers and ER-SDE-Solver-3; ``amed_cifar10``: the AMED paper's table).
+Runge-Kutta rows round up to whole steps; the real NFE is shown as a "+k" superscript, as in
+the paper.
+
+AMED rows sample with trained predictors: ``config.eval.amed_predictors`` names the directory
+of the files ``--mode=fit`` writes (``<workdir>/grids/<problem>/<label>_nfe<n>_amed.json``).
+Every needed file must be there and match its row (method, options, NFE, AFS, interval, time
+grid) -- checked before any sampling; the file's sha256 is in its cells' cache keys. Without
+the field the AMED rows are not run and the table's notes say so.
 
 Every cell draws ``config.eval.num_samples`` images from the same x_T and scores them
 (``deis_jax.experiments.scoring``): the Frechet distance against the reference statistics of
@@ -36,6 +43,7 @@ from deis_jax.evaluation import features
 from deis_jax.experiments import engine
 from deis_jax.experiments import tables as tb
 from deis_jax.experiments.scoring import SampleScorer
+from deis_jax.io_utils import sha256_file
 from deis_jax.models.loading import (
     PARAMS_SOURCES,
     describe_model,
@@ -47,13 +55,22 @@ from deis_jax.sampling.sde import NoiseSchedule
 
 class Plan(NamedTuple):
     """What :func:`validate` built: the schedule, the table, its rows and NFEs, one engine cell
-    per (row, NFE) with the cell's sampler (network not yet bound) as payload."""
+    per (row, NFE) with ``(row, nfe, sampler, predictor)`` as payload (the sampler's network
+    not yet bound; ``predictor``: ``(path, sha256)`` of an AMED row's file, else None), and the
+    notes printed under the table."""
 
     schedule: NoiseSchedule
     spec: tb.TableSpec
     rows: list[tb.TableRow]
     nfes: list[int]
     cells: list[engine.Cell]
+    notes: str = ""
+
+
+TRAIN_HINT = (
+    "train predictors with --mode=fit, configs/amed_digits.py, then pass "
+    "--config.eval.amed_predictors=<dir>"
+)
 
 
 def _rows(config, spec: tb.TableSpec) -> list[tb.TableRow]:
@@ -62,6 +79,34 @@ def _rows(config, spec: tb.TableSpec) -> list[tb.TableRow]:
         return spec.select(wanted)
     except ValueError as err:
         raise cv.ConfigError(f"config.eval.methods {err}") from None
+
+
+def _predictor_dir(config) -> str | None:
+    value = config.eval.get("amed_predictors")
+    if value is not None and (not isinstance(value, str) or not value):
+        raise cv.ConfigError(
+            f"config.eval.amed_predictors must be a directory (str) or None, got {value!r}"
+        )
+    return value
+
+
+def _check_predictor_files(directory: str, rows, nfes, grids: str) -> None:
+    """Every AMED cell's file must exist: one error naming all missing ones."""
+    missing = [
+        row.predictor_path(directory, nfe)
+        for row in rows
+        if row.needs_predictor
+        for nfe in nfes
+        if not os.path.isfile(row.predictor_path(directory, nfe))
+    ]
+    if missing:
+        where = "" if os.path.isdir(directory) else f" (directory {directory} does not exist)"
+        raise cv.ConfigError(
+            f"config.eval.amed_predictors: {len(missing)} AMED predictor file(s) missing"
+            f"{where}: {', '.join(missing)}; {TRAIN_HINT} (the fit's <workdir>/grids/"
+            f"<problem>, trained for these methods and NFEs on the rows' grids, "
+            f"--config.sampler.grid: {grids})"
+        )
 
 
 def validate(config) -> Plan:
@@ -82,18 +127,43 @@ def validate(config) -> Plan:
     nfes = spec.nfes
     if cv.get_field(config, "eval.nfes") is not None:
         nfes = cv.require_int_list(config, "eval.nfes", minimum=1)
+    directory = _predictor_dir(config)
+    amed_rows = [row.label for row in rows if row.needs_predictor]
+    grids = ", ".join(f"{r.label} {r.grid(config.sampler)!r}" for r in rows if r.needs_predictor)
+    notes = spec.notes
+    if amed_rows and directory is None:
+        notes += (
+            f" The AMED rows ({', '.join(amed_rows)}) were not run: they need trained "
+            f"predictors (config.eval.amed_predictors is None); {TRAIN_HINT} (trained on "
+            f"the rows' grids, --config.sampler.grid: {grids})."
+        )
+        logging.warning("table %s: AMED rows %s not run (no config.eval.amed_predictors)",
+                        spec.name, amed_rows)  # fmt: skip
+    elif amed_rows:
+        _check_predictor_files(directory, rows, nfes, grids)
+        notes += f" AMED predictors: {directory} (sha256 of each file in table.csv)."
     cells, n = [], int(config.eval.num_samples)
     for row in rows:
+        if row.needs_predictor and directory is None:
+            continue
         for nfe in nfes:
+            predictor = None
+            if row.needs_predictor:
+                path = row.predictor_path(directory, nfe)
+                predictor = (path, sha256_file(path))
             try:
-                sampler = row.sampler(config.sampler, schedule, nfe)
+                sampler = row.sampler(config.sampler, schedule, nfe,
+                                      predictor_file=predictor and predictor[0])  # fmt: skip
             except ValueError as err:
+                source = "" if predictor is None else f" (predictor file {predictor[0]})"
                 raise cv.ConfigError(
-                    f"table {spec.name!r} row {row.label!r} ({row.spec}) at NFE {nfe}: {err}"
+                    f"table {spec.name!r} row {row.label!r} ({row.spec}) at NFE {nfe}"
+                    f"{source}: {err}"
                 ) from None
-            key, label = tb.cell_key(row, nfe), f"{row.label} NFE {nfe}"
-            cells.append(engine.Cell(key, sampler.nfe * n, label, (row, nfe, sampler)))
-    return Plan(schedule, spec, rows, list(nfes), cells)
+            key = tb.cell_key(row, nfe, predictor and predictor[1])
+            label = f"{row.label} NFE {nfe}"
+            cells.append(engine.Cell(key, sampler.nfe * n, label, (row, nfe, sampler, predictor)))
+    return Plan(schedule, spec, rows, list(nfes), cells, notes)
 
 
 def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor=None):
@@ -116,12 +186,14 @@ def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor
     )  # fmt: skip
 
     def compute(cell: engine.Cell, advance: engine.Progress) -> dict:
-        row, nfe, sampler = cell.payload
+        row, nfe, sampler, predictor = cell.payload
         record = {
             "table": spec.name, "method": row.label, "spec": row.spec,
             "grid": row.grid(config.sampler), "nfe_budget": nfe, "nfe": sampler.nfe,
             "metric": features.METRIC_LABEL[ev.metric], **scorer.score(sampler, advance),
         }  # fmt: skip
+        if predictor is not None:
+            record["predictor_file"], record["predictor_sha256"] = predictor
         logging.info(
             "%s NFE %d (spent %d): %s %.4g  [%.1f s]",
             row.label, nfe, sampler.nfe, record["metric"], record["value"], record["seconds"],
@@ -134,7 +206,7 @@ def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor
             features.METRIC_LABEL[ev.metric], int(ev.num_samples),
             f"{extractor.name} (weights sha256 {extractor.weights_sha256[:12]}…)",
             reference.get().get("source"), config.sde.name, t0, t1, config.sampler.grid,
-            fingerprint, describe_model(model.identity), spec.notes,
+            fingerprint, describe_model(model.identity), plan.notes,
             int(ev.rmse_reference_steps) if ev.rmse else None,
         )  # fmt: skip
         return tb.write_report(out_dir, spec, plan.rows, plan.nfes, done, ctx, plot=plot)

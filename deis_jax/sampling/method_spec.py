@@ -1,7 +1,8 @@
 """Compact method specs used by configs, tables and sweeps: ``name[order][:key=value,...]``.
 
 Examples: ``ddim``, ``tab3``, ``rhoab2``, ``rhork:tableau=kutta3``, ``ipndm3``,
-``sddim:lam=1.0``. The order defaults to the method's default order.
+``sddim:lam=1.0``, ``dpm2:afs=true`` (a method whose name ends in digits is that method, not
+an order). The order defaults to the method's default order.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def parse_method_spec(text: str) -> MethodChoice:
     match = _SPEC.match(text.strip())
     if match is None:
         raise ValueError(f"method spec {text!r} is not of the form name[order][:key=value,...]")
-    spec = solvers.get_method(match["name"])
+    name, order_text = match["name"], match["order"]
+    if order_text is not None and name + order_text in solvers.method_names():
+        name, order_text = name + order_text, None  # a name ending in digits, e.g. dpm2
+    spec = solvers.get_method(name)
     options: dict[str, Any] = {}
     if match["options"]:
         for item in match["options"].split(","):
@@ -55,7 +59,7 @@ def parse_method_spec(text: str) -> MethodChoice:
             if not sep:
                 raise ValueError(f"option {item!r} in method spec {text!r} is not key=value")
             options[key] = _parse_value(value)
-    order = None if match["order"] is None else int(match["order"])
+    order = None if order_text is None else int(order_text)
     try:
         order = spec.check(order, options)
     except solvers.MethodArgumentError as err:
