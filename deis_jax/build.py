@@ -68,25 +68,25 @@ def sampler_from_config(
         raise ValueError("grid='optimized' needs grid_file (a file written by --mode=fit)")
     if fields["final_denoise"]:
         raise ValueError("grid='optimized' does not take final_denoise (fit the grid with it)")
-    grid = OptimizedGrid.load(path)
+    return _fitted_sampler(OptimizedGrid.load(path), fields, options, schedule, eps_fn)
+
+
+def _fitted_sampler(fitted, fields, options, schedule, eps_fn, rule_params=None) -> Sampler:
+    """The sampler of a fitted file (``OptimizedGrid`` or ``AmedPredictorFile``), refused with
+    a ``ValueError`` naming every setting unless the config asks for what it was fitted for."""
     spec = solvers.get_method(fields["method"])
     order = spec.check(fields["order"], options)
-    grid.check_compatible(schedule, method=fields["method"], order=order, nfe=fields["nfe"],
-                          options=options, t0=fields["t0"], t1=fields["t1"])  # fmt: skip
-    return Sampler(grid.plan(schedule), eps_fn)
+    fitted.check_compatible(schedule, method=fields["method"], order=order, nfe=fields["nfe"],
+                            options=options, t0=fields["t0"], t1=fields["t1"])  # fmt: skip
+    return Sampler(fitted.plan(schedule), eps_fn, rule_params=rule_params)
 
 
 def _learned_predictor_sampler(path, fields, options, schedule, eps_fn) -> Sampler:
-    """The sampler of an AMED predictor file, refused (``ValueError`` naming every setting)
-    unless the config asks for what it was trained for."""
+    """The sampler of an AMED predictor file (its grid and parameters)."""
     if fields["grid"] == OPTIMIZED_GRID:
         raise ValueError("predictor_file carries its own grid: do not combine it with "
                          "grid='optimized'")  # fmt: skip
     if fields["final_denoise"]:
         raise ValueError("predictor_file does not take final_denoise")
     learned = AmedPredictorFile.load(path)
-    spec = solvers.get_method(fields["method"])
-    order = spec.check(fields["order"], options)
-    learned.check_compatible(schedule, method=fields["method"], order=order, nfe=fields["nfe"],
-                             options=options, t0=fields["t0"], t1=fields["t1"])  # fmt: skip
-    return Sampler(learned.plan(schedule), eps_fn, rule_params=learned.rule_params())
+    return _fitted_sampler(learned, fields, options, schedule, eps_fn, learned.rule_params())
