@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from deis_jax.config_validation import ConfigError
+from deis_jax.config_validation import ConfigError, validate_sampler
 from deis_jax.modes import get_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,3 +83,35 @@ def test_main_rejects_a_bad_value_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "config.sampler.order must be one of (0, 1, 2, 3)" in result.stderr
     assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_method_options_from_the_command_line(tmp_path):
+    """``--config.sampler.options.<key>=<value>`` adds a method option the config does not
+    list (ml_collections' flags cannot); it is then validated like any option."""
+    import ml_collections
+
+    sys.path.insert(0, ROOT)
+    import main
+
+    argv = ["main.py", "--config=configs/gmm_vpsde.py", "--config.sampler.options.afs=true",
+            "--config.sampler.options.lam=0.5", "--config.sampler.nfe=5"]  # fmt: skip
+    rest, options = main.split_option_flags(argv)
+    assert rest == ["main.py", "--config=configs/gmm_vpsde.py", "--config.sampler.nfe=5"]
+    config = gmm_vpsde.get_config()
+    ml_collections.config_dict.ConfigDict.lock(config)
+    main.apply_option_flags(config, options[:1])
+    assert config.sampler.options.afs is True
+    assert validate_sampler(config).plan.afs
+    main.apply_option_flags(config, options[1:])  # lam is not a tab option
+    with pytest.raises(ConfigError, match=r"options has unknown key\(s\) \['lam'\]"):
+        validate_sampler(config)
+    with pytest.raises(ConfigError, match="config has no field 'solver.options'"):
+        main.apply_option_flags(config, [("solver.options", "afs", "true")])
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/gmm_vpsde.py", f"--workdir={tmp_path}",
+         "--config.sampler.options.afs=maybe"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "config.sampler.options.afs must be True or False, got 'maybe'" in result.stderr
+    assert not os.listdir(tmp_path)

@@ -31,7 +31,9 @@ class MethodChoice(NamedTuple):
         return f"{base}:{opts}" if opts else base
 
 
-def _parse_value(text: str) -> Any:
+def parse_option_value(text: str) -> Any:
+    """An option value as written in a spec or on the command line: int, float,
+    true/false (any case), else the string itself."""
     for cast in (int, float):
         try:
             return cast(text)
@@ -58,7 +60,7 @@ def parse_method_spec(text: str) -> MethodChoice:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"option {item!r} in method spec {text!r} is not key=value")
-            options[key] = _parse_value(value)
+            options[key] = parse_option_value(value)
     order = None if order_text is None else int(order_text)
     try:
         order = spec.check(order, options)
