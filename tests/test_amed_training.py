@@ -51,7 +51,9 @@ def test_teacher_grid_contains_student_grid(method, tmp_path):
     np.testing.assert_array_equal(fine[::3], plan.ts)
     x = SDE.prior_sample(jax.random.PRNGKey(0), (4, 8), jnp.float64)
     teacher = amed_teacher(plan, mixture(), x, path=str(tmp_path / "t.npz"), model_id="m",
-                           refine=3)  # fmt: skip
+                           refine=3, substeps=1)  # fmt: skip
+    np.testing.assert_array_equal(teacher.ts, plan.ts)  # states kept at the student's points
+    assert teacher.settings["substeps"] == 3
     targets = student_targets(plan, teacher)
     assert targets.shape == (4, plan.num_steps, 8)
     np.testing.assert_array_equal(targets[:, -1], teacher.x0)
@@ -222,3 +224,17 @@ def test_loss_choices():
         per_sample_loss(multistep, params, eps_fn, x, targets, "trajectory"),
         np.sum(np.mean(np.asarray(states[1:]) ** 2, axis=2), axis=0), rtol=1e-12,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("name, cells", [("amed_gmm", 48), ("amed_digits", 24),
+                                         ("amed_cifar10", 24)])  # fmt: skip
+def test_amed_configs_validate(name, cells):
+    """The shipped AMED configs validate and lay out their cells (AMED methods: default +
+    amed; the others: default + the grid fits)."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    plan = get_mode("fit").validate(config)
+    assert len(plan.cells) == cells
+    assert {c.payload[3] for c in plan.cells if c.payload[1].method.startswith("amed")} == {
+        "default", "amed"}  # fmt: skip

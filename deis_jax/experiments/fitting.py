@@ -69,7 +69,7 @@ class FitProblem(NamedTuple):
 
 
 class Teachers(NamedTuple):
-    fit: Teacher
+    fit: Teacher | None  # None when no cell fits a grid (GITS/LD3 read it)
     heldout: Teacher
 
 
@@ -85,14 +85,20 @@ def draw_starting_points(
 
 
 def teachers(
-    fit_cfg, problem: FitProblem, schedule: NoiseSchedule, t0: float, t1: float, directory: str
+    fit_cfg,
+    problem: FitProblem,
+    schedule: NoiseSchedule,
+    t0: float,
+    t1: float,
+    directory: str,
+    with_fit: bool = True,
 ) -> Teachers:
-    """The fitting teacher (states kept, for GITS) and the held-out reference, both cached
-    in ``directory`` with the model's identity."""
+    """The fitting teacher (states kept, for GITS; only ``with_fit``) and the held-out
+    reference, both cached in ``directory`` with the model's identity."""
     common = dict(t0=t0, t1=t1, num_points=int(fit_cfg.teacher_points),
                   grid=fit_cfg.teacher_grid, model_id=problem.model_id)  # fmt: skip
     os.makedirs(directory, exist_ok=True)
-    fit = load_or_solve_teacher(
+    fit = None if not with_fit else load_or_solve_teacher(
         os.path.join(directory, f"{problem.name}_fit.npz"), schedule, problem.eps_fn,
         problem.x_fit, substeps=int(fit_cfg.teacher_substeps), keep_states=True, **common,
     )  # fmt: skip

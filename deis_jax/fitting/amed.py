@@ -6,10 +6,11 @@
     fit.predictor.save("amed_ipndm3_nfe5.json")              # method, NFE, AFS, grid, params
     x0 = sample(plan, eps_fn, x_T, rule_params=fit.params)
 
-**Teacher.** The shared teacher (``deis_jax.fitting.teacher``: RK4 in rho, cached) solved on
-the student's grid refined ``refine`` times in log-SNR (:func:`teacher_grid`), so that every
-``refine``-th teacher point *is* a student grid point (the paper's ``K = (M+1)(N-1)+1`` grid,
-with an accurate solver instead of Heun/iPNDM); its states there are the targets.
+**Teacher.** The shared teacher (``deis_jax.fitting.teacher``: RK4 in rho, cached) on the
+student's grid refined ``refine * substeps`` times in log-SNR (:func:`teacher_grid`): every
+``refine * substeps``-th point of its integration grid *is* a student grid point (the paper's
+``K = (M+1)(N-1)+1`` grid, with an accurate solver instead of Heun/iPNDM), and only the states
+there are kept -- the targets.
 
 **Loss** (squared L2 distance to the teacher's points per sample, averaged over dimensions),
 ``loss=``:
@@ -85,7 +86,7 @@ def check_amed_plan(plan: SamplingPlan) -> None:
 
 def teacher_grid(plan: SamplingPlan, refine: int = DEFAULT_REFINE) -> np.ndarray:
     """The student's grid refined ``refine`` times in log-SNR: ``grid[::refine] == plan.ts``
-    exactly."""
+    exactly (the teacher's RK4 steps, ``refine = refine * substeps`` of :func:`amed_teacher`)."""
     return refine_grid(plan.schedule, plan.ts, refine)
 
 
@@ -100,10 +101,11 @@ def amed_teacher(
     substeps: int = 2,
     batch_size: int | None = None,
 ) -> Teacher:
-    """The cached teacher of ``x_T`` on :func:`teacher_grid` (RK4, ``substeps`` per point)."""
+    """The cached teacher of ``x_T``: states at the student's grid points, solved with
+    ``refine * substeps`` RK4 steps per student interval (:func:`teacher_grid`)."""
     return load_or_solve_teacher(path, plan.schedule, eps_fn, x_T, model_id=model_id,
-                                 ts=teacher_grid(plan, refine), substeps=substeps,
-                                 keep_states=True, batch_size=batch_size)  # fmt: skip
+                                 ts=plan.ts, substeps=refine * substeps, keep_states=True,
+                                 batch_size=batch_size)  # fmt: skip
 
 
 def student_targets(plan: SamplingPlan, teacher: Teacher) -> np.ndarray:

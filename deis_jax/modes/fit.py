@@ -159,9 +159,11 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
 
     def compute(cell: Cell, advance: Progress) -> dict:
         name, choice, nfe, variant = cell.payload
-        if name not in teachers:
+        if name not in teachers:  # the 61-point fitting teacher only if a cell fits a grid
+            with_fit = any(v in fitting.GRID_VARIANTS for v in plan.variants)
             teachers[name] = fitting.teachers(config.fit, problems[name], plan.schedule, t0, t1,
-                                              os.path.join(workdir, "teachers"))  # fmt: skip
+                                              os.path.join(workdir, "teachers"),
+                                              with_fit)  # fmt: skip
         record = fitting.compute_cell(config, plan.schedule, problems[name], teachers[name],
                                       choice, nfe, variant, workdir, scorer=scorer)  # fmt: skip
         jax.clear_caches()  # every fit compiles its own programs: keep memory flat over cells
