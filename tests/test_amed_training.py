@@ -238,3 +238,19 @@ def test_amed_configs_validate(name, cells):
     assert len(plan.cells) == cells
     assert {c.payload[3] for c in plan.cells if c.payload[1].method.startswith("amed")} == {
         "default", "amed"}  # fmt: skip
+
+
+def test_sharded_sampling_uses_the_predictor():
+    """``--mode=sample`` generates through ``parallel.shard_sampler``: the predictor's
+    parameters travel with the network as a replicated argument."""
+    from deis_jax import parallel
+    from deis_jax.sampling.sampler import Sampler
+
+    plan = make_plan(SDE, method="amed_ipndm", nfe=5, afs=True, predictor="stepwise")
+    params = {"r_logit": jnp.linspace(-1.0, 1.0, plan.num_steps),
+              "c_logit": jnp.full(plan.num_steps, 0.5)}  # fmt: skip
+    eps_fn, x = mixture(), SDE.prior_sample(jax.random.PRNGKey(7), (4, 8), jnp.float64)
+    sharded = parallel.shard_sampler(Sampler(plan, eps_fn, params), parallel.make_mesh())
+    want = sample(plan, eps_fn, x, rule_params=params)
+    np.testing.assert_allclose(sharded(x), want, rtol=1e-13, atol=1e-14)
+    assert np.max(np.abs(want - sample(plan, eps_fn, x))) > 1e-3  # the predictor mattered
