@@ -1,7 +1,6 @@
 """Sampling methods. Importing this package registers every built-in method."""
 
 from deis_jax.sampling.solvers import (
-    amed,  # noqa: F401  (registers amed, amed_ddim, amed_dpm, amed_ipndm)
     deis,  # noqa: F401  (registers ddim, tab, rhoab, ipndm, rhork)
     dpm_solver,  # noqa: F401  (registers dpmpp, unipc, dpm2)
     stochastic,  # noqa: F401  (registers sddim, ersde)
@@ -23,3 +22,6 @@ __all__ = [
     "method_names",
     "register_method",
 ]
+
+# Registered last: the registry's order is the order messages list the methods in.
+from deis_jax.sampling.solvers import amed  # noqa: E402, F401  (amed, amed_ddim, amed_dpm, ...)
