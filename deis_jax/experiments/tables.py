@@ -227,16 +227,21 @@ register_table(
 
 _LOG_SNR_LOF = {"grid": "log_snr", "options": {"lower_order_final_below": None}}
 _AMED = "amed_cifar10"
+_KARRAS = {"grid": "karras"}
+# the training-free peers of the AMED / diff-solvers CIFAR-10 table, in both tables below
+_PEER_ROWS = (
+    TableRow("DPM-Solver++(3M)", "dpmpp3", _LOG_SNR_LOF, (_AMED, "DPM-Solver++(3M)")),
+    TableRow("UniPC", "unipc3", {"grid": "log_snr"}, (_AMED, "UniPC")),
+    TableRow("iPNDM", "ipndm3", _KARRAS, (_AMED, "iPNDM")),
+    TableRow("DDIM", "ddim", _KARRAS, (_AMED, "DDIM")),
+)
 
 register_table(
     TableSpec(
         name="ipndm_ersde_dpmpp",
         title="Training-free peers (AMED / diff-solvers CIFAR-10 table, ER-SDE)",
         rows=(
-            TableRow("DPM-Solver++(3M)", "dpmpp3", _LOG_SNR_LOF, (_AMED, "DPM-Solver++(3M)")),
-            TableRow("UniPC", "unipc3", {"grid": "log_snr"}, (_AMED, "UniPC")),
-            TableRow("iPNDM", "ipndm3", {"grid": "karras"}, (_AMED, "iPNDM")),
-            TableRow("DDIM", "ddim", {"grid": "karras"}, (_AMED, "DDIM")),
+            *_PEER_ROWS,
             TableRow(
                 "EDM (Heun)", "rhork2:tableau=heun", {"grid": "karras"}, (_AMED, "EDM (Heun)")
             ),
@@ -263,17 +268,12 @@ register_table(
     )
 )
 
-_KARRAS = {"grid": "karras"}
-
 register_table(
     TableSpec(
         name="amed_cifar10",
         title="AMED-Solver / AMED-Plugin and their peers (AMED paper, CIFAR-10 table)",
         rows=(
-            TableRow("DPM-Solver++(3M)", "dpmpp3", _LOG_SNR_LOF, (_AMED, "DPM-Solver++(3M)")),
-            TableRow("UniPC", "unipc3", {"grid": "log_snr"}, (_AMED, "UniPC")),
-            TableRow("iPNDM", "ipndm3", _KARRAS, (_AMED, "iPNDM")),
-            TableRow("DDIM", "ddim", _KARRAS, (_AMED, "DDIM")),
+            *_PEER_ROWS,
             TableRow("EDM (Heun)", "rhork2:tableau=heun,afs=true", _KARRAS, (_AMED, "EDM (Heun)")),
             TableRow("DPM-Solver-2", "dpm2:afs=true", _KARRAS, (_AMED, "DPM-Solver-2")),
             TableRow("AMED-Solver", "amed:afs=true", {"grid": "linear"}, (_AMED, "AMED-Solver")),
