@@ -374,7 +374,7 @@ def fit_amed(
     def val_loss(p) -> float:
         return float(_loss(plan, loss, p, f, val_x, val_y))
 
-    identity = json.dumps({"model": model_id, "plan": {**_plan_identity(plan)}, "loss": loss,
+    identity = json.dumps({"model": model_id, "plan": _plan_identity(plan), "loss": loss,
                            "teacher": teacher.settings.get("x_T_sha256"),
                            "targets": array_digest(targets[:, -1])}, sort_keys=True)  # fmt: skip
     loop = fit_adam(loss_and_grads, val_loss, params, len(train_x), steps=steps,

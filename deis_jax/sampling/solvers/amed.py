@@ -115,6 +115,7 @@ def step_coefficients(
     h_stage, h_rest, h_all = rho_s - rho_c, rho_x - rho_s, rho_x - rho_c
     num_hist = w_stage.shape[0] - 1
     stage_w = [alpha_net * h_stage * w_stage[j] for j in range(num_hist + 1)]
+    hist = []  # v-space coefficients of the earlier directions (iPNDM only)
     if method == "amed":
         out = [zero, c * h_all]
     elif method == "amed_ddim":
@@ -131,25 +132,21 @@ def step_coefficients(
         hist = [h_stage * w_stage[j + 1] + w_rest(j + 2) for j in range(num_hist)]
     else:
         raise ValueError(f"method must be one of {AMED_METHODS}, got {method!r}")
-    if method != "amed_ipndm":
-        hist = []
-    hist_rows = [zero * 0.0 for _ in range(num_hist)]
+
+    def rows(values):  # stacked on a new leading axis, broadcast to ``shape`` (may be empty)
+        return xp.stack([v * one for v in values]) if values else xp.zeros((0, *shape))
+
     return StepTable(
-        t=xp.stack([t_c * one, t_net * one]),
-        stage_x=xp.stack([one, alpha_net / alpha_c * one]),
-        stage_k=xp.stack([xp.stack([zero, zero]), xp.stack([stage_w[0] * one, zero])]),
-        pred_x=xp.stack([zero, zero]),
-        pred_eps=xp.stack([one, a * one]),
+        t=rows([t_c, t_net]),
+        stage_x=rows([one, alpha_net / alpha_c]),
+        stage_k=xp.stack([rows([zero, zero]), rows([stage_w[0], zero])]),
+        pred_x=rows([zero, zero]),
+        pred_eps=rows([one, a]),
         out_x=alpha_x / alpha_c * one,
-        out_k=xp.stack([alpha_x * v * one for v in out]),
-        out_hist=xp.stack([alpha_x * v * one for v in hist]) if hist else xp.zeros((0, *shape)),
+        out_k=rows([alpha_x * v for v in out]),
+        out_hist=rows([alpha_x * v for v in hist]),
         out_noise=zero,
-        stage_hist=xp.stack(
-            [
-                xp.stack(hist_rows) if num_hist else xp.zeros((0, *shape)),
-                xp.stack([w * one for w in stage_w[1:]]) if num_hist else xp.zeros((0, *shape)),
-            ]
-        ),  # fmt: skip
+        stage_hist=xp.stack([rows([zero] * num_hist), rows(stage_w[1:])]),
     )
 
 
@@ -196,7 +193,6 @@ class AmedRule:
 
     method: str
     schedule: NoiseSchedule
-    ts: np.ndarray
     rho: np.ndarray
     alpha: np.ndarray
     weights: np.ndarray  # (N, 2, M)
@@ -206,19 +202,12 @@ class AmedRule:
     def needs_features(self) -> bool:
         return not hasattr(self.predictor, "num_steps")
 
-    def outputs(self, params, step, x: jax.Array, features):
-        """``(r, c, a)`` per sample (shape ``(B,)``) at ``step``."""
-        dtype = x.dtype
-        rho = jnp.asarray(self.rho, dtype)
-        feats = features if features is not None else jnp.zeros((x.shape[0], 1), dtype)
-        r, c, a = self.predictor.apply({"params": params}, feats.astype(dtype), rho[step],
-                                       rho[step + 1], step)  # fmt: skip
-        return r.astype(dtype), c.astype(dtype), a.astype(dtype)
-
     def __call__(self, params, row: StepTable, step, x: jax.Array, features) -> StepTable:
         dtype = x.dtype
-        r, c, a = self.outputs(params, step, x, features)
         rho, alpha = (jnp.asarray(v, dtype) for v in (self.rho, self.alpha))
+        feats = features if features is not None else jnp.zeros((x.shape[0], 1), dtype)
+        r, c, a = (v.astype(dtype) for v in self.predictor.apply(
+            {"params": params}, feats.astype(dtype), rho[step], rho[step + 1], step))  # fmt: skip
         w = jnp.asarray(self.weights, dtype)[step]  # (2, M)
         row = step_coefficients(self.schedule, self.method, rho[step], rho[step + 1],
                                  alpha[step], alpha[step + 1], row.t[0], r, c, a, w[0],
@@ -239,7 +228,7 @@ def _rule(method: str):
             predictor = StepwisePredictor(num_steps=n, **heads)
         else:
             predictor = AmedPredictor(**heads)
-        return AmedRule(method, schedule, ts, rho, alpha, _weights(method, n, order), predictor)
+        return AmedRule(method, schedule, rho, alpha, _weights(method, n, order), predictor)
 
     return make
 
