@@ -7,9 +7,12 @@
 
 ``--model_config`` is one of the known names (``deis_jax.models.KNOWN_MODEL_CONFIGS``) or a
 JSON file holding a model config (either flat, or with ``model_config`` and ``data_config``
-blocks as in ``tests/fixtures/score_sde/*.json``). The parameters (``params_ema`` unless
-``--use_target``) are checked against the model's parameter tree before anything is written;
-load the result with ``deis_jax.models.checkpoints.load_params(out, model_config)``.
+blocks as in ``tests/fixtures/score_sde/*.json``). The file is read as score_sde published it
+(flax 0.3.1); its GroupNorm parameters, stored as ``(1, 1, 1, C)`` by that flax, are reshaped
+to today's ``(C,)`` and counted in the metadata's ``converted_leaves``. The parameters
+(``params_ema`` unless ``--use_target``) are checked against the model's parameter tree
+before anything is written; load the result with
+``deis_jax.models.checkpoints.load_params(out, model_config)``.
 """
 
 from __future__ import annotations
@@ -63,16 +66,23 @@ def convert(
     use_ema: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """Convert ``checkpoint`` and write it to ``out``; returns the stored metadata."""
+    """Convert ``checkpoint`` and write it to ``out``; returns the stored metadata.
+
+    Besides the model config and the source file (path, sha256), the metadata holds what
+    :func:`deis_jax.models.checkpoints.import_score_sde_params` reports: ``source_params``,
+    ``source_step``, ``source_ema_rate`` and ``converted_leaves`` (e.g.
+    ``{"old_groupnorm_layout": 326}`` for the deep VP model as published, whose GroupNorm
+    parameters flax 0.3 stored as ``(1, 1, 1, C)``; ``{}`` when nothing needed converting).
+    """
     name, config = load_model_config(model_config)
-    params = checkpoints.load_score_sde_params(checkpoint, config, use_ema=use_ema)
+    params, provenance = checkpoints.import_score_sde_params(checkpoint, config, use_ema=use_ema)
     metadata = {
         "model_config_name": name,
         "model_config": config.to_dict(),
         "source": "score_sde",
         "source_checkpoint": os.path.abspath(checkpoint),
         "source_sha256": sha256_file(checkpoint),
-        "source_params": "params_ema" if use_ema else "optimizer.target",
+        **provenance,
     }
     checkpoints.save_params(out, params, metadata=metadata, overwrite=overwrite)
     return checkpoints.load_params_metadata(out)
@@ -107,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         use_ema=not args.use_target,
         overwrite=args.overwrite,
     )
+    converted = "".join(
+        f"; converted {count} leaves ({kind})" for kind, count in meta["converted_leaves"].items()
+    )
     print(
         f"wrote {meta['num_params']:,} parameters ({meta['source_params']}) of "
-        f"{meta['model_config_name']} to {os.path.abspath(args.out)}"
+        f"{meta['model_config_name']} to {os.path.abspath(args.out)}{converted}"
     )
     return 0
 

@@ -1,13 +1,17 @@
 """Model parameters on disk: import of score_sde checkpoints and the project's own format.
 
 **score_sde checkpoints.** The published checkpoints (Song et al., 2021) are single msgpack
-files ``checkpoint_<N>`` written by flax 0.3's ``save_checkpoint``. They hold the training state
-``{step, optimizer: {target, state}, lr, model_state, ema_rate, params_ema, rng}``; sampling uses
-``params_ema`` (``optimizer.target`` are the raw, non-averaged weights).
-:func:`load_score_sde_params` reads one with ``flax.serialization.msgpack_restore`` (no
-``flax.optim`` needed), picks the parameters and checks them against the tree the model
-expects (``jax.eval_shape`` of its init, so nothing is computed), failing with a
-``ValueError`` that names the first mismatching path.
+files ``checkpoint_<N>`` written by flax 0.3.1's ``save_checkpoint`` (``to_state_dict`` of
+score_sde's training state, then ``msgpack_serialize``). Their top level is
+``{step, optimizer: {target, state: {step, param_states}}, lr, model_state, ema_rate,
+params_ema, rng}`` (``lr`` and ``ema_rate`` plain floats); sampling uses ``params_ema``
+(``optimizer.target`` are the raw, non-averaged weights). :func:`load_score_sde_params` reads
+one with ``flax.serialization.msgpack_restore`` (no ``flax.optim`` needed) and picks the
+parameters. flax 0.3 stored GroupNorm's ``scale`` and ``bias`` as ``(1, 1, 1, C)``, today's
+flax as ``(C,)``; those leaves are reshaped (:func:`convert_old_layout`, an exact, counted
+conversion). The tree is then checked against the one the model expects (``jax.eval_shape``
+of its init, so nothing is computed); a mismatch is a ``ValueError`` that names the leaf,
+both shapes and the likely cause: a different model config or an unknown file layout.
 
 Download the checkpoints from the "Pretrained checkpoints" section of
 https://github.com/yang-song/score_sde (Google Drive) and put them under ``checkpoints/``,
@@ -17,13 +21,14 @@ run time.
 **Converted format.** :func:`save_params` / :func:`load_params` store a parameter tree as an
 Orbax checkpoint directory written with ``orbax.checkpoint.StandardCheckpointer`` (the same
 library the training loop uses for its checkpoints), plus a small JSON sidecar
-``deis_jax_metadata.json`` inside that directory (model config, source file and its sha256,
-parameter count). Orbax was chosen over a plain msgpack file because it is the project's
-checkpoint library, reads arrays lazily per leaf instead of one big blob and can later
-restore directly into a sharded layout. Leaves are saved as host numpy arrays so that a
-checkpoint restores on any device topology. Restoring does not pass a target tree to Orbax
-(it does not reject shape mismatches); instead the restored tree is checked with
-:func:`check_params_tree`, which gives a precise error.
+``deis_jax_metadata.json`` inside that directory (model config, parameter count; for an
+imported score_sde file also its path and sha256, which parameter set, its training step and
+EMA rate, and the layout conversions applied). Orbax was chosen over a plain msgpack file
+because it is the project's checkpoint library, reads arrays lazily per leaf instead of one
+big blob and can later restore directly into a sharded layout. Leaves are saved as host
+numpy arrays so that a checkpoint restores on any device topology. Restoring does not pass a
+target tree to Orbax (it does not reject shape mismatches); instead the restored tree is
+checked with :func:`check_params_tree`, which gives a precise error.
 """
 
 from __future__ import annotations
@@ -46,10 +51,14 @@ SCORE_SDE_URL = "https://github.com/yang-song/score_sde"
 METADATA_FILE = "deis_jax_metadata.json"
 FORMAT_NAME = "deis_jax.params"
 FORMAT_VERSION = 1
+SCORE_SDE_LAYOUT = ("step", "optimizer", "lr", "model_state", "ema_rate", "params_ema", "rng")
+OLD_NORM_LAYOUT = "old_groupnorm_layout"
 
 __all__ = [
     "check_params_tree",
+    "convert_old_layout",
     "flatten_tree",
+    "import_score_sde_params",
     "load_params",
     "load_params_metadata",
     "load_score_sde_params",
@@ -79,38 +88,150 @@ def _shape(leaf: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape) if shape is not None else None
 
 
+def _describe(leaf: Any) -> str:
+    """The shape of an array leaf, or what the leaf is instead."""
+    shape = _shape(leaf)
+    return str(shape) if shape is not None else f"a {type(leaf).__name__}, not an array"
+
+
+def _old_norm_channels(shape: tuple[int, ...] | None) -> int | None:
+    """``C`` if ``shape`` is flax 0.3's GroupNorm parameter layout ``(1, 1, 1, C)``, else None."""
+    if shape is not None and len(shape) == 4 and shape[:3] == (1, 1, 1):
+        return shape[3]
+    return None
+
+
+def convert_old_layout(params: Mapping, expected: Any) -> tuple[dict, dict[str, int]]:
+    """Reshape flax 0.3's ``(1, 1, 1, C)`` norm parameters to the ``(C,)`` the model expects.
+
+    flax <= 0.3 (which wrote the published score_sde checkpoints) created GroupNorm's ``scale``
+    and ``bias`` with their broadcast shape ``(1, 1, 1, C)``; today's flax creates ``(C,)``.
+    The values are the same, so the reshape is exact. Only a leaf that is ``(1, 1, 1, C)`` where
+    ``expected`` has ``(C,)`` at the same path (same ``C``) is touched; anything else is returned
+    as is, for :func:`check_params_tree` to judge.
+
+    Returns:
+      ``(params, converted)``: the tree (nested dicts) and the conversions applied with their
+      leaf counts, ``{'old_groupnorm_layout': n}`` (``{}`` when nothing was converted).
+    """
+    want = flatten_tree(expected)
+    count = 0
+
+    def convert(tree: Any, path: str) -> Any:
+        nonlocal count
+        if isinstance(tree, Mapping):
+            return {k: convert(v, f"{path}/{k}" if path else str(k)) for k, v in tree.items()}
+        target = _shape(want.get(path))
+        if target is None or len(target) != 1 or _old_norm_channels(_shape(tree)) != target[0]:
+            return tree
+        count += 1
+        return np.reshape(np.asarray(tree), target)
+
+    converted = convert(params, "")
+    return converted, ({OLD_NORM_LAYOUT: count} if count else {})
+
+
+# Why a mismatch happens: a different model config (channel counts, numbers of blocks, another
+# network), flax 0.3's norm layout that was not converted, or a file layout deis_jax does not know.
+_CONFIG, _OLD_LAYOUT, _LAYOUT = "config", "old_layout", "layout"
+
+
+def _mismatch(path: str, got: dict, want: dict, names: set[str], what: str):
+    """``(cause, description)`` of the mismatch at ``path`` (None when it matches).
+
+    A model config changes channel counts (same rank), which blocks exist (missing or extra
+    paths with the model's parameter names) and the channels of a norm; it never changes a
+    parameter's rank or name, so those point at the file layout.
+    """
+    if path not in got:
+        return _CONFIG, f"missing parameter '{path}' (the model expects shape {_shape(want[path])})"
+    if path not in want:
+        name = path.rsplit("/", 1)[-1]
+        cause = _CONFIG if name in names else _LAYOUT
+        reason = "" if name in names else f"; '{name}' is not a parameter name the model uses"
+        return (
+            cause,
+            f"unexpected parameter '{path}' (shape {_shape(got[path])}) not in the model{reason}",
+        )
+    have, expect = _shape(got[path]), _shape(want[path])
+    if have == expect:
+        return None
+    text = (
+        f"shape mismatch at '{path}': {what} has {_describe(got[path])}, the model expects {expect}"
+    )
+    channels = _old_norm_channels(have)
+    if len(expect) == 1 and channels is not None:
+        if channels == expect[0]:
+            return _OLD_LAYOUT, text
+        return _CONFIG, f"{text} (flax 0.3's GroupNorm layout, with {channels} channels)"
+    return (_CONFIG if have is not None and len(have) == len(expect) else _LAYOUT), text
+
+
+_HINTS = {
+    _LAYOUT: (
+        "This looks like an unknown file layout, not a different model config (a config changes "
+        "channel counts and numbers of blocks, not a parameter's rank or name, nor every "
+        "path). deis_jax "
+        "reads score_sde checkpoints as published (flax 0.3.1, whose (1, 1, 1, C) GroupNorm "
+        "parameters it converts) and its own converted format; bring other layouts to the "
+        "model's parameter tree first."
+    ),
+    _OLD_LAYOUT: (
+        "These are flax 0.3's GroupNorm parameters, stored as (1, 1, 1, C) where today's flax "
+        "uses (C,): read a score_sde checkpoint with load_score_sde_params or "
+        "scripts/convert_score_sde_checkpoint.py, which convert them."
+    ),
+    _CONFIG: (
+        "This looks like a different model config (a different nf, ch_mult, num_res_blocks, "
+        "attn_resolutions or network gives such mismatches): is the model config the one the "
+        "checkpoint was trained with?"
+    ),
+}
+
+
 def check_params_tree(params: Any, expected: Any, what: str = "checkpoint") -> None:
     """Raise ``ValueError`` unless ``params`` has exactly the paths and shapes of ``expected``.
 
-    Paths are compared in sorted order; the message names the first mismatching path (a
-    parameter missing from ``params``, an unexpected extra one, or a shape mismatch with both
-    shapes) and counts all mismatches.
+    The message counts all mismatches (missing, unexpected, wrong shape) and names the cause:
+
+    * an unknown file layout -- a parameter of another rank than the model's, a name the model
+      does not use, or no path in common at all (no model config does that);
+    * flax 0.3's GroupNorm layout ``(1, 1, 1, C)`` where the model has ``(C,)``
+      (:func:`convert_old_layout` converts it; score_sde files are converted on import);
+    * else a different model config (channel counts, blocks, network).
+
+    It names the first mismatching path (sorted order) of the cause it reports, with both
+    shapes for a shape mismatch.
     """
     got, want = flatten_tree(params), flatten_tree(expected)
-    missing = unexpected = wrong_shape = 0
-    first = None
-    for path in sorted(set(got) | set(want)):
-        if path not in got:
-            missing += 1
-            msg = f"missing parameter '{path}' (the model expects shape {_shape(want[path])})"
-        elif path not in want:
-            unexpected += 1
-            msg = f"unexpected parameter '{path}' (shape {_shape(got[path])}) not in the model"
-        elif _shape(got[path]) != _shape(want[path]):
-            wrong_shape += 1
-            msg = (
-                f"shape mismatch at '{path}': {what} has {_shape(got[path])}, "
-                f"the model expects {_shape(want[path])}"
-            )
-        else:
-            continue
-        first = first or msg
-    if first is not None:
-        raise ValueError(
-            f"{what} parameters do not match the model: {first} "
-            f"({missing} missing, {unexpected} unexpected, {wrong_shape} with the wrong shape; "
-            f"is the model config the one the checkpoint was trained with?)"
+    names = {path.rsplit("/", 1)[-1] for path in want}
+    found = {
+        path: found
+        for path in sorted(set(got) | set(want))
+        if (found := _mismatch(path, got, want, names, what)) is not None
+    }
+    if not found:
+        return
+    missing = sum(path not in got for path in found)
+    unexpected = sum(path not in want for path in found)
+    counts = (
+        f"{missing} missing, {unexpected} unexpected, "
+        f"{len(found) - missing - unexpected} with the wrong shape, "
+        f"of the model's {len(want)} parameter arrays"
+    )
+    if got and not set(got) & set(want):
+        cause = _LAYOUT
+        first = (
+            f"no parameter path is one the model has (the first in the {what}: "
+            f"'{min(got)}', in the model: '{min(want)}')"
         )
+    else:
+        causes = {cause for cause, _ in found.values()}
+        cause = next(c for c in (_LAYOUT, _OLD_LAYOUT, _CONFIG) if c in causes)
+        first = next(text for c, text in found.values() if c == cause)
+    raise ValueError(
+        f"{what} parameters do not match the model: {first} ({counts}). {_HINTS[cause]}"
+    )
 
 
 def resolve_model_config(model_config: Any):
@@ -160,6 +281,78 @@ def load_score_sde_state(path: str | os.PathLike, checkpoint_dir: str | None = N
     return state
 
 
+def _score_sde_params(state: dict, path: str, use_ema: bool, expected: Any) -> tuple[Mapping, str]:
+    """``(params, name)``: ``state['params_ema']`` or ``state['optimizer']['target']``."""
+    name = "params_ema" if use_ema else "optimizer.target"
+    optimizer = state.get("optimizer")
+    candidates = {
+        "params_ema": state.get("params_ema"),
+        "optimizer.target": optimizer.get("target") if isinstance(optimizer, Mapping) else None,
+    }
+    params = candidates[name]
+    if isinstance(params, Mapping):
+        return params, name
+    problem = f"has no '{name}'" if params is None else f"has a {type(params).__name__} as '{name}'"
+    hints = []
+    if set(state) & set(expected):
+        hints.append(
+            "its top level holds the model's modules: it is a bare parameter tree, not a "
+            "score_sde training state"
+        )
+    other = "optimizer.target" if use_ema else "params_ema"
+    if isinstance(candidates[other], Mapping):
+        flag = "use_ema=False (--use_target)" if use_ema else "use_ema=True (no --use_target)"
+        hints.append(f"it has '{other}': pass {flag} to load that")
+    keys = sorted(state)
+    shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+    raise ValueError(
+        f"'{path}' {problem}, so it is not a score_sde checkpoint as published (top-level keys: "
+        f"{shown}; score_sde writes {', '.join(SCORE_SDE_LAYOUT)}, the parameters in "
+        f"'params_ema' and 'optimizer.target')" + "".join(f"; {h}" for h in hints) + "."
+    )
+
+
+def _number(value: Any) -> int | float | None:
+    """A plain number from a Python number or a one-element array (None for anything else)."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    return array.item() if array.size == 1 and array.dtype.kind in "iuf" else None
+
+
+def import_score_sde_params(
+    path: str | os.PathLike, model_config: Any, use_ema: bool = True
+) -> tuple[dict, dict]:
+    """Parameters of a published score_sde checkpoint and where they came from.
+
+    The file is read as flax 0.3.1 wrote it (module docstring): ``params_ema`` or
+    ``optimizer.target`` is taken, its ``(1, 1, 1, C)`` GroupNorm parameters are reshaped to
+    ``(C,)`` (:func:`convert_old_layout`) and the tree is checked against ``model_config``
+    (:func:`check_params_tree`).
+
+    Returns:
+      ``(params, provenance)``: the ``params`` tree (nested dict of host numpy arrays) and a
+      JSON-able dict ``{'source_params': 'params_ema' | 'optimizer.target', 'source_step':
+      int | None, 'source_ema_rate': float | None, 'converted_leaves': {...}}`` (the
+      conversions of :func:`convert_old_layout`; ``{}`` for a file in today's layout).
+    """
+    path = os.fspath(path)
+    config = resolve_model_config(model_config)
+    checkpoint_dir = config.get("checkpoint_dir") if hasattr(config, "get") else None
+    state = load_score_sde_state(path, checkpoint_dir)
+    expected = abstract_params(config)
+    params, name = _score_sde_params(state, path, use_ema, expected)
+    params, converted = convert_old_layout(params, expected)
+    check_params_tree(params, expected, f"score_sde {name}")
+    provenance = {
+        "source_params": name,
+        "source_step": _number(state.get("step")),
+        "source_ema_rate": _number(state.get("ema_rate")),
+        "converted_leaves": converted,
+    }
+    return jax.tree.map(np.asarray, params), provenance
+
+
 def load_score_sde_params(path: str | os.PathLike, model_config: Any, use_ema: bool = True) -> dict:
     """Parameters of a published score_sde checkpoint, checked against ``model_config``.
 
@@ -172,34 +365,16 @@ def load_score_sde_params(path: str | os.PathLike, model_config: Any, use_ema: b
 
     Returns:
       The ``params`` tree (nested dict of host numpy arrays) for
-      ``model.apply({'params': params}, ...)``.
+      ``model.apply({'params': params}, ...)``, GroupNorm parameters in today's ``(C,)``
+      layout (see :func:`import_score_sde_params`, which also says where they came from).
 
     Raises:
       FileNotFoundError: the file is missing (the message says what to download).
       ValueError: not a score_sde state, or the tree does not match the model; the message
-        names the first mismatching path.
+        names the leaf, both shapes and whether it looks like another model config or an
+        unknown file layout.
     """
-    path = os.fspath(path)
-    config = resolve_model_config(model_config)
-    checkpoint_dir = config.get("checkpoint_dir") if hasattr(config, "get") else None
-    state = load_score_sde_state(path, checkpoint_dir)
-    if use_ema:
-        if "params_ema" not in state:
-            raise ValueError(
-                f"'{path}' has no 'params_ema' (top-level keys: {sorted(state)}); "
-                "is it a score_sde checkpoint?"
-            )
-        params, what = state["params_ema"], "score_sde params_ema"
-    else:
-        target = state.get("optimizer", {})
-        if not isinstance(target, dict) or "target" not in target:
-            raise ValueError(
-                f"'{path}' has no 'optimizer/target' (top-level keys: {sorted(state)}); "
-                "is it a score_sde checkpoint?"
-            )
-        params, what = target["target"], "score_sde optimizer.target"
-    check_params_tree(params, abstract_params(config), what)
-    return jax.tree.map(np.asarray, params)
+    return import_score_sde_params(path, model_config, use_ema)[0]
 
 
 # ------------------------------------------------------------------------ converted format
