@@ -1,5 +1,5 @@
-"""Crash-safe file output (atomic replace for whole files, fsync'ed appends for JSON lines)
-and the one file hash, :func:`sha256_file`.
+"""Crash-safe file output (atomic replace for whole files, fsync'ed appends for JSON lines),
+the one file hash, :func:`sha256_file`, and :func:`move_aside` for a damaged file.
 
 A long run never loses finished results: tables and plots are written to a temporary file in
 the same directory and renamed over the target (``os.replace`` is atomic on POSIX), and
@@ -9,13 +9,19 @@ when reading back).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import io
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from typing import Any
+
+# What ``np.load`` raises for a truncated, bit-flipped or otherwise damaged ``.npz`` file.
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -28,24 +34,49 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """A temporary path next to ``path`` (same directory, same extension) for a writer that
+    takes a file name; when the block ends without error the file is fsync'ed and renamed over
+    ``path`` (``os.replace``: readers see the old file or the new one, never a part), otherwise
+    it is removed. A killed process leaves at most a ``.tmp-*`` file.
+
+        with atomic_output("out/samples.png") as tmp:
+            image.save(tmp)
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename
+    (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def move_aside(path: str, reason: str) -> str:
+    """Rename a file that must not be used (``reason``: e.g. ``'damaged'``) to
+    ``<path>.<reason>-<UTC time>`` in the same directory, keeping it for inspection; returns
+    the new path."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = f"{path}.{reason}-{stamp}"
+    os.replace(path, target)
+    return target
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -24,6 +24,15 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+    """Most XLA optimisations skipped: these tests are about files and keys, not speed."""
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.fixture(scope="module")
 def setup():
     schedule = VPSDE.linear()
@@ -60,7 +69,10 @@ def test_interrupted_generation_resumes_without_loss_or_rework(setup, tmp_path):
 
     with pytest.raises(Interrupt):
         _generate(out, sampler, on_shard=stop_after_two)
-    assert sorted(os.listdir(out)) == ["shard_000000.npz", "shard_000001.npz", "spec.json"]
+    assert sorted(os.listdir(out)) == [
+        "shard_000000.npz", "shard_000000.npz.sha256", "shard_000001.npz",
+        "shard_000001.npz.sha256", "spec.json",
+    ]  # fmt: skip
     with pytest.raises(generation.IncompleteSamplesError, match="manifest"):
         generation.load_samples(str(out))
     mtimes = {k: os.stat(out / generation.shard_name(k)).st_mtime_ns for k in (0, 1)}
@@ -110,8 +122,9 @@ def test_verification_catches_damage_and_foreign_runs(setup, tmp_path):
     assert samples.dtype == np.int16 and samples.shape == (N, DIM)
     assert generation.main(["verify", str(tmp_path)]) == 0
 
-    with pytest.raises(RuntimeError, match="different generation run"):
+    with pytest.raises(generation.DifferentRunError, match="different generation run") as err:
         _generate(tmp_path, sampler, seed=4)
+    assert "seed: 3 (on disk) vs 4 (this run)" in str(err.value)
 
     shard = tmp_path / generation.shard_name(2)
     data = bytearray(shard.read_bytes())
@@ -119,6 +132,7 @@ def test_verification_catches_damage_and_foreign_runs(setup, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(generation.IncompleteSamplesError, match="sha256"):
         generation.load_samples(str(tmp_path))
+    assert generation.main(["verify", str(tmp_path)]) == 1  # one line on stderr, no traceback
 
     shard.unlink()
     with pytest.raises(generation.IncompleteSamplesError, match="missing"):

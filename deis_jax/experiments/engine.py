@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,9 +46,55 @@ Progress = Callable[[float], None]
 
 def fingerprint(payload: Any) -> str:
     """Short stable hash of a JSON-able ``payload`` (keys sorted; other objects by ``str``):
-    the one identity helper of every cached result (cells, sample runs)."""
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    the one identity helper of every cached result (cells, sample runs);
+    :func:`describe_differences` says which settings make two payloads differ."""
+    return hashlib.sha1(_canonical(payload).encode()).hexdigest()[:16]
+
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{32,}")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": leaf}`` of nested dicts (lists and other values are leaves)."""
+    if not isinstance(value, dict) or not value:
+        return {prefix or "(root)": value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _canonical(value: Any) -> str:
+    """The JSON text :func:`fingerprint` hashes for ``value``."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _show(value: Any) -> str:
+    """A short display of one setting: hex digests cut to 12 characters, long values to 60."""
+    if isinstance(value, str) and _HEX_DIGEST.fullmatch(value):
+        return value[:12] + "…"
+    text = _canonical(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+_ABSENT = object()
+
+
+def describe_differences(on_disk: Any, this_run: Any) -> list[str]:
+    """One line per setting that differs between two identity payloads (what
+    :func:`fingerprint` hashes), named by its dotted path:
+    ``"metadata.model.params_sha256: 3fa2c0d1e2f3… (on disk) vs 91bc04a5b6c7… (this run)"``.
+    Empty when the payloads are equal."""
+    old, new = _flatten(on_disk), _flatten(this_run)
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if _canonical(a) == _canonical(b):
+            continue
+        shown_a = "(absent)" if a is _ABSENT else _show(a)
+        shown_b = "(absent)" if b is _ABSENT else _show(b)
+        lines.append(f"{key}: {shown_a} (on disk) vs {shown_b} (this run)")
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)

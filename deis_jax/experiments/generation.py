@@ -4,22 +4,26 @@
     result = generation.generate_samples(
         "runs/cifar10/samples/tab3_nfe10", sampler, num_samples=50_000, sample_shape=(32, 32, 3),
         seed=0, shard_size=1000, per_device_batch=128, params=params, bind=lambda p: eps_fn_of(p),
-        postprocess=to_uint8, metadata={"config": config.to_dict()},
+        postprocess=to_uint8, metadata={"config": config.to_dict(), "params_sha256": digest},
     )
     samples = generation.load_samples("runs/cifar10/samples/tab3_nfe10").samples  # (50000, ...)
 
 Layout of ``out_dir``:
 
 * ``spec.json`` -- what is being generated (seed, sampler, shapes, shard size, user
-  metadata, git revision) and its ``fingerprint``; a restart with a different spec in the same
-  directory is refused before any work.
+  metadata, git revision) and its ``fingerprint``, the hash of the settings that change a
+  sample (:data:`IDENTITY_KEYS`; ``metadata`` is where a caller puts the parameters' hash, the
+  checkpoint step...). A restart whose fingerprint differs is refused before any work, with
+  one line per differing setting (:func:`deis_jax.experiments.engine.describe_differences`).
 * ``shard_000000.npz`` ... -- shard ``k`` holds the samples with global indices
   ``[k * shard_size, min((k + 1) * shard_size, num_samples))``: arrays ``samples``,
-  ``indices`` (int64) and ``fingerprint``. Written atomically (temporary file in the same
-  directory, fsync, rename), so a shard on disk is always complete.
-* ``manifest.json`` -- written last, once every shard exists: the spec plus the list of shards
-  with their counts, sizes and sha256. :func:`load_samples` refuses a directory without it and
-  checks every hash and that the indices are exactly ``0 .. num_samples - 1``.
+  ``indices`` (int64), ``fingerprint`` and ``identity`` (the JSON of the identity settings).
+  Written atomically (temporary file in the same directory, fsync, rename), then its
+  **sidecar** ``shard_000000.npz.sha256`` (``sha256sum`` format: ``<hex>  shard_000000.npz``),
+  the sha256 of the bytes just written, also atomically.
+* ``manifest.json`` -- written last, once every shard is verified: the spec plus the list of
+  shards with their counts, sizes and sha256. :func:`load_samples` refuses a directory without
+  it and checks every hash and that the indices are exactly ``0 .. num_samples - 1``.
 
 Randomness: ``x_T`` of sample ``i`` comes from ``fold_in(prior_key, i)`` and a stochastic
 sampler's noise from ``fold_in(fold_in(noise_key, i), step)`` with ``(prior_key, noise_key) =
@@ -28,18 +32,34 @@ count, the process count nor on where a restart happened, and with the same
 ``per_device_batch`` the samples are bit-identical across partitioned runs (``docs/scale.md``,
 "Determinism").
 
-Restart: shards already on disk (same fingerprint, same index range) are skipped -- nothing
-finished is recomputed and nothing is lost; a killed writer leaves at most a ``.tmp-*`` file,
-which is ignored and cleaned up.
+Integrity (nothing lost, nothing mixed, nothing damaged blessed):
+
+* **Restart.** Every shard on disk is verified before it is trusted (:func:`check_shard`): its
+  sha256 must equal its sidecar's and it must hold this run's fingerprint and index range. A
+  verified shard is skipped (nothing finished is recomputed); a shard without a sidecar (killed
+  between the two writes) or of another index range (an earlier, smaller ``num_samples``) is
+  recomputed; a **damaged** one (hash mismatch, unreadable) is renamed
+  ``shard_000003.npz.damaged-<time>`` (named in the log) and recomputed; a shard of **another
+  run** (other fingerprint) is refused, naming the differing settings. A killed writer leaves
+  at most a ``.tmp-*`` file, which is ignored and cleaned up.
+* **Torn metadata.** An unreadable ``spec.json`` (it carries no results) is rewritten from
+  this run with a warning -- the shards' own fingerprints still guard against mixing; an
+  unreadable ``manifest.json`` is removed and rebuilt from the verified shards.
+* **Non-finite samples** are never written: a shard with a NaN / Inf sample raises
+  :class:`NonFiniteShardError` (a ``diagnostics.NonFiniteSamplesError``) naming their global
+  indices, and nothing is written for it.
+* **The manifest** is written only from shards that pass :func:`check_shard`, with the hash
+  of their sidecar: a shard damaged on disk is never re-blessed.
 
 Several processes (``jax.distributed``): the shards are split into contiguous blocks, one per
-process (:func:`deis_jax.parallel.process_range`); every process writes its own shards (to a
-shared file system: NFS, Filestore, gcsfuse...). All processes run the same number of jitted
-calls over the global mesh (a process with less left to do pads with dummy rows) -- the pending
-counts are exchanged once with an all-gather. At the end a barrier, then **process 0 writes the
-manifest** after re-reading and hashing every shard. If the processes do not share a file
-system, copy all shards into one directory and run
-``python -m deis_jax.experiments.generation finalize DIR`` (the same check-and-write step).
+process (:func:`deis_jax.parallel.process_range`); every process checks and writes its own
+shards (to a shared file system: NFS, Filestore, gcsfuse...). All processes run the same number
+of jitted calls over the global mesh (a process with less left to do pads with dummy rows) --
+the pending counts are exchanged once with an all-gather. At the end a barrier, then **process
+0 writes the manifest** after re-reading and hashing every shard. If the processes do not share
+a file system, copy every process's ``shard_*`` files (shards and their sidecars) into one
+directory and run ``python -m deis_jax.experiments.generation finalize DIR`` (the same
+check-and-write step).
 """
 
 from __future__ import annotations
@@ -50,6 +70,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -62,16 +83,47 @@ from tqdm import tqdm
 
 from deis_jax import parallel
 from deis_jax.experiments import engine
-from deis_jax.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
+from deis_jax.io_utils import (
+    NPZ_ERRORS,
+    atomic_write_bytes,
+    atomic_write_text,
+    move_aside,
+    sha256_file,
+)
+from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard sha256 sidecars and the identity inside every shard
 SPEC_FILE = "spec.json"
 MANIFEST_FILE = "manifest.json"
+SIDECAR_SUFFIX = ".sha256"
+IDENTITY_KEYS = ("num_samples_per_shard", "seed", "sample_shape", "dtype", "sampler", "metadata")
+REPAIR = (
+    "rerun the same generation command to repair it (damaged shards are moved aside and "
+    "recomputed, the manifest is rebuilt from the verified shards)"
+)
+
+log = logging.getLogger(__name__)
 
 
 class IncompleteSamplesError(RuntimeError):
     """The sample directory is missing shards, has no manifest, or fails verification."""
+
+
+class DifferentRunError(RuntimeError):
+    """The output directory holds (part of) a generation run with other settings."""
+
+
+class NonFiniteShardError(NonFiniteSamplesError):
+    """A shard's samples are not all finite; nothing is written for it. ``indices`` are the
+    global indices of the bad samples, ``path`` the shard that was not written."""
+
+    def __init__(self, indices: Sequence[int], path: str, start: int, count: int):
+        super().__init__(indices)
+        self.path = path
+        self.args = (
+            f"{path} not written (its {count} samples from global index {start}): {self.args[0]}",
+        )
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -147,9 +199,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def sampler_info(sampler: Sampler) -> dict:
-    """JSON description of a sampler, with a hash of its float64 time grid and coefficients."""
+    """JSON description of a sampler, with a hash of its float64 time grid, coefficients and
+    learned rule parameters (an AMED predictor's weights)."""
     h = hashlib.sha256(np.ascontiguousarray(sampler.ts, np.float64).tobytes())
-    for leaf in jax.tree.leaves(sampler.table):
+    for leaf in jax.tree.leaves((sampler.table, sampler.rule_params)):
         h.update(np.ascontiguousarray(np.asarray(leaf, np.float64)).tobytes())
     return {
         "method": sampler.method,
@@ -166,49 +219,213 @@ def sampler_info(sampler: Sampler) -> dict:
     }
 
 
-_IDENTITY_KEYS = ("num_samples_per_shard", "seed", "sample_shape", "dtype", "sampler", "metadata")
+def identity_of(spec: dict) -> dict:
+    """The settings of ``spec`` that change a sample (:data:`IDENTITY_KEYS`)."""
+    return {k: spec.get(k) for k in IDENTITY_KEYS}
 
 
-def _encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
+def _read_json(path: str) -> tuple[Any, str | None]:
+    """``(value, None)``, ``(None, None)`` when the file does not exist, or ``(None, why)``
+    when it cannot be read or parsed (a torn write, a flipped bit)."""
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f), None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+# --- shards: writing and verifying --------------------------------------------------------
+
+
+def sidecar_path(path: str) -> str:
+    """The sha256 sidecar of the shard at ``path``."""
+    return path + SIDECAR_SUFFIX
+
+
+def _write_shard(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write a shard, then its sidecar with the sha256 of exactly the bytes written.
+
+    The old sidecar goes first: a kill at any point leaves either a shard without a sidecar
+    (recomputed) or a complete, matching pair -- never a sidecar describing other bytes."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    return buf.getvalue()
+    data = buf.getvalue()
+    if os.path.exists(sidecar_path(path)):
+        os.unlink(sidecar_path(path))
+    atomic_write_bytes(path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_text(sidecar_path(path), f"{digest}  {os.path.basename(path)}\n")
 
 
-def _read_shard_header(path: str) -> tuple[str, np.ndarray] | None:
-    """``(fingerprint, indices)`` of a shard file, reading only those two members."""
+_SIDECAR_LINE = re.compile(r"([0-9a-f]{64})  (\S+)\n")
+
+
+def _recorded_sha256(path: str) -> str | None:
+    """The hash in the sidecar of ``path`` (``None``: no sidecar); ``ValueError`` when the
+    sidecar is unreadable or names another file."""
+    try:
+        with open(sidecar_path(path), encoding="ascii") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"unreadable {SIDECAR_SUFFIX} sidecar ({err})") from None
+    match = _SIDECAR_LINE.fullmatch(text)
+    if match is None or match.group(2) != os.path.basename(path):
+        raise ValueError(f"malformed {SIDECAR_SUFFIX} sidecar {text[:80]!r}")
+    return match.group(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardCheck:
+    """What :func:`check_shard` found. ``state``: ``'ok'`` (verified: use it), ``'missing'``,
+    ``'unrecorded'`` (no sidecar: killed between the two writes, or copied without it),
+    ``'stale'`` (another index range: an earlier run with another ``num_samples``),
+    ``'damaged'`` (hash mismatch or unreadable), ``'foreign'`` (another run's fingerprint).
+    ``detail`` says why; ``sha256`` is the verified hash (``'ok'``); ``identity`` the
+    foreign shard's settings."""
+
+    state: str
+    detail: str = ""
+    sha256: str | None = None
+    identity: dict | None = None
+
+
+def check_shard(path: str, fingerprint: str, start: int, stop: int) -> ShardCheck:
+    """Verify one shard: its bytes against its sidecar's sha256, then its fingerprint and
+    its indices ``start .. stop - 1``. Reads the whole file once (to hash it)."""
+    if not os.path.exists(path):
+        return ShardCheck("missing")
+    try:
+        recorded = _recorded_sha256(path)
+    except ValueError as err:
+        return ShardCheck("damaged", str(err))
+    if recorded is None:
+        return ShardCheck("unrecorded", f"no {SIDECAR_SUFFIX} sidecar")
+    actual = sha256_file(path)
+    if actual != recorded:
+        return ShardCheck(
+            "damaged", f"sha256 {actual[:12]}… differs from the recorded {recorded[:12]}…"
+        )
     try:
         with np.load(path) as f:
-            return str(f["fingerprint"]), np.asarray(f["indices"])
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-
-
-def _shard_state(path: str, fingerprint: str, start: int, stop: int) -> str:
-    """``'done'`` (valid, skip), ``'missing'`` (generate), ``'stale'`` (other range: redo)."""
-    if not os.path.exists(path):
-        return "missing"
-    header = _read_shard_header(path)
-    if header is None:
-        return "stale"
-    fp, indices = header
+            fp, indices = str(f["fingerprint"]), np.asarray(f["indices"])
+            identity = json.loads(str(f["identity"])) if fp != fingerprint else None
+    except (*NPZ_ERRORS, json.JSONDecodeError) as err:
+        return ShardCheck("damaged", f"unreadable ({type(err).__name__}: {err})")
     if fp != fingerprint:
-        raise RuntimeError(
-            f"{path} was written by a different generation run (fingerprint {fp}, this run "
-            f"{fingerprint}); use a new output directory"
-        )
-    ok = indices.shape == (stop - start,) and np.array_equal(indices, np.arange(start, stop))
-    return "done" if ok else "stale"
+        return ShardCheck("foreign", f"fingerprint {fp}, this run {fingerprint}", None, identity)
+    if indices.shape != (stop - start,) or not np.array_equal(indices, np.arange(start, stop)):
+        return ShardCheck("stale", f"holds other indices than {start} .. {stop - 1}")
+    return ShardCheck("ok", sha256=actual)
 
 
 def _clean_temp_files(out_dir: str) -> None:
     """Remove what a killed writer left: ``io_utils`` temporaries ``.tmp-<random>shard_*``."""
     for name in os.listdir(out_dir):
-        if name.startswith(".tmp-") and "shard_" in name and name.endswith(".npz"):
+        if name.startswith(".tmp-") and "shard_" in name:
             try:
                 os.unlink(os.path.join(out_dir, name))
             except OSError:
                 pass
+
+
+def _refuse_nonfinite(samples: np.ndarray, start: int, path: str) -> None:
+    """Raise :class:`NonFiniteShardError` (global indices) if a sample of a shard is not
+    finite."""
+    bad = nonfinite_samples(samples)
+    if bad.size:
+        raise NonFiniteShardError(start + bad, path, start, len(samples))
+
+
+# --- restart: what is on disk -------------------------------------------------------------
+
+
+def _check_spec(out_dir: str, spec: dict) -> None:
+    """Refuse a directory whose ``spec.json`` describes another run, naming every differing
+    setting; warn about a torn ``spec.json`` (rewritten later) and a changed per-device batch
+    (same samples up to float rounding)."""
+    path = os.path.join(out_dir, SPEC_FILE)
+    old, why = _read_json(path)
+    if old is not None and not (
+        isinstance(old, dict) and engine.fingerprint(identity_of(old)) == old.get("fingerprint")
+    ):
+        old, why = None, "its fingerprint does not match its settings"
+    if why is not None:
+        log.warning(
+            "%s is damaged (%s); it carries no results and is rewritten from this run (the "
+            "shards' own fingerprints are still checked)", path, why,
+        )  # fmt: skip
+        return
+    if old is None:
+        return
+    if old["fingerprint"] != spec["fingerprint"]:
+        lines = engine.describe_differences(identity_of(old), identity_of(spec))
+        raise DifferentRunError(
+            f"{out_dir} holds samples of a different generation run; what differs:\n  "
+            + "\n  ".join(lines)
+            + f"\nTo finish the run on disk, rerun it with its settings; to start a new run "
+            f"with these settings, use another output directory (--workdir) or delete "
+            f"{out_dir}."
+        )
+    if old.get("per_device_batch") != spec["per_device_batch"]:
+        log.warning(
+            "%s: shards on disk were written with per_device_batch %s, this run uses %s: the "
+            "new shards may differ from an uninterrupted run in the last float bits "
+            "(docs/scale.md, Determinism)",
+            out_dir, old.get("per_device_batch"), spec["per_device_batch"],
+        )  # fmt: skip
+
+
+def _scan_shards(
+    out_dir: str, shards: Sequence[int], bounds: Sequence[tuple[int, int]], spec: dict
+) -> tuple[list[int], list[int]]:
+    """``(pending, skipped)`` among ``shards``: verified ones are skipped; damaged ones are
+    moved aside (logged) and redone; a foreign one raises :class:`DifferentRunError`."""
+    pending, skipped = [], []
+    for k in shards:
+        path = os.path.join(out_dir, shard_name(k))
+        check = check_shard(path, spec["fingerprint"], *bounds[k])
+        if check.state == "ok":
+            skipped.append(k)
+            continue
+        if check.state == "foreign":
+            lines = engine.describe_differences(check.identity, identity_of(spec))
+            raise DifferentRunError(
+                f"{path} was written by a different generation run; what differs:\n  "
+                + "\n  ".join(lines or [check.detail])
+                + f"\nMove or delete it (and {os.path.basename(sidecar_path(path))}) to "
+                f"recompute it with this run's settings, or use another output directory."
+            )
+        pending.append(k)
+        if check.state == "damaged":
+            moved = [move_aside(path, "damaged")]
+            if os.path.exists(sidecar_path(path)):
+                moved.append(move_aside(sidecar_path(path), "damaged"))
+            log.warning(
+                "%s is damaged (%s): moved aside to %s; it is recomputed",
+                path, check.detail, ", ".join(moved),
+            )  # fmt: skip
+        elif check.state in ("unrecorded", "stale"):
+            log.info("%s: %s; it is recomputed", path, check.detail)
+    return pending, skipped
+
+
+def _drop_unusable_manifest(out_dir: str, num_samples: int) -> None:
+    """Remove a torn manifest (warning) or one of an earlier, different ``num_samples``; the
+    manifest is rebuilt from the verified shards at the end."""
+    path = os.path.join(out_dir, MANIFEST_FILE)
+    manifest, why = _read_json(path)
+    if why is not None:
+        log.warning("%s is damaged (%s): removed; it is rebuilt from the verified shards",
+                    path, why)  # fmt: skip
+        os.unlink(path)
+    elif manifest is not None and (
+        not isinstance(manifest, dict) or manifest.get("num_samples") != num_samples
+    ):
+        os.unlink(path)
 
 
 # --- generation ---------------------------------------------------------------------------
@@ -220,7 +437,7 @@ class GenerationResult:
     num_samples: int
     num_shards: int
     written: tuple[int, ...]  # shards this process generated in this call
-    skipped: tuple[int, ...]  # shards of this process found complete on disk
+    skipped: tuple[int, ...]  # shards of this process found complete and verified on disk
     calls: int  # jitted sampling calls made by this process
     seconds: float
     manifest: dict | None  # the manifest (process 0, when complete), else None
@@ -253,10 +470,14 @@ def generate_samples(
     per-device shape fixed is what makes the samples bit-identical across device counts (see
     ``docs/scale.md``). ``prior``, ``bind``, ``params``: as in
     :func:`deis_jax.parallel.make_generate_fn`.
-    ``postprocess`` maps a shard's float samples (host numpy) to what is stored (e.g. uint8
-    images). ``metadata`` (JSON-able: the config, the checkpoint path...) goes into the spec,
-    the fingerprint and the manifest. ``on_shard(k, path)`` runs after each shard is written
-    (tests use it to interrupt).
+    ``postprocess`` maps a shard's float samples (host numpy, checked finite first) to what is
+    stored (e.g. uint8 images). ``metadata`` (JSON-able) must name everything else that changes
+    a sample -- the parameters' hash and checkpoint, the config: it goes into the spec, the
+    fingerprint and the manifest, and a restart with other metadata is refused. ``on_shard(k,
+    path)`` runs after each shard and its sidecar are written (tests use it to interrupt).
+
+    Raises :class:`DifferentRunError` (the directory holds another run, naming what differs)
+    and :class:`NonFiniteShardError` (a shard with NaN / Inf samples, not written).
     """
     t_start = time.perf_counter()
     num_samples, shard_size = int(num_samples), int(shard_size)
@@ -271,6 +492,8 @@ def generate_samples(
     batch = int(per_device_batch) * mesh.size  # samples per call, all processes together
     local_batch = batch // nproc
     sample_shape = tuple(int(s) for s in sample_shape)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"output directory {out_dir} is a file: choose another path")
     os.makedirs(out_dir, exist_ok=True)
 
     spec = {
@@ -287,35 +510,27 @@ def generate_samples(
         "device_count": mesh.size,
         "per_device_batch": int(per_device_batch),
     }
-    spec["fingerprint"] = engine.fingerprint({k: spec[k] for k in _IDENTITY_KEYS})
-    fingerprint = spec["fingerprint"]
-    spec_path = os.path.join(out_dir, SPEC_FILE)
-    if os.path.exists(spec_path):
-        with open(spec_path) as f:
-            old = json.load(f).get("fingerprint")
-        if old != fingerprint:
-            raise RuntimeError(
-                f"{out_dir} holds samples of a different generation run (fingerprint {old}, "
-                f"this run {fingerprint}: seed, sampler, shapes, shard size or metadata "
-                f"differ); use a new output directory"
-            )
-    parallel.barrier("deis_generation_spec_checked")
-    if pid == 0:
-        atomic_write_text(spec_path, json.dumps(spec, indent=1, sort_keys=True))
-        _clean_temp_files(out_dir)
-        manifest_path = os.path.join(out_dir, MANIFEST_FILE)
-        if os.path.exists(manifest_path):  # an earlier run with another num_samples
-            with open(manifest_path) as f:
-                if json.load(f).get("num_samples") != num_samples:
-                    os.unlink(manifest_path)
-
+    spec["fingerprint"] = fingerprint = engine.fingerprint(identity_of(spec))
+    identity_json = json.dumps(identity_of(spec), sort_keys=True)
+    _check_spec(out_dir, spec)
     bounds = shard_bounds(num_samples, shard_size)
-    mine = parallel.process_range(len(bounds), pid, nproc)
-    pending, skipped = [], []
-    for k in mine:
-        path = os.path.join(out_dir, shard_name(k))
-        state = _shard_state(path, fingerprint, *bounds[k])
-        (skipped if state == "done" else pending).append(k)
+    refused = None
+    try:
+        pending, skipped = _scan_shards(
+            out_dir, parallel.process_range(len(bounds), pid, nproc), bounds, spec
+        )
+    except DifferentRunError as err:
+        refused = err
+    if parallel.allgather_ints([refused is not None]).any():  # every process stops, together
+        raise refused or DifferentRunError(
+            f"another process found shards of a different run in {out_dir}: see its log"
+        )
+    if pid == 0:
+        atomic_write_text(
+            os.path.join(out_dir, SPEC_FILE), json.dumps(spec, indent=1, sort_keys=True)
+        )
+        _clean_temp_files(out_dir)
+        _drop_unusable_manifest(out_dir, num_samples)
 
     # Every process must make the same number of jitted calls over the global mesh.
     stream = np.concatenate(
@@ -345,17 +560,17 @@ def generate_samples(
 
     def write_shard(k: int, samples: np.ndarray) -> None:
         start, stop = bounds[k]
+        path = os.path.join(out_dir, shard_name(k))
+        _refuse_nonfinite(samples, start, path)
         if postprocess is not None:
             samples = np.asarray(postprocess(samples))
-        data = _encode_npz(
-            {
-                "samples": samples,
-                "indices": np.arange(start, stop, dtype=np.int64),
-                "fingerprint": np.array(fingerprint),
-            }
-        )
-        path = os.path.join(out_dir, shard_name(k))
-        atomic_write_bytes(path, data)
+        arrays = {
+            "samples": samples,
+            "indices": np.arange(start, stop, dtype=np.int64),
+            "fingerprint": np.array(fingerprint),
+            "identity": np.array(identity_json),
+        }
+        _write_shard(path, arrays)
         written.append(k)
         if on_shard is not None:
             on_shard(k, path)
@@ -422,19 +637,25 @@ def generate_samples(
 
 
 def finalize(out_dir: str) -> dict | None:
-    """Check that every shard of ``spec.json`` is on disk and valid, then write the manifest.
+    """Verify every shard of ``spec.json`` (:func:`check_shard`), then write the manifest with
+    the verified hashes.
 
-    Returns the manifest, or ``None`` (and writes nothing) when shards are missing -- the
-    message says which. Safe to run again:
-    ``python -m deis_jax.experiments.generation finalize DIR``."""
-    with open(os.path.join(out_dir, SPEC_FILE)) as f:
-        spec = json.load(f)
+    Returns the manifest, or ``None`` (and writes nothing) when a shard is missing or fails
+    its check -- the log says which and why. Never moves or changes a shard. Safe to run
+    again: ``python -m deis_jax.experiments.generation finalize DIR``."""
+    spec, why = _read_json(os.path.join(out_dir, SPEC_FILE))
+    if not isinstance(spec, dict) or "fingerprint" not in spec:
+        raise IncompleteSamplesError(
+            f"{os.path.join(out_dir, SPEC_FILE)} is missing or damaged ({why or 'no run spec'}): "
+            f"{REPAIR}"
+        )
     n, size, fingerprint = spec["num_samples"], spec["num_samples_per_shard"], spec["fingerprint"]
-    shards, missing = [], []
+    shards, problems = [], []
     for k, (start, stop) in enumerate(shard_bounds(n, size)):
         path = os.path.join(out_dir, shard_name(k))
-        if _shard_state(path, fingerprint, start, stop) != "done":
-            missing.append(shard_name(k))
+        check = check_shard(path, fingerprint, start, stop)
+        if check.state != "ok":
+            problems.append(f"{shard_name(k)}: {check.state} {check.detail}".rstrip())
             continue
         shards.append(
             {
@@ -443,15 +664,17 @@ def finalize(out_dir: str) -> dict | None:
                 "stop": stop,
                 "count": stop - start,
                 "bytes": os.path.getsize(path),
-                "sha256": sha256_file(path),
+                "sha256": check.sha256,
             }
         )
-    if missing:
-        logging.getLogger(__name__).error(
-            "%s: %d of %d shards missing (%s...); no manifest written. Run the generation "
-            "again (it resumes), or copy the shards of every host here and run "
+    if problems:
+        log.error(
+            "%s: %d of %d shards missing or unverified (%s); no manifest written. Run the "
+            "generation again (it resumes and recomputes them), or copy the shard_* files "
+            "(shards and their .sha256 sidecars) of every host here and run "
             "`python -m deis_jax.experiments.generation finalize %s`.",
-            out_dir, len(missing), len(missing) + len(shards), ", ".join(missing[:3]), out_dir,
+            out_dir, len(problems), len(problems) + len(shards), "; ".join(problems[:3]),
+            out_dir,
         )  # fmt: skip
         return None
     manifest = dict(spec)
@@ -476,7 +699,8 @@ class Samples:
 
 
 def load_manifest(out_dir: str) -> dict:
-    """The manifest of a finished generation run."""
+    """The manifest of a finished generation run (:class:`IncompleteSamplesError` when it is
+    missing or damaged, saying how to repair)."""
     path = os.path.join(out_dir, MANIFEST_FILE)
     if not os.path.exists(path):
         raise IncompleteSamplesError(
@@ -484,40 +708,65 @@ def load_manifest(out_dir: str) -> dict:
             f"resumes) or was not finalized "
             f"(`python -m deis_jax.experiments.generation finalize {out_dir}`)"
         )
-    with open(path) as f:
-        return json.load(f)
+    manifest, why = _read_json(path)
+    keys = ("num_samples", "count", "fingerprint", "shards")
+    if why is None and not (isinstance(manifest, dict) and all(k in manifest for k in keys)):
+        why = f"not a manifest: it lacks one of {keys}"
+    if why is not None:
+        raise IncompleteSamplesError(f"{path} is damaged ({why}): {REPAIR}")
+    return manifest
 
 
 def load_samples(out_dir: str, *, verify: bool = True) -> Samples:
     """All samples of a finished generation, in global index order, after verification.
 
-    Checks (``verify=True``): the manifest exists, every listed shard exists with its sha256,
-    the shards' indices are exactly ``0 .. num_samples - 1``. Any failure raises
-    :class:`IncompleteSamplesError` naming the problem."""
+    Checks (``verify=True``): the manifest exists and is readable, every listed shard exists
+    with its sha256 and the manifest's fingerprint, the shards' indices are exactly
+    ``0 .. num_samples - 1``. Any failure raises :class:`IncompleteSamplesError` naming the
+    file and how to repair it."""
     manifest = load_manifest(out_dir)
     n = manifest["num_samples"]
-    if manifest["count"] != n or sum(s["count"] for s in manifest["shards"]) != n:
-        raise IncompleteSamplesError(f"{out_dir}: manifest counts do not add up to {n}")
+    try:
+        counted = sum(s["count"] for s in manifest["shards"])
+        entries = sorted(manifest["shards"], key=lambda s: s["start"])
+    except (KeyError, TypeError) as err:
+        raise IncompleteSamplesError(
+            f"{os.path.join(out_dir, MANIFEST_FILE)} is damaged (bad shard list: {err!r}): {REPAIR}"
+        ) from None
+    if manifest["count"] != n or counted != n:
+        raise IncompleteSamplesError(f"{out_dir}: manifest counts do not add up to {n}: {REPAIR}")
     parts, covered = [], 0
-    for entry in sorted(manifest["shards"], key=lambda s: s["start"]):
+    for entry in entries:
         path = os.path.join(out_dir, entry["file"])
         if not os.path.exists(path):
-            raise IncompleteSamplesError(f"{out_dir}: shard {entry['file']} is missing")
+            raise IncompleteSamplesError(f"{path} is missing: {REPAIR}")
         if verify and sha256_file(path) != entry["sha256"]:
-            raise IncompleteSamplesError(f"{out_dir}: shard {entry['file']} fails its sha256")
-        with np.load(path) as f:
-            samples, indices = f["samples"], f["indices"]
+            raise IncompleteSamplesError(
+                f"{path} fails its sha256 (damaged after it was written): {REPAIR}"
+            )
+        try:
+            with np.load(path) as f:
+                samples, indices = f["samples"], f["indices"]
+                fp = str(f["fingerprint"])
+        except NPZ_ERRORS as err:
+            raise IncompleteSamplesError(
+                f"{path} is unreadable ({type(err).__name__}: {err}): {REPAIR}"
+            ) from None
+        if fp != manifest["fingerprint"]:
+            raise IncompleteSamplesError(
+                f"{path} belongs to another run (fingerprint {fp}, manifest "
+                f"{manifest['fingerprint']}): {REPAIR}"
+            )
         if entry["start"] != covered or not np.array_equal(
             indices, np.arange(entry["start"], entry["stop"])
         ):
             raise IncompleteSamplesError(
-                f"{out_dir}: shard {entry['file']} covers the wrong indices (expected from "
-                f"{covered})"
+                f"{path} covers the wrong indices (expected from {covered}): {REPAIR}"
             )
         covered = entry["stop"]
         parts.append(samples)
     if covered != n:
-        raise IncompleteSamplesError(f"{out_dir}: shards cover {covered} of {n} samples")
+        raise IncompleteSamplesError(f"{out_dir}: shards cover {covered} of {n} samples: {REPAIR}")
     return Samples(np.concatenate(parts), manifest)
 
 
@@ -531,13 +780,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     command, out_dir = argv
-    if command == "finalize":
-        manifest = finalize(out_dir)
-        if manifest is None:
-            return 1
-        print(f"wrote {os.path.join(out_dir, MANIFEST_FILE)}: {manifest['count']} samples")
-        return 0
-    result = load_samples(out_dir)
+    try:
+        if command == "finalize":
+            manifest = finalize(out_dir)
+            if manifest is None:
+                return 1
+            print(f"wrote {os.path.join(out_dir, MANIFEST_FILE)}: {manifest['count']} samples")
+            return 0
+        result = load_samples(out_dir)
+    except IncompleteSamplesError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"{out_dir}: {len(result.samples)} samples verified")
     return 0
 

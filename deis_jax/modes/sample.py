@@ -7,9 +7,18 @@ checkpoint directory (``scripts/convert_score_sde_checkpoint.py``) or a raw scor
 ``checkpoint_<N>`` file -- and otherwise from the EMA parameters of the latest training
 checkpoint under ``<workdir>/checkpoints`` (``deis_jax.models.loading``). Writes, under
 ``<workdir>/samples/<method><order>_nfe<nfe>_<grid>/``: ``shards/`` (resumable, atomically
-written shards and a verified ``manifest.json``, see ``deis_jax.experiments.generation``),
-``samples.npz`` (``samples``: uint8 NHWC images, plus the sampler's time grid and NFE) and
-``samples.png`` (a grid of up to 100).
+written and hashed shards and a verified ``manifest.json``, see
+``deis_jax.experiments.generation``), then, from the verified manifest only, ``samples.npz``
+(``samples``: uint8 NHWC images, plus the sampler's time grid and NFE) and ``samples.png`` (a
+grid of up to 100), both written atomically.
+
+A rerun resumes. Its identity (:func:`sample_identity`) is every setting that changes a
+sample -- the seed, ``config.sde`` / ``sampler`` / ``model``, the data fields the images
+depend on, the checkpoint (its step or path and the sha256 of the parameters themselves) and
+the sha256 of an AMED ``predictor_file``: if training has since written a newer checkpoint, or
+any of these changed, the rerun is refused with one line per differing setting, so a run never
+mixes samples of two models. ``sampling.num_samples`` (more samples extend the run) and
+``sampling.batch_size`` are not part of it.
 
 Sample ``i`` starts from ``x_T ~ N(0, prior_std^2)`` drawn with ``fold_in(prior_key, i)`` and
 its noise (stochastic samplers) from ``fold_in(noise_key, i)``, so the images do not depend on
@@ -29,13 +38,19 @@ from absl import logging
 from deis_jax import data, image_grid, parallel
 from deis_jax.config_validation import ConfigError, require_number, validate_sampler, validate_sde
 from deis_jax.experiments import generation
-from deis_jax.io_utils import atomic_write_bytes
+from deis_jax.io_utils import NPZ_ERRORS, atomic_output, atomic_write_bytes, sha256_file
 from deis_jax.models.loading import LoadedModel, image_shape, load_model, validate_model_and_data
 from deis_jax.sampling import solvers
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
 
 MAX_GRID = 100
+NPZ_FILE, PNG_FILE = "samples.npz", "samples.png"
+SAMPLE_SECTIONS = ("seed", "sde", "sampler", "model", "data", "sampling")
+NOT_SAMPLE_FIELDS = {  # fields of SAMPLE_SECTIONS that do not change a sample
+    "data": ("data_dir", "random_flip", "uniform_dequantization"),  # training only
+    "sampling": ("num_samples", "batch_size"),  # more samples extend a run; batch: rounding
+}
 
 
 class Plan(NamedTuple):
@@ -60,6 +75,55 @@ def validate(config) -> Plan:
     return Plan(schedule, sampler)
 
 
+def sample_identity(config, model: LoadedModel) -> dict:
+    """What the samples of ``--mode=sample`` depend on, the generation ``metadata`` (its
+    fingerprint identifies the run): the config sections :data:`SAMPLE_SECTIONS` without
+    :data:`NOT_SAMPLE_FIELDS`, the model's identity (``params_sha256`` and the checkpoint
+    step or path, :attr:`LoadedModel.identity`) and the sha256 of
+    ``config.sampler.predictor_file`` (None without one)."""
+    values = config.to_dict()
+    settings = {key: values.get(key) for key in SAMPLE_SECTIONS}
+    for section, fields in NOT_SAMPLE_FIELDS.items():
+        settings[section] = {k: v for k, v in settings[section].items() if k not in fields}
+    predictor = config.sampler.get("predictor_file")
+    return {
+        "config": settings,
+        "model": model.identity,
+        "predictor_sha256": sha256_file(predictor) if predictor else None,
+    }
+
+
+def _warn_if_replacing(npz_path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Log a warning naming ``npz_path`` when it exists but is unreadable or holds other
+    arrays than ``arrays`` (what the verified shards give; it is about to be rewritten).
+    Reading every member also checks its zip CRC."""
+    if not os.path.exists(npz_path):
+        return
+    try:
+        with np.load(npz_path) as f:
+            same = set(f.files) == set(arrays) and all(
+                np.array_equal(f[k], v) for k, v in arrays.items()
+            )
+        why = None if same else "other arrays than the verified shards: damaged, or an older run"
+    except NPZ_ERRORS as err:
+        why = f"unreadable: {type(err).__name__}: {err}"
+    if why is not None:
+        logging.warning("%s is damaged (%s): rewritten from the verified shards", npz_path, why)
+
+
+def _write_outputs(out_dir: str, images: np.ndarray, sampler: Sampler, scale: int) -> None:
+    """``samples.npz`` and ``samples.png`` of verified ``images``, each written atomically."""
+    npz_path, png_path = os.path.join(out_dir, NPZ_FILE), os.path.join(out_dir, PNG_FILE)
+    arrays = {"samples": images, "ts": np.asarray(sampler.ts), "nfe": np.asarray(sampler.nfe)}
+    _warn_if_replacing(npz_path, arrays)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(npz_path, buf.getvalue())
+    with atomic_output(png_path) as tmp:
+        image_grid.save_image_grid(images[:MAX_GRID], tmp, scale=scale)
+    logging.info("wrote %s and %s", npz_path, png_path)
+
+
 def run(
     config, workdir: str, plan: Plan | None = None, *, model: LoadedModel | None = None
 ) -> dict:
@@ -67,8 +131,10 @@ def run(
 
     Generation is sharded over every device (and process) and resumable: shards are written
     atomically under ``<out_dir>/shards`` with a verified ``manifest.json``
-    (``deis_jax.experiments.generation``), so a killed run continues where it stopped.
-    ``model`` replaces the network and parameters of the config.
+    (``deis_jax.experiments.generation``), so a killed run continues where it stopped; a
+    rerun with another :func:`sample_identity` (e.g. a newer checkpoint) raises
+    ``generation.DifferentRunError`` naming what differs. ``model`` replaces the network and
+    parameters of the config.
     """
     plan = validate(config) if plan is None else plan
     schedule, sampler = plan.schedule, plan.sampler
@@ -97,22 +163,15 @@ def run(
         params=model.params,
         bind=model.bind,
         postprocess=lambda x: image_grid.to_uint8(data.postprocess(x, config.data.centered)),
-        metadata={"config": config.to_dict(), "checkpoint": config.sampling.get("checkpoint")},
+        metadata=sample_identity(config, model),
     )
-    npz_path = os.path.join(out_dir, "samples.npz")
-    png_path = os.path.join(out_dir, "samples.png")
     images = None
     if jax.process_index() == 0:
         images = generation.load_samples(shard_dir).samples
-        buf = io.BytesIO()
-        np.savez_compressed(buf, samples=images, ts=sampler.ts, nfe=sampler.nfe)
-        atomic_write_bytes(npz_path, buf.getvalue())
-        scale = max(1, 64 // config.data.image_size)
-        image_grid.save_image_grid(images[:MAX_GRID], png_path, scale=scale)
-        logging.info("wrote %s and %s", npz_path, png_path)
+        _write_outputs(out_dir, images, sampler, scale=max(1, 64 // config.data.image_size))
     return {
-        "npz": npz_path,
-        "png": png_path,
+        "npz": os.path.join(out_dir, NPZ_FILE),
+        "png": os.path.join(out_dir, PNG_FILE),
         "shards": shard_dir,
         "nfe": sampler.nfe,
         "shape": None if images is None else images.shape,

@@ -1,0 +1,415 @@
+"""Fault injection for sample generation (``generation.generate_samples``) and
+``--mode=sample``: kill and restart; truncate, bit-flip and delete every kind of artifact;
+swap in another run's shard; change the checkpoint between runs; NaN samples. Every case
+must end with the samples of an uninterrupted run, bit for bit, or a refusal naming the file
+or the setting -- never with damaged or foreign samples accepted."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from configs import vpsde_digits  # noqa: E402
+from deis_jax import parallel  # noqa: E402
+from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
+from deis_jax.experiments import generation  # noqa: E402
+from deis_jax.io_utils import sha256_file  # noqa: E402
+from deis_jax.models.loading import LoadedModel, params_digest  # noqa: E402
+from deis_jax.modes import sample as sample_mode  # noqa: E402
+from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples  # noqa: E402
+from deis_jax.sampling.sampler import get_sampler  # noqa: E402
+from deis_jax.sampling.sde import VPSDE  # noqa: E402
+
+N, SHARD, DIM, SEED = 11, 3, 4, 3  # 4 shards, the last one short
+SHARD1 = generation.shard_name(1)
+
+
+class Interrupt(Exception):
+    """What the ``on_shard`` hook raises to kill a run after a shard."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+    """Most XLA optimisations skipped: these tests are about files, not speed."""
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+# --- damage -------------------------------------------------------------------------------
+
+
+def truncate(path, offset=None):
+    """A torn write: the first half of the file."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def bitflip(path, offset=None):
+    """One flipped bit at ``offset`` (default: the middle of the file)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def delete(path, offset=None):
+    path.unlink()
+
+
+DAMAGES = {"truncate": truncate, "bitflip": bitflip, "delete": delete}
+
+
+# --- generate_samples ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixture_sampler():
+    rng = np.random.default_rng(1)
+    mixture = GaussianMixture(rng.normal(size=(3, DIM)), rng.uniform(0.2, 0.5, 3), np.ones(3))
+    schedule = VPSDE.linear()
+    return get_sampler(schedule, mixture.eps_fn(schedule), method="sddim", nfe=4)
+
+
+def _generate(out_dir, sampler, **kw):
+    args = dict(
+        num_samples=N, sample_shape=(DIM,), seed=SEED, shard_size=SHARD, per_device_batch=2,
+        progress=False, metadata={"params_sha256": "ab" * 32},
+    )  # fmt: skip
+    args.update(kw)
+    return generation.generate_samples(str(out_dir), sampler, **args)
+
+
+@pytest.fixture(scope="module")
+def reference(mixture_sampler, tmp_path_factory):
+    """An uninterrupted run: ``(directory, samples)``."""
+    out = tmp_path_factory.mktemp("reference")
+    _generate(out, mixture_sampler)
+    return out, generation.load_samples(str(out)).samples
+
+
+@pytest.fixture(scope="module")
+def other_run(mixture_sampler, tmp_path_factory):
+    """A finished run with another seed (its shards must never be accepted)."""
+    out = tmp_path_factory.mktemp("other")
+    _generate(out, mixture_sampler, seed=SEED + 1)
+    return out
+
+
+def _copy(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    return out
+
+
+def _assert_equals_reference(out, reference):
+    loaded = generation.load_samples(str(out))
+    np.testing.assert_array_equal(loaded.samples, reference[1])
+    for entry in loaded.manifest["shards"]:
+        assert entry["sha256"] == sha256_file(str(out / entry["file"]))
+
+
+def test_kill_mid_run_and_restart_is_bit_identical(mixture_sampler, reference, tmp_path):
+    out = tmp_path / "run"
+
+    def kill_after_shard_1(k, path):
+        if k == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _generate(out, mixture_sampler, on_shard=kill_after_shard_1)
+    # A kill between shard 1 and its sidecar: the shard is on disk, its hash is not recorded.
+    os.unlink(generation.sidecar_path(str(out / SHARD1)))
+    resumed = _generate(out, mixture_sampler)
+    assert resumed.skipped == (0,) and resumed.written == (1, 2, 3)
+    _assert_equals_reference(out, reference)
+
+
+def _damage_three_shards(folder, sidecars: bool) -> None:
+    """Shard 0 truncated, shard 1 bit-flipped, shard 2 deleted (or their sidecars)."""
+    for k, damage in enumerate(DAMAGES.values()):
+        path = folder / generation.shard_name(k)
+        damage(path.with_name(path.name + generation.SIDECAR_SUFFIX) if sidecars else path)
+
+
+@pytest.mark.parametrize("sidecars", [False, True], ids=["shards", "sidecars"])
+def test_damaged_shards_are_moved_aside_and_recomputed(
+    sidecars, mixture_sampler, reference, tmp_path, caplog
+):
+    out = _copy(reference, tmp_path)
+    manifest_before = (out / generation.MANIFEST_FILE).read_bytes()
+    _damage_three_shards(out, sidecars)
+    if not sidecars:  # a reader of the finished run is told which file and what to do
+        with pytest.raises(generation.IncompleteSamplesError) as err:
+            generation.load_samples(str(out))
+        assert generation.shard_name(0) in str(err.value) and "rerun the same" in str(err.value)
+    # finalize never blesses a damaged shard nor one whose hash is lost
+    with caplog.at_level(logging.ERROR):
+        assert generation.finalize(str(out)) is None
+    assert (out / generation.MANIFEST_FILE).read_bytes() == manifest_before
+    assert all(f"{generation.shard_name(k)}: " in caplog.text for k in range(3))
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        result = _generate(out, mixture_sampler)
+    assert result.skipped == (3,) and result.written == (0, 1, 2)
+    for k in range(3):
+        aside = glob.glob(str(out / f"{generation.shard_name(k)}*.damaged-*"))
+        if k < 2:  # the shard and its sidecar, renamed and named in the log
+            assert len(aside) == 2 and all(os.path.basename(a) in caplog.text for a in aside)
+            assert f"{generation.shard_name(k)} is damaged" in caplog.text
+        else:  # deleted: nothing to move aside
+            assert not aside
+    _assert_equals_reference(out, reference)
+
+
+# The byte flipped: the fingerprint of spec.json (it still parses), the opening brace of
+# manifest.json.
+FLIPPED = {generation.SPEC_FILE: "fingerprint", generation.MANIFEST_FILE: 0}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("name", FLIPPED)
+def test_damaged_spec_or_manifest_is_rebuilt_without_recomputing(
+    name, damage, mixture_sampler, reference, tmp_path, caplog
+):
+    out = _copy(reference, tmp_path)
+    path = out / name
+    offset = FLIPPED[name]
+    if offset == "fingerprint":
+        offset = path.read_text().index('"fingerprint": "') + len('"fingerprint": "')
+    DAMAGES[damage](path, offset)
+    if name == generation.MANIFEST_FILE:
+        with pytest.raises(generation.IncompleteSamplesError, match=name):
+            generation.load_samples(str(out))
+    elif damage == "truncate":
+        with pytest.raises(generation.IncompleteSamplesError, match=name):
+            generation.finalize(str(out))
+
+    with caplog.at_level(logging.WARNING):
+        result = _generate(out, mixture_sampler)
+    assert result.written == () and result.calls == 0
+    if damage != "delete":
+        assert f"{path} is damaged" in caplog.text
+    assert (out / generation.SPEC_FILE).read_bytes() == (
+        reference[0] / generation.SPEC_FILE
+    ).read_bytes()
+    _assert_equals_reference(out, reference)
+
+
+def test_shards_of_another_run_are_never_accepted(mixture_sampler, reference, other_run, tmp_path):
+    out = _copy(reference, tmp_path)
+    manifest_before = (out / generation.MANIFEST_FILE).read_bytes()
+    shard2 = generation.shard_name(2)
+    # shard 1 with its sidecar (a consistent pair: only the fingerprint tells), shard 2 alone
+    for name in (SHARD1, SHARD1 + generation.SIDECAR_SUFFIX, shard2):
+        shutil.copy(other_run / name, out / name)
+    with pytest.raises(generation.IncompleteSamplesError, match=SHARD1):
+        generation.load_samples(str(out))
+    assert generation.finalize(str(out)) is None
+    assert (out / generation.MANIFEST_FILE).read_bytes() == manifest_before
+
+    with pytest.raises(generation.DifferentRunError) as err:
+        _generate(out, mixture_sampler)
+    message = str(err.value)
+    assert SHARD1 in message and f"seed: {SEED + 1} (on disk) vs {SEED} (this run)" in message
+    assert (out / SHARD1).read_bytes() == (other_run / SHARD1).read_bytes()  # untouched
+    (out / SHARD1).unlink()  # what the message says to do
+    result = _generate(out, mixture_sampler)
+    assert result.written == (1, 2)  # shard 2 fails its sidecar's hash: moved aside, redone
+    assert glob.glob(str(out / f"{shard2}.damaged-*"))
+    _assert_equals_reference(out, reference)
+
+
+def test_other_parameters_are_refused_naming_params_sha256(mixture_sampler, reference, tmp_path):
+    out = _copy(reference, tmp_path)
+    with pytest.raises(generation.DifferentRunError) as err:
+        _generate(out, mixture_sampler, metadata={"params_sha256": "cd" * 32})
+    message = str(err.value)
+    assert "metadata.params_sha256: abababababab… (on disk) vs cdcdcdcdcdcd… (this run)" in message
+    assert "delete" in message and str(out) in message
+    _assert_equals_reference(out, reference)  # nothing was touched
+
+
+def test_nonfinite_samples_are_never_written(mixture_sampler, tmp_path):
+    schedule = mixture_sampler.schedule
+
+    def prior(key):  # NaN for the samples whose first coordinate would exceed 0.8
+        x = schedule.prior_sample(key, (DIM,))
+        return jax.numpy.where(x[0] > 0.8, jax.numpy.nan, x)
+
+    x_T = parallel.prior_draws(prior, parallel.sample_keys(SEED)[0], np.arange(N))
+    bad = nonfinite_samples(x_T)
+    first = int(bad[0]) // SHARD
+    expected = bad[bad // SHARD == first]
+    assert 0 < first < N // SHARD and expected.size < SHARD  # the setup is a useful one
+
+    with pytest.raises(NonFiniteSamplesError) as err:  # generation.NonFiniteShardError
+        _generate(tmp_path, mixture_sampler, prior=prior)
+    assert isinstance(err.value, generation.NonFiniteShardError)
+    np.testing.assert_array_equal(err.value.indices, expected)
+    message = str(err.value)
+    assert generation.shard_name(first) in message and f"{expected.size} sample" in message
+    assert f"[{', '.join(map(str, expected))}]" in message
+    assert not (tmp_path / generation.shard_name(first)).exists()
+    assert not (tmp_path / generation.MANIFEST_FILE).exists()
+    assert all((tmp_path / generation.shard_name(k)).exists() for k in range(first))
+
+
+# --- --mode=sample ------------------------------------------------------------------------
+
+
+def tiny_config():
+    config = vpsde_digits.get_config()
+    config.model.nf = 8
+    config.model.ch_mult = (1,)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = ()
+    config.data.image_size = 8
+    config.sampler.nfe = 4
+    config.sampling.num_samples = 6
+    config.sampling.batch_size = 2
+    config.sampling.shard_size = 2
+    return config
+
+
+def toy_model(scale: float, step: int) -> LoadedModel:
+    """A linear eps network with the identity ``load_model`` gives the EMA parameters of
+    ``<workdir>/checkpoints/<step>``."""
+    params = {"scale": np.float32(scale)}
+    identity = {"workdir_step": step, "params_sha256": params_digest(params)}
+    return LoadedModel(lambda p: lambda x, t: p["scale"] * x, params, identity)
+
+
+SAMPLES = os.path.join("samples", "tab3_nfe4_quadratic")
+
+
+def run_sample(workdir, model):
+    """``--mode=sample`` in this process with ``model`` as the checkpoint's network."""
+    config = tiny_config()
+    return sample_mode.run(config, str(workdir), sample_mode.validate(config), model=model)
+
+
+def _npz_samples(workdir):
+    with np.load(os.path.join(workdir, SAMPLES, sample_mode.NPZ_FILE)) as f:
+        return f["samples"]
+
+
+@pytest.fixture(scope="module")
+def sample_reference(tmp_path_factory):
+    """An uninterrupted ``--mode=sample`` run with the step-2 model: ``(workdir, samples)``."""
+    workdir = tmp_path_factory.mktemp("sample_reference")
+    run_sample(workdir, toy_model(0.5, step=2))
+    return workdir, _npz_samples(workdir)
+
+
+def test_sample_mode_kill_restart_and_newer_checkpoint(sample_reference, tmp_path, monkeypatch):
+    workdir = tmp_path / "digits"
+    real = generation.generate_samples
+
+    def killed_after_shard_0(*args, **kwargs):
+        def hook(k, path):
+            if k == 0:
+                raise Interrupt
+
+        return real(*args, on_shard=hook, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_samples", killed_after_shard_0)
+    with pytest.raises(Interrupt):
+        run_sample(workdir, toy_model(0.5, step=2))
+    monkeypatch.setattr(generation, "generate_samples", real)
+    shards = workdir / SAMPLES / "shards"
+    assert sorted(p.name for p in shards.glob("shard_*.npz")) == [generation.shard_name(0)]
+
+    # Training has since written a newer checkpoint: other parameters at step 4.
+    newer = toy_model(0.25, step=4)
+    with pytest.raises(generation.DifferentRunError) as err:
+        run_sample(workdir, newer)
+    message = str(err.value)
+    old_digest, new_digest = (
+        toy_model(0.5, 2).identity["params_sha256"],
+        newer.identity["params_sha256"],
+    )
+    assert (
+        f"metadata.model.params_sha256: {old_digest[:12]}… (on disk) vs {new_digest[:12]}… "
+        f"(this run)" in message
+    )
+    assert "metadata.model.workdir_step: 2 (on disk) vs 4 (this run)" in message
+    assert str(shards) in message and "delete" in message
+
+    # Even with spec.json torn, the shard's own identity refuses the newer parameters.
+    truncate(shards / generation.SPEC_FILE)
+    with pytest.raises(generation.DifferentRunError, match="params_sha256"):
+        run_sample(workdir, newer)
+    assert not (workdir / SAMPLES / sample_mode.NPZ_FILE).exists()
+
+    run_sample(workdir, toy_model(0.5, step=2))  # the same command as the killed run
+    np.testing.assert_array_equal(_npz_samples(workdir), sample_reference[1])
+
+
+@pytest.mark.parametrize("damage", [*DAMAGES, "shards"])
+def test_sample_mode_repairs_damaged_outputs(damage, sample_reference, tmp_path, caplog):
+    workdir = tmp_path / "digits"
+    shutil.copytree(sample_reference[0], workdir)
+    if damage == "shards":
+        _damage_three_shards(workdir / SAMPLES / "shards", sidecars=False)
+        named = [generation.shard_name(0), generation.shard_name(1)]
+    else:
+        DAMAGES[damage](workdir / SAMPLES / sample_mode.NPZ_FILE)
+        named = [] if damage == "delete" else [sample_mode.NPZ_FILE]
+    with caplog.at_level(logging.INFO):
+        run_sample(workdir, toy_model(0.5, step=2))
+    assert all(f"{name} is damaged" in caplog.text for name in named)
+    np.testing.assert_array_equal(_npz_samples(workdir), sample_reference[1])
+    shards = generation.load_samples(str(workdir / SAMPLES / "shards")).samples
+    np.testing.assert_array_equal(shards, sample_reference[1])
+
+
+def test_sample_mode_never_writes_nan_samples(tmp_path):
+    with pytest.raises(NonFiniteSamplesError) as err:
+        run_sample(tmp_path, toy_model(float("nan"), step=2))
+    assert generation.shard_name(0) in str(err.value) and "[0, 1]" in str(err.value)
+    folder = tmp_path / SAMPLES
+    assert not list(folder.rglob("shard_*.npz")) and not (folder / sample_mode.NPZ_FILE).exists()
+
+
+def test_sample_identity_names_what_changes_a_sample(tmp_path):
+    model = toy_model(0.5, step=2)
+    config = tiny_config()
+    base = sample_mode.sample_identity(config, model)
+    assert base["model"]["params_sha256"] == model.identity["params_sha256"]
+    assert base["predictor_sha256"] is None
+
+    def identity_with(field, value):
+        changed = tiny_config()
+        changed.update_from_flattened_dict({field: value})
+        return sample_mode.sample_identity(changed, model)
+
+    same = {"sampling.num_samples": 60, "sampling.batch_size": 3, "training.n_iters": 7,
+            "data.data_dir": "/elsewhere"}  # fmt: skip
+    for field, value in same.items():
+        assert identity_with(field, value) == base, field
+    other = {"sampler.t0": 2e-3, "sde.beta_max": 19.0, "seed": 1, "data.centered": False,
+             "sampling.shard_size": 5, "model.nf": 16}  # fmt: skip
+    for field, value in other.items():
+        assert identity_with(field, value) != base, field
+
+    predictor = tmp_path / "amed.json"
+    predictor.write_text(json.dumps({"weights": [1, 2]}))
+    config.sampler.predictor_file = str(predictor)
+    first = sample_mode.sample_identity(config, model)["predictor_sha256"]
+    assert first == sha256_file(str(predictor))
+    predictor.write_text(json.dumps({"weights": [1, 3]}))  # retrained predictor, same path
+    assert sample_mode.sample_identity(config, model)["predictor_sha256"] != first
