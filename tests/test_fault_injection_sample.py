@@ -24,7 +24,7 @@ if ROOT not in sys.path:
 from configs import vpsde_digits  # noqa: E402
 from deis_jax import parallel  # noqa: E402
 from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
-from deis_jax.experiments import generation  # noqa: E402
+from deis_jax.experiments import generation, shard_store  # noqa: E402
 from deis_jax.io_utils import sha256_file  # noqa: E402
 from deis_jax.models.loading import LoadedModel, params_digest  # noqa: E402
 from deis_jax.modes import sample as sample_mode  # noqa: E402
@@ -33,7 +33,7 @@ from deis_jax.sampling.sampler import get_sampler  # noqa: E402
 from deis_jax.sampling.sde import VPSDE  # noqa: E402
 
 N, SHARD, DIM, SEED = 11, 3, 4, 3  # 4 shards, the last one short
-SHARD1 = generation.shard_name(1)
+SHARD1 = shard_store.shard_name(1)
 
 
 class Interrupt(Exception):
@@ -97,7 +97,7 @@ def reference(mixture_sampler, tmp_path_factory):
     """An uninterrupted run: ``(directory, samples)``."""
     out = tmp_path_factory.mktemp("reference")
     _generate(out, mixture_sampler)
-    return out, generation.load_samples(str(out)).samples
+    return out, shard_store.load_samples(str(out)).samples
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def _copy(reference, tmp_path):
 
 
 def _assert_equals_reference(out, reference):
-    loaded = generation.load_samples(str(out))
+    loaded = shard_store.load_samples(str(out))
     np.testing.assert_array_equal(loaded.samples, reference[1])
     for entry in loaded.manifest["shards"]:
         assert entry["sha256"] == sha256_file(str(out / entry["file"]))
@@ -131,7 +131,7 @@ def test_kill_mid_run_and_restart_is_bit_identical(mixture_sampler, reference, t
     with pytest.raises(Interrupt):
         _generate(out, mixture_sampler, on_shard=kill_after_shard_1)
     # A kill between shard 1 and its sidecar: the shard is on disk, its hash is not recorded.
-    os.unlink(generation.sidecar_path(str(out / SHARD1)))
+    os.unlink(shard_store.sidecar_path(str(out / SHARD1)))
     resumed = _generate(out, mixture_sampler)
     assert resumed.skipped == (0,) and resumed.written == (1, 2, 3)
     _assert_equals_reference(out, reference)
@@ -140,8 +140,8 @@ def test_kill_mid_run_and_restart_is_bit_identical(mixture_sampler, reference, t
 def _damage_three_shards(folder, sidecars: bool) -> None:
     """Shard 0 truncated, shard 1 bit-flipped, shard 2 deleted (or their sidecars)."""
     for k, damage in enumerate(DAMAGES.values()):
-        path = folder / generation.shard_name(k)
-        damage(path.with_name(path.name + generation.SIDECAR_SUFFIX) if sidecars else path)
+        path = folder / shard_store.shard_name(k)
+        damage(path.with_name(path.name + shard_store.SIDECAR_SUFFIX) if sidecars else path)
 
 
 @pytest.mark.parametrize("sidecars", [False, True], ids=["shards", "sidecars"])
@@ -149,27 +149,27 @@ def test_damaged_shards_are_moved_aside_and_recomputed(
     sidecars, mixture_sampler, reference, tmp_path, caplog
 ):
     out = _copy(reference, tmp_path)
-    manifest_before = (out / generation.MANIFEST_FILE).read_bytes()
+    manifest_before = (out / shard_store.MANIFEST_FILE).read_bytes()
     _damage_three_shards(out, sidecars)
     if not sidecars:  # a reader of the finished run is told which file and what to do
-        with pytest.raises(generation.IncompleteSamplesError) as err:
-            generation.load_samples(str(out))
-        assert generation.shard_name(0) in str(err.value) and "rerun the same" in str(err.value)
+        with pytest.raises(shard_store.IncompleteSamplesError) as err:
+            shard_store.load_samples(str(out))
+        assert shard_store.shard_name(0) in str(err.value) and "rerun the same" in str(err.value)
     # finalize never blesses a damaged shard nor one whose hash is lost
     with caplog.at_level(logging.ERROR):
-        assert generation.finalize(str(out)) is None
-    assert (out / generation.MANIFEST_FILE).read_bytes() == manifest_before
-    assert all(f"{generation.shard_name(k)}: " in caplog.text for k in range(3))
+        assert shard_store.finalize(str(out)) is None
+    assert (out / shard_store.MANIFEST_FILE).read_bytes() == manifest_before
+    assert all(f"{shard_store.shard_name(k)}: " in caplog.text for k in range(3))
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
         result = _generate(out, mixture_sampler)
     assert result.skipped == (3,) and result.written == (0, 1, 2)
     for k in range(3):
-        aside = glob.glob(str(out / f"{generation.shard_name(k)}*.damaged-*"))
+        aside = glob.glob(str(out / f"{shard_store.shard_name(k)}*.damaged-*"))
         if k < 2:  # the shard and its sidecar, renamed and named in the log
             assert len(aside) == 2 and all(os.path.basename(a) in caplog.text for a in aside)
-            assert f"{generation.shard_name(k)} is damaged" in caplog.text
+            assert f"{shard_store.shard_name(k)} is damaged" in caplog.text
         else:  # deleted: nothing to move aside
             assert not aside
     _assert_equals_reference(out, reference)
@@ -177,7 +177,7 @@ def test_damaged_shards_are_moved_aside_and_recomputed(
 
 # The byte flipped: the fingerprint of spec.json (it still parses), the opening brace of
 # manifest.json.
-FLIPPED = {generation.SPEC_FILE: "fingerprint", generation.MANIFEST_FILE: 0}
+FLIPPED = {shard_store.SPEC_FILE: "fingerprint", shard_store.MANIFEST_FILE: 0}
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -191,37 +191,37 @@ def test_damaged_spec_or_manifest_is_rebuilt_without_recomputing(
     if offset == "fingerprint":
         offset = path.read_text().index('"fingerprint": "') + len('"fingerprint": "')
     DAMAGES[damage](path, offset)
-    if name == generation.MANIFEST_FILE:
-        with pytest.raises(generation.IncompleteSamplesError, match=name):
-            generation.load_samples(str(out))
+    if name == shard_store.MANIFEST_FILE:
+        with pytest.raises(shard_store.IncompleteSamplesError, match=name):
+            shard_store.load_samples(str(out))
     elif damage == "truncate":
-        with pytest.raises(generation.IncompleteSamplesError, match=name):
-            generation.finalize(str(out))
+        with pytest.raises(shard_store.IncompleteSamplesError, match=name):
+            shard_store.finalize(str(out))
 
     with caplog.at_level(logging.WARNING):
         result = _generate(out, mixture_sampler)
     assert result.written == () and result.calls == 0
     if damage != "delete":
         assert f"{path} is damaged" in caplog.text
-    assert (out / generation.SPEC_FILE).read_bytes() == (
-        reference[0] / generation.SPEC_FILE
+    assert (out / shard_store.SPEC_FILE).read_bytes() == (
+        reference[0] / shard_store.SPEC_FILE
     ).read_bytes()
     _assert_equals_reference(out, reference)
 
 
 def test_shards_of_another_run_are_never_accepted(mixture_sampler, reference, other_run, tmp_path):
     out = _copy(reference, tmp_path)
-    manifest_before = (out / generation.MANIFEST_FILE).read_bytes()
-    shard2 = generation.shard_name(2)
+    manifest_before = (out / shard_store.MANIFEST_FILE).read_bytes()
+    shard2 = shard_store.shard_name(2)
     # shard 1 with its sidecar (a consistent pair: only the fingerprint tells), shard 2 alone
-    for name in (SHARD1, SHARD1 + generation.SIDECAR_SUFFIX, shard2):
+    for name in (SHARD1, SHARD1 + shard_store.SIDECAR_SUFFIX, shard2):
         shutil.copy(other_run / name, out / name)
-    with pytest.raises(generation.IncompleteSamplesError, match=SHARD1):
-        generation.load_samples(str(out))
-    assert generation.finalize(str(out)) is None
-    assert (out / generation.MANIFEST_FILE).read_bytes() == manifest_before
+    with pytest.raises(shard_store.IncompleteSamplesError, match=SHARD1):
+        shard_store.load_samples(str(out))
+    assert shard_store.finalize(str(out)) is None
+    assert (out / shard_store.MANIFEST_FILE).read_bytes() == manifest_before
 
-    with pytest.raises(generation.DifferentRunError) as err:
+    with pytest.raises(shard_store.DifferentRunError) as err:
         _generate(out, mixture_sampler)
     message = str(err.value)
     assert SHARD1 in message and f"seed: {SEED + 1} (on disk) vs {SEED} (this run)" in message
@@ -235,7 +235,7 @@ def test_shards_of_another_run_are_never_accepted(mixture_sampler, reference, ot
 
 def test_other_parameters_are_refused_naming_params_sha256(mixture_sampler, reference, tmp_path):
     out = _copy(reference, tmp_path)
-    with pytest.raises(generation.DifferentRunError) as err:
+    with pytest.raises(shard_store.DifferentRunError) as err:
         _generate(out, mixture_sampler, metadata={"params_sha256": "cd" * 32})
     message = str(err.value)
     assert "metadata.params_sha256: abababababab… (on disk) vs cdcdcdcdcdcd… (this run)" in message
@@ -261,11 +261,11 @@ def test_nonfinite_samples_are_never_written(mixture_sampler, tmp_path):
     assert isinstance(err.value, generation.NonFiniteShardError)
     np.testing.assert_array_equal(err.value.indices, expected)
     message = str(err.value)
-    assert generation.shard_name(first) in message and f"{expected.size} sample" in message
+    assert shard_store.shard_name(first) in message and f"{expected.size} sample" in message
     assert f"[{', '.join(map(str, expected))}]" in message
-    assert not (tmp_path / generation.shard_name(first)).exists()
-    assert not (tmp_path / generation.MANIFEST_FILE).exists()
-    assert all((tmp_path / generation.shard_name(k)).exists() for k in range(first))
+    assert not (tmp_path / shard_store.shard_name(first)).exists()
+    assert not (tmp_path / shard_store.MANIFEST_FILE).exists()
+    assert all((tmp_path / shard_store.shard_name(k)).exists() for k in range(first))
 
 
 # --- --mode=sample ------------------------------------------------------------------------
@@ -331,11 +331,11 @@ def test_sample_mode_kill_restart_and_newer_checkpoint(sample_reference, tmp_pat
         run_sample(workdir, toy_model(0.5, step=2))
     monkeypatch.setattr(generation, "generate_samples", real)
     shards = workdir / SAMPLES / "shards"
-    assert sorted(p.name for p in shards.glob("shard_*.npz")) == [generation.shard_name(0)]
+    assert sorted(p.name for p in shards.glob("shard_*.npz")) == [shard_store.shard_name(0)]
 
     # Training has since written a newer checkpoint: other parameters at step 4.
     newer = toy_model(0.25, step=4)
-    with pytest.raises(generation.DifferentRunError) as err:
+    with pytest.raises(shard_store.DifferentRunError) as err:
         run_sample(workdir, newer)
     message = str(err.value)
     old_digest, new_digest = (
@@ -350,8 +350,8 @@ def test_sample_mode_kill_restart_and_newer_checkpoint(sample_reference, tmp_pat
     assert str(shards) in message and "delete" in message
 
     # Even with spec.json torn, the shard's own identity refuses the newer parameters.
-    truncate(shards / generation.SPEC_FILE)
-    with pytest.raises(generation.DifferentRunError, match="params_sha256"):
+    truncate(shards / shard_store.SPEC_FILE)
+    with pytest.raises(shard_store.DifferentRunError, match="params_sha256"):
         run_sample(workdir, newer)
     assert not (workdir / SAMPLES / sample_mode.NPZ_FILE).exists()
 
@@ -365,7 +365,7 @@ def test_sample_mode_repairs_damaged_outputs(damage, sample_reference, tmp_path,
     shutil.copytree(sample_reference[0], workdir)
     if damage == "shards":
         _damage_three_shards(workdir / SAMPLES / "shards", sidecars=False)
-        named = [generation.shard_name(0), generation.shard_name(1)]
+        named = [shard_store.shard_name(0), shard_store.shard_name(1)]
     else:
         DAMAGES[damage](workdir / SAMPLES / sample_mode.NPZ_FILE)
         named = [] if damage == "delete" else [sample_mode.NPZ_FILE]
@@ -373,14 +373,14 @@ def test_sample_mode_repairs_damaged_outputs(damage, sample_reference, tmp_path,
         run_sample(workdir, toy_model(0.5, step=2))
     assert all(f"{name} is damaged" in caplog.text for name in named)
     np.testing.assert_array_equal(_npz_samples(workdir), sample_reference[1])
-    shards = generation.load_samples(str(workdir / SAMPLES / "shards")).samples
+    shards = shard_store.load_samples(str(workdir / SAMPLES / "shards")).samples
     np.testing.assert_array_equal(shards, sample_reference[1])
 
 
 def test_sample_mode_never_writes_nan_samples(tmp_path):
     with pytest.raises(NonFiniteSamplesError) as err:
         run_sample(tmp_path, toy_model(float("nan"), step=2))
-    assert generation.shard_name(0) in str(err.value) and "[0, 1]" in str(err.value)
+    assert shard_store.shard_name(0) in str(err.value) and "[0, 1]" in str(err.value)
     folder = tmp_path / SAMPLES
     assert not list(folder.rglob("shard_*.npz")) and not (folder / sample_mode.NPZ_FILE).exists()
 

@@ -12,7 +12,7 @@ import pytest
 
 from deis_jax import parallel
 from deis_jax.evaluation.analytic import GaussianMixture
-from deis_jax.experiments import generation
+from deis_jax.experiments import generation, shard_store
 from deis_jax.io_utils import sha256_file
 from deis_jax.sampling.sampler import get_sampler
 from deis_jax.sampling.sde import VPSDE
@@ -59,7 +59,7 @@ def test_interrupted_generation_resumes_without_loss_or_rework(setup, tmp_path):
     sampler = setup["sddim"]
     full = _generate(tmp_path / "full", sampler)
     assert full.written == (0, 1, 2, 3, 4) and full.manifest is not None
-    reference = generation.load_samples(str(tmp_path / "full")).samples
+    reference = shard_store.load_samples(str(tmp_path / "full")).samples
 
     out = tmp_path / "run"
 
@@ -73,9 +73,9 @@ def test_interrupted_generation_resumes_without_loss_or_rework(setup, tmp_path):
         "shard_000000.npz", "shard_000000.npz.sha256", "shard_000001.npz",
         "shard_000001.npz.sha256", "spec.json",
     ]  # fmt: skip
-    with pytest.raises(generation.IncompleteSamplesError, match="manifest"):
-        generation.load_samples(str(out))
-    mtimes = {k: os.stat(out / generation.shard_name(k)).st_mtime_ns for k in (0, 1)}
+    with pytest.raises(shard_store.IncompleteSamplesError, match="manifest"):
+        shard_store.load_samples(str(out))
+    mtimes = {k: os.stat(out / shard_store.shard_name(k)).st_mtime_ns for k in (0, 1)}
     # What a SIGKILL during a write leaves behind: a temporary file, never a partial shard.
     (out / ".tmp-abcshard_000002.npz").write_bytes(b"partial")
 
@@ -83,10 +83,10 @@ def test_interrupted_generation_resumes_without_loss_or_rework(setup, tmp_path):
     assert resumed.skipped == (0, 1)
     assert resumed.written == (2, 3, 4)
     assert resumed.calls == -(-(N - 2 * SHARD) // 3)  # only the 13 missing samples
-    assert {k: os.stat(out / generation.shard_name(k)).st_mtime_ns for k in (0, 1)} == mtimes
+    assert {k: os.stat(out / shard_store.shard_name(k)).st_mtime_ns for k in (0, 1)} == mtimes
     assert not any(name.startswith(".tmp-") for name in os.listdir(out))
 
-    loaded = generation.load_samples(str(out))
+    loaded = shard_store.load_samples(str(out))
     np.testing.assert_array_equal(loaded.samples, reference)
     manifest = loaded.manifest
     assert manifest["count"] == N and manifest["num_shards"] == 5
@@ -106,7 +106,7 @@ def test_samples_depend_only_on_the_global_index(setup, tmp_path):
     for name in ("tab3", "sddim"):
         sampler = setup[name]
         _generate(tmp_path / name, sampler, per_device_batch=4)
-        got = generation.load_samples(str(tmp_path / name)).samples
+        got = shard_store.load_samples(str(tmp_path / name)).samples
         prior_key, noise_key = parallel.sample_keys(3)
         keys = jax.vmap(lambda i, k=prior_key: jax.random.fold_in(k, i))(np.arange(N))
         x_T = jax.vmap(lambda k: schedule.prior_sample(k, (DIM,)))(keys)
@@ -118,38 +118,38 @@ def test_samples_depend_only_on_the_global_index(setup, tmp_path):
 def test_verification_catches_damage_and_foreign_runs(setup, tmp_path):
     sampler = setup["tab3"]
     _generate(tmp_path, sampler, postprocess=lambda x: (x * 10).astype(np.int16))
-    samples = generation.load_samples(str(tmp_path)).samples
+    samples = shard_store.load_samples(str(tmp_path)).samples
     assert samples.dtype == np.int16 and samples.shape == (N, DIM)
     assert generation.main(["verify", str(tmp_path)]) == 0
 
-    with pytest.raises(generation.DifferentRunError, match="different generation run") as err:
+    with pytest.raises(shard_store.DifferentRunError, match="different generation run") as err:
         _generate(tmp_path, sampler, seed=4)
     assert "seed: 3 (on disk) vs 4 (this run)" in str(err.value)
 
-    shard = tmp_path / generation.shard_name(2)
+    shard = tmp_path / shard_store.shard_name(2)
     data = bytearray(shard.read_bytes())
     data[-20] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(generation.IncompleteSamplesError, match="sha256"):
-        generation.load_samples(str(tmp_path))
+    with pytest.raises(shard_store.IncompleteSamplesError, match="sha256"):
+        shard_store.load_samples(str(tmp_path))
     assert generation.main(["verify", str(tmp_path)]) == 1  # one line on stderr, no traceback
 
     shard.unlink()
-    with pytest.raises(generation.IncompleteSamplesError, match="missing"):
-        generation.load_samples(str(tmp_path))
-    assert generation.finalize(str(tmp_path)) is None  # refuses while shard 2 is missing
-    manifest = json.loads((tmp_path / generation.MANIFEST_FILE).read_text())
+    with pytest.raises(shard_store.IncompleteSamplesError, match="missing"):
+        shard_store.load_samples(str(tmp_path))
+    assert shard_store.finalize(str(tmp_path)) is None  # refuses while shard 2 is missing
+    manifest = json.loads((tmp_path / shard_store.MANIFEST_FILE).read_text())
     assert manifest["count"] == N  # the earlier manifest is left as it was
 
 
 def test_more_samples_later_extends_the_same_directory(setup, tmp_path):
     sampler = setup["tab3"]
     _generate(tmp_path, sampler, num_samples=12)  # shards 0, 1 and a short shard 2
-    before = os.stat(tmp_path / generation.shard_name(0)).st_mtime_ns
+    before = os.stat(tmp_path / shard_store.shard_name(0)).st_mtime_ns
     result = _generate(tmp_path, sampler)  # now 23: shard 2 is redone, 3 and 4 are new
     assert result.skipped == (0, 1) and result.written == (2, 3, 4)
-    assert os.stat(tmp_path / generation.shard_name(0)).st_mtime_ns == before
-    assert generation.load_samples(str(tmp_path)).samples.shape == (N, DIM)
+    assert os.stat(tmp_path / shard_store.shard_name(0)).st_mtime_ns == before
+    assert shard_store.load_samples(str(tmp_path)).samples.shape == (N, DIM)
 
 
 def test_network_parameters_are_bound_inside_the_jit(setup, tmp_path):
@@ -162,6 +162,6 @@ def test_network_parameters_are_bound_inside_the_jit(setup, tmp_path):
         bind=lambda p: lambda x, t: p["scale"] * base_eps(x, t),
     )  # fmt: skip
     np.testing.assert_array_equal(
-        generation.load_samples(str(tmp_path / "bound")).samples,
-        generation.load_samples(str(tmp_path / "plain")).samples,
+        shard_store.load_samples(str(tmp_path / "bound")).samples,
+        shard_store.load_samples(str(tmp_path / "plain")).samples,
     )

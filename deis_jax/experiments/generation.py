@@ -1,4 +1,5 @@
-"""Resumable, sharded, multi-device / multi-host sample generation with a verified manifest.
+"""Resumable, sharded, multi-device / multi-host sample generation: the generation loop, the
+run spec and its fingerprint, and the ``finalize`` / ``verify`` command line.
 
     from deis_jax.experiments import generation
     result = generation.generate_samples(
@@ -8,22 +9,18 @@
     )
     samples = generation.load_samples("runs/cifar10/samples/tab3_nfe10").samples  # (50000, ...)
 
-Layout of ``out_dir``:
+How the finished shards, their sha256 sidecars and the manifest are laid out, written and
+verified (restart checks, damaged files moved aside, :func:`load_samples`, :func:`finalize`)
+is :mod:`deis_jax.experiments.shard_store`; ``load_samples`` and ``DifferentRunError`` are
+also reachable from here, where existing callers import them.
 
-* ``spec.json`` -- what is being generated (seed, sampler, shapes, shard size, user
-  metadata, git revision) and its ``fingerprint``, the hash of the settings that change a
-  sample (:data:`IDENTITY_KEYS`; ``metadata`` is where a caller puts the parameters' hash, the
-  checkpoint step...). A restart whose fingerprint differs is refused before any work, with
-  one line per differing setting (:func:`deis_jax.experiments.engine.describe_differences`).
-* ``shard_000000.npz`` ... -- shard ``k`` holds the samples with global indices
-  ``[k * shard_size, min((k + 1) * shard_size, num_samples))``: arrays ``samples``,
-  ``indices`` (int64), ``fingerprint`` and ``identity`` (the JSON of the identity settings).
-  Written atomically (temporary file in the same directory, fsync, rename), then its
-  **sidecar** ``shard_000000.npz.sha256`` (``sha256sum`` format: ``<hex>  shard_000000.npz``),
-  the sha256 of the bytes just written, also atomically.
-* ``manifest.json`` -- written last, once every shard is verified: the spec plus the list of
-  shards with their counts, sizes and sha256. :func:`load_samples` refuses a directory without
-  it and checks every hash and that the indices are exactly ``0 .. num_samples - 1``.
+The run spec (``spec.json``) says what is being generated (seed, sampler, shapes, shard size,
+user metadata, git revision) and carries its ``fingerprint``, the hash of the settings that
+change a sample (:data:`IDENTITY_KEYS`; ``metadata`` is where a caller puts the parameters'
+hash, the checkpoint step...). A restart whose fingerprint differs is refused before any work,
+with one line per differing setting (:func:`deis_jax.experiments.engine.describe_differences`);
+an unreadable ``spec.json`` (it carries no results) is rewritten from this run with a warning
+-- the shards' own fingerprints still guard against mixing.
 
 Randomness: ``x_T`` of sample ``i`` comes from ``fold_in(prior_key, i)`` and a stochastic
 sampler's noise from ``fold_in(fold_in(noise_key, i), step)`` with ``(prior_key, noise_key) =
@@ -32,24 +29,9 @@ count, the process count nor on where a restart happened, and with the same
 ``per_device_batch`` the samples are bit-identical across partitioned runs (``docs/scale.md``,
 "Determinism").
 
-Integrity (nothing lost, nothing mixed, nothing damaged blessed):
-
-* **Restart.** Every shard on disk is verified before it is trusted (:func:`check_shard`): its
-  sha256 must equal its sidecar's and it must hold this run's fingerprint and index range. A
-  verified shard is skipped (nothing finished is recomputed); a shard without a sidecar (killed
-  between the two writes) or of another index range (an earlier, smaller ``num_samples``) is
-  recomputed; a **damaged** one (hash mismatch, unreadable) is renamed
-  ``shard_000003.npz.damaged-<time>`` (named in the log) and recomputed; a shard of **another
-  run** (other fingerprint) is refused, naming the differing settings. A killed writer leaves
-  at most a ``.tmp-*`` file, which is ignored and cleaned up.
-* **Torn metadata.** An unreadable ``spec.json`` (it carries no results) is rewritten from
-  this run with a warning -- the shards' own fingerprints still guard against mixing; an
-  unreadable ``manifest.json`` is removed and rebuilt from the verified shards.
-* **Non-finite samples** are never written: a shard with a NaN / Inf sample raises
-  :class:`NonFiniteShardError` (a ``diagnostics.NonFiniteSamplesError``) naming their global
-  indices, and nothing is written for it.
-* **The manifest** is written only from shards that pass :func:`check_shard`, with the hash
-  of their sidecar: a shard damaged on disk is never re-blessed.
+**Non-finite samples** are never written: a shard with a NaN / Inf sample raises
+:class:`NonFiniteShardError` (a ``diagnostics.NonFiniteSamplesError``) naming their global
+indices, and nothing is written for it.
 
 Several processes (``jax.distributed``): the shards are split into contiguous blocks, one per
 process (:func:`deis_jax.parallel.process_range`); every process checks and writes its own
@@ -66,11 +48,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -83,35 +63,29 @@ from tqdm import tqdm
 
 from deis_jax import parallel
 from deis_jax.experiments import engine
-from deis_jax.io_utils import (
-    NPZ_ERRORS,
-    atomic_write_bytes,
-    atomic_write_text,
-    move_aside,
-    sha256_file,
+from deis_jax.experiments.shard_store import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    SPEC_FILE,
+    DifferentRunError,
+    IncompleteSamplesError,
+    clean_temp_files,
+    drop_unusable_manifest,
+    finalize,
+    load_samples,
+    read_json,
+    scan_shards,
+    shard_bounds,
+    shard_name,
+    write_shard,
 )
+from deis_jax.io_utils import atomic_write_text
 from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 
-FORMAT_VERSION = 2  # 2: per-shard sha256 sidecars and the identity inside every shard
-SPEC_FILE = "spec.json"
-MANIFEST_FILE = "manifest.json"
-SIDECAR_SUFFIX = ".sha256"
 IDENTITY_KEYS = ("num_samples_per_shard", "seed", "sample_shape", "dtype", "sampler", "metadata")
-REPAIR = (
-    "rerun the same generation command to repair it (damaged shards are moved aside and "
-    "recomputed, the manifest is rebuilt from the verified shards)"
-)
 
 log = logging.getLogger(__name__)
-
-
-class IncompleteSamplesError(RuntimeError):
-    """The sample directory is missing shards, has no manifest, or fails verification."""
-
-
-class DifferentRunError(RuntimeError):
-    """The output directory holds (part of) a generation run with other settings."""
 
 
 class NonFiniteShardError(NonFiniteSamplesError):
@@ -126,17 +100,7 @@ class NonFiniteShardError(NonFiniteSamplesError):
         )
 
 
-# --- small helpers ------------------------------------------------------------------------
-
-
-def shard_name(k: int) -> str:
-    """File name of shard ``k``."""
-    return f"shard_{k:06d}.npz"
-
-
-def shard_bounds(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
-    """``[(start, stop)]`` of every shard: fixed size, the last one possibly shorter."""
-    return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+# --- the run spec -------------------------------------------------------------------------
 
 
 def git_revision(start: str | None = None) -> str | None:
@@ -224,114 +188,6 @@ def identity_of(spec: dict) -> dict:
     return {k: spec.get(k) for k in IDENTITY_KEYS}
 
 
-def _read_json(path: str) -> tuple[Any, str | None]:
-    """``(value, None)``, ``(None, None)`` when the file does not exist, or ``(None, why)``
-    when it cannot be read or parsed (a torn write, a flipped bit)."""
-    if not os.path.exists(path):
-        return None, None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f), None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return None, f"{type(err).__name__}: {err}"
-
-
-# --- shards: writing and verifying --------------------------------------------------------
-
-
-def sidecar_path(path: str) -> str:
-    """The sha256 sidecar of the shard at ``path``."""
-    return path + SIDECAR_SUFFIX
-
-
-def _write_shard(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write a shard, then its sidecar with the sha256 of exactly the bytes written.
-
-    The old sidecar goes first: a kill at any point leaves either a shard without a sidecar
-    (recomputed) or a complete, matching pair -- never a sidecar describing other bytes."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    data = buf.getvalue()
-    if os.path.exists(sidecar_path(path)):
-        os.unlink(sidecar_path(path))
-    atomic_write_bytes(path, data)
-    digest = hashlib.sha256(data).hexdigest()
-    atomic_write_text(sidecar_path(path), f"{digest}  {os.path.basename(path)}\n")
-
-
-_SIDECAR_LINE = re.compile(r"([0-9a-f]{64})  (\S+)\n")
-
-
-def _recorded_sha256(path: str) -> str | None:
-    """The hash in the sidecar of ``path`` (``None``: no sidecar); ``ValueError`` when the
-    sidecar is unreadable or names another file."""
-    try:
-        with open(sidecar_path(path), encoding="ascii") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"unreadable {SIDECAR_SUFFIX} sidecar ({err})") from None
-    match = _SIDECAR_LINE.fullmatch(text)
-    if match is None or match.group(2) != os.path.basename(path):
-        raise ValueError(f"malformed {SIDECAR_SUFFIX} sidecar {text[:80]!r}")
-    return match.group(1)
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardCheck:
-    """What :func:`check_shard` found. ``state``: ``'ok'`` (verified: use it), ``'missing'``,
-    ``'unrecorded'`` (no sidecar: killed between the two writes, or copied without it),
-    ``'stale'`` (another index range: an earlier run with another ``num_samples``),
-    ``'damaged'`` (hash mismatch or unreadable), ``'foreign'`` (another run's fingerprint).
-    ``detail`` says why; ``sha256`` is the verified hash (``'ok'``); ``identity`` the
-    foreign shard's settings."""
-
-    state: str
-    detail: str = ""
-    sha256: str | None = None
-    identity: dict | None = None
-
-
-def check_shard(path: str, fingerprint: str, start: int, stop: int) -> ShardCheck:
-    """Verify one shard: its bytes against its sidecar's sha256, then its fingerprint and
-    its indices ``start .. stop - 1``. Reads the whole file once (to hash it)."""
-    if not os.path.exists(path):
-        return ShardCheck("missing")
-    try:
-        recorded = _recorded_sha256(path)
-    except ValueError as err:
-        return ShardCheck("damaged", str(err))
-    if recorded is None:
-        return ShardCheck("unrecorded", f"no {SIDECAR_SUFFIX} sidecar")
-    actual = sha256_file(path)
-    if actual != recorded:
-        return ShardCheck(
-            "damaged", f"sha256 {actual[:12]}… differs from the recorded {recorded[:12]}…"
-        )
-    try:
-        with np.load(path) as f:
-            fp, indices = str(f["fingerprint"]), np.asarray(f["indices"])
-            identity = json.loads(str(f["identity"])) if fp != fingerprint else None
-    except (*NPZ_ERRORS, json.JSONDecodeError) as err:
-        return ShardCheck("damaged", f"unreadable ({type(err).__name__}: {err})")
-    if fp != fingerprint:
-        return ShardCheck("foreign", f"fingerprint {fp}, this run {fingerprint}", None, identity)
-    if indices.shape != (stop - start,) or not np.array_equal(indices, np.arange(start, stop)):
-        return ShardCheck("stale", f"holds other indices than {start} .. {stop - 1}")
-    return ShardCheck("ok", sha256=actual)
-
-
-def _clean_temp_files(out_dir: str) -> None:
-    """Remove what a killed writer left: ``io_utils`` temporaries ``.tmp-<random>shard_*``."""
-    for name in os.listdir(out_dir):
-        if name.startswith(".tmp-") and "shard_" in name:
-            try:
-                os.unlink(os.path.join(out_dir, name))
-            except OSError:
-                pass
-
-
 def _refuse_nonfinite(samples: np.ndarray, start: int, path: str) -> None:
     """Raise :class:`NonFiniteShardError` (global indices) if a sample of a shard is not
     finite."""
@@ -340,7 +196,7 @@ def _refuse_nonfinite(samples: np.ndarray, start: int, path: str) -> None:
         raise NonFiniteShardError(start + bad, path, start, len(samples))
 
 
-# --- restart: what is on disk -------------------------------------------------------------
+# --- restart: the spec on disk -----------------------------------------------------------
 
 
 def _check_spec(out_dir: str, spec: dict) -> None:
@@ -348,7 +204,7 @@ def _check_spec(out_dir: str, spec: dict) -> None:
     setting; warn about a torn ``spec.json`` (rewritten later) and a changed per-device batch
     (same samples up to float rounding)."""
     path = os.path.join(out_dir, SPEC_FILE)
-    old, why = _read_json(path)
+    old, why = read_json(path)
     if old is not None and not (
         isinstance(old, dict) and engine.fingerprint(identity_of(old)) == old.get("fingerprint")
     ):
@@ -377,55 +233,6 @@ def _check_spec(out_dir: str, spec: dict) -> None:
             "(docs/scale.md, Determinism)",
             out_dir, old.get("per_device_batch"), spec["per_device_batch"],
         )  # fmt: skip
-
-
-def _scan_shards(
-    out_dir: str, shards: Sequence[int], bounds: Sequence[tuple[int, int]], spec: dict
-) -> tuple[list[int], list[int]]:
-    """``(pending, skipped)`` among ``shards``: verified ones are skipped; damaged ones are
-    moved aside (logged) and redone; a foreign one raises :class:`DifferentRunError`."""
-    pending, skipped = [], []
-    for k in shards:
-        path = os.path.join(out_dir, shard_name(k))
-        check = check_shard(path, spec["fingerprint"], *bounds[k])
-        if check.state == "ok":
-            skipped.append(k)
-            continue
-        if check.state == "foreign":
-            lines = engine.describe_differences(check.identity, identity_of(spec))
-            raise DifferentRunError(
-                f"{path} was written by a different generation run; what differs:\n  "
-                + "\n  ".join(lines or [check.detail])
-                + f"\nMove or delete it (and {os.path.basename(sidecar_path(path))}) to "
-                f"recompute it with this run's settings, or use another output directory."
-            )
-        pending.append(k)
-        if check.state == "damaged":
-            moved = [move_aside(path, "damaged")]
-            if os.path.exists(sidecar_path(path)):
-                moved.append(move_aside(sidecar_path(path), "damaged"))
-            log.warning(
-                "%s is damaged (%s): moved aside to %s; it is recomputed",
-                path, check.detail, ", ".join(moved),
-            )  # fmt: skip
-        elif check.state in ("unrecorded", "stale"):
-            log.info("%s: %s; it is recomputed", path, check.detail)
-    return pending, skipped
-
-
-def _drop_unusable_manifest(out_dir: str, num_samples: int) -> None:
-    """Remove a torn manifest (warning) or one of an earlier, different ``num_samples``; the
-    manifest is rebuilt from the verified shards at the end."""
-    path = os.path.join(out_dir, MANIFEST_FILE)
-    manifest, why = _read_json(path)
-    if why is not None:
-        log.warning("%s is damaged (%s): removed; it is rebuilt from the verified shards",
-                    path, why)  # fmt: skip
-        os.unlink(path)
-    elif manifest is not None and (
-        not isinstance(manifest, dict) or manifest.get("num_samples") != num_samples
-    ):
-        os.unlink(path)
 
 
 # --- generation ---------------------------------------------------------------------------
@@ -511,13 +318,16 @@ def generate_samples(
         "per_device_batch": int(per_device_batch),
     }
     spec["fingerprint"] = fingerprint = engine.fingerprint(identity_of(spec))
-    identity_json = json.dumps(identity_of(spec), sort_keys=True)
     _check_spec(out_dir, spec)
     bounds = shard_bounds(num_samples, shard_size)
     refused = None
     try:
-        pending, skipped = _scan_shards(
-            out_dir, parallel.process_range(len(bounds), pid, nproc), bounds, spec
+        pending, skipped = scan_shards(
+            out_dir,
+            parallel.process_range(len(bounds), pid, nproc),
+            bounds,
+            fingerprint,
+            identity_of(spec),
         )
     except DifferentRunError as err:
         refused = err
@@ -529,8 +339,8 @@ def generate_samples(
         atomic_write_text(
             os.path.join(out_dir, SPEC_FILE), json.dumps(spec, indent=1, sort_keys=True)
         )
-        _clean_temp_files(out_dir)
-        _drop_unusable_manifest(out_dir, num_samples)
+        clean_temp_files(out_dir)
+        drop_unusable_manifest(out_dir, num_samples)
 
     # Every process must make the same number of jitted calls over the global mesh.
     stream = np.concatenate(
@@ -558,19 +368,13 @@ def generate_samples(
     filled: dict[int, np.ndarray] = {}  # shard -> which rows arrived
     written: list[int] = []
 
-    def write_shard(k: int, samples: np.ndarray) -> None:
+    def store_shard(k: int, samples: np.ndarray) -> None:
         start, stop = bounds[k]
         path = os.path.join(out_dir, shard_name(k))
         _refuse_nonfinite(samples, start, path)
         if postprocess is not None:
             samples = np.asarray(postprocess(samples))
-        arrays = {
-            "samples": samples,
-            "indices": np.arange(start, stop, dtype=np.int64),
-            "fingerprint": np.array(fingerprint),
-            "identity": np.array(identity_json),
-        }
-        _write_shard(path, arrays)
+        write_shard(path, samples, start, stop, fingerprint, identity_of(spec))
         written.append(k)
         if on_shard is not None:
             on_shard(k, path)
@@ -594,7 +398,7 @@ def generate_samples(
             filled[k][got[sel] - start] = True
             if filled[k].all():
                 del filled[k]
-                write_shard(k, buffers.pop(k))
+                store_shard(k, buffers.pop(k))
 
     previous = None
     for c in range(calls):
@@ -631,143 +435,6 @@ def generate_samples(
         seconds=time.perf_counter() - t_start,
         manifest=manifest,
     )
-
-
-# --- manifest -----------------------------------------------------------------------------
-
-
-def finalize(out_dir: str) -> dict | None:
-    """Verify every shard of ``spec.json`` (:func:`check_shard`), then write the manifest with
-    the verified hashes.
-
-    Returns the manifest, or ``None`` (and writes nothing) when a shard is missing or fails
-    its check -- the log says which and why. Never moves or changes a shard. Safe to run
-    again: ``python -m deis_jax.experiments.generation finalize DIR``."""
-    spec, why = _read_json(os.path.join(out_dir, SPEC_FILE))
-    if not isinstance(spec, dict) or "fingerprint" not in spec:
-        raise IncompleteSamplesError(
-            f"{os.path.join(out_dir, SPEC_FILE)} is missing or damaged ({why or 'no run spec'}): "
-            f"{REPAIR}"
-        )
-    n, size, fingerprint = spec["num_samples"], spec["num_samples_per_shard"], spec["fingerprint"]
-    shards, problems = [], []
-    for k, (start, stop) in enumerate(shard_bounds(n, size)):
-        path = os.path.join(out_dir, shard_name(k))
-        check = check_shard(path, fingerprint, start, stop)
-        if check.state != "ok":
-            problems.append(f"{shard_name(k)}: {check.state} {check.detail}".rstrip())
-            continue
-        shards.append(
-            {
-                "file": shard_name(k),
-                "start": start,
-                "stop": stop,
-                "count": stop - start,
-                "bytes": os.path.getsize(path),
-                "sha256": check.sha256,
-            }
-        )
-    if problems:
-        log.error(
-            "%s: %d of %d shards missing or unverified (%s); no manifest written. Run the "
-            "generation again (it resumes and recomputes them), or copy the shard_* files "
-            "(shards and their .sha256 sidecars) of every host here and run "
-            "`python -m deis_jax.experiments.generation finalize %s`.",
-            out_dir, len(problems), len(problems) + len(shards), "; ".join(problems[:3]),
-            out_dir,
-        )  # fmt: skip
-        return None
-    manifest = dict(spec)
-    manifest.update(
-        {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "count": sum(s["count"] for s in shards),
-            "num_shards": len(shards),
-            "shards": shards,
-        }
-    )
-    atomic_write_text(
-        os.path.join(out_dir, MANIFEST_FILE), json.dumps(manifest, indent=1, sort_keys=True)
-    )
-    return manifest
-
-
-@dataclasses.dataclass(frozen=True)
-class Samples:
-    samples: np.ndarray  # (num_samples, ...) ordered by global index
-    manifest: dict
-
-
-def load_manifest(out_dir: str) -> dict:
-    """The manifest of a finished generation run (:class:`IncompleteSamplesError` when it is
-    missing or damaged, saying how to repair)."""
-    path = os.path.join(out_dir, MANIFEST_FILE)
-    if not os.path.exists(path):
-        raise IncompleteSamplesError(
-            f"{out_dir} has no {MANIFEST_FILE}: the generation did not finish (run it again, it "
-            f"resumes) or was not finalized "
-            f"(`python -m deis_jax.experiments.generation finalize {out_dir}`)"
-        )
-    manifest, why = _read_json(path)
-    keys = ("num_samples", "count", "fingerprint", "shards")
-    if why is None and not (isinstance(manifest, dict) and all(k in manifest for k in keys)):
-        why = f"not a manifest: it lacks one of {keys}"
-    if why is not None:
-        raise IncompleteSamplesError(f"{path} is damaged ({why}): {REPAIR}")
-    return manifest
-
-
-def load_samples(out_dir: str, *, verify: bool = True) -> Samples:
-    """All samples of a finished generation, in global index order, after verification.
-
-    Checks (``verify=True``): the manifest exists and is readable, every listed shard exists
-    with its sha256 and the manifest's fingerprint, the shards' indices are exactly
-    ``0 .. num_samples - 1``. Any failure raises :class:`IncompleteSamplesError` naming the
-    file and how to repair it."""
-    manifest = load_manifest(out_dir)
-    n = manifest["num_samples"]
-    try:
-        counted = sum(s["count"] for s in manifest["shards"])
-        entries = sorted(manifest["shards"], key=lambda s: s["start"])
-    except (KeyError, TypeError) as err:
-        raise IncompleteSamplesError(
-            f"{os.path.join(out_dir, MANIFEST_FILE)} is damaged (bad shard list: {err!r}): {REPAIR}"
-        ) from None
-    if manifest["count"] != n or counted != n:
-        raise IncompleteSamplesError(f"{out_dir}: manifest counts do not add up to {n}: {REPAIR}")
-    parts, covered = [], 0
-    for entry in entries:
-        path = os.path.join(out_dir, entry["file"])
-        if not os.path.exists(path):
-            raise IncompleteSamplesError(f"{path} is missing: {REPAIR}")
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise IncompleteSamplesError(
-                f"{path} fails its sha256 (damaged after it was written): {REPAIR}"
-            )
-        try:
-            with np.load(path) as f:
-                samples, indices = f["samples"], f["indices"]
-                fp = str(f["fingerprint"])
-        except NPZ_ERRORS as err:
-            raise IncompleteSamplesError(
-                f"{path} is unreadable ({type(err).__name__}: {err}): {REPAIR}"
-            ) from None
-        if fp != manifest["fingerprint"]:
-            raise IncompleteSamplesError(
-                f"{path} belongs to another run (fingerprint {fp}, manifest "
-                f"{manifest['fingerprint']}): {REPAIR}"
-            )
-        if entry["start"] != covered or not np.array_equal(
-            indices, np.arange(entry["start"], entry["stop"])
-        ):
-            raise IncompleteSamplesError(
-                f"{path} covers the wrong indices (expected from {covered}): {REPAIR}"
-            )
-        covered = entry["stop"]
-        parts.append(samples)
-    if covered != n:
-        raise IncompleteSamplesError(f"{out_dir}: shards cover {covered} of {n} samples: {REPAIR}")
-    return Samples(np.concatenate(parts), manifest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
