@@ -34,6 +34,11 @@ from deis_jax.sampling.coefficients import (
     polynomial_eps_coefficients,
     rk_rho_coefficients,
 )
+from deis_jax.sampling.diagnostics import (
+    NonFiniteSamplesError,
+    first_nonfinite_step,
+    nonfinite_samples,
+)
 from deis_jax.sampling.sampler import (
     Sampler,
     SamplingPlan,
@@ -42,7 +47,15 @@ from deis_jax.sampling.sampler import (
     run_table,
     sample,
 )
-from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, NoiseSchedule, SubVPSDE, get_sde
+from deis_jax.sampling.sde import (
+    VESDE,
+    VPSDE,
+    DiscreteVPSDE,
+    EDMSchedule,
+    NoiseSchedule,
+    SubVPSDE,
+    get_sde,
+)
 from deis_jax.sampling.solvers import (
     MethodArgumentError,
     MethodSpec,
@@ -59,11 +72,13 @@ __all__ = [
     "GRID_KINDS",
     "RK_TABLEAUS",
     "DiscreteVPSDE",
+    "EDMSchedule",
     "EpsFn",
     "GaussianMixture",
     "MethodArgumentError",
     "MethodSpec",
     "NoiseSchedule",
+    "NonFiniteSamplesError",
     "OptimizedGrid",
     "Sampler",
     "SamplingPlan",
@@ -75,6 +90,7 @@ __all__ = [
     "amed_teacher",
     "ddim_coefficients",
     "eps_fn_from_model",
+    "first_nonfinite_step",
     "fit_amed",
     "get_method",
     "get_sampler",
@@ -82,6 +98,7 @@ __all__ = [
     "guided_eps_fn",
     "make_plan",
     "method_names",
+    "nonfinite_samples",
     "optimize_grid",
     "output_to_eps",
     "polynomial_eps_coefficients",

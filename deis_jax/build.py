@@ -1,8 +1,8 @@
 """Build schedules and samplers from the ``config.sde`` / ``config.sampler`` blocks.
 
-``config.sde``:     name (vpsde | subvpsde | vesde | discrete_vpsde), beta_min, beta_max,
-                    schedule (linear | cosine, VP only), num_scales, sigma_min, sigma_max
-                    (VE), beta_start, beta_end, num_steps (discrete).
+``config.sde``:     name (vpsde | subvpsde | vesde | discrete_vpsde | edm), beta_min,
+                    beta_max, schedule (linear | cosine, VP only), num_scales, sigma_min,
+                    sigma_max (VE and EDM), beta_start, beta_end, num_steps (discrete).
 ``config.sampler``: method, order, nfe, grid, grid_power, t0, t1, final_denoise, options,
                     grid_file (with ``grid="optimized"``: a fitted grid file, see
                     ``deis_jax.fitting.grid_file``), predictor_file (AMED methods: a
@@ -25,6 +25,7 @@ SDE_FIELDS = {
     "vpsde": ("beta_min", "beta_max", "schedule", "num_scales"),
     "subvpsde": ("beta_min", "beta_max", "num_scales"),
     "vesde": ("sigma_min", "sigma_max"),
+    "edm": ("sigma_min", "sigma_max"),
     "discrete_vpsde": ("beta_start", "beta_end", "num_steps"),
 }
 

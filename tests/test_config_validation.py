@@ -55,7 +55,25 @@ def test_default_config_is_valid():
             },
             r"config\.sampler\.options\.denoise_to_zero and final_denoise both add",
         ),  # fmt: skip
-        ({"sde__name": "edm"}, r"config\.sde\.name must be one of \('vpsde'"),
+        ({"sde__name": "karras"}, r"config\.sde\.name must be one of \('vpsde'.*'edm'\)"),
+        ({"sde__schedule": "cosine"}, r"config\.sampler\.t1 must be <= 0\.9979.*VPSDE\(cosine\)"),
+        (
+            {"sde__name": "edm", "sampler__t0": None, "sampler__t1": 100.0},
+            r"config\.sampler\.t1 must be <= 80\.0 .*EDMSchedule.s valid interval is \[0\.002, 80",
+        ),
+        (
+            {
+                "sde__name": "edm",
+                "sampler__t0": None,
+                "sampler__t1": None,
+                "sde__sigma_min": 90.0,
+                "sde__sigma_max": 80.0,
+            },
+            r"config\.sde\.sigma_min must be < config\.sde\.sigma_max",
+        ),
+        ({"sde__name": "edm", "sde__sigma_max": -1.0}, r"config\.sde\.sigma_max must be > 0"),
+        ({"sampler__nfe": 1_000_000}, r"config\.sampler\.nfe must be <= 10000, got 1000000"),
+        ({"sampler__order": True}, r"config\.sampler\.order must be one of .* got True \(a bool\)"),
         ({"sde__schedule": "quad"}, r"config\.sde\.schedule must be one of \('linear', 'cosine'"),
         ({"sde__beta_max": -3.0}, r"config\.sde\.beta_max must be > 0"),
         ({"compare__methods": ("tab3", "heun")}, r"config\.compare\.methods: method must be one"),
@@ -115,3 +133,34 @@ def test_method_options_from_the_command_line(tmp_path):
     assert result.returncode != 0
     assert "config.sampler.options.afs must be True or False, got 'maybe'" in result.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_edm_schedule_config_uses_its_sigma_fields():
+    """``config.sde.name='edm'``: sigma_min/sigma_max are its interval (and the defaults of
+    ``t0``/``t1``). Needs ``deis_jax.build.SDE_FIELDS['edm'] = ('sigma_min', 'sigma_max')``."""
+    config = config_with(sde__name="edm", sampler__t0=None, sampler__t1=None)
+    with config.sde.unlocked():
+        config.sde.sigma_min, config.sde.sigma_max = 0.02, 60.0
+    sampler = validate_sampler(config)
+    assert (sampler.ts[0], sampler.ts[-1]) == (60.0, 0.02)
+
+
+def test_cosine_schedule_runs_with_its_default_end():
+    cosine = config_with(sde__schedule="cosine", sampler__t1=None)
+    assert validate_sampler(cosine).ts[0] == 0.9946
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("order", 2.5, r"config\.sampler\.order must be one of \(0, 1, 2, 3\) .* 2\.5 \(a float\)"),
+     ("nfe", 10.5, r"config\.sampler\.nfe must be an integer >= 1, got 10\.5"),
+     ("final_denoise", "no", r"config\.sampler\.final_denoise must be True or False, got 'no'")],
+)  # fmt: skip
+def test_ill_typed_sampler_fields_of_a_config_file(field, value, message):
+    # A config file may hold any type (the command line is type-checked by ml_collections).
+    import ml_collections
+
+    config = gmm_vpsde.get_config()
+    config.sampler = ml_collections.ConfigDict({**config.sampler.to_dict(), field: value})
+    with pytest.raises(ConfigError, match=message):
+        validate_sampler(config)

@@ -7,6 +7,7 @@ import pytest
 
 import deis_jax as deis
 from deis_jax.evaluation.analytic import GaussianMixture
+from deis_jax.sampling.sde import EDMSchedule
 
 VP = deis.VPSDE.linear(0.1, 20.0)
 SCHEDULES = {
@@ -15,6 +16,7 @@ SCHEDULES = {
     "subvp": (deis.SubVPSDE(), 1e-3),
     "ve": (deis.VESDE(), 1e-5),
     "discrete": (deis.DiscreteVPSDE.linear(), None),
+    "edm": (EDMSchedule(), None),
 }
 DETERMINISTIC = [("ddim", 0), *[(m, r) for m in ("tab", "rhoab", "ipndm") for r in range(4)]]
 RK = [("rhork", 1), ("rhork", 2), ("rhork", 3), ("rhork", 4)]
@@ -95,6 +97,38 @@ def test_tab3_accuracy_on_gaussian_data():
     # Issue acceptance: VP 0.1/20, t0 = 1e-3, quadratic grid, mean 0.3, std 0.5.
     assert gaussian_rmse(method="tab", order=3, nfe=20, grid="quadratic") <= 8e-4
     assert gaussian_rmse(method="tab", order=3, nfe=50, grid="quadratic") <= 4e-5
+
+
+EDM = EDMSchedule()
+EDM_GAUSS = GaussianMixture.gaussian([0.3], 0.5)
+EDM_X_T = EDM.prior_sample(jax.random.PRNGKey(1), (1000, 1), jnp.float64)
+EDM_EXACT = EDM_GAUSS.exact_flow(EDM, np.asarray(EDM_X_T), 80.0, 0.002)
+
+
+@pytest.mark.parametrize(
+    "method, order, grid, min_slope, max_err",
+    [("ddim", 0, "karras", 0.9, 5e-2), ("dpmpp", 2, "log_snr", 1.8, 1e-2),
+     ("dpmpp", 3, "log_snr", 1.9, 2e-3), ("tab", 3, "karras", 3.2, 4e-3)],
+)  # fmt: skip
+def test_edm_schedule_integrates_the_exact_flow(method, order, grid, min_slope, max_err):
+    # alpha = 1, sigma = t: the flow of Gaussian data is v(rho) = mu + (v - mu)
+    # sqrt((s^2 + rho^2) / (s^2 + rho_T^2)) in closed form, here from 80 down to 0.002.
+    # (DPM-Solver++(3M) converges at rate ~2 on this problem, on every schedule.)
+    eps_fn = EDM_GAUSS.eps_fn(EDM)
+    errs = [
+        np.sqrt(np.mean((run(EDM, eps_fn, EDM_X_T, method=method, order=order, nfe=nfe,
+                             grid=grid) - EDM_EXACT) ** 2))
+        for nfe in (40, 80)
+    ]  # fmt: skip
+    assert errs[0] < max_err and np.log2(errs[0] / errs[1]) > min_slope, errs
+
+
+def test_tab_equals_rhoab_on_edm():
+    # t = rho on the EDM schedule: the Lagrange bases in t and in rho are the same.
+    eps_fn = EDM_GAUSS.eps_fn(EDM)
+    tab = run(EDM, eps_fn, EDM_X_T[:8], method="tab", order=3, nfe=12, grid="karras")
+    rhoab = run(EDM, eps_fn, EDM_X_T[:8], method="rhoab", order=3, nfe=12, grid="karras")
+    np.testing.assert_allclose(tab, rhoab, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(

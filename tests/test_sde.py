@@ -1,10 +1,16 @@
 """Noise schedules: reference values, stable forms near t = 0, exact round trips."""
 
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
 
-from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, SubVPSDE, get_sde
+from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, EDMSchedule, SubVPSDE, get_sde
+from deis_jax.sampling.timesteps import time_grid
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def test_vp_linear_reference_values():
@@ -34,8 +40,9 @@ def test_sigma_near_zero_has_no_cancellation():
         (VPSDE.cosine(), 1e-7, 0.9946),
         (SubVPSDE(), 1e-5, 1.0),
         (VESDE(), 1e-5, 1.0),
+        (EDMSchedule(), 0.002, 80.0),
     ],
-    ids=["vp", "cosine", "subvp", "ve"],
+    ids=["vp", "cosine", "subvp", "ve", "edm"],
 )
 def test_round_trips_t_rho_t(schedule, lo, hi):
     t = np.geomspace(lo, hi, 2000)
@@ -48,7 +55,7 @@ def test_round_trips_t_rho_t(schedule, lo, hi):
 
 
 def test_marginals_are_consistent():
-    for s in (VPSDE.linear(), VPSDE.cosine(), SubVPSDE(), VESDE()):
+    for s in (VPSDE.linear(), VPSDE.cosine(), SubVPSDE(), VESDE(), EDMSchedule()):
         t = np.linspace(0.01, 0.99, 50)
         np.testing.assert_allclose(s.sigma(t) / s.alpha(t), s.rho(t), rtol=1e-14)
         np.testing.assert_allclose(s.log_snr(t), np.log(s.alpha(t) ** 2 / s.sigma(t) ** 2))
@@ -107,9 +114,75 @@ def test_model_time_conventions():
         (lambda: VPSDE.linear(beta_min=-1), "beta_min"),
         (lambda: VESDE(sigma_min=5, sigma_max=1), "sigma_min < sigma_max"),
         (lambda: DiscreteVPSDE.from_betas([0.1, 1.5]), "betas must lie in"),
-        (lambda: get_sde("edm"), "sde.name must be one of"),
+        (lambda: EDMSchedule(sigma_min=80.0, sigma_max=0.002), "sigma_min < sigma_max"),
+        (lambda: VPSDE.cosine(t_max=0.999), r"VPSDE\.t_max must be <= 0\.997998"),
+        (lambda: get_sde("karras"), r"sde.name must be one of .*'edm'"),
     ],
 )
 def test_bad_schedules_fail_clearly(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+def test_edm_schedule_is_time_as_noise_level():
+    s = get_sde("edm", sigma_min=0.02, sigma_max=80.0)
+    assert isinstance(s, EDMSchedule) and s.prior_std == 80.0
+    assert s.interval() == (0.02, 80.0) and (s.t_min, s.t_max) == (0.02, 80.0)
+    t = np.geomspace(0.02, 80.0, 7)
+    alpha, sigma = s.marginal(t)
+    np.testing.assert_array_equal(alpha, 1.0)
+    np.testing.assert_array_equal(sigma, t)
+    np.testing.assert_array_equal(s.rho(t), t)
+    np.testing.assert_array_equal(s.t_from_rho(t), t)
+    np.testing.assert_array_equal(s.model_time(t), t)  # EDM's preconditioners take sigma
+    np.testing.assert_allclose(s.log_snr(t), -2 * np.log(t), rtol=1e-15)
+    x = s.prior_sample(jax.random.PRNGKey(0), (4000, 1), jax.numpy.float64)
+    np.testing.assert_allclose(np.std(np.asarray(x)), 80.0, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "key, sigma_min, num_points",
+    [("edm_sampler_N18_edm_precond", 0.002, 18), ("edm_sampler_N18_ve_precond", 0.02, 18),
+     ("diff_sampler_polynomial_N7", 0.002, 7)],
+)  # fmt: skip
+def test_karras_grid_on_edm_is_edms_sigma_grid(key, sigma_min, num_points):
+    # EDM: t_i = (smax^(1/7) + i/(N-1) (smin^(1/7) - smax^(1/7)))^7, i < N (then t_N = 0, which
+    # is final_denoise here). Equal to float64 rounding; the ends are exact by construction.
+    with open(os.path.join(FIXTURES, "edm", "sigma_grids.json")) as f:
+        reference = np.array(json.load(f)[key][:-1])
+    schedule = EDMSchedule(sigma_min=sigma_min)
+    for kind, power in (("karras", None), ("rho", 7.0)):
+        ts = time_grid(schedule, num_points - 1, kind, power=power)
+        np.testing.assert_allclose(ts, reference, rtol=4e-15, atol=0)
+        assert (ts[0], ts[-1]) == (80.0, sigma_min)
+
+
+def test_cosine_domain_ends_where_beta_reaches_the_iddpm_clip():
+    s = VPSDE.cosine()
+    np.testing.assert_allclose(s.beta(s.t_max), 999.0, rtol=1e-12)
+    np.testing.assert_allclose(s.t_max, 0.997998, atol=1e-6)
+    assert s.default_t1 == 0.9946 < s.t_max and np.isfinite(s.rho(s.t_max))
+    assert VPSDE.linear().t_max == 1.0  # the linear schedule keeps its [0, 1]
+
+
+@pytest.mark.parametrize(
+    "schedule, t0, t1, message",
+    [
+        (VPSDE.cosine(), None, 1.0, r"t1 must be <= 0\.99799800\d* \(the schedule's t_max\), "
+         r"got 1\.0: VPSDE\(cosine\)'s valid interval is \[0, 0\.997998\]; beyond it beta\(t\) "
+         r"> 999.* t1 = 0\.9946, the schedule.s default"),
+        (VPSDE.linear(), None, 1.5, r"t1 must be <= 1\.0 \(the schedule's t_max\), got 1\.5: "
+         r"VPSDE\(linear\)'s valid interval is \[0, 1\]"),
+        (VESDE(), None, 2.0, r"t1 must be <= 1\.0 .*VESDE's valid interval is \[0, 1\]"),
+        (EDMSchedule(), 0.001, None, r"t0 must be >= 0\.002 \(the schedule's t_min\), got 0\.001: "
+         r"EDMSchedule's valid interval is \[0\.002, 80\]"),
+        (EDMSchedule(), None, 100.0, r"t1 must be <= 80\.0 .*EDMSchedule's"),
+        (DiscreteVPSDE.linear(), None, 1000.0, r"t1 must be <= 999\.0 .*DiscreteVPSDE's"),
+        (VPSDE.linear(), float("nan"), None, r"t0 must be a finite number"),
+        (VPSDE.linear(beta_max=2000.0), None, None, r"t1=1\.0 gives rho = sigma/alpha = inf"),
+    ],
+    ids=["cosine", "vp", "ve", "edm-t0", "edm-t1", "discrete", "nan", "overflow"],
+)  # fmt: skip
+def test_every_schedule_refuses_an_interval_outside_its_domain(schedule, t0, t1, message):
+    with pytest.raises(ValueError, match=message):
+        schedule.interval(t0, t1)

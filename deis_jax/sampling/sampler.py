@@ -20,8 +20,10 @@ sample index and the step -- never on the batch size or the device layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +114,42 @@ def _ring_sum(ring: jax.Array, lagged: jax.Array, newest: jax.Array) -> jax.Arra
     return total
 
 
+def _check_state(x: jax.Array) -> None:
+    """The sampled state must be a floating array with a leading batch axis (its dtype is the
+    working precision: coefficients and eps are cast to it)."""
+    if jnp.ndim(x) < 1 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(
+            "x_T must be a floating array with a leading batch axis, got shape "
+            f"{jnp.shape(x)} and dtype {jnp.result_type(x)}"
+        )
+
+
+def _checked_eps(eps: jax.Array, x: jax.Array) -> jax.Array:
+    """``eps`` (the network's output for the input ``x``) in ``x``'s dtype, after a check of
+    its shape and dtype. Python-level on the abstract values, so it runs once when the loop
+    is traced and costs nothing per step.
+
+    The shape must equal ``x.shape``: a ``(B, 1)`` or scalar output would broadcast into
+    silently wrong samples. Any floating dtype is accepted and cast to ``x.dtype``, the
+    working precision: wider (float64 eps, float32 x) rounds as the state does anyway; narrower
+    (a bfloat16/float16 network in a float32 loop) widens exactly. Integer, bool or complex
+    outputs are refused.
+    """
+    shape, dtype = jnp.shape(eps), jnp.result_type(eps)
+    if shape != x.shape:
+        raise ValueError(
+            f"eps_fn returned shape {shape} for an input of shape {x.shape}: it must return "
+            "eps with exactly the input's shape (no broadcasting: a (B, 1) or scalar output "
+            "would silently give wrong samples)"
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"eps_fn returned dtype {dtype}: it must return a floating array (cast to the "
+            f"state's dtype {x.dtype})"
+        )
+    return eps if dtype == x.dtype else eps.astype(x.dtype)
+
+
 def run_table(
     eps_fn: EpsFn,
     table: StepTable,
@@ -121,6 +159,7 @@ def run_table(
     *,
     structure: TableStructure | None = None,
     trajectory: bool = False,
+    record: Callable[[jax.Array], Any] | None = None,
     first_eps_scale: float | None = None,
     rule: StepRule | None = None,
     rule_params=None,
@@ -131,7 +170,10 @@ def run_table(
     ``structure`` (default: read off ``table``, which must then be concrete) fixes what the
     loop body computes; pass it when ``table`` is traced, e.g. built from a grid under
     ``jax.grad``. With ``trajectory=True`` the result is ``(x_0, states)``, ``states`` of
-    shape ``(N + 1, *x.shape)``: the state at every grid point, ``x`` first.
+    shape ``(N + 1, *x.shape)``: the state at every grid point, ``x`` first. With
+    ``record`` (a function of a state) the result is ``(x_0, records)``: ``record`` of the
+    state after each step, stacked (``N`` leading), e.g. a per-sample finite flag.
+    The network's output is checked once, when the loop is traced (:func:`_checked_eps`).
 
     ``first_eps_scale``: the analytical first step (AFS) -- step 0's first stage makes no
     network call and uses ``eps = first_eps_scale * X`` instead (one NFE saved).
@@ -140,6 +182,10 @@ def run_table(
     index of ``table``'s first row (a rule and AFS see global step numbers; e.g. one
     interval run on its own).
     """
+    if trajectory and record is not None:
+        raise ValueError("give trajectory=True or record, not both")
+    _check_state(x)
+    keep = (lambda state: state) if trajectory else record
     structure = table_structure(table) if structure is None else structure
     num_stages, history = structure.num_stages, structure.history
     if structure.noisy and key is None:
@@ -153,10 +199,15 @@ def run_table(
     steps = first_step + jnp.arange(table.num_steps)
     wants_features = active_rule is not None and active_rule.needs_features
 
+    def network(x_s, t, features=False):
+        """``(eps, features)`` of one network call, the output checked (features: None
+        unless asked for)."""
+        eps, feats = eps_with_features(eps_fn, x_s, t) if features else (eps_fn(x_s, t), None)
+        return _checked_eps(eps, x_s), feats
+
     def first_call(x_s, t, step):
         """Stage 0's eps (and features): the network, or the analytic AFS value at step 0."""
-        call = (lambda: eps_with_features(eps_fn, x_s, t)) if wants_features else (
-            lambda: (eps_fn(x_s, t), None))  # fmt: skip
+        call = functools.partial(network, x_s, t, wants_features)
         if first_eps_scale is None:
             return call()
 
@@ -188,7 +239,7 @@ def run_table(
                 if active_rule is not None:
                     row = active_rule(rule_params, row, step, x_k, feats)
             else:
-                eps = eps_fn(x_s, row.t[s])
+                eps, _ = network(x_s, row.t[s])
             k_s = _scaled(row.pred_x[s], x_s) + _scaled(row.pred_eps[s], eps) if converts else eps
             ks.append(k_s)
             if ring_size:
@@ -204,13 +255,13 @@ def run_table(
         if structure.noisy:
             z = per_sample_normal(key, sample_index, step, x_k.shape, x_k.dtype)
             x_next = x_next + _scaled(row.out_noise, z)
-        return (x_next, ring), (x_next if trajectory else None)
+        return (x_next, ring), (None if keep is None else keep(x_next))
 
     ring0 = jnp.zeros((ring_size,) + x.shape, x.dtype)
-    (x_out, _), states = jax.lax.scan(body, (x, ring0), (rows, steps))
+    (x_out, _), records = jax.lax.scan(body, (x, ring0), (rows, steps))
     if trajectory:
-        return x_out, jnp.concatenate([x[None], states], axis=0)
-    return x_out
+        return x_out, jnp.concatenate([x[None], records], axis=0)
+    return x_out if record is None else (x_out, records)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -282,6 +333,7 @@ def sample(
     sample_index: jax.Array | None = None,
     table: StepTable | None = None,
     trajectory: bool = False,
+    record: Callable[[jax.Array], Any] | None = None,
     rule_params=None,
 ):
     """Integrate ``x_T`` from ``plan.ts[0]`` to ``plan.ts[-1]`` with the network ``eps_fn``.
@@ -293,7 +345,9 @@ def sample(
     the same structure (e.g. ``plan.build_table(ts)`` traced from a grid being fitted).
     The noise of row i is keyed by its global sample index: ``sample_index[i]`` when given
     (rows in any order, e.g. a shard of a sharded batch), else ``index_offset + i``.
-    ``trajectory=True`` also returns the states at the grid points (see :func:`run_table`).
+    ``trajectory=True`` also returns the states at the grid points (see :func:`run_table`);
+    ``record`` returns ``(x, records)``, ``record`` of the state after every step, the final
+    denoising step included (``plan.num_steps`` rows, one more with ``final_table``).
     ``rule_params``: the learned parameters of ``plan.rule`` (e.g. a trained AMED
     predictor); None runs ``plan.table`` as it is (AMED: the base solver, ``r = 1/2``).
     """
@@ -304,12 +358,15 @@ def sample(
         raise ValueError(f"rule_params given, but method {plan.method!r} has no learned rule")
     table = plan.table if table is None else table
     out = run_table(eps_fn, table, x_T, key, sample_index, structure=structure,
-                    trajectory=trajectory, first_eps_scale=plan.first_eps_scale,
+                    trajectory=trajectory, record=record, first_eps_scale=plan.first_eps_scale,
                     rule=plan.rule, rule_params=rule_params)  # fmt: skip
-    x, states = out if trajectory else (out, None)
-    if plan.final_table is not None:
+    x, extra = out if trajectory or record is not None else (out, None)
+    if plan.final_table is not None and record is None:
         x = run_table(eps_fn, plan.final_table, x)
-    return (x, states) if trajectory else x
+    elif plan.final_table is not None:
+        x, last = run_table(eps_fn, plan.final_table, x, record=record)
+        extra = jnp.concatenate([extra, last])
+    return x if extra is None else (x, extra)
 
 
 def make_plan(
@@ -335,15 +392,28 @@ def make_plan(
     defaults when None). A method spending S NFE per step takes ``ceil(nfe / S)`` steps
     (Runge-Kutta rounds up, as in the DEIS table); ``final_denoise`` adds one NFE. ``options``
     are method-specific (e.g. ``tableau`` for ``rhork``). The method's spec checks the order,
-    the options and the NFE (``MethodSpec.check``); a bad argument raises ``ValueError``.
+    the options and the NFE (``MethodSpec.check``, an NFE at most ``MAX_NFE``); ``ts``
+    together with any of ``nfe``/``grid``/``grid_power``/``t0``/``t1`` is refused (they would
+    be ignored). A bad argument raises ``ValueError`` naming it (``MethodArgumentError``).
     ``afs=True`` (deterministic methods) replaces the first network call by its analytic
     value (:attr:`SamplingPlan.first_eps_scale`): a budget of ``nfe`` then takes
     ``ceil((nfe + 1) / S)`` steps, e.g. AMED's NFE 5 = 3 two-stage steps.
     """
     spec = solvers.get_method(method)
+    for name, flag in (("final_denoise", final_denoise), ("afs", afs)):
+        if not isinstance(flag, bool | np.bool_):
+            raise solvers.MethodArgumentError(name, f"must be True or False, got {flag!r}")
     order = spec.check(order, options, final_denoise=final_denoise)
-    if not isinstance(afs, bool | np.bool_):
-        raise solvers.MethodArgumentError("afs", f"must be True or False, got {afs!r}")
+    if ts is not None:
+        grid_args = {"nfe": nfe, "grid": grid, "grid_power": grid_power, "t0": t0, "t1": t1}
+        ignored = [name for name, value in grid_args.items() if value is not None]
+        if ignored:
+            raise solvers.MethodArgumentError(
+                ignored[0],
+                f"conflicts with the explicit grid ts (which fixes the steps and the interval "
+                f"[ts[-1], ts[0]]): give either ts or {'/'.join(grid_args)}, not both "
+                f"(got ts and {', '.join(ignored)})",
+            )
     if ts is None:
         nfe = spec.check_nfe(nfe, order)
         num_steps = math.ceil((nfe + int(afs)) / spec.nfe_per_step(order, options))

@@ -8,7 +8,10 @@ ask the schedule for
 * ``sigma(t)``  -- the noise standard deviation,
 * ``rho(t) = sigma / alpha`` -- the "rho" time of DEIS, equal to the EDM/Karras sigma,
 * ``log_snr(t) = log(alpha^2 / sigma^2) = -2 log rho``,
-* the inverse maps ``t_from_rho`` and ``t_from_log_snr``.
+* the inverse maps ``t_from_rho`` and ``t_from_log_snr``,
+* ``interval``/``check_interval`` -- the sampling interval ``[t0, t1]``, checked against the
+  schedule's valid domain ``[t_min, t_max]`` (where the closed forms are meaningful and
+  finite, e.g. ``t_max < 1`` for the cosine schedule, whose alpha vanishes at ``t = 1``).
 
 Each subclass implements three primitives -- ``log_alpha``, ``rho`` and ``t_from_rho`` -- in
 closed forms that are stable near ``t = 0`` (``expm1``/``log1p``, never ``1 - exp(x)``).
@@ -35,8 +38,11 @@ import numpy as np
 
 Array = Any  # numpy or JAX array, or a Python float
 
-SDE_NAMES = ("vpsde", "subvpsde", "vesde", "discrete_vpsde")
+SDE_NAMES = ("vpsde", "subvpsde", "vesde", "discrete_vpsde", "edm")
 VP_BETA_SCHEDULES = ("linear", "cosine")
+# The cosine schedule's valid end: where beta(t) reaches 999, i.e. where the per-step beta of
+# iDDPM's 1000-step discretisation (~ beta(t) / 1000) reaches iDDPM's clip of 0.999.
+COSINE_MAX_BETA = 999.0
 
 
 def array_namespace(*xs: Array):
@@ -51,9 +57,10 @@ def _as_float(x: Array, xp):
 class NoiseSchedule:
     """Interface shared by all schedules. Subclasses implement the three primitives.
 
-    Attributes every subclass defines: ``t_min``/``t_max`` (the domain of ``t``),
-    ``default_t0``/``default_t1`` (the sampling interval score_sde/DEIS use) and
-    ``prior_std`` (x_T ~ N(0, prior_std^2 I)).
+    Attributes every subclass defines: ``t_min``/``t_max`` (the valid domain of ``t``: every
+    sampling interval lies inside it), ``default_t0``/``default_t1`` (the sampling interval
+    score_sde/DEIS use) and ``prior_std`` (x_T ~ N(0, prior_std^2 I)). ``domain_note`` says
+    why the domain ends where it does, when that is not obvious (it is quoted in errors).
     """
 
     t_min: float
@@ -62,6 +69,7 @@ class NoiseSchedule:
     default_t1: float
     prior_std: float = 1.0
     is_discrete: bool = False
+    domain_note: str = ""
 
     # --- primitives -------------------------------------------------------------------
     def log_alpha(self, t: Array) -> Array:
@@ -118,16 +126,39 @@ class NoiseSchedule:
         return t0, t1
 
     def check_interval(self, t0: float, t1: float) -> None:
-        """Raise ``ValueError`` unless ``t_min <= t0 < t1 <= t_max`` (the message starts with
-        the name of the offending end, ``t0`` or ``t1``)."""
+        """Raise ``ValueError`` unless ``t_min <= t0 < t1 <= t_max`` (``t0 > 0`` in continuous
+        time) and ``rho`` is finite and positive at both ends. The message starts with the
+        name of the offending end, ``t0`` or ``t1``, and gives the valid domain."""
+        domain = f"{self.label}'s valid interval is [{self.t_min:.6g}, {self.t_max:.6g}]"
+        for name, value in (("t0", t0), ("t1", t1)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number ({domain}), got {value}")
         if not (t0 > 0 or (self.is_discrete and t0 >= 0)):
             raise ValueError(f"t0 must be > 0 for a continuous schedule, got t0={t0}")
         if t0 < self.t_min:
-            raise ValueError(f"t0 must be >= {self.t_min} (the schedule's t_min), got {t0}")
+            raise ValueError(f"t0 must be >= {self.t_min} (the schedule's t_min), got {t0}: "
+                             f"{domain}")  # fmt: skip
         if not t0 < t1:
             raise ValueError(f"t0 must be < t1, got t0={t0}, t1={t1}")
         if t1 > self.t_max:
-            raise ValueError(f"t1 must be <= {self.t_max} (the schedule's t_max), got {t1}")
+            note = f"; {self.domain_note}" if self.domain_note else ""
+            raise ValueError(
+                f"t1 must be <= {self.t_max} (the schedule's t_max), got {t1}: {domain}{note}; "
+                f"use e.g. t1 = {self.default_t1}, the schedule's default (t1 = None)"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below instead
+            rho0, rho1 = (float(self.rho(np.float64(t))) for t in (t0, t1))
+        if not (rho0 > 0 and math.isfinite(rho1)):
+            name, value, rho = ("t1", t1, rho1) if rho0 > 0 else ("t0", t0, rho0)
+            raise ValueError(
+                f"{name}={value} gives rho = sigma/alpha = {rho} on {self.label}: alpha or sigma "
+                f"is not representable there; move {name} inside the interval"
+            )
+
+    @property
+    def label(self) -> str:
+        """A short name for messages, e.g. ``VPSDE``."""
+        return type(self).__name__
 
 
 def _linear_beta_integral(t: Array, beta_min: float, beta_max: float) -> Array:
@@ -155,8 +186,13 @@ class VPSDE(NoiseSchedule):
     normalise): with ``theta(t) = pi/2 (t + s)/(1 + s)``, ``alpha = cos(theta)/cos(theta_0)``,
     ``rho = sqrt(sin(theta - theta_0) sin(theta + theta_0)) / cos(theta)`` and the inverse
     ``theta = arctan(sqrt(sin^2 theta_0 + rho^2) / cos theta_0)`` (both written without
-    cancellation in ``theta - theta_0``). alpha(1) = 0 exactly, so
-    the default sampling end is T = 0.9946 (as DPM-Solver).
+    cancellation in ``theta - theta_0``). alpha(1) = 0 exactly (cos(pi/2) in floating point
+    is ~6e-17, rho(1) ~ 1e16: every sampler returns garbage), so the valid domain ends where
+    ``beta(t) = pi/(1 + s) tan(theta) = COSINE_MAX_BETA = 999`` -- the t at which the
+    per-step beta of iDDPM's 1000-step discretisation, ~beta(t)/1000, reaches iDDPM's clip
+    0.999 -- which is ``t_max = (2/pi)(1 + s) arctan(999 (1 + s)/pi) - s = 0.99800`` for
+    s = 0.008 (alpha ~ 3e-3, rho ~ 320; the linear schedule's rho(1) is 152). The default
+    sampling end is T = 0.9946 (as DPM-Solver).
 
     ``num_scales`` is the number of discrete steps the network was trained with; score_sde
     feeds continuous VP models ``(num_scales - 1) * t`` (= 999 t), see ``model_time``.
@@ -181,8 +217,31 @@ class VPSDE(NoiseSchedule):
             raise ValueError(
                 f"VPSDE needs 0 < beta_min <= beta_max, got {self.beta_min}, {self.beta_max}"
             )
-        if self.schedule == "cosine" and self.default_t1 == 1.0:
-            object.__setattr__(self, "default_t1", 0.9946)
+        if self.schedule == "cosine":
+            end = self.cosine_t_end(self.cosine_s)
+            if self.t_max == 1.0:  # the field's default: the cosine domain ends earlier
+                object.__setattr__(self, "t_max", end)
+            elif self.t_max > end:
+                raise ValueError(f"VPSDE.t_max must be <= {end:g} for the cosine schedule "
+                                 f"({self.domain_note}), got {self.t_max}")  # fmt: skip
+            if self.default_t1 == 1.0:
+                object.__setattr__(self, "default_t1", 0.9946)
+
+    @staticmethod
+    def cosine_t_end(s: float) -> float:
+        """The end of the cosine schedule's valid domain: ``beta(t) = COSINE_MAX_BETA``."""
+        return 2.0 / math.pi * (1.0 + s) * math.atan(COSINE_MAX_BETA * (1.0 + s) / math.pi) - s
+
+    @property
+    def domain_note(self) -> str:  # type: ignore[override]
+        if self.schedule != "cosine":
+            return ""
+        return (f"beyond it beta(t) > {COSINE_MAX_BETA:g}, iDDPM's clip of the per-step beta "
+                "at 0.999 over 1000 steps, and alpha(1) = 0")  # fmt: skip
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return f"VPSDE({self.schedule})"
 
     @classmethod
     def linear(cls, beta_min: float = 0.1, beta_max: float = 20.0, **kw) -> VPSDE:
@@ -412,8 +471,62 @@ class DiscreteVPSDE(NoiseSchedule):
         return t + self.index_offset
 
 
+@dataclasses.dataclass(frozen=True)
+class EDMSchedule(NoiseSchedule):
+    """EDM's schedule (Karras et al. 2022): ``alpha = 1``, ``sigma(t) = t``, t in
+    ``[sigma_min, sigma_max]``.
+
+    Time *is* the noise level, so ``rho(t) = sigma(t) = t`` and ``t(rho) = rho``: the DEIS rho
+    variable, EDM's sigma and t coincide, tAB-DEIS equals rhoAB-DEIS, and the ``rho`` grid
+    with power 7 (``karras``) is EDM's sigma grid
+    ``t_i = (sigma_max^(1/7) + i/N (sigma_min^(1/7) - sigma_max^(1/7)))^7``.
+    ``model_time(t) = t``: EDM's preconditioners (VP, VE and EDM alike) take sigma. The prior
+    is N(0, sigma_max^2 I). The defaults are EDM's sampler's, 0.002 and 80; the valid domain
+    is ``[sigma_min, sigma_max]`` (below sigma_min use ``final_denoise``, EDM's last step to
+    sigma = 0).
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    def __post_init__(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(
+                f"EDMSchedule needs 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                f"{self.sigma_max}"
+            )
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return float(self.sigma_min)
+
+    @property
+    def t_max(self) -> float:  # type: ignore[override]
+        return float(self.sigma_max)
+
+    default_t0 = t_min
+    default_t1 = t_max
+    prior_std = t_max
+
+    def log_alpha(self, t):
+        xp = array_namespace(t)
+        return xp.zeros_like(_as_float(t, xp))
+
+    def rho(self, t):
+        xp = array_namespace(t)
+        return _as_float(t, xp) * 1.0
+
+    def t_from_rho(self, rho):
+        xp = array_namespace(rho)
+        return _as_float(rho, xp) * 1.0
+
+    def model_time(self, t):
+        return t
+
+
 def get_sde(name: str, **kwargs) -> NoiseSchedule:
-    """Build a schedule by config name (``vpsde``, ``subvpsde``, ``vesde``, ``discrete_vpsde``)."""
+    """Build a schedule by config name (one of ``SDE_NAMES``: ``vpsde``, ``subvpsde``,
+    ``vesde``, ``discrete_vpsde``, ``edm``)."""
     if name == "vpsde":
         return VPSDE(**kwargs)
     if name == "subvpsde":
@@ -422,4 +535,6 @@ def get_sde(name: str, **kwargs) -> NoiseSchedule:
         return VESDE(**kwargs)
     if name == "discrete_vpsde":
         return DiscreteVPSDE.linear(**kwargs)
+    if name == "edm":
+        return EDMSchedule(**kwargs)
     raise ValueError(f"sde.name must be one of {SDE_NAMES}, got {name!r}")

@@ -7,7 +7,8 @@ Kinds (``kind`` argument / ``config.sampler.grid``):
 ``quadratic`` ``time`` with p = 2 (the DEIS default);
 ``rho``       the same power law in ``rho = sigma/alpha`` (Karras et al.; default p = 7),
               then ``t_k = t(rho_k)``;
-``karras``    ``rho`` with p = 7;
+``karras``    ``rho`` with p = 7 (on ``EDMSchedule``, where rho = t = sigma, exactly EDM's
+              sigma grid);
 
 Only ``time`` and ``rho`` take a ``power`` (``config.sampler.grid_power``); the named kinds fix
 theirs, and giving one anyway is an error rather than silently ignored.
@@ -20,7 +21,7 @@ smallest unused integers, so there are always N + 1 distinct points (DEIS refill
 but truncates instead of rounding, which makes its grid depend on float precision).
 
 Every grid is validated: finite, strictly decreasing, exact endpoints, inside the schedule's
-domain.
+valid interval (``NoiseSchedule.check_interval``).
 """
 
 from __future__ import annotations
@@ -132,10 +133,15 @@ def integer_grid(ts: np.ndarray, t0: float, t1: float) -> np.ndarray:
 
 
 def validate_grid(schedule: NoiseSchedule, ts: np.ndarray) -> None:
-    """Finite, strictly decreasing, inside ``[t_min, t_max]``, t0 > 0 for continuous time."""
+    """Finite, strictly decreasing, inside the schedule's valid interval
+    (``NoiseSchedule.check_interval`` of its ends ``t0 = ts[-1]``, ``t1 = ts[0]``)."""
     ts = np.asarray(ts, dtype=np.float64)
     if not np.all(np.isfinite(ts)):
         raise ValueError("time grid contains non-finite values")
     if not np.all(np.diff(ts) < 0):
         raise ValueError("time grid must be strictly decreasing (from t1 down to t0)")
-    schedule.check_interval(float(ts[-1]), float(ts[0]))
+    try:
+        schedule.check_interval(float(ts[-1]), float(ts[0]))
+    except ValueError as err:
+        ends = f"t1 = ts[0] = {ts[0]:g}, t0 = ts[-1] = {ts[-1]:g}"
+        raise ValueError(f"time grid ({ends}): {err}") from None

@@ -11,11 +11,19 @@ sampler" in the README).
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from deis_jax.sampling.solvers.table import StepTable
+
+# The largest NFE budget a sampler accepts: building a plan is linear in the NFE (a few
+# hundred milliseconds at this size), and beyond it a budget is a typo or a reference solve,
+# which should pass its own explicit grid ``ts``.
+MAX_NFE = 10_000
 
 # Options every method accepts; ``make_plan`` takes them as its own keywords (not passed to
 # the builder): ``afs`` -- the analytical first step (``sampling.sampler.make_plan``).
@@ -39,6 +47,17 @@ class MethodArgumentError(ValueError):
         super().__init__(f"{field} {problem}")
         self.field = field
         self.problem = problem
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as a Python ``int`` if it is an integer -- an ``int``, a numpy integer or a
+    float with an integral value (``2.0``) -- else None. A ``bool`` is never an integer here
+    (``True == 1`` would otherwise pass as order 1)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return int(value) if math.isfinite(value) and float(value).is_integer() else None
 
 
 def _one_stage(order: int, options: Mapping[str, Any]) -> int:
@@ -78,12 +97,16 @@ class MethodSpec:
         """Check ``order`` and the option names (and the ``options_check`` hook, which also
         sees ``final_denoise``); return the order, ``default_order`` when None.
 
+        The order may be any integer (:func:`as_integer`: ``2`` or ``2.0``, never ``True``).
         Raises ``MethodArgumentError`` (a ``ValueError``) naming the field and what is allowed.
         """
-        order = self.default_order if order is None else order
+        given = self.default_order if order is None else order
+        order = as_integer(given)
         if order not in self.orders:
             raise MethodArgumentError(
-                "order", f"must be one of {self.orders} for method {self.name!r}, got {order!r}"
+                "order",
+                f"must be one of {self.orders} for method {self.name!r}, got {given!r}"
+                + ("" if type(given) is int else f" (a {type(given).__name__})"),
             )
         options = {} if options is None else options
         unknown = sorted(set(options) - set(self.options) - set(GENERIC_OPTIONS))
@@ -103,15 +126,22 @@ class MethodSpec:
         return order
 
     def check_nfe(self, nfe: Any, order: int) -> int:
-        """Check an NFE budget: an integer >= 1 (a budget rounds up to whole steps, so every
-        positive budget is accepted); return it as an ``int``."""
-        whole = isinstance(nfe, numbers.Real) and float(nfe).is_integer()
-        if isinstance(nfe, bool) or not whole or nfe < 1:
+        """Check an NFE budget: an integer (:func:`as_integer`) in ``[1, MAX_NFE]`` (a budget
+        rounds up to whole steps, so every one in range is accepted); return it as an
+        ``int``. O(1): nothing is built."""
+        value = as_integer(nfe)
+        if value is None or value < 1:
             raise MethodArgumentError(
                 "nfe",
                 f"must be an integer >= 1, got {nfe!r} (method {self.name!r}, order {order})",
             )
-        return int(nfe)
+        if value > MAX_NFE:
+            raise MethodArgumentError(
+                "nfe",
+                f"must be <= {MAX_NFE}, got {nfe!r} (method {self.name!r}): beyond that a "
+                "budget is a reference solve; pass its explicit grid ts instead",
+            )
+        return value
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
