@@ -8,18 +8,26 @@ validated for that mode before any work. Any config field can be overridden on t
 line, e.g. ``--config.sampler.nfe=20``; method options too, including ones the config does not
 list: ``--config.sampler.options.afs=true``, ``--config.sampler.options.lam=0.5`` (values
 are read as in method specs: int, float, true/false, else a string).
+
+Bad input (config file, overrides, values, --workdir, and the data, checkpoint and FID files
+the mode reads) is reported in one line before any network is built.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deis_jax import parallel
+from deis_jax import data, parallel
 from deis_jax.config_validation import ConfigError
+from deis_jax.evaluation import features
+from deis_jax.evaluation.inception import InceptionWeightsError
+from deis_jax.models import loading
 from deis_jax.modes import get_mode
 from deis_jax.sampling.method_spec import parse_option_value
 
@@ -60,10 +68,107 @@ def apply_option_flags(config, options: list[tuple[str, str, str]]) -> None:
             node[key] = parse_option_value(text)
 
 
-def main(argv: list[str]) -> None:
-    del argv
+# Bad input found before or while running: reported as a usage error, one line, no traceback.
+INPUT_ERRORS = (
+    ConfigError,
+    data.DatasetNotFoundError,
+    loading.CheckpointError,
+    InceptionWeightsError,
+)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; an override of a field the config does not have
+    (``--config.sampler.nfee=3``: ml_collections raises a ``KeyError`` / ``AttributeError``
+    with its "did you mean") exits with one line naming the flag instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as err:
+        inner: BaseException = err
+        while inner.args and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]  # ml_collections wraps the KeyError that has the message
+        key, _, hint = str(inner.args[0] if inner.args else inner).partition("\n")
+        key = key.strip("'\"")
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        named = [f for f in given if key in f[len("--config.") :].split(".")] or ["--config"]
+        hint = f" ({hint.strip()})" if hint.strip() else ""
+        sys.exit(f"FATAL Flags parsing error: {named[0]}: the config has no field {key!r}{hint}")
+
+
+def load_config():
+    """``FLAGS.config``; a config file that could not be loaded is a ``ConfigError`` naming
+    it (ml_collections reports the failure only when the config is first used)."""
     config = FLAGS.config
     try:
+        config.get("mode")
+    except OSError as err:
+        given = config_flags.get_config_filename(FLAGS["config"])
+        path = given.split(":", 1)[0]
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config={given}: no config file at {path!r}") from None
+        cause = err.__cause__ or err
+        raise ConfigError(f"--config={given}: {' '.join(str(cause).split())}") from None
+    return config
+
+
+def check_workdir(workdir: str) -> None:
+    """``--workdir`` must be a directory, or a path where one can be created, that this
+    process may write in (``ConfigError`` naming it)."""
+    if not workdir:
+        raise ConfigError("--workdir must not be empty")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir}: this is a file, not a directory; pass a "
+                          f"directory (it is created if missing)")  # fmt: skip
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--workdir={workdir}: cannot create it, '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={workdir}: no permission to write in '{existing}'; pass "
+                          f"a directory you can write to")  # fmt: skip
+
+
+def check_reference(config, workdir: str) -> None:
+    """The FID reference (``config.eval``) can be had: a statistics file (checked by
+    ``features.validate_eval``), the embedded digits, statistics cached in
+    ``<workdir>/tables/`` (not for KID, which needs the features), or else the data split
+    ``eval.reference_split`` (``DatasetNotFoundError`` saying how to prepare it)."""
+    ev, name = config.eval, config.data.name
+    if ev.get("reference_stats") or name in data.EMBEDDED_DATASETS:
+        return
+    cache = f"reference_*_{name.replace('/', '_')}_{ev.reference_split}.npz"
+    if ev.kid or not glob.glob(os.path.join(workdir, "tables", cache)):
+        data.get_source(config.data, ev.reference_split)
+
+
+def check_inputs(name: str, config, workdir: str) -> None:
+    """Every file mode ``name`` will read is there -- cheap checks, before any network is
+    built: the workdir; ``train``: the tfds data; ``sample`` / ``table`` / image ``fit``: the
+    checkpoint (unless ``params='random'``) and, when scoring, the FID reference."""
+    check_workdir(workdir)
+    if name == "train":
+        data.get_source(config.data, "train")
+    if name not in ("sample", "table", "fit") or config.data.name == "gmm":
+        return
+    if name == "sample":
+        params, scored = "checkpoint", False
+    elif name == "table":
+        params, scored = config.eval.params, True
+    else:
+        params, scored = config.fit.params, bool(config.fit.get("fd"))
+        if scored:  # the fit mode's own validation does not read config.eval
+            features.validate_eval(config)
+    if params == "checkpoint":
+        loading.check_sampling_params(config, workdir)
+    if scored:
+        check_reference(config, workdir)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        config = load_config()
         apply_option_flags(config, _OPTION_OVERRIDES)
     except ConfigError as err:
         raise app.UsageError(str(err)) from err
@@ -72,12 +177,16 @@ def main(argv: list[str]) -> None:
     try:
         mode = get_mode(name)
         plan = mode.validate(config)
-    except ConfigError as err:
+        check_inputs(name, config, FLAGS.workdir)
+    except INPUT_ERRORS as err:
         raise app.UsageError(str(err)) from err
     logging.info("mode=%s workdir=%s", name, FLAGS.workdir)
-    mode.run(config, FLAGS.workdir, plan)
+    try:
+        mode.run(config, FLAGS.workdir, plan)
+    except INPUT_ERRORS as err:
+        raise app.UsageError(str(err)) from err
 
 
 if __name__ == "__main__":
     sys.argv, _OPTION_OVERRIDES[:] = split_option_flags(sys.argv)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -24,9 +24,7 @@ import ml_collections
 from ml_collections import FieldReference
 
 from deis_jax.models import get_model_config
-from deis_jax.models.loading import DATA_FIELDS_OF_MODEL
-
-INFO_FIELDS = ("sde", "continuous", "score_sde_config", "checkpoint_dir", "ema_rate")
+from deis_jax.models.loading import DATA_FIELDS_OF_MODEL, INFO_FIELDS
 
 
 def model_block(known_name: str, **overrides) -> ml_collections.ConfigDict:

@@ -89,9 +89,19 @@ def add_table_fields(config: ml_collections.ConfigDict, table: str = "deis_cifar
 def get_config(name: str = "vpsde_digits") -> ml_collections.ConfigDict:
     """``configs/<name>.py``'s config plus the table fields.
 
-    Used as ``--config=configs/tables.py:<name>``.
+    Used as ``--config=configs/tables.py:<name>``; a name without a config file is a
+    ``FileNotFoundError`` naming the file (``main.py`` reports it in one line).
     """
-    config = importlib.import_module(f"configs.{name}").get_config()
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as err:
+        if err.name not in ("configs." + name, "configs." + name.split(".")[0]):
+            raise
+        raise FileNotFoundError(
+            f"there is no experiment config configs/{name}.py "
+            f"(pass the name of one, e.g. configs/tables.py:vpsde_digits)"
+        ) from None
+    config = module.get_config()
     if "eval" not in config:
         add_table_fields(config)
     config.mode = "table"

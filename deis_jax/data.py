@@ -92,17 +92,18 @@ def default_data_dir() -> str:
 
 
 def _missing_message(name: str, data_dir: str | None, split: str, cause: BaseException) -> str:
+    """One line: where the dataset was looked for, how to prepare it, and the way around."""
     where = data_dir or default_data_dir()
+    said = " ".join(f"{type(cause).__name__}: {cause}".split())
     return (
         f"Dataset {name!r} (split {split!r}) is not prepared in ArrayRecord format under "
-        f"data_dir={where!r} (config.data.data_dir). deis_jax reads tfds data without "
-        f"TensorFlow, but preparing it needs TensorFlow once. On any machine run\n"
-        f"    pip install tensorflow tensorflow-datasets\n"
-        f"    python scripts/prepare_data.py --dataset={name} --data_dir={where}\n"
-        f"(equivalently: tfds build {name} --file_format=array_record --data_dir={where}) "
-        f"and copy {where}/{name}/ here. {_PREPARE_HINTS.get(name, '')} "
+        f"data_dir={where!r} (config.data.data_dir). Prepare it once, on any machine with "
+        f"TensorFlow (deis_jax then reads it without TensorFlow): pip install tensorflow "
+        f"tensorflow-datasets && python scripts/prepare_data.py --dataset={name} "
+        f"--data_dir={where} (equivalently: tfds build {name} --file_format=array_record "
+        f"--data_dir={where}), and copy {where}/{name}/ here. {_PREPARE_HINTS.get(name, '')} "
         f"To try the code without any download use config.data.name='digits' "
-        f"(configs/vpsde_digits.py). [tfds said: {type(cause).__name__}: {cause}]"
+        f"(configs/vpsde_digits.py). [tfds said: {said}]"
     )
 
 

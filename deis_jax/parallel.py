@@ -20,10 +20,15 @@ Sampling is embarrassingly parallel over samples, so the whole story is data par
 Determinism (DESIGN principle 4): ``x_T`` of sample ``i`` is drawn from
 ``fold_in(prior_key, i)`` and the sampler's noise at step ``k`` from
 ``fold_in(fold_in(noise_key, i), k)``, so the *randomness* never depends on the batch size,
-device count or process count. The float arithmetic is bit-identical across partitioned runs
-(2, 8 devices; 2 ``jax.distributed`` processes) with a fixed per-device batch; the
-unpartitioned 1-device program and other per-device shapes can differ in the last bits, because
-XLA compiles them differently (``docs/scale.md``, "Determinism"; ``tests/test_parallel.py``).
+device count or process count. The float *arithmetic* depends on the per-device batch shape,
+not on the device count: when every call puts the same number of rows on each device
+(``generate_samples``' ``per_device_batch``; for :func:`shard_sampler`, the same
+``len(x_T) // mesh.size``), the union of the sharded results is the 1-device result bit for
+bit, on 1, 2 or 8 devices and on 2 ``jax.distributed`` processes. The same *global* batch
+split over another number of devices has another per-device shape, which XLA may compile into
+code that rounds differently: those results agree to float32 rounding grown through the solve
+(up to ~1e-4 for unit-scale samples), not bit for bit. Measured on CPU with the exact
+mixture eps (``docs/scale.md``, "Determinism"; ``tests/test_parallel.py``).
 
 No ``pmap`` and no process pools: XLA partitions the jitted computation (GSPMD); with several
 processes every process runs the same jitted calls in the same order (multi-controller SPMD).
@@ -188,7 +193,12 @@ def shard_sampler(sampler: Sampler, mesh: jax.sharding.Mesh) -> Callable:
     offset are replicated, and ``x_0`` comes back sharded ``P('data')``. ``index_offset`` is
     the global index of row 0 (stochastic methods key their noise by it). The sampler's
     ``eps_fn`` is a replicated argument of the compiled function (its parameters are not
-    baked in; see ``deis_jax.sampling.wrappers.model_argument``)."""
+    baked in; see ``deis_jax.sampling.wrappers.model_argument``).
+
+    Rows concatenated over calls equal a 1-device run bit for bit only when each call has the
+    same rows per device (``len(x_T) // mesh.size``) as that run: split the work into calls of
+    a fixed per-device batch. One call of the same global batch on another number of devices
+    is close (float32 rounding), not identical (module docstring, "Determinism")."""
     b, r = batch_sharding(mesh), replicated_sharding(mesh)
     plan = sampler.plan
     # the network and the learned rule's parameters (e.g. an AMED predictor), replicated

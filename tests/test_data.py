@@ -129,6 +129,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     assert str(tmp_path) in message and "config.data.data_dir" in message
     assert "scripts/prepare_data.py --dataset=cifar10" in message
     assert "tfds build cifar10 --file_format=array_record" in message
+    assert "\n" not in message  # one line, as main.py prints it
 
 
 def test_postprocess_inverts_centering():

@@ -12,7 +12,12 @@
   (``ConfigError`` naming the field), shared by the train, sample and table modes.
 * :func:`load_sampling_params` -- ``config.sampling.checkpoint`` (a converted score_sde
   directory or a raw score_sde ``checkpoint_<N>`` file) or else the EMA parameters of the
-  latest training checkpoint under ``<workdir>/checkpoints``.
+  latest training checkpoint under ``<workdir>/checkpoints``. :func:`check_sampling_params`
+  is its cheap part, run by ``main.py`` before any network is built: a missing checkpoint is
+  a :class:`CheckpointNotFoundError` whose one line says how to get one for this config
+  (train the digits model; convert the published score_sde model of :func:`published_model`),
+  an unreadable one a :class:`CheckpointError` naming it (``deis_jax.training.train``'s,
+  re-exported here).
 * :func:`load_model` -- the network, its parameters (those, or an untrained network's) and an
   ``identity`` for result caches (which weights, with :func:`params_digest` of their bytes).
 
@@ -37,13 +42,23 @@ from absl import logging
 
 from deis_jax import data
 from deis_jax.config_validation import ConfigError, get_field, require_choice, require_number
-from deis_jax.models import DATA_FIELDS_OF_MODEL, apply_with_features, checkpoints, get_model
+from deis_jax.models import (
+    DATA_FIELDS_OF_MODEL,
+    KNOWN_MODEL_CONFIGS,
+    apply_with_features,
+    checkpoints,
+    get_model,
+    get_model_config,
+)
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import PREDICTIONS, EpsFn, eps_fn_from_model
 from deis_jax.training import train as training
+from deis_jax.training.train import CheckpointError
 
 PARAMS_SOURCES = ("checkpoint", "random")
 BOOL = (True, False)
+# Fields of a published model config that say where it comes from, not what the network is.
+INFO_FIELDS = ("sde", "continuous", "score_sde_config", "checkpoint_dir", "ema_rate")
 
 
 def model_config(config) -> dict:
@@ -99,45 +114,127 @@ def validate_model_and_data(config) -> None:
 # --- parameters ---------------------------------------------------------------------------
 
 
-def _missing_training_checkpoint(directory: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"no training checkpoint found in '{directory}'. Either train one first:\n"
-        f"    python main.py --config=<this config> --workdir={os.path.dirname(directory)} "
-        f"--mode=train\n"
-        f"or set config.sampling.checkpoint to a converted score_sde checkpoint, e.g. "
-        f"--config.sampling.checkpoint=checkpoints/converted/vp_cifar10_ddpmpp_deep_continuous_8 "
-        f"(download checkpoint_8 of vp/cifar10_ddpmpp_deep_continuous from the 'Pretrained "
-        f"checkpoints' of https://github.com/yang-song/score_sde into checkpoints/ and convert "
-        f"it with scripts/convert_score_sde_checkpoint.py)."
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no checkpoint where the config points (``config.sampling.checkpoint`` or
+    ``<workdir>/checkpoints``)."""
+
+
+def published_model(config) -> str | None:
+    """The name of the published score_sde model (``KNOWN_MODEL_CONFIGS``) whose network is
+    the one ``config`` describes (same values of every field but :data:`INFO_FIELDS`), or
+    None."""
+    values = model_config(config)
+    for name in KNOWN_MODEL_CONFIGS:
+        known = get_model_config(name).to_dict()
+        if all(values.get(k) == v for k, v in known.items() if k not in INFO_FIELDS):
+            return name
+    return None
+
+
+def _missing_training_checkpoint(config, directory: str) -> CheckpointNotFoundError:
+    """What to do without a training checkpoint, for this config: the digits model trains in
+    minutes; a published score_sde network can be converted instead of trained."""
+    workdir = os.path.dirname(directory)
+    if config.data.name == "digits":
+        train = (
+            f"train the digits model first (about 11 minutes on 2 CPU cores): python main.py "
+            f"--config=configs/vpsde_digits.py --workdir={workdir} --mode=train"
+        )
+    else:
+        train = (
+            f"train one first: python main.py --config=<this config> --workdir={workdir} "
+            f"--mode=train"
+        )
+    name = published_model(config)
+    if name is None:
+        other = "or set config.sampling.checkpoint to a checkpoint of this model"
+    else:
+        folder = get_model_config(name).checkpoint_dir
+        out = f"checkpoints/converted/{name}_<N>"
+        other = (
+            f"or sample from the published score_sde model: download {folder}/checkpoint_<N> "
+            f"from the 'Pretrained checkpoints' of {checkpoints.SCORE_SDE_URL} into "
+            f"checkpoints/{folder}/, convert it with python scripts/"
+            f"convert_score_sde_checkpoint.py --checkpoint checkpoints/{folder}/checkpoint_<N> "
+            f"--model_config {name} --out {out} and set "
+            f"--config.sampling.checkpoint={out}"
+        )
+    return CheckpointNotFoundError(f"no training checkpoint in '{directory}': {train}; {other}.")
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """``'<type>: <first line of the message>'``, at most ``limit`` characters of it."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:limit] if text else ''}"
+
+
+def check_sampling_params(config, workdir: str) -> None:
+    """The parameters :func:`load_sampling_params` will read are there -- a cheap check, made
+    before any network is built: ``config.sampling.checkpoint`` is a file (a raw score_sde
+    checkpoint) or a converted directory (with its ``deis_jax_metadata.json``), else
+    ``<workdir>/checkpoints`` holds a step. ``CheckpointNotFoundError`` (one line: the path
+    and what to do) otherwise."""
+    path = config.sampling.get("checkpoint")
+    if not path:
+        if latest_step(workdir) is None:
+            raise _missing_training_checkpoint(
+                config, os.path.abspath(os.path.join(workdir, "checkpoints"))
+            )
+        return
+    if os.path.isfile(path):
+        return
+    convert = (
+        "convert a score_sde checkpoint_<N> file with python scripts/"
+        f"convert_score_sde_checkpoint.py --checkpoint <file> --model_config <name> --out {path}"
+        ", or pass the checkpoint_<N> file itself"
     )
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(
+            f"config.sampling.checkpoint: no file or directory at '{path}': {convert}"
+        )
+    if not os.path.isfile(os.path.join(path, checkpoints.METADATA_FILE)):
+        raise CheckpointNotFoundError(
+            f"config.sampling.checkpoint: '{path}' is not a converted checkpoint (it has no "
+            f"{checkpoints.METADATA_FILE}): {convert}"
+        )
 
 
 def load_sampling_params(config, workdir: str, model: nn.Module | None = None) -> Any:
     """The parameters to sample with: ``config.sampling.checkpoint`` when set (a converted
     score_sde directory, or a raw score_sde ``checkpoint_<N>`` msgpack file: its
     ``params_ema``), else the EMA parameters of the latest checkpoint in
-    ``<workdir>/checkpoints`` (``FileNotFoundError`` saying how to get one when there is
-    none). ``model`` (default: :func:`build_model`) gives the tree to restore into."""
+    ``<workdir>/checkpoints``. ``model`` (default: :func:`build_model`) gives the tree to
+    restore into. A missing checkpoint is a ``CheckpointNotFoundError`` saying how to get one
+    (:func:`check_sampling_params`, before any network is built); one that cannot be read or
+    does not fit the model a ``CheckpointError`` naming it."""
+    check_sampling_params(config, workdir)
     path = config.sampling.get("checkpoint")
     if path:
-        if os.path.isfile(path):
-            logging.info("loading score_sde checkpoint %s (params_ema)", path)
-            return checkpoints.load_score_sde_params(path, model_config(config))
-        logging.info("loading converted parameters from %s", path)
-        return checkpoints.load_params(path, model_config(config))
+        raw = os.path.isfile(path)
+        try:
+            if raw:
+                logging.info("loading score_sde checkpoint %s (params_ema)", path)
+                return checkpoints.load_score_sde_params(path, model_config(config))
+            logging.info("loading converted parameters from %s", path)
+            return checkpoints.load_params(path, model_config(config))
+        except Exception as err:  # any failure to read it: the file is unusable
+            again = "download it again" if raw else "convert it again"
+            raise CheckpointError(
+                f"config.sampling.checkpoint: '{path}' cannot be loaded ({_first_line(err)}): "
+                f"it is damaged or holds another network than config.model; {again} or fix "
+                f"config.model"
+            ) from err
 
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise _missing_training_checkpoint(directory)
     model = build_model(config) if model is None else model
     tx = training.optimizer_from_config(config.training)
     shape = image_shape(config)
     target = jax.eval_shape(lambda: training.init_state(model, tx, jax.random.PRNGKey(0), shape))
     mngr = training.checkpoint_manager(directory)
     try:
-        state = training.restore_state(mngr, target)
+        state = training.restore_state(mngr, target)  # CheckpointError: none can be restored
         if state is None:
-            raise _missing_training_checkpoint(directory)
+            raise _missing_training_checkpoint(config, directory)
         logging.info("restored EMA parameters from %s at step %d", directory, int(state.step))
         return state.ema_params
     finally:
