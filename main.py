@@ -27,8 +27,10 @@ from deis_jax import data, parallel
 from deis_jax.config_validation import ConfigError
 from deis_jax.evaluation import features
 from deis_jax.evaluation.inception import InceptionWeightsError
+from deis_jax.experiments import generation
 from deis_jax.models import loading
 from deis_jax.modes import get_mode
+from deis_jax.sampling.diagnostics import NonFiniteSamplesError
 from deis_jax.sampling.method_spec import parse_option_value
 
 FLAGS = flags.FLAGS
@@ -74,6 +76,14 @@ INPUT_ERRORS = (
     data.DatasetNotFoundError,
     loading.CheckpointError,
     InceptionWeightsError,
+)
+
+# A run that stops to protect its results (a resume with other settings, damaged or missing
+# finished work, non-finite samples): the message says what and what to do; no traceback.
+RUN_ERRORS = (
+    generation.DifferentRunError,
+    generation.IncompleteSamplesError,
+    NonFiniteSamplesError,
 )
 
 
@@ -183,7 +193,7 @@ def main(argv: list[str]) -> None:
     logging.info("mode=%s workdir=%s", name, FLAGS.workdir)
     try:
         mode.run(config, FLAGS.workdir, plan)
-    except INPUT_ERRORS as err:
+    except INPUT_ERRORS + RUN_ERRORS as err:
         raise app.UsageError(str(err)) from err
 
 

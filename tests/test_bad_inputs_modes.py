@@ -208,3 +208,29 @@ def test_override_of_a_field_the_config_does_not_have(tmp_path, early):
         "FATAL Flags parsing error: --config.sampler.nfee: the config has no field 'nfee' "
         '(Did you mean "nfe" instead of "nfee"?)'
     )
+
+
+@pytest.mark.parametrize("error", ["different", "incomplete", "nonfinite"])
+def test_a_run_that_stops_to_protect_its_results_is_a_usage_error(tmp_path, monkeypatch, error):
+    """A resume with other settings, damaged finished work or NaN samples: the run's own
+    message, no traceback (``main.RUN_ERRORS``)."""
+    import numpy as np
+
+    from deis_jax.experiments import generation
+    from deis_jax.modes import compare
+    from deis_jax.sampling.diagnostics import NonFiniteSamplesError
+
+    raised = {
+        "different": generation.DifferentRunError("seed: 3 (on disk) vs 4 (this run)"),
+        "incomplete": generation.IncompleteSamplesError("shard_000001.npz is damaged"),
+        "nonfinite": NonFiniteSamplesError(np.array([3, 7])),
+    }[error]
+
+    def stop(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(compare, "run", stop)
+    parse(f"--config={ROOT}/configs/gmm_vpsde.py", f"--workdir={tmp_path / 'w'}")
+    with pytest.raises(app.UsageError) as info:
+        main.main([])
+    assert str(info.value) == str(raised) and info.value.__cause__ is raised
