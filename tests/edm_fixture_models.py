@@ -100,21 +100,29 @@ def stacked_inputs(m: SmallModel) -> tuple[tuple, dict[str, slice]]:
     return (np.concatenate([nhwc(io["x"])] * len(blocks)), cat(0), cat(1), cat(2)), rows
 
 
-def _is_unet_call(module, method_name: str) -> bool:
-    return isinstance(module, SongUNet | DhariwalUNet) and method_name == "__call__"
+def _captured(last_encoder_block: str):
+    """Capture the U-Net's output and the last encoder block's output (what is sown)."""
+
+    def capture(module, method_name: str) -> bool:
+        unet = isinstance(module, SongUNet | DhariwalUNet)
+        return method_name == "__call__" and (unet or module.name == last_encoder_block)
+
+    return capture
 
 
 @functools.cache
 def fixture_program(name: str):
     """``run(params) -> dict`` of NHWC arrays: the stacked blocks of :func:`stacked_inputs`;
     ``F``, the U-Net output inside the ``D`` rows' call (captured); ``bottleneck``, the sown
-    bottleneck of the last block; with a ``defaults`` block, ``D_defaults`` and ``features``:
+    bottleneck of the last block, and ``last_encoder_block``, that block's captured output;
+    with a ``defaults`` block, ``D_defaults`` and ``features``:
     ``apply_with_features(net, params, x, sigma_0d)`` with labels and augment labels ``None``.
     """
     m = small_model(name)
     args, rows = stacked_inputs(m)
     last = list(rows.values())[-1]
     defaults = (nhwc(m.io["x"]), m.io["sigma_scalar"]) if "defaults" in rows else None
+    last_encoder_block = m.net.model.plan.enc[-1].name
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def program(params, x_all, sigma, class_labels, augment_labels):
@@ -124,11 +132,12 @@ def fixture_program(name: str):
             sigma,
             class_labels,
             augment_labels,
-            capture_intermediates=_is_unet_call,
+            capture_intermediates=_captured(last_encoder_block),
             mutable=["intermediates"],
         )
         sown = state["intermediates"]
         out = {"stacked": d, "F": sown["__call__"][0], "bottleneck": sown["bottleneck"][0]}
+        out["last_encoder_block"] = sown["enc"][last_encoder_block]["__call__"][0]
         if defaults is not None:
             out["D_defaults"], out["features"] = apply_with_features(m.net, params, *defaults)
         return out
@@ -138,6 +147,7 @@ def fixture_program(name: str):
         d = out.pop("stacked")
         out.update({key: d[r] for key, r in rows.items()})
         out["F"], out["bottleneck"] = out["F"][rows["D"]], out["bottleneck"][last]
+        out["last_encoder_block"] = out["last_encoder_block"][last]
         return out
 
     return run

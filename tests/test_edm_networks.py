@@ -206,6 +206,10 @@ def test_bottleneck_is_sown(name):
     low = kw["img_resolution"] >> (len(kw["channel_mult"]) - 1)
     channels = kw["model_channels"] * kw["channel_mult"][-1]
     assert out["bottleneck"].shape == (m.io["x"].shape[0], low, low, channels)
+    # the AMED authors' feature: the last encoder block (enc['8x8_block3'] of the published
+    # CIFAR-10 SongUNet), not the decoder's middle blocks
+    assert m.net.model.plan.enc[-1].name == f"{low}x{low}_block{kw['num_blocks'] - 1}"
+    np.testing.assert_array_equal(out["bottleneck"], out["last_encoder_block"])
 
 
 def test_defaults_and_features():

@@ -63,12 +63,10 @@ class Entry:
 
 @dataclasses.dataclass(frozen=True)
 class UNetPlan:
-    """Encoder and decoder entries in execution order; ``bottleneck`` names the decoder entry
-    (``{r}x{r}_in1``) whose output is the lowest-resolution feature map."""
+    """Encoder and decoder entries in execution order."""
 
     enc: tuple[Entry, ...]
     dec: tuple[Entry, ...]
-    bottleneck: str
 
 
 def _check_choice(field: str, value, allowed: Sequence) -> None:
@@ -139,7 +137,6 @@ def unet_plan(
         if level == levels - 1:
             dec.append(Entry(f"{prefix}_in0", "block", cout, cout, num_heads=heads(True, cout)))
             dec.append(Entry(f"{prefix}_in1", "block", cout, cout))
-            bottleneck = f"{prefix}_in1"
         else:
             dec.append(Entry(f"{prefix}_up", "block", cout, cout, up=True))
         for idx in range(num_blocks + 1):
@@ -151,7 +148,7 @@ def unet_plan(
         if song and level == 0:
             dec.append(Entry(f"{prefix}_aux_norm", "aux_norm", cout, cout))
             dec.append(Entry(f"{prefix}_aux_conv", "aux_conv", cout, out_channels))
-    return UNetPlan(enc=tuple(enc), dec=tuple(dec), bottleneck=bottleneck)
+    return UNetPlan(enc=tuple(enc), dec=tuple(dec))
 
 
 def resample_buffer_names(plan: UNetPlan) -> list[str]:

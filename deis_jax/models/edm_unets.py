@@ -19,8 +19,10 @@ Embedding (``N`` noise channels, ``E = channel_mult_emb * model_channels``):
   ``e = silu(map_layer1(e) + map_label(labels))``; ``N = model_channels``.
 
 The encoder/decoder layout is :func:`deis_jax.models.edm_topology.unet_plan`. Both networks
-sow their lowest-resolution activation (after the decoder's ``_in0`` / ``_in1`` blocks) as
-``intermediates['bottleneck']``, so :func:`deis_jax.models.apply_with_features` works on them.
+sow the output of their last encoder block (lowest resolution: ``enc['8x8_block3']`` of the
+CIFAR-10 SongUNet, ``enc['8x8_block2']`` of the ImageNet-64 ADM -- the activation the AMED
+authors' predictor reads) as ``intermediates['bottleneck']``, so
+:func:`deis_jax.models.apply_with_features` works on them.
 """
 
 from __future__ import annotations
@@ -105,17 +107,14 @@ class _Encoder(nn.Module):
 
 
 class _Decoder(nn.Module):
-    """The ``dec`` entries; returns ``(x, bottleneck activation)``."""
+    """The ``dec`` entries."""
 
     entries: tuple[Entry, ...]
     style: BlockStyle
-    bottleneck: str
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, skips: list[jax.Array], emb: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        skips, bottleneck, normed = list(skips), None, None
+    def __call__(self, x: jax.Array, skips: list[jax.Array], emb: jax.Array) -> jax.Array:
+        skips, normed = list(skips), None
         for e in self.entries:
             if e.kind == "aux_norm":
                 normed = GroupNorm(self.style.eps, name=e.name)(x)
@@ -125,9 +124,7 @@ class _Decoder(nn.Module):
                 if e.concat:
                     x = jnp.concatenate([x, skips.pop()], axis=-1)
                 x = self.style.block(e)(x, emb)
-                if e.name == self.bottleneck:
-                    bottleneck = x
-        return x, bottleneck
+        return x
 
 
 def _prepare(net, x: jax.Array, noise_labels: jax.Array, train: bool):
@@ -185,9 +182,8 @@ class _UNet(nn.Module):
         """Encoder and decoder of the subclass's ``plan`` and ``style``; sows the bottleneck."""
         plan, style = self.plan, self.style
         x, skips = _Encoder(plan.enc, style, name="enc")(x, emb)
-        x, bottleneck = _Decoder(plan.dec, style, plan.bottleneck, name="dec")(x, skips, emb)
-        self.sow("intermediates", "bottleneck", bottleneck)
-        return x
+        self.sow("intermediates", "bottleneck", x)  # the last encoder block's output
+        return _Decoder(plan.dec, style, name="dec")(x, skips, emb)
 
 
 class SongUNet(_UNet):
