@@ -17,7 +17,10 @@ Not a runnable experiment by itself; every ``configs/{vpsde,vesde}_*.py`` starts
   t ~ U(1e-5, 1), no likelihood weighting; ``checkpoint_every`` = score_sde's pre-emption
   snapshot frequency.
 * ``sampling``  -- ``--mode=sample``: how many images, the batch size, and an optional
-  converted score_sde ``checkpoint`` (None = the EMA weights of <workdir>/checkpoints).
+  converted ``checkpoint`` (None = the EMA weights of <workdir>/checkpoints); for a
+  class-conditional network (EDM's ImageNet-64) the classes to sample, ``labels`` (random |
+  fixed | cycle), ``class_label`` (with fixed) and classifier-free ``guidance_scale``
+  (1 = the conditional model).
 """
 
 import ml_collections
@@ -94,4 +97,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.batch_size = 64  # per call, over all devices (split evenly per device)
     sampling.shard_size = 1000  # samples per atomically written shard (resumable generation)
     sampling.checkpoint = FieldReference(None, field_type=str)
+    sampling.labels = "random"  # class-conditional models only (deis_jax.experiments.class_labels)
+    sampling.class_label = 0
+    sampling.guidance_scale = 1.0
     return config

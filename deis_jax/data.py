@@ -52,6 +52,7 @@ TFDS_DATASETS = (
     "celeb_a",
     "downsampled_imagenet/32x32",
     "imagenet_resized/32x32",
+    "imagenet_resized/64x64",
 )
 EMBEDDED_DATASETS = ("digits",)
 DATASETS = TFDS_DATASETS + EMBEDDED_DATASETS
@@ -78,6 +79,12 @@ _PREPARE_HINTS = {
     "imagenet_resized/32x32": (
         "Its URL (image-net.org/data/downsample/) has broken repeatedly "
         "(tensorflow/datasets#3563); see scripts/prepare_data.py --help."
+    ),
+    "imagenet_resized/64x64": (
+        "Its URL (image-net.org/data/downsample/) has broken repeatedly "
+        "(tensorflow/datasets#3563); see scripts/prepare_data.py --help. The FID of EDM's "
+        "ImageNet-64 model needs no dataset: pass EDM's reference statistics "
+        "(config.eval.reference_stats)."
     ),
 }
 

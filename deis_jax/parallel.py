@@ -232,7 +232,8 @@ def make_generate_fn(
     sample_shape: tuple[int, ...],
     *,
     prior: Callable[[jax.Array], jax.Array] | None = None,
-    bind: Callable[[Any], Callable] | None = None,
+    bind: Callable[..., Callable] | None = None,
+    labels: Callable[[jax.Array], jax.Array] | None = None,
     dtype=jnp.float32,
 ) -> Callable:
     """Jit once: ``fn(params, prior_key, noise_key, indices) -> (x_0, indices)``.
@@ -244,8 +245,13 @@ def make_generate_fn(
     so a sample depends only on its index. ``bind(params) -> eps_fn`` rebinds the network to
     ``params`` (passed as a replicated argument, not baked into the executable); without
     ``bind`` the sampler's own ``eps_fn`` is used and ``params`` is ignored (pass ``None``).
-    ``indices`` is returned alongside ``x_0`` with the same sharding, so a caller can pair
-    rows with indices without assuming a device order."""
+    ``labels(indices) -> classes`` (a class-conditional network,
+    ``deis_jax.experiments.class_labels.ClassLabels``) draws the class of every row from its
+    global index inside the jit, like ``x_T``, and binds them with the parameters:
+    ``bind(params, classes)``. ``indices`` is returned alongside ``x_0`` with the same
+    sharding, so a caller can pair rows with indices without assuming a device order."""
+    if labels is not None and bind is None:
+        raise ValueError("labels need bind(params, labels): the network to condition")
     shape = tuple(int(s) for s in sample_shape)
     if prior is None:
 
@@ -257,7 +263,11 @@ def make_generate_fn(
     def generate(params, prior_key, noise_key, indices):
         x_T = prior_draws(prior, prior_key, indices)
         x_T = jax.lax.with_sharding_constraint(x_T, b)
-        bound = sampler if bind is None else dataclasses.replace(sampler, eps_fn=bind(params))
+        if bind is None:
+            bound = sampler
+        else:
+            classes = () if labels is None else (labels(indices),)
+            bound = dataclasses.replace(sampler, eps_fn=bind(params, *classes))
         if not bound.stochastic:
             return bound(x_T), indices
         return bound(x_T, noise_key, sample_index=indices), indices

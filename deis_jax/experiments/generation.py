@@ -262,7 +262,8 @@ def generate_samples(
     mesh: jax.sharding.Mesh | None = None,
     prior: Callable[[jax.Array], jax.Array] | None = None,
     params: Any = None,
-    bind: Callable[[Any], Callable] | None = None,
+    bind: Callable[..., Callable] | None = None,
+    labels: Callable[[jax.Array], jax.Array] | None = None,
     dtype=jnp.float32,
     postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     metadata: dict | None = None,
@@ -275,7 +276,8 @@ def generate_samples(
     ``per_device_batch * device_count`` samples over all processes). It is a per-device number
     on purpose: XLA's CPU/GPU code for a batched op can depend on its shape, so keeping the
     per-device shape fixed is what makes the samples bit-identical across device counts (see
-    ``docs/scale.md``). ``prior``, ``bind``, ``params``: as in
+    ``docs/scale.md``). ``prior``, ``bind``, ``params``, ``labels`` (the classes of a
+    class-conditional network, keyed by the global index): as in
     :func:`deis_jax.parallel.make_generate_fn`.
     ``postprocess`` maps a shard's float samples (host numpy, checked finite first) to what is
     stored (e.g. uint8 images). ``metadata`` (JSON-able) must name everything else that changes
@@ -350,7 +352,7 @@ def generate_samples(
     calls = int(-(-pending_per_process.max() // local_batch))
 
     generate = parallel.make_generate_fn(
-        sampler, mesh, sample_shape, prior=prior, bind=bind, dtype=dtype
+        sampler, mesh, sample_shape, prior=prior, bind=bind, labels=labels, dtype=dtype
     )
     prior_key, noise_key = parallel.replicate(parallel.sample_keys(seed), mesh)
     params = parallel.replicate(params, mesh) if params is not None else None

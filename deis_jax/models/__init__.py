@@ -178,24 +178,28 @@ def abstract_params(config: Mapping[str, Any]) -> dict:
 
 
 def apply_with_features(
-    model: nn.Module, params: Any, x: jax.Array, labels: jax.Array
+    model: nn.Module, params: Any, x: jax.Array, labels: jax.Array, **kwargs: Any
 ) -> tuple[jax.Array, jax.Array]:
     """``(out, features)`` of ``model`` (in eval mode, ``train=False``).
 
-    ``out`` is exactly ``model.apply({'params': params}, x, labels, train=False)``;
+    ``out`` is exactly ``model.apply({'params': params}, x, labels, train=False, **kwargs)``
+    (``kwargs``: e.g. the ``class_labels`` of an EDM network, whose ``labels`` is sigma);
     ``features`` has shape ``(B, H_low * W_low)``: the channel mean of the activation the
-    network sows as ``intermediates['bottleneck']`` (after the middle block, at the lowest
-    resolution), flattened row-major, float32, wrapped in ``jax.lax.stop_gradient``.
+    network sows as ``intermediates['bottleneck']`` (score_sde's networks: after the middle
+    block; EDM's: the last encoder block; both at the lowest resolution), flattened
+    row-major, float32, wrapped in ``jax.lax.stop_gradient``.
 
     Raises:
-      ValueError: if ``model`` sows no ``bottleneck`` (not an :class:`NCSNpp` / :class:`DDPM`).
+      ValueError: if ``model`` sows no ``bottleneck`` (not a network of deis_jax.models).
     """
-    out, state = model.apply({"params": params}, x, labels, train=False, mutable=["intermediates"])
+    out, state = model.apply(
+        {"params": params}, x, labels, train=False, mutable=["intermediates"], **kwargs
+    )
     sown = state.get("intermediates", {}).get("bottleneck")
     if not sown:
         raise ValueError(
             f"{type(model).__name__} sows no 'bottleneck' intermediate; features are "
-            "available for the networks of deis_jax.models (NCSNpp, DDPM)"
+            "available for the networks of deis_jax.models (NCSNpp, DDPM, EDM's U-Nets)"
         )
     h = sown[-1]
     features = jnp.mean(h.astype(jnp.float32), axis=-1).reshape(h.shape[0], -1)

@@ -42,11 +42,13 @@ from absl import logging
 
 from deis_jax import data
 from deis_jax.config_validation import ConfigError, get_field, require_choice, require_number
+from deis_jax.experiments import class_labels
 from deis_jax.models import (
     DATA_FIELDS_OF_MODEL,
     KNOWN_MODEL_CONFIGS,
     apply_with_features,
     checkpoints,
+    edm_loading,
     get_model,
     get_model_config,
 )
@@ -70,14 +72,20 @@ def model_config(config) -> dict:
 
 
 def build_model(config) -> nn.Module:
-    """The Flax network of ``config`` (``ValueError`` naming a bad ``model.*`` field)."""
+    """The Flax network of ``config`` (``ValueError`` naming a bad ``model.*`` field): a
+    score_sde network, or EDM's preconditioned U-Net (``model.name = 'edm'``,
+    :mod:`deis_jax.models.edm_loading`)."""
+    if edm_loading.is_edm(config):
+        return edm_loading.build_edm_model(config)
     return get_model(model_config(config))
 
 
 def model_prediction(config) -> str:
     """What the network outputs: ``config.model.prediction`` if set, else score_sde's rule:
     ``'score'`` for ``scale_by_sigma`` networks (VE NCSN++), ``'eps'`` otherwise (score =
-    -output / sigma, VP / sub-VP DDPM++)."""
+    -output / sigma, VP / sub-VP DDPM++); ``'x0'`` for EDM's denoisers."""
+    if edm_loading.is_edm(config):
+        return "x0"
     prediction = config.model.get("prediction")
     if prediction is not None:
         return prediction
@@ -103,12 +111,52 @@ def validate_model_and_data(config) -> None:
     require_choice(config, "data.centered", BOOL)
     require_choice(config, "data.random_flip", BOOL)
     get_field(config, "model")
+    validate_class_conditioning(config)
+    if edm_loading.is_edm(config):
+        edm_loading.validate_edm_model(config)
+        return
     try:
         build_model(config)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"config.model is invalid: {err}") from None
     if config.model.get("prediction") is not None:
         require_choice(config, "model.prediction", PREDICTIONS)
+
+
+def num_classes(config) -> int:
+    """The classes of a class-conditional network (0: unconditional; only EDM's networks
+    here are conditional)."""
+    return edm_loading.label_dim(config) if edm_loading.is_edm(config) else 0
+
+
+def validate_class_conditioning(config) -> None:
+    """``config.sampling.labels`` / ``class_label`` / ``guidance_scale`` (read only for a
+    class-conditional network, see ``deis_jax.experiments.class_labels``)."""
+    sampling = config.get("sampling") or {}
+    if edm_loading.is_edm(config) and num_classes(config):
+        require_choice(config, "sampling.labels", class_labels.LABEL_MODES)
+        require_number(
+            config, "sampling.class_label", integer=True, minimum=0,
+            maximum=num_classes(config) - 1,
+        )  # fmt: skip
+        require_number(config, "sampling.guidance_scale")
+    elif sampling.get("guidance_scale", 1.0) not in (None, 1.0):
+        raise ConfigError(
+            "config.sampling.guidance_scale must be 1.0 (or None) for an unconditional "
+            f"network, got {sampling.get('guidance_scale')!r}"
+        )
+
+
+def class_labels_of(config, model: LoadedModel, seed: int) -> class_labels.ClassLabels | None:
+    """The classes the samples of a run are drawn for (None: an unconditional model)."""
+    if not model.num_classes:
+        return None
+    return class_labels.ClassLabels(
+        num_classes=model.num_classes,
+        mode=config.sampling.labels,
+        class_label=int(config.sampling.class_label),
+        seed=int(seed),
+    )
 
 
 # --- parameters ---------------------------------------------------------------------------
@@ -175,19 +223,32 @@ def check_sampling_params(config, workdir: str) -> None:
     ``<workdir>/checkpoints`` holds a step. ``CheckpointNotFoundError`` (one line: the path
     and what to do) otherwise."""
     path = config.sampling.get("checkpoint")
+    if edm_loading.is_edm(config):
+        edm_loading.check_edm_checkpoint(config)  # set, and the config's network
     if not path:
         if latest_step(workdir) is None:
             raise _missing_training_checkpoint(
                 config, os.path.abspath(os.path.join(workdir, "checkpoints"))
             )
         return
-    if os.path.isfile(path):
+    if edm_loading.is_edm(config):
+        convert = (
+            "convert EDM's pickle with python scripts/convert_edm_checkpoint.py --pickle "
+            "<edm-....pkl> --edm-source <clone of github.com/NVlabs/edm> --out <dir>"
+        )
+        if os.path.isfile(path):
+            raise CheckpointNotFoundError(
+                f"config.sampling.checkpoint: '{path}' is a file; EDM networks load from a "
+                f"converted checkpoint directory: {convert} and pass <dir>"
+            )
+    elif os.path.isfile(path):
         return
-    convert = (
-        "convert a score_sde checkpoint_<N> file with python scripts/"
-        f"convert_score_sde_checkpoint.py --checkpoint <file> --model_config <name> --out {path}"
-        ", or pass the checkpoint_<N> file itself"
-    )
+    else:
+        convert = (
+            "convert a score_sde checkpoint_<N> file with python scripts/"
+            f"convert_score_sde_checkpoint.py --checkpoint <file> --model_config <name> "
+            f"--out {path}, or pass the checkpoint_<N> file itself"
+        )
     if not os.path.isdir(path):
         raise CheckpointNotFoundError(
             f"config.sampling.checkpoint: no file or directory at '{path}': {convert}"
@@ -209,6 +270,17 @@ def load_sampling_params(config, workdir: str, model: nn.Module | None = None) -
     does not fit the model a ``CheckpointError`` naming it."""
     check_sampling_params(config, workdir)
     path = config.sampling.get("checkpoint")
+    if edm_loading.is_edm(config):
+        model = build_model(config) if model is None else model
+        try:
+            return edm_loading.load_edm_params(config, model)
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise CheckpointError(
+                f"config.sampling.checkpoint: '{path}' cannot be loaded "
+                f"({_first_line(err)}): it is damaged; convert it again"
+            ) from err
     if path:
         raw = os.path.isfile(path)
         try:
@@ -272,20 +344,31 @@ class LoadedModel:
     :func:`load_model` also give the network's bottleneck feature,
     ``deis_jax.sampling.wrappers.eps_with_features(eps_fn, x, t) -> (eps, features)``."""
 
-    bind: Callable[[Any], EpsFn]
+    bind: Callable[..., EpsFn]
     params: Any
     identity: dict
+    num_classes: int = 0
 
-    def eps_fn(self) -> EpsFn:
-        """The noise prediction with :attr:`params` bound."""
-        return self.bind(self.params)
+    def eps_fn(self, labels: jax.Array | None = None) -> EpsFn:
+        """The noise prediction with :attr:`params` bound (and, for a class-conditional
+        network, the int ``labels`` of the batch, shape ``(B,)``)."""
+        return self.bind(self.params, labels)
 
 
 def _apply_for_sampling(
-    model: nn.Module, params: Any, x: jax.Array, labels: jax.Array, *, features: bool = False
+    model: nn.Module,
+    params: Any,
+    class_labels: None,
+    x: jax.Array,
+    labels: jax.Array,
+    *,
+    features: bool = False,
 ):
-    """The network in eval mode: ``out``, or with ``features=True`` ``(out, features)`` (the
-    bottleneck feature of :func:`deis_jax.models.apply_with_features`)."""
+    """A score_sde network in eval mode (``labels``: its time input; it takes no classes):
+    ``out``, or with ``features=True`` ``(out, features)`` (the bottleneck feature of
+    :func:`deis_jax.models.apply_with_features`)."""
+    if class_labels is not None:
+        raise ValueError(f"{type(model).__name__} is not class-conditional: pass no labels")
     if features:
         return apply_with_features(model, params, x, labels)
     return model.apply({"params": params}, x, labels, train=False)
@@ -301,6 +384,7 @@ def load_model(
     if params not in PARAMS_SOURCES:
         raise ValueError(f"params must be one of {PARAMS_SOURCES}, got {params!r}")
     model = build_model(config)
+    edm = edm_loading.is_edm(config)
     if params == "random":
         logging.warning("config.eval.params='random': an UNTRAINED network (smoke test only)")
         key = jax.random.PRNGKey(config.seed)
@@ -315,12 +399,17 @@ def load_model(
     identity["model"] = config.model.to_dict()
     prediction = model_prediction(config)
 
-    apply = functools.partial(_apply_for_sampling, model)
+    if edm:
+        guidance = config.sampling.get("guidance_scale") or 1.0
+        apply = functools.partial(edm_loading.apply_edm, model, float(guidance))
+    else:
+        apply = functools.partial(_apply_for_sampling, model)
 
-    def bind(p) -> EpsFn:
-        return eps_fn_from_model(jax.tree_util.Partial(apply, p), schedule, prediction)
+    def bind(p, labels: jax.Array | None = None) -> EpsFn:
+        """``eps_fn(x, t)`` of parameters ``p`` (and the batch's class ``labels``)."""
+        return eps_fn_from_model(jax.tree_util.Partial(apply, p, labels), schedule, prediction)
 
-    return LoadedModel(bind, values, identity)
+    return LoadedModel(bind, values, identity, num_classes(config))
 
 
 def describe_model(identity: dict) -> str:

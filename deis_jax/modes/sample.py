@@ -22,7 +22,11 @@ mixes samples of two models. ``sampling.num_samples`` (more samples extend the r
 
 Sample ``i`` starts from ``x_T ~ N(0, prior_std^2)`` drawn with ``fold_in(prior_key, i)`` and
 its noise (stochastic samplers) from ``fold_in(noise_key, i)``, so the images do not depend on
-the batch size or the number of devices or hosts.
+the batch size or the number of devices or hosts. A class-conditional model (EDM's ImageNet-64
+network) samples class ``labels(i)`` (``config.sampling.labels``: ``random`` from the seed,
+``fixed`` = ``config.sampling.class_label``, ``cycle`` = ``i mod classes``;
+``deis_jax.experiments.class_labels``), stored as ``labels`` in ``samples.npz``, with
+classifier-free guidance ``config.sampling.guidance_scale``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ from deis_jax import data, image_grid, parallel
 from deis_jax.config_validation import ConfigError, require_number, validate_sampler, validate_sde
 from deis_jax.experiments import generation
 from deis_jax.io_utils import NPZ_ERRORS, atomic_output, atomic_write_bytes, sha256_file
-from deis_jax.models.loading import LoadedModel, image_shape, load_model, validate_model_and_data
+from deis_jax.models.loading import (
+    LoadedModel,
+    class_labels_of,
+    image_shape,
+    load_model,
+    validate_model_and_data,
+)
 from deis_jax.sampling import solvers
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
@@ -111,10 +121,15 @@ def _warn_if_replacing(npz_path: str, arrays: dict[str, np.ndarray]) -> None:
         logging.warning("%s is damaged (%s): rewritten from the verified shards", npz_path, why)
 
 
-def _write_outputs(out_dir: str, images: np.ndarray, sampler: Sampler, scale: int) -> None:
-    """``samples.npz`` and ``samples.png`` of verified ``images``, each written atomically."""
+def _write_outputs(
+    out_dir: str, images: np.ndarray, sampler: Sampler, scale: int, labels: np.ndarray | None
+) -> None:
+    """``samples.npz`` (with the samples' classes ``labels`` for a class-conditional model)
+    and ``samples.png`` of verified ``images``, each written atomically."""
     npz_path, png_path = os.path.join(out_dir, NPZ_FILE), os.path.join(out_dir, PNG_FILE)
     arrays = {"samples": images, "ts": np.asarray(sampler.ts), "nfe": np.asarray(sampler.nfe)}
+    if labels is not None:
+        arrays["labels"] = labels
     _warn_if_replacing(npz_path, arrays)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -150,6 +165,7 @@ def run(
         config.sampling.num_samples, sampler.method, sampler.order, sampler.nfe,
         sampler.num_steps, mesh.size,
     )  # fmt: skip
+    labels = class_labels_of(config, model, config.seed)
     generation.generate_samples(
         shard_dir,
         sampler,
@@ -162,13 +178,16 @@ def run(
         prior=lambda key: schedule.prior_sample(key, shape),
         params=model.params,
         bind=model.bind,
+        labels=labels,
         postprocess=lambda x: image_grid.to_uint8(data.postprocess(x, config.data.centered)),
         metadata=sample_identity(config, model),
     )
     images = None
     if jax.process_index() == 0:
         images = generation.load_samples(shard_dir).samples
-        _write_outputs(out_dir, images, sampler, scale=max(1, 64 // config.data.image_size))
+        classes = None if labels is None else np.asarray(labels(np.arange(len(images))))
+        scale = max(1, 64 // config.data.image_size)
+        _write_outputs(out_dir, images, sampler, scale, classes)
     return {
         "npz": os.path.join(out_dir, NPZ_FILE),
         "png": os.path.join(out_dir, PNG_FILE),

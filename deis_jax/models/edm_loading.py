@@ -1,0 +1,179 @@
+"""EDM's networks in experiment configs: the ``config.model`` fields, their checks, the
+converted checkpoint they load and the call the samplers make.
+
+    config.model.name = "edm"
+    config.model.precond_class = "VPPrecond"          # VPPrecond | VEPrecond | EDMPrecond
+    config.model.kwargs = {...}                       # EDM's constructor kwargs (init_kwargs)
+    config.sampling.checkpoint = "checkpoints/converted/edm-cifar10-32x32-uncond-vp"
+    config.sampling.labels = "random"                 # class-conditional models: random |
+    config.sampling.class_label = 0                   #   fixed (class_label) | cycle
+    config.sampling.guidance_scale = 1.0              # classifier-free guidance w
+
+The network is EDM's denoiser ``D(x, sigma, class_labels)`` (an x0 prediction) on EDM's noise
+schedule, alpha = 1 and sigma = t (``config.sde.name = 'edm'``): the sampler's time is the
+sigma the preconditioner takes, and ``eps = (x - D) / sigma``
+(``deis_jax.sampling.wrappers``). A class-conditional network gets ``one_hot(labels)``; the
+labels of a batch are bound with the parameters (``LoadedModel.bind(params, labels)``), drawn
+per sample by ``deis_jax.experiments.class_labels.ClassLabels``.
+
+Classifier-free guidance with scale ``w`` evaluates the conditional and the null-label
+(all-zero row, EDM's ``class_labels=None``) outputs in one call on a doubled batch and returns
+``D_u + w (D_c - D_u)``; as eps is affine in D with the same coefficients for both, this is
+the same as guiding eps. ``w = 1`` is the plain conditional model (one call). The published
+ImageNet-64 model was trained without label dropout, so its null-label output is not an
+unconditional model: guidance is there for models that were.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from deis_jax.config_validation import ConfigError
+from deis_jax.models import apply_with_features, checkpoints
+from deis_jax.models.edm_checkpoint import SOURCE
+from deis_jax.models.edm_precond import PRECOND_CLASSES, abstract_params, edm_network_from_kwargs
+
+MODEL_NAME = "edm"
+
+
+def is_edm(config) -> bool:
+    """Whether ``config.model`` names an EDM network."""
+    return config.model.get("name") == MODEL_NAME
+
+
+def _kwargs(config) -> dict[str, Any]:
+    kwargs = config.model.get("kwargs")
+    if kwargs is None:
+        raise ConfigError(
+            "config.model.kwargs must hold EDM's constructor kwargs (a pickle's "
+            "net.init_kwargs, e.g. configs/edm_cifar10_vp.py), got None"
+        )
+    values = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def build_edm_model(config):
+    """The Flax preconditioner + U-Net of ``config.model`` (``ConfigError`` naming a bad
+    ``precond_class`` or kwarg)."""
+    precond_class = config.model.get("precond_class")
+    try:
+        return edm_network_from_kwargs(precond_class, _kwargs(config))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config.model (EDM): {err}") from None
+
+
+def validate_edm_model(config) -> None:
+    """``config.model`` builds, and ``config.data`` agrees with it (image size, channels,
+    centred [-1, 1] data as EDM trains on)."""
+    if config.model.get("precond_class") not in PRECOND_CLASSES:
+        raise ConfigError(
+            f"config.model.precond_class must be one of {list(PRECOND_CLASSES)}, got "
+            f"{config.model.get('precond_class')!r}"
+        )
+    net = build_edm_model(config)
+    for data_field, value in (
+        ("image_size", net.img_resolution),
+        ("num_channels", net.img_channels),
+    ):
+        if config.data[data_field] != value:
+            raise ConfigError(
+                f"config.data.{data_field} must be {value} for this EDM network "
+                f"(config.model.kwargs), got {config.data[data_field]!r}"
+            )
+    if config.data.centered is not True:
+        raise ConfigError("config.data.centered must be True for EDM networks (data in [-1, 1])")
+
+
+def label_dim(config) -> int:
+    """The number of classes of a conditional EDM network (0: unconditional)."""
+    return int(_kwargs(config).get("label_dim", 0) or 0)
+
+
+def check_edm_checkpoint(config) -> None:
+    """``config.sampling.checkpoint`` is a converted EDM checkpoint of ``config.model``:
+    ``ConfigError`` naming every constructor kwarg that differs."""
+    path = config.sampling.get("checkpoint")
+    if not path:
+        raise ConfigError(
+            "config.sampling.checkpoint must name a converted EDM checkpoint (EDM networks are "
+            "not trained here): convert the published pickle with "
+            "python scripts/convert_edm_checkpoint.py --pickle <file.pkl> --edm-source <edm "
+            "clone> --out <dir>"
+        )
+    if not os.path.isfile(os.path.join(path, checkpoints.METADATA_FILE)):
+        return  # reported by loading.check_sampling_params, with the conversion command
+    meta = checkpoints.load_params_metadata(path)
+    if meta.get("source") != SOURCE:
+        raise ConfigError(
+            f"config.sampling.checkpoint: '{path}' is not a converted EDM checkpoint (source "
+            f"{meta.get('source')!r}); convert it with scripts/convert_edm_checkpoint.py"
+        )
+    ours = {"precond_class": config.model.precond_class, **_kwargs(config)}
+    theirs = {"precond_class": meta.get("precond_class"), **meta.get("constructor_kwargs", {})}
+    differ = [
+        f"{key}: {theirs.get(key)!r} (checkpoint) vs {ours.get(key)!r} (config)"
+        for key in sorted(set(ours) | set(theirs))
+        if key != "dropout" and _normal(theirs.get(key)) != _normal(ours.get(key))
+    ]
+    if differ:
+        raise ConfigError(
+            f"config.model does not describe the EDM checkpoint '{path}': "
+            + "; ".join(differ)
+            + " (copy the checkpoint's constructor_kwargs from its "
+            f"{checkpoints.METADATA_FILE} into config.model.kwargs)"
+        )
+
+
+def _normal(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def load_edm_params(config, net) -> Any:
+    """The parameters of the converted checkpoint ``config.sampling.checkpoint`` (checked
+    against ``net``'s tree)."""
+    check_edm_checkpoint(config)
+    path = config.sampling.checkpoint
+    params = checkpoints.load_params(path)
+    checkpoints.check_params_tree(params, abstract_params(net), f"'{path}'")
+    return params
+
+
+def _one_hot(net, labels: jax.Array | None) -> jax.Array | None:
+    if labels is None or not net.label_dim:
+        return None
+    return jax.nn.one_hot(labels, net.label_dim, dtype=jnp.float32)
+
+
+def apply_edm(
+    net,
+    guidance_scale: float,
+    params: Any,
+    labels: jax.Array | None,
+    x: jax.Array,
+    sigma: jax.Array,
+    *,
+    features: bool = False,
+):
+    """``D(x, sigma)`` with the class ``labels`` (int, ``(B,)``; None: the null label), guided
+    with ``guidance_scale`` (see the module docstring); with ``features=True`` ``(D,
+    features)``, the bottleneck feature of the conditional call."""
+    class_labels = _one_hot(net, labels)
+    w = float(guidance_scale)
+    if w != 1.0 and class_labels is not None:
+        n = x.shape[0]
+        x = jnp.concatenate([x, x])
+        sigma = jnp.concatenate([jnp.broadcast_to(sigma, (n,))] * 2)
+        class_labels = jnp.concatenate([class_labels, jnp.zeros_like(class_labels)])
+    if features:
+        out, feats = apply_with_features(net, params, x, sigma, class_labels=class_labels)
+    else:
+        out, feats = net.apply({"params": params}, x, sigma, class_labels), None
+    if w != 1.0 and class_labels is not None:
+        n = out.shape[0] // 2
+        out = out[n:] + w * (out[:n] - out[n:])
+        feats = None if feats is None else feats[:n]
+    return (out, feats) if features else out
