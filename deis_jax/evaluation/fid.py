@@ -52,10 +52,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+from absl import logging
 from jax.experimental import multihost_utils
 
 from deis_jax import data
-from deis_jax.io_utils import atomic_write_bytes
+from deis_jax.io_utils import atomic_write_bytes, move_aside
 
 
 class FeatureExtractor(Protocol):
@@ -380,32 +381,57 @@ def save_stats(path: str, stats: FeatureStats, **metadata: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+class StatsFileError(ValueError):
+    """A statistics file that cannot be read (torn, garbled) or holds no usable statistics."""
+
+
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     """``(mu, sigma, metadata)`` from a pytorch-fid / OpenAI (``mu``, ``sigma``), score_sde
-    (``pool_3`` activations) or ``save_stats`` file (see the module docstring)."""
+    (``pool_3`` activations) or ``save_stats`` file (see the module docstring).
+
+    ``FileNotFoundError`` when there is no file; ``StatsFileError`` naming the file when it
+    is not a readable ``.npz`` (torn or garbled: the zip's CRC-32 of every array is checked as
+    it is read), lacks the arrays, or holds statistics that are not finite or do not fit
+    together."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"statistics file {path!r} does not exist")
-    with np.load(path, allow_pickle=False) as f:
-        keys = set(f.files)
-        meta = {k: str(f[k]) for k in keys if f[k].dtype.kind == "U" and f[k].ndim == 0}
-        if {"mu", "sigma"} <= keys:
-            return np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64), meta
-        if "pool_3" in keys:
-            acts = np.asarray(f["pool_3"], np.float64).reshape(len(f["pool_3"]), -1)
-            meta.setdefault("source", "score_sde pool_3 activations")
-            return acts.mean(axis=0), np.cov(acts, rowvar=False), meta
-    raise ValueError(
-        f"{path!r} has neither 'mu'/'sigma' (pytorch-fid, OpenAI) nor 'pool_3' (score_sde) "
-        f"arrays; it has {sorted(keys)}"
-    )
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as err:  # zipfile, numpy header and EOF errors of a damaged file
+        raise StatsFileError(
+            f"statistics file {path!r} is damaged or not a .npz ({type(err).__name__}: {err}); "
+            f"replace it (download or compute it again)"
+        ) from err
+    meta = {k: str(v) for k, v in arrays.items() if v.dtype.kind == "U" and v.ndim == 0}
+    if {"mu", "sigma"} <= set(arrays):
+        mu, sigma = np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64)
+    elif "pool_3" in arrays:
+        acts = np.asarray(arrays["pool_3"], np.float64).reshape(len(arrays["pool_3"]), -1)
+        meta.setdefault("source", "score_sde pool_3 activations")
+        mu, sigma = acts.mean(axis=0), np.cov(acts, rowvar=False)
+    else:
+        raise StatsFileError(
+            f"{path!r} has neither 'mu'/'sigma' (pytorch-fid, OpenAI) nor 'pool_3' (score_sde) "
+            f"arrays; it has {sorted(arrays)}"
+        )
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise StatsFileError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise StatsFileError(f"{path!r} holds non-finite statistics; replace it")
+    return mu, sigma, meta
 
 
 def load_feature_stats(path: str) -> FeatureStats | None:
-    """The exact streaming sums of a ``save_stats`` file (None for other formats)."""
-    with np.load(path, allow_pickle=False) as f:
-        if not {"n", "sum", "sum_outer"} <= set(f.files):
-            return None
-        return FeatureStats(int(f["n"]), np.array(f["sum"]), np.array(f["sum_outer"]))
+    """The exact streaming sums of a ``save_stats`` file (None for other formats;
+    ``StatsFileError`` for a damaged file, see :func:`load_stats`)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not {"n", "sum", "sum_outer"} <= set(f.files):
+                return None
+            return FeatureStats(int(f["n"]), np.array(f["sum"]), np.array(f["sum_outer"]))
+    except Exception as err:
+        raise StatsFileError(f"statistics file {path!r} is damaged ({type(err).__name__})") from err
 
 
 def stats_of_images(
@@ -455,6 +481,22 @@ def dataset_image_batches(
         yield np.round(np.stack(imgs) * 255.0).astype(np.uint8)
 
 
+def _cached_stats(cache_path: str, meta: dict[str, Any]) -> FeatureStats | None:
+    """The statistics cached at ``cache_path`` when its metadata is ``meta``; None (rebuild)
+    otherwise. A damaged cache is moved aside (``<path>.damaged-<UTC time>``) with a warning
+    naming it."""
+    try:
+        _, _, cached = load_stats(cache_path)
+        stats = load_feature_stats(cache_path)
+    except StatsFileError as err:
+        moved = move_aside(cache_path, "damaged")
+        logging.warning("%s; moved aside to %s, computing the statistics again", err, moved)
+        return None
+    if stats is None or any(cached.get(k) != str(v) for k, v in meta.items()):
+        return None
+    return stats
+
+
 def reference_stats(
     extractor: FeatureExtractor,
     data_config,
@@ -469,7 +511,8 @@ def reference_stats(
     """Statistics of a dataset (``config.data``) under ``extractor``, cached at ``cache_path``.
 
     The cache is reused only when its metadata (extractor, weights hash, dataset, split,
-    image size, image count) matches. Returns ``{'stats', 'mu', 'sigma', 'features'?}``.
+    image size, image count) matches; a damaged cache is moved aside and rebuilt. Returns
+    ``{'stats', 'mu', 'sigma', 'features'?}``.
     """
     meta = {
         "extractor": extractor.name,
@@ -481,11 +524,9 @@ def reference_stats(
         "preprocess": "deis_jax.data.to_unit_float -> uint8",
     }
     if cache_path and os.path.exists(cache_path) and not keep_features:
-        _, _, cached = load_stats(cache_path)
-        if all(cached.get(k) == str(v) for k, v in meta.items()):
-            stats = load_feature_stats(cache_path)
-            if stats is not None:
-                return {"stats": stats, "mu": stats.mean, "sigma": stats.cov}
+        stats = _cached_stats(cache_path, meta)
+        if stats is not None:
+            return {"stats": stats, "mu": stats.mean, "sigma": stats.cov}
     batches = dataset_image_batches(data_config, split, batch_size, max_images, source=source)
     out = stats_of_images(extractor, batches, keep_features=keep_features)
     stats = out["stats"]

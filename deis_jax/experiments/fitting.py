@@ -34,10 +34,11 @@ import numpy as np
 
 from deis_jax import build
 from deis_jax.experiments.engine import fingerprint
+from deis_jax.experiments.sealed_cells import FAILED
 from deis_jax.fitting.amed import amed_teacher, fit_amed
 from deis_jax.fitting.optimize import endpoint_loss, optimize_grid
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
-from deis_jax.io_utils import atomic_write_text
+from deis_jax.io_utils import atomic_write_text, sha256_file
 from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.sampling.method_spec import MethodChoice
 from deis_jax.sampling.sampler import Sampler
@@ -151,7 +152,7 @@ def compute_cell(
         grid.save(path)
         plan = grid.plan(schedule)
         prov = grid.provenance
-        record.update(grid_file=os.path.relpath(path, workdir),
+        record.update(grid_file=os.path.relpath(path, workdir), grid_sha256=sha256_file(path),
                       val_loss_init=prov["val_loss_init"], val_loss_fitted=prov["val_loss_fitted"],
                       fit_seconds=prov["seconds"],
                       val_loss_curve=prov["fit"].get("val_loss_curve"))  # fmt: skip
@@ -159,13 +160,32 @@ def compute_cell(
         rule_params = None
         kind = None if variant == "default" else variant.split(":", 1)[1]
         plan = _fixed_plan(sampler_cfg, schedule, problem, choice, nfe, kind)
-    mse = endpoint_loss(plan, problem.eps_fn, problem.x_heldout, teach.heldout.x0,
-                        rule_params=rule_params)  # fmt: skip
-    record.update(nfe=plan.nfe, heldout_rmse=float(np.sqrt(mse)), ts=[float(t) for t in plan.ts],
+    rmse = float(np.sqrt(endpoint_loss(plan, problem.eps_fn, problem.x_heldout,
+                                       teach.heldout.x0, rule_params=rule_params)))  # fmt: skip
+    record.update(nfe=plan.nfe, heldout_rmse=rmse if np.isfinite(rmse) else None,
+                  ts=[float(t) for t in plan.ts],
                   reference_error=teach.heldout.error_estimate)  # fmt: skip
+    if record["heldout_rmse"] is None:
+        record[FAILED] = "held-out samples non-finite (their RMSE is not finite)"
     if scorer is not None:  # e.g. FD-digits on config.eval.num_samples images
-        record["fd"] = scorer.score(Sampler(plan, problem.eps_fn, rule_params))["value"]
+        scored = scorer.score(Sampler(plan, problem.eps_fn, rule_params))
+        record["fd"] = scored["value"]
+        if scored.get(FAILED):
+            record[FAILED] = scored[FAILED]
     return record
+
+
+def artifact_problem(workdir: str, record: dict) -> str | None:
+    """Why a cached cell ``record`` cannot be reused: the grid (or predictor) file it wrote is
+    missing or is not the file it wrote (sha256); None when it can."""
+    if "grid_file" not in record:
+        return None
+    path = os.path.join(workdir, record["grid_file"])
+    if not os.path.isfile(path):
+        return f"its file {path} is missing"
+    if sha256_file(path) != record.get("grid_sha256"):
+        return f"its file {path} is not the one the cell wrote (sha256 differs)"
+    return None
 
 
 def _fixed_plan(sampler_cfg, schedule, problem: FitProblem, choice: MethodChoice, nfe: int,
@@ -202,7 +222,8 @@ def _train_amed(config, schedule, problem: FitProblem, choice: MethodChoice, nfe
     )  # fmt: skip
     fit.predictor.save(path)
     prov = fit.predictor.provenance
-    record.update(grid_file=os.path.relpath(path, workdir), val_loss_init=prov["val_loss_init"],
+    record.update(grid_file=os.path.relpath(path, workdir), grid_sha256=sha256_file(path),
+                  val_loss_init=prov["val_loss_init"],
                   val_loss_fitted=prov["val_loss_fitted"], fit_seconds=prov["seconds"],
                   val_loss_curve=prov["val_loss_curve"],
                   teacher_error=teacher.error_estimate)  # fmt: skip
@@ -225,11 +246,12 @@ def experiment_fingerprint(config) -> str:
 
 def summary_rows(records: list[dict], nfes) -> list[list[Any]]:
     """Per problem and NFE: the best fixed and the best fitted configuration (held-out RMSE
-    minimum over methods and variants) and their ratio."""
+    minimum over methods and variants, failed cells left out) and their ratio."""
     rows = []
     for problem in dict.fromkeys(r["problem"] for r in records):
         for nfe in nfes:
-            cells = [r for r in records if r["problem"] == problem and r["nfe_budget"] == nfe]
+            cells = [r for r in records if r["problem"] == problem and r["nfe_budget"] == nfe
+                     and not r.get(FAILED)]  # fmt: skip
             fixed = [r for r in cells if r["variant"] not in FITTED_VARIANTS]
             fitted = [r for r in cells if r["variant"] in FITTED_VARIANTS]
             if not fixed or not fitted:
@@ -243,23 +265,29 @@ def summary_rows(records: list[dict], nfes) -> list[list[Any]]:
 
 
 def metric_rows(records: list[dict], problem: str, variants, nfes, metric: str) -> list[list]:
-    """``[method, variant, value at each NFE (None if missing)]`` rows of one problem."""
+    """``[method, variant, value at each NFE (None if missing, "failed" for a failed cell)]``
+    rows of one problem."""
     rows = []
     for method in dict.fromkeys(r["method"] for r in records if r["problem"] == problem):
         for variant in variants:
             cells = {r["nfe_budget"]: r for r in records if r["problem"] == problem
                      and r["method"] == method and r["variant"] == variant}  # fmt: skip
             if cells:
-                rows.append([method, variant] + [cells[n].get(metric) if n in cells else None
-                                                 for n in nfes])  # fmt: skip
+                rows.append([method, variant] + [_value(cells.get(n), metric) for n in nfes])
     return rows
+
+
+def _value(record: dict | None, metric: str):
+    if record is None:
+        return None
+    return "failed" if record.get(FAILED) else record.get(metric)
 
 
 def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: int) -> None:
     """``results.{md,csv}``, ``rmse_vs_nfe.png``, ``grids.png``, ``loss_curves.png``."""
     fields = ["problem", "method", "variant", "nfe_budget", "nfe", "heldout_rmse", "fd",
               "val_loss_init", "val_loss_fitted", "fit_seconds", "reference_error",
-              "grid_file"]  # fmt: skip
+              "grid_file", "failed"]  # fmt: skip
     write_csv(os.path.join(workdir, "results.csv"), records, fields)
     lines = ["# Fitted grids and tables: held-out RMSE against the reference\n"]
     lines.append(
@@ -275,11 +303,10 @@ def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: in
     panels = []
     for problem in problems:
         rows = metric_rows(records, problem, variants, nfes, "heldout_rmse")
-        series = {
-            f"{row[0]} {row[1]}": ([n for n, v in zip(nfes, row[2:], strict=True) if v is not None],
-                                   [v for v in row[2:] if v is not None])
-            for row in rows
-        }  # fmt: skip
+        series = {}
+        for row in rows:
+            pts = [(n, v) for n, v in zip(nfes, row[2:], strict=True) if isinstance(v, float)]
+            series[f"{row[0]} {row[1]}"] = ([n for n, _ in pts], [v for _, v in pts])
         err = max(r["reference_error"] for r in records if r["problem"] == problem)
         lines.append(f"\n## {problem}\n\nReference error estimate: {err:.2e}.\n")
         lines.append(markdown_table(["method", "grid"] + [f"NFE {n}" for n in nfes], rows))

@@ -19,6 +19,10 @@ would be and streamed through the feature extractor (``fid.FeatureStats``); the 
   (RK4 with ``rmse_reference_steps`` steps, validated by step doubling; solved once);
 * ``num_samples``, ``nonfinite_samples``, ``seconds``.
 
+When any sample is not finite (``deis_jax.sampling.diagnostics.nonfinite_samples``, counted over
+every process) the record is a failure, not a result: ``failed`` says how many samples (and
+the first indices) and every metric is None.
+
 Several processes: each process generates every ``process_count``-th batch on its own devices
 and the feature (and IS) statistics are all-gathered before the distance is taken.
 """
@@ -43,7 +47,9 @@ from deis_jax.evaluation.features import Reference
 from deis_jax.evaluation.metrics import rmse
 from deis_jax.evaluation.reference import Reference as ReferenceSolve
 from deis_jax.evaluation.reference import reference_solve
+from deis_jax.experiments.sealed_cells import SHOWN, nonfinite_reason
 from deis_jax.models.loading import LoadedModel, image_shape
+from deis_jax.sampling.diagnostics import nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
 
@@ -109,13 +115,13 @@ class SampleScorer:
             is_stats = fid.ISStats.empty(self.extractor.num_classes, self.n, int(ev.is_splits))
         feats, rmse_out = [], []
         m = int(ev.rmse_num_samples) if (ev.rmse and not sampler.stochastic) else 0
-        nonfinite = 0
+        nonfinite: list[int] = []  # global indices of non-finite samples (this process)
         for offset in self.batches():
             indices = np.arange(offset, offset + self.batch, dtype=np.int32)
             x, _ = generate(params, prior_key, noise_key, parallel.shard_batch(indices, self.mesh))
             count = min(self.batch, self.n - offset)
             x = np.asarray(jax.device_get(x))[:count]
-            nonfinite += int(np.sum(~np.all(np.isfinite(x.reshape(count, -1)), axis=1)))
+            nonfinite += [offset + int(i) for i in nonfinite_samples(x)]
             if offset < m:
                 rmse_out.append(x[: m - offset].astype(np.float64))
             images = image_grid.to_uint8(data.postprocess(np.nan_to_num(x), config.data.centered))
@@ -129,14 +135,17 @@ class SampleScorer:
             if advance is not None:
                 advance(count * sampler.nfe)
         stats = fid.allgather_stats(stats)
+        count, shown = _gather_indices(nonfinite)
+        record: dict[str, Any] = {"num_samples": stats.n, "nonfinite_samples": count}
+        if count:
+            record.update(value=None, failed=nonfinite_reason(shown, stats.n, count))
+            record["seconds"] = time.perf_counter() - start
+            logging.warning("%s: %s", sampler.method, record["failed"])
+            return record
         reference = self.reference.get(features=bool(ev.kid))
-        record: dict[str, Any] = {
-            "value": fid.frechet_distance(
-                stats.mean, stats.cov, reference["mu"], reference["sigma"]
-            ),
-            "num_samples": stats.n,
-            "nonfinite_samples": nonfinite,
-        }
+        record["value"] = fid.frechet_distance(
+            stats.mean, stats.cov, reference["mu"], reference["sigma"]
+        )
         if is_stats is not None:
             record["is_mean"], record["is_std"] = fid.allgather_is_stats(is_stats).result()
         if ev.kid:
@@ -153,6 +162,12 @@ class SampleScorer:
             record["rmse"] = rmse(np.concatenate(rmse_out)[:m], reference_output(bound, ref))
             record["rmse_reference_error"] = ref.error_estimate
         record["seconds"] = time.perf_counter() - start
-        if nonfinite:
-            logging.warning("%d of %d samples are not finite", nonfinite, stats.n)
         return record
+
+
+def _gather_indices(indices: list[int]) -> tuple[int, list[int]]:
+    """``(count over every process, the smallest SHOWN of the processes' indices)``."""
+    head = (sorted(indices) + [-1] * SHOWN)[:SHOWN]
+    gathered = parallel.allgather_ints([len(indices), *head])
+    shown = sorted(int(i) for i in gathered[:, 1:].ravel() if i >= 0)[:SHOWN]
+    return int(gathered[:, 0].sum()), shown

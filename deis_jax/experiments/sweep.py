@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -43,6 +44,7 @@ from absl import logging
 from deis_jax import config_validation as cv
 from deis_jax.evaluation import gmm
 from deis_jax.experiments.engine import fingerprint
+from deis_jax.experiments.sealed_cells import FAILED
 from deis_jax.io_utils import atomic_write_text
 from deis_jax.reporting import markdown_table, pivot, plot_metric_vs_nfe, write_csv
 from deis_jax.sampling.method_spec import parse_method_spec
@@ -210,6 +212,26 @@ register_evaluator("gmm", gmm.validate_problem, gmm.evaluate_point)
 # --- summary -------------------------------------------------------------------------------
 
 
+def check_finite(record: dict) -> dict:
+    """An evaluator record with every non-finite number replaced by None and, if there was
+    one, a ``failed`` reason naming the fields (e.g. ``"dim 2: non-finite rmse"``): a NaN is
+    never tabulated as a result."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    where = f"dim {record['dim']}: " if "dim" in record else ""
+    return {**record, **dict.fromkeys(bad), FAILED: f"{where}non-finite {', '.join(bad)}"}
+
+
+def csv_fields(rows: list[dict], axis_fields: list[str], metrics: Sequence[str]) -> list[str]:
+    """The columns of ``sweep.csv`` in a defined order (never the order of a record's keys,
+    which differs between a computed and a cached record): the axes, ``dim`` and ``nfe``, the
+    metrics, then every other field sorted."""
+    present = {k for r in rows for k in r}
+    leading = [k for k in dict.fromkeys([*axis_fields, "dim", "nfe", *metrics]) if k in present]
+    return leading + sorted(present - set(leading))
+
+
 def summary_rows(records: Iterable[dict]) -> list[dict]:
     """One flat row per evaluator record: the point's overrides, then the record's fields."""
     return [{**point["overrides"], **row} for point in records for row in point["records"]]
@@ -218,11 +240,11 @@ def summary_rows(records: Iterable[dict]) -> list[dict]:
 def write_summary(
     workdir: str, rows: list[dict], overrides: list[dict], x: str, metrics: Sequence[str]
 ) -> None:
-    """``sweep.csv`` (every row), ``sweep.md`` (metric tables: point label x ``x``, one per
-    metric and ``dim``) and ``sweep.png`` (first metric vs spent NFE)."""
+    """``sweep.csv`` (every row, columns :func:`csv_fields`), ``sweep.md`` (metric tables: point
+    label x ``x``, one per metric and ``dim``; a failed row reads "failed") and ``sweep.png``
+    (first metric vs spent NFE)."""
     axis_fields = list(dict.fromkeys(k for o in overrides for k in o))
-    record_fields = list(dict.fromkeys(k for r in rows for k in r if k not in axis_fields))
-    write_csv(os.path.join(workdir, "sweep.csv"), rows, axis_fields + record_fields)
+    write_csv(os.path.join(workdir, "sweep.csv"), rows, csv_fields(rows, axis_fields, metrics))
     rows = [
         {**r, "_label": point_label({k: r[k] for k in axis_fields if k in r}, x), "_x": r.get(x)}
         for r in rows
@@ -239,8 +261,9 @@ def write_summary(
             if all(r.get(metric) is None for r in recs):
                 continue
             row_labels, cols, cells = pivot(
-                recs, "_label", "_x", lambda r, m=metric: r.get(m), labels, xs
-            )
+                recs, "_label", "_x", lambda r, m=metric: "failed" if r.get(FAILED) else r.get(m),
+                labels, xs,
+            )  # fmt: skip
             header = [f"{metric} ({title}) \\ {x}"] + [str(c) for c in cols]
             body = [[a] + c for a, c in zip(row_labels, cells, strict=True)]
             sections.append(f"## {metric}, {title}\n\n" + markdown_table(header, body))

@@ -44,6 +44,7 @@ import numpy as np
 from deis_jax import build
 from deis_jax.evaluation.paper_numbers import PAPER_TABLES, PaperValue, with_extra_nfe
 from deis_jax.experiments.fitting import grid_path
+from deis_jax.experiments.sealed_cells import FAILED
 from deis_jax.io_utils import atomic_write_bytes, atomic_write_text
 from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.sampling import solvers
@@ -334,7 +335,7 @@ def fingerprint_payload(config, model_identity: dict, extractor) -> dict[str, An
 CSV_FIELDS = (
     "table", "method", "spec", "grid", "nfe_budget", "nfe", "metric", "value", "paper",
     "paper_nfe", "is_mean", "is_std", "kid_mean", "kid_std", "rmse", "rmse_reference_error",
-    "num_samples", "nonfinite_samples", "seconds", "predictor_file", "predictor_sha256",
+    "num_samples", "nonfinite_samples", "failed", "seconds", "predictor_file", "predictor_sha256",
 )  # fmt: skip
 REPORT_FILES = (("md", "table.md"), ("csv", "table.csv"), ("png", "metric_vs_nfe.png"))
 
@@ -389,7 +390,8 @@ def write_report(
     """Rewrite ``table.csv`` and ``table.md`` (and ``metric_vs_nfe.png`` when ``plot``) from
     the finished cells ``done`` (``{cell key: record}``, the records of this run's cells);
     returns the records in table order, with the paper's value (``paper``, ``paper_nfe``)
-    added."""
+    added. A failed cell (its ``failed`` reason) reads "failed" in every table and is listed
+    with its reason under them."""
     by_cell = {(r["method"], r["nfe_budget"]): r for r in done.values()}
     records = []
     for row in rows:
@@ -408,6 +410,8 @@ def write_report(
 
     def cell(row, nfe, key, digits=4):
         r = index.get((row.label, nfe))
+        if r is not None and r.get(FAILED):
+            return "failed"
         if r is None or r.get(key) is None:
             return "—"
         return with_extra_nfe(_fmt(r[key], digits), r["nfe"] - r["nfe_budget"])
@@ -449,6 +453,12 @@ def write_report(
             body = [[row.label] + [cell(row, n, key, digits) for n in nfes] for row in rows]
             header = ["method"] + [f"NFE {n}" for n in nfes]
             sections.append(f"## {title}\n\n" + markdown_table(header, body))
+    failed = [f"{r['method']} NFE {r['nfe_budget']}: {r[FAILED]}" for r in records if r.get(FAILED)]
+    if failed:
+        sections.append(
+            "## Failed cells\n\nNot results (computed again by the next run):\n\n"
+            + "".join(f"- {line}\n" for line in failed)
+        )
     seconds = sum(r.get("seconds") or 0.0 for r in records)
     sections.append(
         f"{len(records)} cells, {seconds / 60:.1f} min of sampling and scoring "

@@ -7,7 +7,10 @@
 A file holds ``ts`` (float64, decreasing, written with ``repr`` precision so it round-trips
 exactly), the sampling settings it is valid for (method, order, options, NFE, schedule,
 interval), the optional learned table corrections (``deis_jax.sampling.learned``), and its
-provenance (objective, model, teacher, losses, fit settings). A grid fitted for one setting
+provenance (objective, model, teacher, losses, fit settings), and the ``sha256`` of all of it
+(:func:`content_sha256`): a file damaged or edited after it was written is refused by
+:meth:`OptimizedGrid.load` (a file without the entry, written by hand or by an older deis_jax,
+is read unchecked). A grid fitted for one setting
 is refused for any other: the grid of a 5-NFE tAB-3 sampler is not a good 6-NFE iPNDM grid,
 and a file used where it does not belong would silently give a worse sampler.
 """
@@ -15,6 +18,7 @@ and a file used where it does not belong would silently give a worse sampler.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from typing import Any
@@ -30,6 +34,13 @@ from deis_jax.sampling.sde import NoiseSchedule
 OPTIMIZED_GRID = "optimized"  # the config's grid kind for a fitted grid file
 OBJECTIVES = ("gits", "ld3")
 FORMAT_VERSION = 1
+
+
+def content_sha256(record: dict) -> str:
+    """sha256 of a grid file's record without its ``sha256`` entry (canonical JSON, keys
+    sorted)."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -150,6 +161,7 @@ class OptimizedGrid:
             "max_delta": self.max_delta,
             "provenance": self.provenance,
         }
+        record["sha256"] = content_sha256(json.loads(json.dumps(record, allow_nan=False)))
         return json.dumps(record, indent=1, sort_keys=False, allow_nan=False) + "\n"
 
     def save(self, path: str) -> None:
@@ -159,14 +171,20 @@ class OptimizedGrid:
     @classmethod
     def load(cls, path: str) -> OptimizedGrid:
         """Read a file written by :meth:`save`; ``ValueError`` naming the path if it is not
-        one (torn, edited, or another kind of JSON)."""
+        one (torn, damaged or edited after it was written, or another kind of JSON)."""
         try:
             with open(path) as f:
                 record = json.load(f)
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # JSON or UTF-8 error
             raise ValueError(f"{path} is not a valid grid file (damaged JSON: {err})") from None
         if not isinstance(record, dict) or record.get("format") != "deis_jax.OptimizedGrid":
             raise ValueError(f"{path} is not a deis_jax OptimizedGrid file")
+        if "sha256" in record and record["sha256"] != content_sha256(record):
+            raise ValueError(
+                f"{path} does not match the sha256 recorded in it (damaged, or edited after it "
+                f'was written): fit it again with --mode=fit, or delete its "sha256" entry to '
+                f"use a file edited on purpose"
+            )
         if record.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path} has grid-file version {record.get('version')!r}; "

@@ -12,8 +12,11 @@ doubling); the problem and the cell are :mod:`deis_jax.evaluation.gmm`. Each cel
   reference row shows what an exact ODE solve from ``t1`` to ``t0`` reaches).
 
 The reference row of each dimension is a cell too. Cells run on the experiment engine
-(:mod:`deis_jax.experiments.engine`): each finished cell is appended to ``results.jsonl`` (a
-killed run resumes where it stopped); ``results.csv``, ``results.md``, ``error_vs_nfe.png`` and
+(:mod:`deis_jax.experiments.engine`, lines sealed and checked on resume by
+:mod:`deis_jax.experiments.sealed_cells`): each finished cell is appended to ``results.jsonl``
+(a killed run resumes where it stopped; a damaged line is named and its cell computed again;
+a cell with non-finite samples is reported as failed, without metrics, and computed again by
+the next run); ``results.csv``, ``results.md``, ``error_vs_nfe.png`` and
 ``samples_2d.png`` are rewritten atomically at the end. The scatter plot shows the dim-2
 samples at ``compare.scatter_nfe``: those computed in this run are kept, those of cached cells
 are recomputed (2-D, deterministic, a fraction of a second each).
@@ -29,7 +32,9 @@ import jax
 from deis_jax import build, parallel
 from deis_jax import config_validation as cv
 from deis_jax.evaluation import gmm
-from deis_jax.experiments.engine import Cell, Progress, fingerprint, run_cells
+from deis_jax.experiments.engine import Cell, Progress, fingerprint
+from deis_jax.experiments.sealed_cells import nonfinite_reason, run_sealed_cells
+from deis_jax.sampling.diagnostics import nonfinite_samples
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sde import NoiseSchedule
 
@@ -75,12 +80,17 @@ def validate(config) -> Plan:
 
 
 def _cell(config, plan: Plan, problem, choice, nfe, mesh) -> tuple[dict, tuple]:
-    """One method cell: its result row and its scatter panel ``(title, samples)``."""
+    """One method cell: its result row and its scatter panel ``(title, samples)``. When a
+    sample is not finite the row is a failure: ``failed`` says how many, the metrics are
+    None."""
     sampler = build.sampler_from_config(
         config.sampler, plan.schedule, problem.eps_fn, method=choice.method,
         order=choice.order, nfe=nfe, options=choice.options,
     )  # fmt: skip
     record, out = gmm.run_cell(problem, sampler, mesh)
+    bad = nonfinite_samples(out)
+    if bad.size:
+        record.update(rmse=None, nll_gap=None, failed=nonfinite_reason(bad, len(out)))
     panel = (f"{choice.label} (NFE {sampler.nfe})", out)
     return {"method": choice.label, "nfe_budget": nfe, **record}, panel
 
@@ -108,7 +118,7 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
 
     os.makedirs(workdir, exist_ok=True)
     records = list(
-        run_cells(
+        run_sealed_cells(
             plan.cells, compute, cache_path=os.path.join(workdir, "results.jsonl"),
             fingerprint=plan.fingerprint, desc="compare",
         ).values()

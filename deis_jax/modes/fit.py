@@ -12,6 +12,12 @@ the image model of the config (``fit.params``: its checkpoint as ``--mode=sample
 or ``random``). Writes the grid files (``grids/``), the teacher caches (``teachers/``), the
 cell cache ``results.jsonl`` (a killed run resumes where it stopped) and the report.
 
+On resume every cached cell is checked (:mod:`deis_jax.experiments.sealed_cells`): a damaged
+line, or a fitted cell whose grid / predictor file is missing or not the file it wrote (its
+sha256 is in the cell's record), is named in the log and computed again (the file rewritten);
+a damaged teacher cache is solved again. A cell whose held-out samples are not finite is
+reported as failed and computed again by the next run.
+
 Fields of ``config.fit``: ``methods`` (method specs, e.g. ``tab3``, ``dpmpp2``), ``nfes``,
 ``variants``, ``fixed_grids``, ``num_fit`` (train + validation starting points),
 ``validation_fraction``, ``num_heldout``, ``teacher_points``, ``teacher_grid``,
@@ -33,7 +39,8 @@ import jax
 from deis_jax import config_validation as cv
 from deis_jax.evaluation import gmm
 from deis_jax.experiments import fitting
-from deis_jax.experiments.engine import Cell, Progress, fingerprint, run_cells
+from deis_jax.experiments.engine import Cell, Progress, fingerprint
+from deis_jax.experiments.sealed_cells import run_sealed_cells
 from deis_jax.fitting.amed import LOSSES as AMED_LOSSES
 from deis_jax.fitting.gits import METRICS as GITS_METRICS
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
@@ -171,9 +178,10 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
 
     os.makedirs(workdir, exist_ok=True)
     records = list(
-        run_cells(
+        run_sealed_cells(
             plan.cells, compute, cache_path=os.path.join(workdir, "results.jsonl"),
             fingerprint=identity, desc="fit",
+            verify=lambda record: fitting.artifact_problem(workdir, record),
         ).values()
     )  # fmt: skip
     if jax.process_index() == 0:

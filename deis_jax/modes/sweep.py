@@ -8,10 +8,13 @@ paths, combined as a product or zipped; ``sampler.spec`` takes method specs), th
 is described in :mod:`deis_jax.experiments.sweep`.
 
 Every point is validated at start-up (a bad value names the point and the field). Each point
-is a cell of the experiment engine (:mod:`deis_jax.experiments.engine`): a finished point is
-appended as one JSON line to ``<workdir>/sweep.jsonl`` (a line cut short by a kill is
-ignored), and a restart skips every point already there under the same base config and
-evaluator. At the end ``sweep.csv``, ``sweep.md`` and ``sweep.png`` are written atomically.
+is a cell of the experiment engine (:mod:`deis_jax.experiments.engine`, lines sealed and
+checked on resume by :mod:`deis_jax.experiments.sealed_cells`): a finished point is appended
+as one JSON line to ``<workdir>/sweep.jsonl`` (a line cut short by a kill or damaged is named
+in the log and its point computed again), and a restart skips every point already there under
+the same base config and evaluator. A point with a non-finite metric is a failure: shown as
+"failed" in the tables, computed again by the next run. At the end ``sweep.csv``, ``sweep.md``
+and ``sweep.png`` are written atomically.
 
 Several devices: each point's samples are sharded over a ``('data',)`` mesh of all devices
 (:mod:`deis_jax.parallel`). Several processes (TPU pod, SLURM): every process runs every point
@@ -31,7 +34,8 @@ from absl import logging
 from deis_jax import config_validation as cv
 from deis_jax import parallel
 from deis_jax.experiments import sweep as sw
-from deis_jax.experiments.engine import Cell, Progress, run_cells
+from deis_jax.experiments.engine import Cell, Progress
+from deis_jax.experiments.sealed_cells import FAILED, run_sealed_cells
 
 
 class Plan(NamedTuple):
@@ -78,12 +82,17 @@ def run(config, workdir: str, plan: Plan | None = None, *, progress: bool = True
     def compute(cell: Cell, advance: Progress) -> dict:
         overrides, point_config = cell.payload
         start = time.perf_counter()
-        records = evaluate(point_config, context)
+        records = [sw.check_finite(r) for r in evaluate(point_config, context)]
         seconds = time.perf_counter() - start
-        return {"overrides": sw.plain(overrides), "records": records, "seconds": seconds}
+        record = {"overrides": sw.plain(overrides), "records": records, "seconds": seconds}
+        failed = [r[FAILED] for r in records if r.get(FAILED)]
+        if failed:
+            logging.warning("sweep point %s failed: %s", cell.key, "; ".join(failed))
+            record[FAILED] = "; ".join(failed)
+        return record
 
     os.makedirs(workdir, exist_ok=True)
-    records = run_cells(
+    records = run_sealed_cells(
         plan.cells, compute, cache_path=os.path.join(workdir, sw.RESULTS_FILE),
         fingerprint=plan.fingerprint, desc="sweep (points)", progress=progress,
     )  # fmt: skip

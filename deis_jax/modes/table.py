@@ -21,10 +21,15 @@ Every cell draws ``config.eval.num_samples`` images from the same x_T and scores
 the data (or a given stats file); optionally Inception Score / its digits analogue, KID, and
 the RMSE against a reference ODE solve on the first ``rmse_num_samples`` x_T.
 
-The cells run through the experiment engine (``deis_jax.experiments.engine``): each finished
-cell is appended to ``<workdir>/tables/<table>/cells.jsonl`` under a fingerprint of everything
-that affects it (model and weights, SDE, sampler base settings, eval settings, extractor
-weights), so a re-run skips finished cells and a killed run resumes. ``table.md`` (ours and the
+The cells run through the experiment engine (``deis_jax.experiments.engine``, with sealed
+lines: ``deis_jax.experiments.sealed_cells``): each finished cell is appended to
+``<workdir>/tables/<table>/cells.jsonl`` under a fingerprint of everything that affects it
+(model and weights, SDE, sampler base settings, eval settings, extractor weights), so a re-run
+skips finished cells and a killed run resumes; a damaged line is named in the log and its cell
+computed again. A cell whose samples are not all finite is shown as failed (with how many),
+never as a number, and is computed again by the next run. A damaged reference-statistics cache
+(``<workdir>/tables/reference_*.npz``) is moved aside and rebuilt; a damaged
+``config.eval.reference_stats`` file is refused, naming it. ``table.md`` (ours and the
 paper's numbers side by side) and ``table.csv`` are rewritten after every cell,
 ``metric_vs_nfe.png`` (log-log) at the end, and all three are copied to
 ``<config.eval.export>.{md,csv,png}`` when set.
@@ -43,6 +48,7 @@ from deis_jax.evaluation import features
 from deis_jax.experiments import engine
 from deis_jax.experiments import tables as tb
 from deis_jax.experiments.scoring import SampleScorer
+from deis_jax.experiments.sealed_cells import FAILED, run_sealed_cells
 from deis_jax.io_utils import sha256_file
 from deis_jax.models.loading import (
     PARAMS_SOURCES,
@@ -195,8 +201,8 @@ def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor
         if predictor is not None:
             record["predictor_file"], record["predictor_sha256"] = predictor
         logging.info(
-            "%s NFE %d (spent %d): %s %.4g  [%.1f s]",
-            row.label, nfe, sampler.nfe, record["metric"], record["value"], record["seconds"],
+            "%s NFE %d (spent %d): %s %s  [%.1f s]", row.label, nfe, sampler.nfe,
+            record["metric"], record.get(FAILED) or f"{record['value']:.4g}", record["seconds"],
         )  # fmt: skip
         return record
 
@@ -211,7 +217,7 @@ def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor
         )  # fmt: skip
         return tb.write_report(out_dir, spec, plan.rows, plan.nfes, done, ctx, plot=plot)
 
-    done = engine.run_cells(
+    done = run_sealed_cells(
         plan.cells, compute, cache_path=os.path.join(out_dir, "cells.jsonl"),
         fingerprint=fingerprint, desc=f"table {spec.name}", unit="eval", on_record=report,
     )  # fmt: skip

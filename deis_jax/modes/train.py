@@ -2,9 +2,16 @@
 
     python main.py --config=configs/vpsde_digits.py --workdir=runs/digits --mode=train
 
-Re-running the same command resumes from the latest checkpoint and continues exactly as an
-uninterrupted run would (data order and randomness are functions of ``(seed, step)``).
+Re-running the same command resumes from the newest intact checkpoint and continues exactly as
+an uninterrupted run would (data order and randomness are functions of ``(seed, step)``).
 Logs (loss, grad norm, steps/s, ETA) go to absl logging and ``<workdir>/metrics.jsonl``.
+
+Integrity (``deis_jax.training.train``): each checkpoint records the sha256 of its files and the
+run's :func:`identity`; a damaged newest checkpoint is moved aside with a warning and training
+resumes from the newest intact one; a checkpoint of another run (other model, data, SDE, seed
+or training settings) is refused with the differing fields named. On resume the records of
+``metrics.jsonl`` logged after the restored step are dropped (the resumed run logs those steps
+again), so the log holds one record per logged step.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from deis_jax import data, parallel
 from deis_jax.config_validation import ConfigError, require_choice, require_number, validate_sde
+from deis_jax.io_utils import atomic_write_text
 from deis_jax.models.loading import (
     build_model,
     image_shape,
@@ -31,6 +39,17 @@ from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.training import train as training
 
 BOOL = (True, False)
+RESUMABLE = ("n_iters", "log_every", "checkpoint_every")  # may change between resumes
+
+
+def identity(config) -> dict:
+    """What a checkpoint of this run depends on: seed, data (but its location), model, SDE and
+    the training settings but :data:`RESUMABLE` ones; recorded with every checkpoint."""
+    data = config.data.to_dict()
+    data.pop("data_dir", None)
+    tcfg = {k: v for k, v in config.training.to_dict().items() if k not in RESUMABLE}
+    return {"seed": config.seed, "data": data, "model": config.model.to_dict(),
+            "sde": config.sde.to_dict(), "training": tcfg}  # fmt: skip
 
 
 def validate(config) -> NoiseSchedule:
@@ -82,8 +101,8 @@ def run(
         )
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+        text = config.to_json_best_effort(indent=1)
+        atomic_write_text(os.path.join(workdir, "config.json"), text)
 
     shape = image_shape(config)
     init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1A1)
@@ -92,11 +111,16 @@ def run(
         out_shardings=NamedSharding(mesh, P()),
     )(init_key)
     mngr = training.checkpoint_manager(os.path.join(workdir, "checkpoints"))
+    run_identity = identity(config)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
     try:
-        restored = training.restore_state(mngr, state)
+        restored = training.restore_state(mngr, state, identity=run_identity)
         if restored is not None:
             state = restored
             logging.info("resumed from %s at step %d", mngr.directory, int(state.step))
+        if jax.process_index() == 0 and training.trim_metrics(metrics_path, int(state.step)):
+            logging.info("%s: dropped the records after step %d (logged again now)",
+                         metrics_path, int(state.step))  # fmt: skip
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
         logging.info(
             "training %s (%d params) on %s, %d device(s), global batch %d, %d steps",
@@ -133,8 +157,9 @@ def run(
             log_every=tcfg.log_every,
             checkpoint_every=tcfg.checkpoint_every,
             mngr=mngr,
-            metrics_path=os.path.join(workdir, "metrics.jsonl"),
+            metrics_path=metrics_path,
             callback=callback,
+            identity=run_identity,
         )
     finally:
         mngr.close()

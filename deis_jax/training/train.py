@@ -10,6 +10,13 @@ Resumability: the batch at step ``s`` is ``dataset[s]`` and the step's randomnes
 ``fold_in(PRNGKey(seed), s)`` (times, noise, dropout), so a run restored from the checkpoint at
 step ``s`` computes exactly the losses an uninterrupted run computes from ``s`` on.
 
+Checkpoints are trusted only after a check (orbax restores a bit-flipped checkpoint without
+complaint): :func:`save_checkpoint` records the sha256 of every file of a step folder and the
+run's identity in ``<step>/deis_integrity.json``; :func:`restore_state` restores the newest
+checkpoint whose files match, moving damaged newer ones aside with a warning, and refuses one
+written by another run. :func:`trim_metrics` keeps ``metrics.jsonl`` at one record per logged
+step across restarts.
+
 The network of a config is built by ``deis_jax.models.loading.build_model``; ``--mode=train``
 (``deis_jax.modes.train``) puts the pieces together.
 """
@@ -34,6 +41,9 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deis_jax import parallel
+from deis_jax.experiments.engine import describe_differences
+from deis_jax.io_utils import atomic_write_bytes, atomic_write_text, move_aside, sha256_file
 from deis_jax.parallel import make_mesh  # noqa: F401  (re-exported: the one mesh helper)
 from deis_jax.sampling import wrappers
 from deis_jax.sampling.sde import NoiseSchedule
@@ -160,6 +170,8 @@ def global_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
 
 # --- checkpoints --------------------------------------------------------------------------
 
+INTEGRITY_FILE = "deis_integrity.json"  # in each step folder: file digests, run identity
+
 
 def _not_orbax_info(record) -> bool:
     return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
@@ -178,13 +190,153 @@ def checkpoint_manager(directory: str, max_to_keep: int | None = 3) -> ocp.Check
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def restore_state(mngr: ocp.CheckpointManager, target: TrainState, step: int | None = None):
-    """Restore into the structure/shardings of ``target`` (latest step by default)."""
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        return None
+class CheckpointError(RuntimeError):
+    """No checkpoint of a directory can be restored, or the one found belongs to another run."""
+
+
+def step_folder(mngr: ocp.CheckpointManager, step: int) -> str:
+    """The folder of checkpoint ``step``."""
+    return os.path.join(str(mngr.directory), str(step))
+
+
+def save_checkpoint(
+    mngr: ocp.CheckpointManager, step: int, state: TrainState, identity: dict | None = None
+) -> None:
+    """Save ``state`` as checkpoint ``step``, wait until it is written, then record the sha256
+    of every file of its folder and the run's ``identity`` (JSON-able) in
+    ``<step>/deis_integrity.json`` (process 0). The wait makes saving synchronous: the
+    digests are of the files as orbax finished them."""
+    mngr.save(step, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+    if jax.process_index() == 0:
+        folder = step_folder(mngr, step)
+        record = {"files": folder_digests(folder), "identity": identity}
+        atomic_write_text(os.path.join(folder, INTEGRITY_FILE), json.dumps(record, indent=1))
+
+
+def folder_digests(folder: str) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``folder`` but the integrity record."""
+    digests = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != INTEGRITY_FILE:
+                digests[rel] = sha256_file(os.path.join(root, name))
+    return dict(sorted(digests.items()))
+
+
+def _integrity(folder: str) -> tuple[str | None, dict | None]:
+    """``(problem, record)`` of a checkpoint folder: ``problem`` says why it is damaged (None:
+    every file matches its recorded digest, or there is no record to check against)."""
+    path = os.path.join(folder, INTEGRITY_FILE)
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        files = dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {INTEGRITY_FILE} is unreadable ({type(err).__name__})", None
+    found = folder_digests(folder)
+    for rel in sorted(set(files) | set(found)):
+        if rel not in found:
+            return f"file {rel} is missing", record
+        if rel not in files:
+            return f"unexpected file {rel}", record
+        if found[rel] != files[rel]:
+            return f"file {rel} does not match its recorded sha256", record
+    return None, record
+
+
+def restore_state(
+    mngr: ocp.CheckpointManager,
+    target: TrainState,
+    step: int | None = None,
+    identity: dict | None = None,
+) -> TrainState | None:
+    """Restore into the structure/shardings of ``target``: checkpoint ``step``, by default the
+    newest intact one (None when there is no checkpoint).
+
+    A checkpoint is intact when every file matches the sha256 recorded when it was saved
+    (:func:`save_checkpoint`; one saved without a record is trusted if orbax restores it).
+    Damaged checkpoints newer than the one restored are moved aside
+    (``<step>.damaged-<time>``) with a warning naming them, so that training resumes from
+    the newest intact step and saves over none of them.
+    ``CheckpointError`` (naming the directory and each step's problem) when no checkpoint can
+    be restored -- nothing is moved then -- when ``step`` is damaged, when an intact
+    checkpoint does not fit ``target`` (another model), or when its recorded identity differs
+    from ``identity`` (another run: the message lists the differing fields)."""
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    damaged: list[tuple[int, str, str]] = []
+    for s in steps:
+        folder = step_folder(mngr, s)
+        problem, record = _integrity(folder)
+        if problem is None and record is not None and identity is not None:
+            diffs = describe_differences(record.get("identity") or {}, identity)
+            if diffs:
+                raise CheckpointError(
+                    f"checkpoint {folder} was written by another run ({'; '.join(diffs)}); "
+                    f"use another --workdir, or move {mngr.directory} away to start over"
+                )
+        if problem is None:
+            try:
+                state = mngr.restore(s, args=ocp.args.StandardRestore(abstract))
+            except Exception as err:  # orbax/tensorstore raise many kinds on a damaged folder
+                reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+                if record is not None:
+                    raise CheckpointError(
+                        f"checkpoint {folder} is intact but cannot be restored into this model "
+                        f"({reason}); check config.model, or use another --workdir"
+                    ) from err
+                problem = f"no {INTEGRITY_FILE} and restoring it failed ({reason})"
+            else:
+                _set_aside(mngr, damaged, s)
+                return state
+        damaged.append((s, folder, problem))
+    if not damaged:
+        return None
+    listing = "; ".join(f"step {s}: {p}" for s, _, p in damaged)
+    raise CheckpointError(
+        f"no checkpoint in {mngr.directory} can be restored ({listing}); restore them from a "
+        f"backup, or move the folder away to start training from scratch"
+    )
+
+
+def _set_aside(mngr: ocp.CheckpointManager, damaged: list, restored: int) -> None:
+    """Move the ``damaged`` ``(step, folder, problem)`` aside (process 0), warning for each."""
+    if not damaged:
+        return
+    for s, folder, problem in damaged if jax.process_index() == 0 else ():
+        logging.warning(
+            "checkpoint step %d (%s) is damaged: %s; moved aside to %s; restored step %d",
+            s, folder, problem, move_aside(folder, "damaged"), restored,
+        )  # fmt: skip
+    parallel.barrier("deis_jax.restore_state")
+    mngr.reload()
+
+
+def trim_metrics(path: str, step: int) -> int:
+    """Drop from the JSON-lines log ``path`` every record logged after ``step`` (written by a
+    run killed after its last checkpoint; the run resumed from ``step`` logs them again) and
+    every unreadable line; returns how many lines were dropped (the file is rewritten
+    atomically only then)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a torn or garbled line (JSON or UTF-8 error)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            if record["step"] <= step:
+                kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -201,11 +353,18 @@ def train_loop(
     mngr: ocp.CheckpointManager | None = None,
     metrics_path: str | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    identity: dict | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Run ``state.step .. num_steps - 1``; log means over each window, checkpoint every
-    ``checkpoint_every`` updates and at the end. ``callback(step, metrics)`` (host values)
-    runs after every step when given (tests use it to record or interrupt).
-    Returns the final state and the logged records."""
+    ``checkpoint_every`` updates and at the end (:func:`save_checkpoint` with ``identity``).
+    ``callback(step, metrics)`` (host values) runs after every step when given (tests use it
+    to record or interrupt). Returns the final state and the logged records.
+
+    A window's record averages the steps run since the previous record of this process: after
+    a resume from a checkpoint that is not on a ``log_every`` boundary the first window is
+    shorter than in an uninterrupted run. A non-finite loss or gradient norm stops training
+    with :class:`TrainingDivergedError` before it is logged or checkpointed (the last
+    checkpoint is kept)."""
     start = int(state.step)
     history: list[dict] = []
     window: list[dict] = []
@@ -219,8 +378,9 @@ def train_loop(
         if callback is not None:
             callback(step, jax.tree.map(float, metrics))
         done = step + 1
+        save = mngr is not None and (done % checkpoint_every == 0 or done == num_steps)
         if done % log_every == 0 or done == num_steps:
-            means = {k: float(jnp.mean(jnp.stack([m[k] for m in window]))) for k in window[0]}
+            means = _finite_means(window, done, mngr)
             now = time.perf_counter()
             rate = (done - start - 1) / max(now - t_start, 1e-9)
             eta = (num_steps - done) / rate if rate > 0 else float("nan")
@@ -234,11 +394,31 @@ def train_loop(
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             window, t_window = [], now
-        if mngr is not None and (done % checkpoint_every == 0 or done == num_steps):
-            mngr.save(done, args=ocp.args.StandardSave(state))
+        elif save:
+            _finite_means(window, done, mngr)
+        if save:
+            save_checkpoint(mngr, done, state, identity)
     if mngr is not None:
         mngr.wait_until_finished()
     return state, history
+
+
+class TrainingDivergedError(FloatingPointError):
+    """A non-finite loss or gradient norm: training stops before logging or saving it."""
+
+
+def _finite_means(window: list[dict], done: int, mngr) -> dict[str, float]:
+    """The window's mean of each metric; :class:`TrainingDivergedError` if one is not finite."""
+    means = {k: float(jnp.mean(jnp.stack([m[k] for m in window]))) for k in window[0]}
+    bad = {k: v for k, v in means.items() if not np.isfinite(v)}
+    if bad:
+        last = mngr.latest_step() if mngr is not None else None
+        raise TrainingDivergedError(
+            f"training diverged: mean {bad} over the steps before step {done}; nothing of it "
+            f"was logged or checkpointed (latest checkpoint: step {last}); lower "
+            f"config.training.lr or raise config.training.warmup and resume"
+        )
+    return means
 
 
 def _fmt_eta(seconds: float) -> str:
