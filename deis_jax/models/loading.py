@@ -352,23 +352,15 @@ class LoadedModel:
     def eps_fn(self, labels: jax.Array | None = None) -> EpsFn:
         """The noise prediction with :attr:`params` bound (and, for a class-conditional
         network, the int ``labels`` of the batch, shape ``(B,)``)."""
-        return self.bind(self.params, labels)
+        return self.bind(self.params) if labels is None else self.bind(self.params, labels)
 
 
 def _apply_for_sampling(
-    model: nn.Module,
-    params: Any,
-    class_labels: None,
-    x: jax.Array,
-    labels: jax.Array,
-    *,
-    features: bool = False,
+    model: nn.Module, params: Any, x: jax.Array, labels: jax.Array, *, features: bool = False
 ):
-    """A score_sde network in eval mode (``labels``: its time input; it takes no classes):
-    ``out``, or with ``features=True`` ``(out, features)`` (the bottleneck feature of
+    """A score_sde network in eval mode (``labels``: its time input): ``out``, or with
+    ``features=True`` ``(out, features)`` (the bottleneck feature of
     :func:`deis_jax.models.apply_with_features`)."""
-    if class_labels is not None:
-        raise ValueError(f"{type(model).__name__} is not class-conditional: pass no labels")
     if features:
         return apply_with_features(model, params, x, labels)
     return model.apply({"params": params}, x, labels, train=False)
@@ -407,7 +399,13 @@ def load_model(
 
     def bind(p, labels: jax.Array | None = None) -> EpsFn:
         """``eps_fn(x, t)`` of parameters ``p`` (and the batch's class ``labels``)."""
-        return eps_fn_from_model(jax.tree_util.Partial(apply, p, labels), schedule, prediction)
+        if edm:
+            model_fn = jax.tree_util.Partial(apply, p, labels)
+        elif labels is None:
+            model_fn = jax.tree_util.Partial(apply, p)
+        else:
+            raise ValueError(f"{type(model).__name__} is not class-conditional: pass no labels")
+        return eps_fn_from_model(model_fn, schedule, prediction)
 
     return LoadedModel(bind, values, identity, num_classes(config))
 
