@@ -25,13 +25,14 @@ from ml_collections import config_flags
 
 from deis_jax import data, parallel
 from deis_jax.config_validation import ConfigError
-from deis_jax.evaluation import features
+from deis_jax.evaluation import features, fid
 from deis_jax.evaluation.inception import InceptionWeightsError
 from deis_jax.experiments import generation
 from deis_jax.models import loading
 from deis_jax.modes import get_mode
 from deis_jax.sampling.diagnostics import NonFiniteSamplesError
 from deis_jax.sampling.method_spec import parse_option_value
+from deis_jax.training import train as training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -76,6 +77,7 @@ INPUT_ERRORS = (
     data.DatasetNotFoundError,
     loading.CheckpointError,
     InceptionWeightsError,
+    fid.StatsFileError,
 )
 
 # A run that stops to protect its results (a resume with other settings, damaged or missing
@@ -84,6 +86,7 @@ RUN_ERRORS = (
     generation.DifferentRunError,
     generation.IncompleteSamplesError,
     NonFiniteSamplesError,
+    training.TrainingDivergedError,
 )
 
 

@@ -210,12 +210,13 @@ def test_override_of_a_field_the_config_does_not_have(tmp_path, early):
     )
 
 
-@pytest.mark.parametrize("error", ["different", "incomplete", "nonfinite"])
+@pytest.mark.parametrize("error", ["different", "incomplete", "nonfinite", "diverged", "stats"])
 def test_a_run_that_stops_to_protect_its_results_is_a_usage_error(tmp_path, monkeypatch, error):
     """A resume with other settings, damaged finished work or NaN samples: the run's own
     message, no traceback (``main.RUN_ERRORS``)."""
     import numpy as np
 
+    from deis_jax.evaluation import fid
     from deis_jax.experiments import generation
     from deis_jax.modes import compare
     from deis_jax.sampling.diagnostics import NonFiniteSamplesError
@@ -224,6 +225,8 @@ def test_a_run_that_stops_to_protect_its_results_is_a_usage_error(tmp_path, monk
         "different": generation.DifferentRunError("seed: 3 (on disk) vs 4 (this run)"),
         "incomplete": generation.IncompleteSamplesError("shard_000001.npz is damaged"),
         "nonfinite": NonFiniteSamplesError(np.array([3, 7])),
+        "diverged": training.TrainingDivergedError("loss is nan at step 12"),
+        "stats": fid.StatsFileError("reference.npz is damaged: replace it"),
     }[error]
 
     def stop(*args, **kwargs):
