@@ -6,7 +6,9 @@
 Every call draws ``config.eval.num_samples`` images through the one sharded generation path
 (``deis_jax.parallel.make_generate_fn`` with ``parallel.sample_keys(config.eval.seed)``): sample
 ``i`` starts from ``x_T = prior(fold_in(prior_key, i))`` and a stochastic sampler's noise is
-keyed by ``i`` too, so every sampler sees the same x_T and calls differ only by the sampler.
+keyed by ``i`` too (a class-conditional network's class as well: ``config.sampling.labels``
+with seed ``config.eval.seed``), so every sampler sees the same x_T and calls differ only by
+the sampler.
 The network parameters are jit arguments. The images are quantised to uint8 as a saved image
 would be and streamed through the feature extractor (``fid.FeatureStats``); the record holds
 
@@ -48,7 +50,7 @@ from deis_jax.evaluation.metrics import rmse
 from deis_jax.evaluation.reference import Reference as ReferenceSolve
 from deis_jax.evaluation.reference import reference_solve
 from deis_jax.experiments.sealed_cells import SHOWN, nonfinite_reason
-from deis_jax.models.loading import LoadedModel, image_shape
+from deis_jax.models.loading import LoadedModel, class_labels_of, image_shape
 from deis_jax.sampling.diagnostics import nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
@@ -73,6 +75,8 @@ class SampleScorer:
         self.batch = math.ceil(int(ev.batch_size) / self.mesh.size) * self.mesh.size
         self.shape = image_shape(config)
         self.keys = parallel.sample_keys(int(ev.seed))
+        # a class-conditional network: the class of sample i, keyed like its x_T
+        self.labels = class_labels_of(config, model, int(ev.seed))
         self._params = parallel.replicate(model.params, self.mesh)  # once, not per sampler
         self._keys = parallel.replicate(self.keys, self.mesh)
         self._rmse_ref: ReferenceSolve | None = None
@@ -93,7 +97,7 @@ class SampleScorer:
                 jnp.arange(int(ev.rmse_num_samples)),
             )
             self._rmse_ref = reference_solve(
-                self.schedule, self.model.eps_fn(), x_T, t0=t0, t1=t1,
+                self.schedule, self.model.eps_fn(self._labels_of(len(x_T))), x_T, t0=t0, t1=t1,
                 steps=int(ev.rmse_reference_steps),
             )  # fmt: skip
             logging.info(
@@ -102,12 +106,18 @@ class SampleScorer:
             )  # fmt: skip
         return self._rmse_ref
 
+    def _labels_of(self, count: int) -> jax.Array | None:
+        """The classes of samples ``0 .. count - 1`` (None: an unconditional network)."""
+        return None if self.labels is None else self.labels(jnp.arange(count))
+
     def score(self, sampler: Sampler, advance: Callable[[float], None] | None = None) -> dict:
         """The record of ``sampler`` (see the module docstring); ``advance(k)`` is called
         with the NFE x samples of every finished batch."""
         ev, config = self.config.eval, self.config
         start = time.perf_counter()
-        generate = parallel.make_generate_fn(sampler, self.mesh, self.shape, bind=self.model.bind)
+        generate = parallel.make_generate_fn(
+            sampler, self.mesh, self.shape, bind=self.model.bind, labels=self.labels
+        )
         params, (prior_key, noise_key) = self._params, self._keys
         stats = fid.FeatureStats.empty(self.extractor.feature_dim)
         is_stats = None

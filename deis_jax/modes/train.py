@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from deis_jax import data, parallel
 from deis_jax.config_validation import ConfigError, require_choice, require_number, validate_sde
 from deis_jax.io_utils import atomic_write_text
+from deis_jax.models import edm_loading
 from deis_jax.models.loading import (
     build_model,
     image_shape,
@@ -56,6 +57,13 @@ def validate(config) -> NoiseSchedule:
     """Check the SDE, model, data and ``config.training`` fields; returns the schedule."""
     schedule = validate_sde(config)
     validate_model_and_data(config)
+    if edm_loading.is_edm(config) or config.sde.name == "edm":
+        raise ConfigError(
+            "config.model.name='edm' / config.sde.name='edm': EDM's networks are converted "
+            "from the published pickles (scripts/convert_edm_checkpoint.py) and sampled, not "
+            "trained here (their preconditioning and log-normal noise distribution are not "
+            "implemented in the training loss); use --mode=sample, table or fit"
+        )
     require_number(config, "seed", integer=True, minimum=0)
     t = "training"
     require_number(config, f"{t}.batch_size", integer=True, minimum=1)
