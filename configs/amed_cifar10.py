@@ -19,16 +19,29 @@ EDM's CIFAR-10 network (AMED-Solver 18.49 / 7.59 / 4.36 / 3.67 and AMED-Plugin 1
 3.65 / 2.63 FID at NFE 3 / 5 / 7 / 9): with score_sde's network compare the gain over the
 base solvers, not the values. Needs an accelerator: one network call on 128 images is about
 1 s on a GPU and about 10 s on 2 CPU cores.
+
+The paper's own network: ``--config=configs/amed_cifar10.py:edm`` fits on EDM's
+``edm-cifar10-32x32-uncond-vp`` (``configs/edm_cifar10_vp.py``: convert the pickle first; its
+bottleneck, ``enc['8x8_block3']``, gives 64 features as in the paper), and
+``python main.py --config=configs/edm_cifar10_vp.py --mode=table
+--config.eval.amed_predictors=<workdir>/grids/cifar10 ...`` then fills the AMED rows.
 """
 
-from configs import fit_gmm, vpsde_cifar10
+from configs import edm_cifar10_vp, fit_gmm, vpsde_cifar10
+
+MODELS = {"score_sde": vpsde_cifar10, "edm": edm_cifar10_vp}
 
 AMED_SOLVER = "amed:afs=true"
 AMED_PLUGIN = "amed_ipndm3:afs=true,scale_time=0.2"
 
 
-def get_config():
-    config = vpsde_cifar10.get_config()
+def get_config(model: str = "score_sde"):
+    """``model``: ``score_sde`` (DDPM++ deep continuous) or ``edm`` (the paper's network)."""
+    if model not in MODELS:
+        raise ValueError(
+            f"configs/amed_cifar10.py:<model> must be one of {list(MODELS)}, got {model!r}"
+        )
+    config = MODELS[model].get_config()
     config.mode = "fit"
     config.sampler.grid = None  # every method on its own default grid (AMED's, as the table)
     config.fit = fit = fit_gmm.fit_block()

@@ -226,14 +226,18 @@ def test_loss_choices():
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("name, cells", [("amed_gmm", 48), ("amed_digits", 24),
-                                         ("amed_cifar10", 24)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, cells",
+    [("amed_gmm", 48), ("amed_digits", 24), ("amed_cifar10", 24), ("amed_cifar10:edm", 24)],
+)
 def test_amed_configs_validate(name, cells):
     """The shipped AMED configs validate and lay out their cells (AMED methods: default +
     amed; the others: default + the grid fits)."""
     import importlib
 
-    config = importlib.import_module(f"configs.{name}").get_config()
+    module, _, arg = name.partition(":")
+    get_config = importlib.import_module(f"configs.{module}").get_config
+    config = get_config(arg) if arg else get_config()
     plan = get_mode("fit").validate(config)
     assert len(plan.cells) == cells
     assert {c.payload[3] for c in plan.cells if c.payload[1].method.startswith("amed")} == {
