@@ -19,6 +19,7 @@ from typing import Any
 from deis_jax.build import sampler_from_config, schedule_from_config
 from deis_jax.fitting.grid_file import OPTIMIZED_GRID
 from deis_jax.sampling import solvers
+from deis_jax.sampling.method_spec import MethodChoice
 from deis_jax.sampling.sde import SDE_NAMES, VP_BETA_SCHEDULES, NoiseSchedule
 from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power
 
@@ -92,6 +93,23 @@ def require_int_list(config, path: str, *, minimum: int = 1) -> list[int]:
         raise ConfigError(f"config.{path} must be a non-empty list of integers, got {values!r}")
     if min(values) < minimum:
         raise ConfigError(f"config.{path} entries must be >= {minimum}, got {values!r}")
+    return values
+
+
+def require_nfe_list(config, path: str, methods: Iterable[MethodChoice]) -> list[int]:
+    """``config.<path>`` as a non-empty list of NFE budgets, each checked for every method of
+    ``methods`` by the method's own rule (``MethodSpec.check_nfe``: an integer in
+    ``[1, MAX_NFE]``), so that a budget no cell could run fails at start-up, naming the field,
+    the budget and the method (``MethodArgumentError.problem`` names it). O(1) per budget:
+    nothing is built."""
+    values = require_int_list(config, path, minimum=1)
+    for choice in methods:
+        spec = solvers.get_method(choice.method)
+        for nfe in values:
+            try:
+                spec.check_nfe(nfe, choice.order)
+            except solvers.MethodArgumentError as err:
+                raise ConfigError(f"config.{path} entry {nfe!r}: {err.problem}") from None
     return values
 
 

@@ -1,5 +1,6 @@
 """Crash-safe file output (atomic replace for whole files, fsync'ed appends for JSON lines),
-the one file hash, :func:`sha256_file`, and :func:`move_aside` for a damaged file.
+the one file hash, :func:`sha256_file`, the one JSON-record seal (:func:`sealed_json`,
+:func:`check_record_sha256`) and :func:`move_aside` for a damaged file.
 
 A long run never loses finished results: tables and plots are written to a temporary file in
 the same directory and renamed over the target (``os.replace`` is atomic on POSIX), and
@@ -32,6 +33,37 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+SHA256_KEY = "sha256"  # the entry of a sealed JSON record that holds its checksum
+
+
+def record_sha256(record: dict[str, Any]) -> str:
+    """Hex sha256 of a JSON record without its ``"sha256"`` entry: the canonical JSON text
+    (keys sorted) of the record as it reads back from JSON, so a record and its file's
+    contents give the same digest (tuples become lists, keys strings)."""
+    body = {k: v for k, v in record.items() if k != SHA256_KEY}
+    canonical = json.dumps(json.loads(json.dumps(body, allow_nan=False)), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sealed_json(record: dict[str, Any], **dumps_kwargs: Any) -> str:
+    """``record`` with its :func:`record_sha256` added as a last ``"sha256"`` entry, as JSON
+    text ending in a newline (``json.dumps`` keywords, e.g. ``indent``; NaN is refused)."""
+    sealed = {**record, SHA256_KEY: record_sha256(record)}
+    return json.dumps(sealed, allow_nan=False, **dumps_kwargs) + "\n"
+
+
+def check_record_sha256(record: dict[str, Any], path: str, remedy: str) -> None:
+    """Refuse a record read from ``path`` whose ``"sha256"`` entry is not its
+    :func:`record_sha256` (a bit flipped or an edit after it was written): ``ValueError``
+    naming the file, ending with ``remedy``. A record without the entry (written by hand or
+    by an older deis_jax) is not checked."""
+    if SHA256_KEY in record and record[SHA256_KEY] != record_sha256(record):
+        raise ValueError(
+            f"{path} does not match the sha256 recorded in it (damaged, or edited after it "
+            f"was written): {remedy}"
+        )
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from deis_jax import config_validation as cv
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.evaluation.metrics import nll_gap, rmse
 from deis_jax.evaluation.reference import Reference, reference_solve
+from deis_jax.experiments.sealed_cells import FAILED, nonfinite_reason
 from deis_jax.io_utils import atomic_write_text
 from deis_jax.reporting import (
     markdown_table,
@@ -49,6 +50,7 @@ from deis_jax.reporting import (
     plot_scatter_grid,
     write_csv,
 )
+from deis_jax.sampling.diagnostics import nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
 
@@ -125,15 +127,21 @@ def cached_problem(
 
 
 def cell_metrics(problem: GmmProblem, sampler: Sampler, out) -> dict:
-    """``rmse`` against the reference (deterministic samplers, else None) and ``nll_gap``
-    (None when a sample is not finite)."""
+    """``rmse`` against the reference (deterministic samplers, else None) and ``nll_gap``.
+
+    When a sample is not finite (:func:`~deis_jax.sampling.diagnostics.nonfinite_samples`)
+    the cell is a failure, not a result -- stochastic samplers included, whose ``rmse`` is
+    None anyway: both metrics are None and ``failed`` says how many samples (e.g. ``"3 of 64
+    samples non-finite (e.g. #0, #5, #17)"``)."""
     out = np.asarray(out, np.float64)
-    finite = bool(np.all(np.isfinite(out)))
-    if not finite:
-        logging.warning("%s produced non-finite samples", sampler.method)
+    bad = nonfinite_samples(out)
+    if bad.size:
+        reason = nonfinite_reason(bad, len(out))
+        logging.warning("%s (NFE %d): %s", sampler.method, sampler.nfe, reason)
+        return {"rmse": None, "nll_gap": None, FAILED: reason}
     return {
         "rmse": None if sampler.stochastic else rmse(out, problem.reference.x0),
-        "nll_gap": nll_gap(problem.mixture.log_prob, out, problem.data) if finite else None,
+        "nll_gap": nll_gap(problem.mixture.log_prob, out, problem.data),
     }
 
 
@@ -141,8 +149,8 @@ def run_cell(
     problem: GmmProblem, sampler: Sampler, mesh: jax.sharding.Mesh
 ) -> tuple[dict, np.ndarray]:
     """Sample ``problem.x_T`` with ``sampler``, sharded over ``mesh``; returns the record
-    ``{"dim", "nfe", "rmse", "nll_gap", "seconds"}`` (seconds include compilation) and the
-    samples (float64)."""
+    ``{"dim", "nfe", "rmse", "nll_gap", "seconds"}`` (seconds include compilation; plus
+    ``failed`` when a sample is not finite, :func:`cell_metrics`) and the samples (float64)."""
     n, dim = problem.x_T.shape
     start = time.perf_counter()
     padded, _ = parallel.pad_batch(problem.x_T, mesh.size)
@@ -174,7 +182,8 @@ def evaluate_point(config, context: dict) -> list[dict]:
 
 # --- the comparison (--mode=compare): result rows and report --------------------------------
 
-CSV_FIELDS = ("dim", "method", "nfe_budget", "nfe", "rmse", "nll_gap", "seconds")
+# ``failed``: the reason of a failed cell (non-finite samples), empty for a result
+CSV_FIELDS = ("dim", "method", "nfe_budget", "nfe", "rmse", "nll_gap", "seconds", FAILED)
 
 
 def reference_record(problem: GmmProblem) -> dict:
@@ -209,14 +218,17 @@ def write_report(
     scatters: Sequence[tuple[str, Any]],
 ) -> None:
     """``results.csv`` (:data:`CSV_FIELDS`), ``results.md`` (per dim: RMSE and NLL-gap tables,
-    method x NFE budget, and the reference line), ``error_vs_nfe.png`` and, given ``scatters``
-    (``(title, samples)`` panels), ``samples_2d.png``; also prints the tables."""
+    method x NFE budget, a failed cell reading "failed", a metric a method has not "—", and
+    the reference line), ``error_vs_nfe.png`` and, given ``scatters`` (``(title, samples)``
+    panels), ``samples_2d.png``; also prints the tables."""
     dims = list(dict.fromkeys(r["dim"] for r in records))
     write_csv(os.path.join(workdir, "results.csv"), records, CSV_FIELDS)
     sections = ["# Sampler comparison on Gaussian mixtures (exact score)\n"]
     panels = []
 
     def with_nfe(r, key):
+        if r.get(FAILED):
+            return FAILED
         text = "—" if r[key] is None else f"{r[key]:.2e}"
         extra = r["nfe"] - r["nfe_budget"]
         return f"{text}⁺{extra}" if extra > 0 else text
@@ -235,7 +247,8 @@ def write_report(
             f"Reference: RK4 in rho, {ref['nfe']} NFE, error estimate (step doubling) "
             f"{ref['rmse']:.2e}; NLL gap of the reference samples {ref['nll_gap']:.3e}. "
             f"⁺k: the method spent k more NFE than the budget "
-            f"(Runge-Kutta rounds up to whole steps).\n"
+            f"(Runge-Kutta rounds up to whole steps). {FAILED}: the cell's samples were not "
+            f"finite (results.csv says how many).\n"
         )
         curves = {}
         for label in labels:

@@ -6,7 +6,9 @@ rho everywhere, including near ``t0`` where eps changes fastest. It is validated
 again with ``2 * steps`` steps: for a fourth-order method the error of the finer solve is about
 ``|x_fine - x_coarse| / 15``, reported as ``error_estimate`` (RMS over samples and
 dimensions). A reference is trustworthy when that estimate is far below the errors it is used
-to measure; callers check this and say so.
+to measure; callers check this and say so. The grids are built here
+(:func:`deis_jax.sampling.timesteps.time_grid`) and passed as ``ts``, so a reference is not
+bound by the NFE cap of a sampler's budget (``MAX_NFE``): ``steps`` may be any size.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from deis_jax.sampling.sampler import make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.timesteps import time_grid
 from deis_jax.sampling.wrappers import EpsFn, model_argument
 
 
@@ -44,9 +47,8 @@ def reference_solve(
     an ``eps_fn_from_model(Partial(apply, params), ...)`` are not baked into it."""
 
     def solve(num_steps):
-        plan = make_plan(
-            schedule, method="rhork", order=4, nfe=4 * num_steps, grid=grid, t0=t0, t1=t1
-        )
+        ts = time_grid(schedule, num_steps, grid, t0=t0, t1=t1)
+        plan = make_plan(schedule, ts, method="rhork", order=4)
         x0 = jax.jit(sample, static_argnums=0)(plan, model_argument(eps_fn), x_T)
         return np.asarray(x0, np.float64), plan.nfe
 

@@ -258,7 +258,7 @@ def write_summary(
         recs = [r for r in rows if r.get("dim") == group]
         title = f"dim {group}" if group is not None else "all"
         for metric in metrics:
-            if all(r.get(metric) is None for r in recs):
+            if all(r.get(metric) is None and not r.get(FAILED) for r in recs):
                 continue
             row_labels, cols, cells = pivot(
                 recs, "_label", "_x", lambda r, m=metric: "failed" if r.get(FAILED) else r.get(m),

@@ -60,7 +60,7 @@ from deis_jax.fitting.teacher import (
     load_or_solve_teacher,
     refine_grid,
 )
-from deis_jax.io_utils import atomic_write_text
+from deis_jax.io_utils import atomic_write_text, check_record_sha256, sealed_json
 from deis_jax.models.amed_predictor import (
     init_predictor,
     predictor_from_settings,
@@ -72,6 +72,8 @@ from deis_jax.sampling.solvers.amed import AMED_METHODS, amed_options
 from deis_jax.sampling.wrappers import EpsFn, eps_with_features, model_argument
 
 FORMAT_VERSION = 1
+RETRAIN = ('train it again with --mode=fit (variant "amed"), or delete its "sha256" entry to use '
+           "a file edited on purpose")  # fmt: skip
 DEFAULT_REFINE = 4  # teacher grid points per student interval
 
 
@@ -202,7 +204,12 @@ class AmedPredictorFile:
     """A trained predictor with every sampling setting it needs: the method (AMED-Solver or
     the plugin's base), order, options (predictor kind and head ranges), AFS, NFE, schedule
     and grid. ``plan(schedule)`` rebuilds the sampling plan, ``params`` are the predictor's
-    (``sample(plan, eps_fn, x_T, rule_params=params)``)."""
+    (``sample(plan, eps_fn, x_T, rule_params=params)``).
+
+    The file (:meth:`save`) holds the ``sha256`` of its content
+    (``deis_jax.io_utils.record_sha256``): :meth:`load` refuses a file damaged or edited after
+    it was written, naming it. A file without the entry (written by hand or by an older
+    deis_jax) is read unchecked."""
 
     ts: np.ndarray
     method: str
@@ -277,7 +284,7 @@ class AmedPredictorFile:
             "params_dtype": str(jax.tree.leaves(self.params)[0].dtype),
             "params": _to_lists(self.params), "provenance": self.provenance,
         }  # fmt: skip
-        return json.dumps(record, allow_nan=False) + "\n"
+        return sealed_json(record)
 
     def save(self, path: str) -> None:
         """Write the JSON file atomically."""
@@ -286,15 +293,17 @@ class AmedPredictorFile:
 
     @classmethod
     def load(cls, path: str) -> AmedPredictorFile:
-        """Read a file of :meth:`save`; ``ValueError`` naming the path when it is not one."""
+        """Read a file of :meth:`save`; ``ValueError`` naming the path when it is not one
+        (torn, damaged or edited after it was written, or another kind of JSON)."""
         try:
             with open(path) as f:
                 record = json.load(f)
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # JSON or UTF-8 error
             raise ValueError(f"{path} is not a valid AMED predictor file (damaged JSON: {err})"
                              ) from None  # fmt: skip
         if not isinstance(record, dict) or record.get("format") != "deis_jax.AmedPredictor":
             raise ValueError(f"{path} is not a deis_jax AMED predictor file")
+        check_record_sha256(record, path, RETRAIN)
         if record.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} has version {record.get('version')!r}; this deis_jax "
                              f"reads version {FORMAT_VERSION}")  # fmt: skip

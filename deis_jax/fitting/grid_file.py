@@ -8,9 +8,9 @@ A file holds ``ts`` (float64, decreasing, written with ``repr`` precision so it 
 exactly), the sampling settings it is valid for (method, order, options, NFE, schedule,
 interval), the optional learned table corrections (``deis_jax.sampling.learned``), and its
 provenance (objective, model, teacher, losses, fit settings), and the ``sha256`` of all of it
-(:func:`content_sha256`): a file damaged or edited after it was written is refused by
-:meth:`OptimizedGrid.load` (a file without the entry, written by hand or by an older deis_jax,
-is read unchecked). A grid fitted for one setting
+(``deis_jax.io_utils.record_sha256``): a file damaged or edited after it was written is refused
+by :meth:`OptimizedGrid.load` (a file without the entry, written by hand or by an older
+deis_jax, is read unchecked). A grid fitted for one setting
 is refused for any other: the grid of a 5-NFE tAB-3 sampler is not a good 6-NFE iPNDM grid,
 and a file used where it does not belong would silently give a worse sampler.
 """
@@ -18,7 +18,6 @@ and a file used where it does not belong would silently give a worse sampler.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from deis_jax.fitting.teacher import describe_schedule
-from deis_jax.io_utils import atomic_write_text
+from deis_jax.io_utils import atomic_write_text, check_record_sha256, sealed_json
 from deis_jax.sampling.learned import corrected_table
 from deis_jax.sampling.sampler import SamplingPlan, make_plan
 from deis_jax.sampling.sde import NoiseSchedule
@@ -34,13 +33,8 @@ from deis_jax.sampling.sde import NoiseSchedule
 OPTIMIZED_GRID = "optimized"  # the config's grid kind for a fitted grid file
 OBJECTIVES = ("gits", "ld3")
 FORMAT_VERSION = 1
-
-
-def content_sha256(record: dict) -> str:
-    """sha256 of a grid file's record without its ``sha256`` entry (canonical JSON, keys
-    sorted)."""
-    body = {k: v for k, v in record.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+# what to do with a fitted file that does not match its sha256
+REFIT = 'fit it again with --mode=fit, or delete its "sha256" entry to use a file edited on purpose'
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -161,8 +155,7 @@ class OptimizedGrid:
             "max_delta": self.max_delta,
             "provenance": self.provenance,
         }
-        record["sha256"] = content_sha256(json.loads(json.dumps(record, allow_nan=False)))
-        return json.dumps(record, indent=1, sort_keys=False, allow_nan=False) + "\n"
+        return sealed_json(record, indent=1)
 
     def save(self, path: str) -> None:
         """Write the JSON file atomically (a crash never leaves a torn file)."""
@@ -179,12 +172,7 @@ class OptimizedGrid:
             raise ValueError(f"{path} is not a valid grid file (damaged JSON: {err})") from None
         if not isinstance(record, dict) or record.get("format") != "deis_jax.OptimizedGrid":
             raise ValueError(f"{path} is not a deis_jax OptimizedGrid file")
-        if "sha256" in record and record["sha256"] != content_sha256(record):
-            raise ValueError(
-                f"{path} does not match the sha256 recorded in it (damaged, or edited after it "
-                f'was written): fit it again with --mode=fit, or delete its "sha256" entry to '
-                f"use a file edited on purpose"
-            )
+        check_record_sha256(record, path, REFIT)
         if record.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path} has grid-file version {record.get('version')!r}; "

@@ -33,8 +33,7 @@ from deis_jax import build, parallel
 from deis_jax import config_validation as cv
 from deis_jax.evaluation import gmm
 from deis_jax.experiments.engine import Cell, Progress, fingerprint
-from deis_jax.experiments.sealed_cells import nonfinite_reason, run_sealed_cells
-from deis_jax.sampling.diagnostics import nonfinite_samples
+from deis_jax.experiments.sealed_cells import run_sealed_cells
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sde import NoiseSchedule
 
@@ -51,8 +50,6 @@ class Plan(NamedTuple):
 def validate(config) -> Plan:
     """Check every field (before any work) and lay out the cells."""
     schedule = gmm.validate_problem(config)
-    nfes = cv.require_int_list(config, "compare.nfes", minimum=1)
-    cv.require_number(config, "compare.scatter_nfe", integer=True, minimum=1)
     methods = cv.get_field(config, "compare.methods")
     if isinstance(methods, str) or not methods:
         raise cv.ConfigError(f"config.compare.methods must be a non-empty list, got {methods!r}")
@@ -62,6 +59,8 @@ def validate(config) -> Plan:
             choices.append(parse_method_spec(text))
         except ValueError as err:
             raise cv.ConfigError(f"config.compare.methods: {err}") from None
+    nfes = cv.require_nfe_list(config, "compare.nfes", choices)
+    cv.require_number(config, "compare.scatter_nfe", integer=True, minimum=1)
     cells = []
     for dim in config.data.dims:
         cells.append(Cell(f"{dim}|reference", label=f"dim={dim} reference", payload=(dim, None, 0)))
@@ -81,16 +80,13 @@ def validate(config) -> Plan:
 
 def _cell(config, plan: Plan, problem, choice, nfe, mesh) -> tuple[dict, tuple]:
     """One method cell: its result row and its scatter panel ``(title, samples)``. When a
-    sample is not finite the row is a failure: ``failed`` says how many, the metrics are
-    None."""
+    sample is not finite the row is a failure (``gmm.cell_metrics``): ``failed`` says how
+    many, the metrics are None."""
     sampler = build.sampler_from_config(
         config.sampler, plan.schedule, problem.eps_fn, method=choice.method,
         order=choice.order, nfe=nfe, options=choice.options,
     )  # fmt: skip
     record, out = gmm.run_cell(problem, sampler, mesh)
-    bad = nonfinite_samples(out)
-    if bad.size:
-        record.update(rmse=None, nll_gap=None, failed=nonfinite_reason(bad, len(out)))
     panel = (f"{choice.label} (NFE {sampler.nfe})", out)
     return {"method": choice.label, "nfe_budget": nfe, **record}, panel
 

@@ -72,8 +72,6 @@ def validate(config) -> Plan:
         validate_model_and_data(config)
         cv.require_choice(config, "fit.params", ("checkpoint", "random"))
         problems = [config.data.name]
-    nfes = cv.require_int_list(config, "fit.nfes", minimum=1)
-    cv.require_number(config, "fit.plot_nfe", integer=True, minimum=1)
     choices = []
     for text in cv.get_field(config, "fit.methods"):
         try:
@@ -83,6 +81,8 @@ def validate(config) -> Plan:
         if choice.method in ("sddim", "ersde"):
             raise cv.ConfigError(f"config.fit.methods: {text!r} is stochastic (no ODE grid to fit)")
         choices.append(choice)
+    nfes = cv.require_nfe_list(config, "fit.nfes", choices)
+    cv.require_number(config, "fit.plot_nfe", integer=True, minimum=1)
     allowed = ("default",) + tuple(f"fixed:{k}" for k in GRID_KINDS if k != "custom")
     allowed += fitting.FITTED_VARIANTS
     variants = ["default"] + [f"fixed:{k}" for k in cv.get_field(config, "fit.fixed_grids")]
