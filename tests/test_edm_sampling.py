@@ -202,3 +202,17 @@ def test_table_runs_end_to_end_on_the_conditional_fixture_model(converted, tmp_p
     config.sampling.labels = "cycle"  # other classes: other cells, not the cached ones
     again = table.run(config, str(tmp_path / "w"), extractor=TinyExtractor())
     assert [r["value"] for r in again] != [r["value"] for r in records]
+
+
+def test_fit_mode_refuses_a_class_conditional_network(converted):
+    from configs import amed_cifar10
+    from deis_jax.modes import get_mode
+
+    config = amed_cifar10.get_config("edm")
+    m = small_model(COND)
+    config.model.precond_class = m.meta["precond_class"]
+    config.model.kwargs = ml_collections.ConfigDict(m.meta["constructor_kwargs"])
+    config.data.image_size = 16
+    config.sampling.checkpoint = converted
+    with pytest.raises(ConfigError, match="class-conditional network \\(10 classes\\)"):
+        get_mode("fit").validate(config)

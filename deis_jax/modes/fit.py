@@ -65,11 +65,17 @@ def validate(config) -> Plan:
         schedule = gmm.validate_problem(config)
         problems = [f"dim{d}" for d in config.data.dims]
     else:
-        from deis_jax.models.loading import validate_model_and_data
+        from deis_jax.models.loading import num_classes, validate_model_and_data
 
         schedule = cv.validate_sde(config)
         cv.validate_sampler(config, schedule)
         validate_model_and_data(config)
+        if num_classes(config):
+            raise cv.ConfigError(
+                f"config.model: --mode=fit on a class-conditional network ({num_classes(config)} "
+                "classes) is not supported yet (the teacher and the fitted samplers would need "
+                "a class per trajectory); fit on an unconditional network"
+            )
         cv.require_choice(config, "fit.params", ("checkpoint", "random"))
         problems = [config.data.name]
     choices = []
