@@ -38,22 +38,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import numpy as np  # noqa: E402
 
 from deis_jax.models.edm_checkpoint import convert_state_dict  # noqa: E402
-from deis_jax.models.edm_precond import PRECOND_CLASSES  # noqa: E402
+from deis_jax.models.edm_precond import PRECOND_ATTR_NAMES, PRECOND_CLASSES  # noqa: E402
 
 EDM_URL = "https://github.com/NVlabs/edm"
-PICKLE_ATTRS = (
-    "img_resolution",
-    "img_channels",
-    "label_dim",
-    "use_fp16",
-    "sigma_min",
-    "sigma_max",
-    "beta_d",
-    "beta_min",
-    "M",
-    "epsilon_t",
-    "sigma_data",
-)
 NO_TORCH = (
     "reading an EDM pickle needs PyTorch: install it (pip install torch; the CPU build is "
     f"enough) together with EDM's source code (git clone {EDM_URL}; pass its path with "
@@ -101,7 +88,7 @@ def read_edm_pickle(path: str, edm_source: str | None = None):
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"'{path}' holds no 'ema' network (found {keys}); is it an EDM pickle?")
     net = data["ema"]
-    attrs = {name: _plain(getattr(net, name)) for name in PICKLE_ATTRS if hasattr(net, name)}
+    attrs = {name: _plain(getattr(net, name)) for name in PRECOND_ATTR_NAMES if hasattr(net, name)}
     state_dict = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
     return type(net).__name__, dict(net.init_kwargs), attrs, state_dict
 

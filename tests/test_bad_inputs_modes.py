@@ -10,6 +10,7 @@ test. The damaged-checkpoint cases are found by reading them, with a tiny networ
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -34,14 +35,18 @@ TINY = ("--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.at
 
 @pytest.fixture(autouse=True)
 def clean_flags(monkeypatch):
-    """No tfds data anywhere; the parsed flags are reset afterwards."""
+    """No tfds data anywhere; the parsed flags (and the absl logger level that parsing the
+    verbosity flag sets) are reset afterwards."""
     monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(ROOT, "no_such_tfds_dir"))
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # parse() sets it, as python main.py does
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
     yield
     for name in [n for n in FLAGS if n.startswith("config.")]:
         delattr(FLAGS, name)  # the override flags ml_collections registered while parsing
     FLAGS.unparse_flags()
     main._OPTION_OVERRIDES.clear()
+    absl_logger.setLevel(level)  # unparsing the verbosity flag set it to WARNING
 
 
 @pytest.fixture

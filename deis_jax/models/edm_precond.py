@@ -48,6 +48,7 @@ from deis_jax.models.edm_unets import DhariwalUNet, SongUNet
 
 __all__ = [
     "MODEL_TYPES",
+    "PRECOND_ATTR_NAMES",
     "PRECOND_CLASSES",
     "EDMPrecond",
     "VEPrecond",
@@ -182,6 +183,8 @@ _EXTRA_ATTRS = {
     "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t"),
     "EDMPrecond": ("sigma_data",),
 }
+# every attribute an unpickled EDM preconditioner may carry (what a conversion records)
+PRECOND_ATTR_NAMES = _COMMON_ATTRS + tuple(a for names in _EXTRA_ATTRS.values() for a in names)
 
 
 def _fields(cls: type[nn.Module], exclude: tuple[str, ...] = ()) -> tuple[str, ...]:

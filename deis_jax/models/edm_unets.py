@@ -166,6 +166,25 @@ class _UNet(nn.Module):
     label_dropout: float = 0.0
 
     _CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    _VARIANT: ClassVar[str] = ""  # unet_plan's variant: 'song' or 'adm'
+
+    def _plan_options(self) -> dict:
+        """Variant-specific arguments of ``unet_plan``."""
+        return {}
+
+    @property
+    def plan(self) -> UNetPlan:
+        return unet_plan(
+            self._VARIANT,
+            img_resolution=self.img_resolution,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            model_channels=self.model_channels,
+            channel_mult=self.channel_mult,
+            num_blocks=self.num_blocks,
+            attn_resolutions=self.attn_resolutions,
+            **self._plan_options(),
+        )
 
     def __post_init__(self):
         """Validate the fields at construction: the choices, then the layout."""
@@ -204,19 +223,10 @@ class SongUNet(_UNet):
         "decoder_type": DECODER_TYPES,
     }
 
-    @property
-    def plan(self) -> UNetPlan:
-        return unet_plan(
-            "song",
-            img_resolution=self.img_resolution,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            model_channels=self.model_channels,
-            channel_mult=self.channel_mult,
-            num_blocks=self.num_blocks,
-            attn_resolutions=self.attn_resolutions,
-            encoder_type=self.encoder_type,
-        )
+    _VARIANT: ClassVar[str] = "song"
+
+    def _plan_options(self) -> dict:
+        return {"encoder_type": self.encoder_type}
 
     @property
     def style(self) -> BlockStyle:
@@ -269,18 +279,7 @@ class DhariwalUNet(_UNet):
     num_blocks: int = 3
     attn_resolutions: tuple[int, ...] = (32, 16, 8)
 
-    @property
-    def plan(self) -> UNetPlan:
-        return unet_plan(
-            "adm",
-            img_resolution=self.img_resolution,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            model_channels=self.model_channels,
-            channel_mult=self.channel_mult,
-            num_blocks=self.num_blocks,
-            attn_resolutions=self.attn_resolutions,
-        )
+    _VARIANT: ClassVar[str] = "adm"
 
     @property
     def style(self) -> BlockStyle:
