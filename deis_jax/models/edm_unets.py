@@ -197,12 +197,32 @@ class _UNet(nn.Module):
                 )
         self.plan  # noqa: B018 -- building the plan validates the layout fields
 
-    def _encode_decode(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-        """Encoder and decoder of the subclass's ``plan`` and ``style``; sows the bottleneck."""
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        noise_labels: jax.Array,
+        class_labels: jax.Array | None = None,
+        augment_labels: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        """``F(x, c_noise, class_labels, augment_labels)`` for NHWC ``x``: the subclass's
+        embedding, the encoder and decoder of its ``plan`` and ``style`` (the last encoder
+        block's output sown as the bottleneck), then its output head."""
+        x, noise_labels = _prepare(self, x, noise_labels, train)
+        emb = self._embedding(noise_labels, class_labels, augment_labels)
         plan, style = self.plan, self.style
         x, skips = _Encoder(plan.enc, style, name="enc")(x, emb)
-        self.sow("intermediates", "bottleneck", x)  # the last encoder block's output
-        return _Decoder(plan.dec, style, name="dec")(x, skips, emb)
+        self.sow("intermediates", "bottleneck", x)
+        return self._output(_Decoder(plan.dec, style, name="dec")(x, skips, emb))
+
+    def _embedding(self, noise_labels, class_labels, augment_labels) -> jax.Array:
+        """The embedding every block receives (the mapping network)."""
+        raise NotImplementedError
+
+    def _output(self, x: jax.Array) -> jax.Array:
+        """The output head after the decoder (identity: SongUNet's decoder ends in it)."""
+        return x
 
 
 class SongUNet(_UNet):
@@ -238,16 +258,7 @@ class SongUNet(_UNet):
             adaptive_scale=False,
         )
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        noise_labels: jax.Array,
-        class_labels: jax.Array | None = None,
-        augment_labels: jax.Array | None = None,
-        train: bool = False,
-    ) -> jax.Array:
-        x, noise_labels = _prepare(self, x, noise_labels, train)
+    def _embedding(self, noise_labels, class_labels, augment_labels) -> jax.Array:
         noise_channels = self.model_channels * self.channel_mult_noise
         emb_channels = self.model_channels * self.channel_mult_emb
         if self.embedding_type == "positional":
@@ -264,8 +275,7 @@ class SongUNet(_UNet):
             aug = _rows(augment_labels, self.augment_dim)
             emb = emb + Linear(noise_channels, bias=False, name="map_augment")(aug)
         emb = nn.silu(Linear(emb_channels, name="map_layer0")(emb))
-        emb = nn.silu(Linear(emb_channels, name="map_layer1")(emb))
-        return self._encode_decode(x, emb)
+        return nn.silu(Linear(emb_channels, name="map_layer1")(emb))
 
 
 class DhariwalUNet(_UNet):
@@ -285,16 +295,7 @@ class DhariwalUNet(_UNet):
     def style(self) -> BlockStyle:
         return ADM_STYLE
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        noise_labels: jax.Array,
-        class_labels: jax.Array | None = None,
-        augment_labels: jax.Array | None = None,
-        train: bool = False,
-    ) -> jax.Array:
-        x, noise_labels = _prepare(self, x, noise_labels, train)
+    def _embedding(self, noise_labels, class_labels, augment_labels) -> jax.Array:
         mc = self.model_channels
         emb_channels = mc * self.channel_mult_emb
         emb = PositionalEmbedding(mc, endpoint=False, name="map_noise")(noise_labels)
@@ -306,7 +307,8 @@ class DhariwalUNet(_UNet):
         if self.label_dim:
             labels = _rows(class_labels, self.label_dim)
             emb = emb + Linear(emb_channels, bias=False, name="map_label")(labels)
-        emb = nn.silu(emb)
-        x = self._encode_decode(x, emb)
+        return nn.silu(emb)
+
+    def _output(self, x: jax.Array) -> jax.Array:
         x = nn.silu(GroupNorm(self.style.eps, name="out_norm")(x))
         return Conv2d(self.out_channels, 3, name="out_conv")(x)
