@@ -5,8 +5,9 @@
   imported. Tests that check float32 behaviour pass explicit dtypes.
 * Most XLA optimisations off (``jax_disable_most_optimizations``): the suite is dominated by
   compile time, not run time, and it checks results, not speed (speed is the benchmark
-  scripts' job). This cuts the suite from about 15.7 to 12.6 minutes on the 2-core CI
-  machine with the same results; the multi-device workers of ``test_parallel.py`` run in
+  scripts' job). This cut the sequential suite from about 15.7 to 12.6 minutes on the 2-core
+  CI machine with the same results (the README command also runs it on two processes, about
+  9.7 minutes); the multi-device workers of ``test_parallel.py`` run in
   subprocesses with the default (optimised) compilation, so the bit-identity claims are
   checked on optimised code.
 """
