@@ -34,14 +34,12 @@ from deis_jax.sampling.coefficients import (
     polynomial_eps_coefficients,
     rk_rho_coefficients,
 )
-from deis_jax.sampling.diagnostics import (
-    NonFiniteSamplesError,
-    first_nonfinite_step,
-    nonfinite_samples,
-)
+from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples
+from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import (
     Sampler,
     SamplingPlan,
+    first_nonfinite_step,
     get_sampler,
     make_plan,
     run_table,
@@ -80,6 +78,7 @@ __all__ = [
     "NoiseSchedule",
     "NonFiniteSamplesError",
     "OptimizedGrid",
+    "RuleParams",
     "Sampler",
     "SamplingPlan",
     "StepTable",

@@ -170,7 +170,11 @@ def base_sampler(plan, eps_fn):
 
 def rule_sampler(plan, eps_fn):
     """``(x_T, rule_params) -> x_0`` with the predictor, jitted (its params an argument)."""
-    return jax.jit(lambda x, params: deis.sample(plan, eps_fn, x, rule_params=params))
+    return jax.jit(
+        lambda x, params: deis.sample(
+            plan, eps_fn, x, rule_params=deis.RuleParams.for_plan(plan, params)
+        )
+    )
 
 
 def feature_cost(eps_fn, x, repeats: int) -> dict:

@@ -10,6 +10,7 @@ from scipy.optimize import brentq
 from deis_jax.models.amed_predictor import StepwisePredictor
 from deis_jax.sampling import solvers
 from deis_jax.sampling.coefficients import ADAMS_BASHFORTH
+from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import make_plan, sample
 from deis_jax.sampling.sde import VESDE, VPSDE
 
@@ -117,7 +118,9 @@ def test_half_ratio_is_dpm_solver_2(method):
     plan = make_plan(SDE, plan.ts, method=method, predictor="stepwise", scale_dir=0.01,
                      scale_time=0.2)  # fmt: skip
     params = stepwise_params(np.full(4, 0.5), np.ones(4), np.ones(4), 0.01, 0.2)
-    got = jax.jit(lambda p: sample(plan, eps_fn, x, rule_params=p))(params)
+    got = jax.jit(lambda p: sample(plan, eps_fn, x, rule_params=RuleParams.for_plan(plan, p)))(
+        params
+    )
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
 
 
@@ -132,7 +135,8 @@ def test_rule_matches_direct_implementation(method, afs):
     rng = np.random.default_rng(0)
     r, c, a = rng.uniform(0.2, 0.8, n), rng.uniform(0.96, 1.04, n), rng.uniform(0.85, 1.15, n)
     eps_fn = mixture_eps(SDE)
-    got = sample(plan, eps_fn, x, rule_params=stepwise_params(r, c, a, 0.05, 0.2))
+    params = RuleParams.for_plan(plan, stepwise_params(r, c, a, 0.05, 0.2))
+    got = sample(plan, eps_fn, x, rule_params=params)
     want = reference_amed(SDE, method, plan.ts, eps_fn, x, r, c, a, afs=afs)
     np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
 
@@ -175,7 +179,8 @@ def test_gaussian_optimal_ratio_is_exact():
         np.testing.assert_allclose(r_star, [0.428, 0.424, 0.133], atol=1e-3)
         plan = make_plan(ve, ts, method="amed", predictor="stepwise", scale_dir=0.0)
         x = 80.0 * jax.random.normal(jax.random.PRNGKey(3), (4, 6), jnp.float64)
-        out = sample(plan, gaussian_eps(ve), x, rule_params=stepwise_params(r_star, 1, 1, 0, 0))
+        params = RuleParams.for_plan(plan, stepwise_params(r_star, 1, 1, 0, 0))
+        out = sample(plan, gaussian_eps(ve), x, rule_params=params)
         want = x * np.prod(exact)
         np.testing.assert_allclose(out, want, rtol=0, atol=1e-10)
         # r = 1/2 is far from exact on the last step
@@ -270,7 +275,7 @@ def test_bottleneck_predictor_through_the_loop():
     params = init_params(plan, eps_fn, x)
     # 16 features (the 4x4 bottleneck): 72 + (16*128 + 128) + (128*4 + 4) + 3 heads * 21
     assert sum(p.size for p in jax.tree.leaves(params)) == 72 + 2176 + 516 + 63
-    run = jax.jit(lambda p, x: sample(plan, eps_fn, x, rule_params=p))
+    run = jax.jit(lambda p, x: sample(plan, eps_fn, x, rule_params=RuleParams.for_plan(plan, p)))
     base = sample(plan, eps_fn, x)
     zero = jax.tree.map(jnp.zeros_like, params)
     np.testing.assert_allclose(run(zero, x), base, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ from deis_jax.fitting.amed import (
 )
 from deis_jax.fitting.teacher import solve_teacher
 from deis_jax.modes import get_mode, run_mode
+from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import make_plan, sample
 from deis_jax.sampling.sde import VPSDE
 
@@ -123,8 +124,8 @@ def test_training_resumes_where_it_stopped(tmp_path):
     resumed = fit_amed(plan, eps_fn, teacher, steps=12, learning_rate=0.05, batch_size=6,
                        state_path=state, checkpoint_every=3)  # fmt: skip
     assert resumed.loop.resumed_step > 0
-    for key in full.params:
-        np.testing.assert_array_equal(resumed.params[key], full.params[key])
+    for key in full.params.params:
+        np.testing.assert_array_equal(resumed.params.params[key], full.params.params[key])
 
 
 def test_predictor_file_refused_for_other_settings(tmp_path):
@@ -140,7 +141,7 @@ def test_predictor_file_refused_for_other_settings(tmp_path):
     eps_fn, x = mixture(), jnp.ones((2, 8))
     np.testing.assert_array_equal(
         sample(sampler.plan, eps_fn, x, rule_params=sampler.rule_params),
-        sample(plan, eps_fn, x, rule_params=params),
+        sample(plan, eps_fn, x, rule_params=RuleParams.for_plan(plan, params)),
     )
     config.sampler.nfe = 7
     with pytest.raises(ConfigError, match="nfe: trained for 5, asked for 7"):
@@ -216,7 +217,8 @@ def test_loss_choices():
     x = SDE.prior_sample(jax.random.PRNGKey(6), (3, 8), jnp.float64)
     params = {"r_logit": jnp.full(multistep.num_steps, 0.2),
               "c_logit": jnp.zeros(multistep.num_steps)}  # fmt: skip
-    out, states = sample(multistep, eps_fn, x, trajectory=True, rule_params=params)
+    out, states = sample(multistep, eps_fn, x, trajectory=True,
+                         rule_params=RuleParams.for_plan(multistep, params))  # fmt: skip
     targets = jnp.zeros((3, multistep.num_steps, 8))
     np.testing.assert_allclose(per_sample_loss(multistep, params, eps_fn, x, targets, "endpoint"),
                                np.mean(np.asarray(out) ** 2, axis=1), rtol=1e-12)  # fmt: skip
@@ -253,6 +255,7 @@ def test_sharded_sampling_uses_the_predictor():
     plan = make_plan(SDE, method="amed_ipndm", nfe=5, afs=True, predictor="stepwise")
     params = {"r_logit": jnp.linspace(-1.0, 1.0, plan.num_steps),
               "c_logit": jnp.full(plan.num_steps, 0.5)}  # fmt: skip
+    params = RuleParams.for_plan(plan, params)
     eps_fn, x = mixture(), SDE.prior_sample(jax.random.PRNGKey(7), (4, 8), jnp.float64)
     sharded = parallel.shard_sampler(Sampler(plan, eps_fn, params), parallel.make_mesh())
     want = sample(plan, eps_fn, x, rule_params=params)

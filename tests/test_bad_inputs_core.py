@@ -1,8 +1,10 @@
-"""Bad input to the sampling core: each case fails early with a message naming it (issue 13).
+"""Bad input to the sampling core: each case fails early with a message naming it (issues 13
+and 19).
 
-Schedules outside their valid interval, a network output of the wrong shape or dtype,
-non-finite samples (found, and traced to their first step), and ill-typed, conflicting or
-oversized sampler arguments.
+Schedules outside their valid interval (or not a schedule), malformed grids, a network output
+of the wrong shape, dtype or type, non-finite samples (found, and traced to their first step,
+also on request inside ``sample``), ill-typed, conflicting or oversized sampler arguments, and
+learned rule parameters given to a plan they were not trained for.
 """
 
 import time
@@ -12,12 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deis_jax.sampling.diagnostics import (
-    NonFiniteSamplesError,
-    first_nonfinite_step,
-    nonfinite_samples,
-)
-from deis_jax.sampling.sampler import get_sampler, make_plan, sample
+from deis_jax.fitting.amed import init_params
+from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples
+from deis_jax.sampling.rule_params import RuleParams
+from deis_jax.sampling.sampler import first_nonfinite_step, get_sampler, make_plan, sample
 from deis_jax.sampling.sde import VPSDE
 from deis_jax.sampling.solvers import MethodArgumentError
 
@@ -190,3 +190,120 @@ def test_integral_orders_and_budgets_of_any_type_are_accepted():
         plan = make_plan(VP, method="tab", order=order, nfe=nfe)
         assert type(plan.order) is int and plan.order == 2 and plan.nfe == 6
         np.testing.assert_array_equal(plan.table.out_k, base.table.out_k)
+
+
+# --- 5. the last bad inputs of the hostile battery (issue 19) --------------------------------
+
+
+@pytest.mark.parametrize(
+    "ts, message",
+    [
+        ([], r"ts must be a 1-D array of at least 2 times .* got shape \(0,\)"),
+        ([0.5], r"ts must be a 1-D array of at least 2 times .* got shape \(1,\)"),
+        ([[1.0, 0.5, 1e-3]], r"ts must be a 1-D array .* got shape \(1, 3\)"),
+        ([1.0, "a"], r"ts must be a 1-D array of times, got \[1\.0, 'a'\]"),
+    ],
+    ids=["empty", "one-point", "2-D", "not-numbers"],
+)
+def test_malformed_explicit_grids_are_refused_by_name(ts, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan(VP, ts, method="tab")
+
+
+def test_a_schedule_given_by_name_is_refused_by_name():
+    message = r"schedule must be a NoiseSchedule such as VPSDE\.linear\(\) or get_sde\('vpsde'\)"
+    with pytest.raises(TypeError, match=message + r", got str 'vpsde'"):
+        make_plan("vpsde", method="tab", nfe=5)
+    with pytest.raises(TypeError, match=message):
+        get_sampler("vpsde", half_x, method="tab", nfe=5)
+
+
+@pytest.mark.parametrize("method", ["tab", "rhork"])  # the first stage and the later ones
+def test_an_eps_fn_returning_a_tuple_is_refused_by_name(method):
+    sampler = get_sampler(VP, lambda x, t: (half_x(x, t), x), method=method, order=2, nfe=4)
+    message = r"eps_fn returned a tuple of 2 items: it must return one array of the input's shape"
+    with pytest.raises(TypeError, match=message):
+        jax.jit(sampler)(X)
+
+
+def test_check_finite_names_the_samples_and_their_first_step():
+    ts = np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.1])
+    plan = make_plan(VP, ts, method="ddim")
+    x_T = jnp.asarray([[1.0, 0.0], [-1.0, 0.0], [2.0, 1.0], [-0.5, 3.0]])
+    eps_fn = nan_below(0.5)
+    assert not np.all(np.isfinite(np.asarray(sample(plan, eps_fn, x_T))))  # silent by default
+    message = r"2 samples came back non-finite \(NaN or Inf\): rows \[1, 3\]; first non-finite "
+    with pytest.raises(NonFiniteSamplesError, match=message + r"step \[3, 3\]") as info:
+        sample(plan, eps_fn, x_T, check_finite=True)
+    np.testing.assert_array_equal(info.value.first_step, [3, 3])
+    finite = sample(plan, half_x, x_T, check_finite=True)  # a finite run returns as usual
+    np.testing.assert_array_equal(np.asarray(finite), np.asarray(sample(plan, half_x, x_T)))
+    with pytest.raises(ValueError, match=r"x_T is not finite \(NaN or Inf\) in rows \[2\]"):
+        sample(plan, half_x, x_T.at[2, 1].set(jnp.nan), check_finite=True)
+    with pytest.raises(TypeError, match=r"check_finite=True\) needs concrete arrays"):
+        jax.jit(lambda x: sample(plan, half_x, x, check_finite=True))(x_T)
+
+
+def test_check_finite_reruns_with_the_same_noise():
+    """A stochastic sampler's failing rows are rediagnosed with their own global indices."""
+    plan = make_plan(VP, method="sddim", nfe=6)
+    x_T = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+
+    def eps_fn(x, t):  # NaN once t < 0.3 for the rows with a large first coordinate
+        return jnp.where((x[:, :1] > 0.5) & (t < 0.3), jnp.nan, 0.0) * jnp.ones_like(x)
+
+    out = np.asarray(sample(plan, eps_fn, x_T, jax.random.PRNGKey(1), index_offset=10))
+    bad = nonfinite_samples(out)
+    assert 0 < bad.size < 6
+    with pytest.raises(NonFiniteSamplesError) as info:
+        sample(plan, eps_fn, x_T, jax.random.PRNGKey(1), index_offset=10, check_finite=True)
+    np.testing.assert_array_equal(info.value.indices, bad)
+    assert np.all(info.value.first_step >= 0)
+
+
+def amed_rule_params(plan):
+    return RuleParams.for_plan(plan, init_params(plan, half_x, X))
+
+
+def test_rule_params_trained_for_another_plan_are_refused_by_name():
+    solver5 = make_plan(VP, method="amed", nfe=5, afs=True, predictor="stepwise")
+    params = amed_rule_params(solver5)
+    sample(solver5, half_x, X, rule_params=params)  # its own plan
+    cases = [
+        (make_plan(VP, method="amed", nfe=7, afs=True, predictor="stepwise"),
+         r"nfe: trained for 5, asked for 7"),
+        (make_plan(VP, method="amed_ddim", nfe=5, afs=True, predictor="stepwise"),
+         r"method: trained for 'amed', asked for 'amed_ddim'"),
+        (make_plan(VP, method="amed", nfe=6, predictor="stepwise"),
+         r"afs: trained for True, asked for False"),
+        (make_plan(VP, method="amed", nfe=5, afs=True, predictor="stepwise", scale_time=0.1),
+         r"options: trained for .*'scale_time': 0\.0"),
+        (make_plan(COSINE, method="amed", nfe=5, afs=True, predictor="stepwise"),
+         r"schedule: trained for"),
+        (make_plan(VP, method="amed", nfe=5, afs=True, predictor="stepwise", grid="log_snr"),
+         r"ts: trained for"),
+    ]  # fmt: skip
+    for plan, message in cases:
+        with pytest.raises(ValueError, match=r"rule_params were trained for another plan: .*"
+                           + message):  # fmt: skip
+            sample(plan, half_x, X, rule_params=params)
+    plugin5 = make_plan(VP, method="amed_ipndm", nfe=5, afs=True, predictor="stepwise")
+    with pytest.raises(ValueError, match=r"method: trained for 'amed_ipndm', asked for 'amed'"):
+        jax.jit(lambda x, p: sample(solver5, half_x, x, rule_params=p))(
+            X, amed_rule_params(plugin5)
+        )
+
+
+def test_bare_rule_parameters_are_refused_with_the_way_to_declare_them():
+    plan = make_plan(VP, method="amed", nfe=5, afs=True, predictor="stepwise")
+    bare = init_params(plan, half_x, X)
+    with pytest.raises(
+        TypeError,
+        match=r"rule_params must be a RuleParams .*got a bare dict; "
+        r"for parameters made by hand use RuleParams\.for_plan\(plan, params\)",
+    ):
+        sample(plan, half_x, X, rule_params=bare)  # fmt: skip
+    declared = RuleParams.for_plan(plan, bare)
+    assert repr(declared) == "RuleParams(amed, order=2, nfe=5, afs=True)"
+    leaves = jax.tree.leaves(declared)  # a pytree whose leaves are the parameters
+    assert len(leaves) == len(jax.tree.leaves(bare))

@@ -13,7 +13,7 @@ from configs import gmm_vpsde
 from deis_jax.build import sampler_from_config
 from deis_jax.config_validation import ConfigError, validate_sampler
 from deis_jax.fitting.grid_file import OptimizedGrid
-from deis_jax.fitting.teacher import describe_schedule
+from deis_jax.identity import describe_object
 from deis_jax.sampling.sampler import make_plan, sample
 
 SDE = deis.VPSDE.linear()
@@ -23,7 +23,7 @@ EPS = deis.GaussianMixture.ring().eps_fn(SDE)
 def fitted_grid(corrections=None, **changes) -> OptimizedGrid:
     ts = deis.time_grid(SDE, 5, "log_snr", t0=1e-3, t1=1.0)
     ts[1:-1] *= 1.0 + 1e-3 * np.sin(np.arange(1, 5))  # not any fixed kind
-    fields = dict(ts=ts, method="tab", order=3, nfe=5, options={}, schedule=describe_schedule(SDE),
+    fields = dict(ts=ts, method="tab", order=3, nfe=5, options={}, schedule=describe_object(SDE),
                   objective="ld3", corrections=corrections,
                   max_delta=None if corrections is None else 0.1,
                   provenance={"val_loss_init": 1.0, "seconds": 2.5})  # fmt: skip

@@ -13,8 +13,6 @@ from deis_jax.evaluation.reference import reference_solve
 from deis_jax.fitting import teacher as teacher_module
 from deis_jax.fitting.teacher import (
     Teacher,
-    array_digest,
-    describe_schedule,
     halve_grid,
     load_or_solve_teacher,
     load_teacher,
@@ -23,6 +21,7 @@ from deis_jax.fitting.teacher import (
     solve_teacher,
     teacher_settings,
 )
+from deis_jax.identity import array_digest, describe_object
 
 SDE = deis.VPSDE.linear()
 RING = deis.GaussianMixture.ring()
@@ -223,10 +222,10 @@ def test_describe_schedule_sees_arrays():
     a = deis.DiscreteVPSDE.linear(beta_end=0.02)
     b = deis.DiscreteVPSDE.linear(beta_end=0.021)
     assert repr(a) == repr(b)  # why repr is not enough
-    assert describe_schedule(a) != describe_schedule(b)
-    assert describe_schedule(a)["alphas_cumprod"].startswith("sha256:")
-    assert describe_schedule(SDE) == describe_schedule(deis.VPSDE.linear())
-    assert describe_schedule(SDE) != describe_schedule(deis.VPSDE.linear(beta_max=19.0))
+    assert describe_object(a) != describe_object(b)
+    assert describe_object(a)["alphas_cumprod"].startswith("sha256:")
+    assert describe_object(SDE) == describe_object(deis.VPSDE.linear())
+    assert describe_object(SDE) != describe_object(deis.VPSDE.linear(beta_max=19.0))
 
 
 @pytest.mark.parametrize(

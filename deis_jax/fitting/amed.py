@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -53,19 +52,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from deis_jax.fitting.adam_loop import LoopResult, fit_adam
-from deis_jax.fitting.teacher import (
-    Teacher,
-    array_digest,
-    describe_schedule,
-    load_or_solve_teacher,
-    refine_grid,
-)
+from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher, refine_grid
+from deis_jax.identity import array_digest, describe_object, settings_differences
 from deis_jax.io_utils import atomic_write_text, check_record_sha256, sealed_json
 from deis_jax.models.amed_predictor import (
     init_predictor,
     predictor_from_settings,
     predictor_settings,
 )
+from deis_jax.sampling.rule_params import RuleParams, signature
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, run_table
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.solvers.amed import AMED_METHODS, amed_options
@@ -226,7 +221,7 @@ class AmedPredictorFile:
     def from_plan(cls, plan: SamplingPlan, params, provenance: dict | None = None):
         check_amed_plan(plan)
         return cls(np.asarray(plan.ts, np.float64), plan.method, plan.order, plan.nfe, plan.afs,
-                   amed_options(plan.options), describe_schedule(plan.schedule),
+                   amed_options(plan.options), describe_object(plan.schedule),
                    predictor_settings(plan.rule.predictor),
                    jax.tree.map(np.asarray, params), dict(provenance or {}))  # fmt: skip
 
@@ -244,21 +239,15 @@ class AmedPredictorFile:
         afs = bool(options.pop("afs", False))
         t0, t1 = schedule.interval(t0, t1)
         wanted = {"method": method, "order": order, "nfe": nfe, "afs": afs,
-                  "options": amed_options(options), "schedule": describe_schedule(schedule),
+                  "options": amed_options(options), "schedule": describe_object(schedule),
                   "t0": t0, "t1": t1}  # fmt: skip
-        have = self.settings()
-        diffs = []
-        for key, value in wanted.items():
-            same = (math.isclose(value, have[key], rel_tol=1e-12) if key in ("t0", "t1")
-                    else value == have[key])  # fmt: skip
-            if not same:
-                diffs.append(f"{key}: trained for {have[key]!r}, asked for {value!r}")
+        diffs = settings_differences(self.settings(), wanted, verb="trained", rel_tol=1e-12)
         if diffs:
             raise ValueError("the AMED predictor file was trained for other settings: "
                              + "; ".join(diffs))  # fmt: skip
 
     def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
-        if describe_schedule(schedule) != self.schedule:
+        if describe_object(schedule) != self.schedule:
             raise ValueError(f"the AMED predictor was trained for schedule {self.schedule}, "
                              f"not {schedule}")  # fmt: skip
         plan = make_plan(schedule, self.ts, method=self.method, order=self.order, afs=self.afs,
@@ -271,9 +260,13 @@ class AmedPredictorFile:
             )
         return plan
 
-    def rule_params(self):
-        """The predictor's parameters as JAX arrays."""
-        return jax.tree.map(jnp.asarray, self.params)
+    def rule_params(self) -> RuleParams:
+        """The predictor's parameters as JAX arrays, with the settings they were trained for
+        (``sample`` refuses them for a plan with other settings)."""
+        trained_for = signature(method=self.method, order=self.order, nfe=self.nfe,
+                                afs=self.afs, options=self.options, schedule=self.schedule,
+                                ts=self.ts)  # fmt: skip
+        return RuleParams(jax.tree.map(jnp.asarray, self.params), trained_for)
 
     def to_json(self) -> str:
         record = {
@@ -326,8 +319,9 @@ class AmedPredictorFile:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AmedFit:
-    """:func:`fit_amed`'s result: the best-validation parameters, the loop's record, and the
-    file to save."""
+    """:func:`fit_amed`'s result: the best-validation parameters (:class:`RuleParams`, for
+    ``sample(plan, eps_fn, x_T, rule_params=fit.params)``), the loop's record, and the file to
+    save."""
 
     params: Any
     loop: LoopResult
@@ -404,7 +398,8 @@ def fit_amed(
                      "validation_fraction": validation_fraction},
         "val_loss_curve": [float(v) for v in loop.val_loss],
     }  # fmt: skip
-    return AmedFit(loop.params, loop, AmedPredictorFile.from_plan(plan, loop.params, provenance))
+    return AmedFit(RuleParams.for_plan(plan, loop.params), loop,
+                   AmedPredictorFile.from_plan(plan, loop.params, provenance))  # fmt: skip
 
 
 def _plan_identity(plan: SamplingPlan) -> dict:
@@ -414,5 +409,5 @@ def _plan_identity(plan: SamplingPlan) -> dict:
         "options": plan.options,
         "afs": plan.afs,
         "ts": [float(t) for t in plan.ts],
-        "schedule": describe_schedule(plan.schedule),
+        "schedule": describe_object(plan.schedule),
     }

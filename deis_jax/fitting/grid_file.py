@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from deis_jax.fitting.teacher import describe_schedule
+from deis_jax.identity import describe_object
 from deis_jax.io_utils import atomic_write_text, check_record_sha256, sealed_json
 from deis_jax.sampling.learned import corrected_table
 from deis_jax.sampling.sampler import SamplingPlan, make_plan
@@ -46,7 +46,7 @@ class OptimizedGrid:
     order: int
     nfe: int
     options: dict
-    schedule: dict  # describe_schedule(...): class and fields
+    schedule: dict  # describe_object(...): class and fields
     objective: str
     corrections: np.ndarray | None = None
     max_delta: float | None = None
@@ -108,7 +108,7 @@ class OptimizedGrid:
             "order": order,
             "nfe": nfe,
             "options": dict(options or {}),
-            "schedule": describe_schedule(schedule),
+            "schedule": describe_object(schedule),
             "t0": t0,
             "t1": t1,
         }
@@ -127,7 +127,7 @@ class OptimizedGrid:
 
     def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
         """The sampling plan: the method on ``ts``, with the learned corrections if any."""
-        if describe_schedule(schedule) != self.schedule:
+        if describe_object(schedule) != self.schedule:
             raise ValueError(
                 f"the grid file was fitted for schedule {self.schedule}, not {schedule}"
             )

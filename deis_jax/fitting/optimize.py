@@ -32,7 +32,8 @@ import numpy as np
 
 from deis_jax.fitting import gits, ld3
 from deis_jax.fitting.grid_file import OBJECTIVES, OptimizedGrid
-from deis_jax.fitting.teacher import Teacher, describe_schedule, solve_teacher
+from deis_jax.fitting.teacher import Teacher, solve_teacher
+from deis_jax.identity import describe_object
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import EpsFn, model_argument
@@ -157,7 +158,7 @@ def optimize_grid(
         order=plan.order,
         nfe=plan.nfe,
         options=options,
-        schedule=describe_schedule(schedule),
+        schedule=describe_object(schedule),
         objective=objective,
         corrections=corrections,
         max_delta=max_delta if corrections is not None else None,

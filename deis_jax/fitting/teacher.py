@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import numbers
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from deis_jax.identity import array_digest, describe_object
 from deis_jax.io_utils import atomic_write_bytes
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
@@ -86,33 +86,6 @@ class Teacher:
 def working_dtype() -> np.dtype:
     """float64 when ``jax_enable_x64`` is on, else float32."""
     return np.dtype(np.float64 if jax.config.jax_enable_x64 else np.float32)
-
-
-def array_digest(x) -> str:
-    """sha256 (hex) of an array's shape and float64 values (so float32 and float64 copies of
-    the same values hash alike)."""
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float64))
-    digest = hashlib.sha256(repr(x.shape).encode())
-    digest.update(x.tobytes())
-    return digest.hexdigest()
-
-
-def describe_schedule(schedule: NoiseSchedule) -> dict[str, Any]:
-    """A JSON-able description of ``schedule``: its class and dataclass fields, arrays
-    replaced by their :func:`array_digest` (a ``repr`` hides e.g. the discrete
-    ``alphas_cumprod``)."""
-    out: dict[str, Any] = {"class": type(schedule).__name__}
-    if dataclasses.is_dataclass(schedule):
-        for field in dataclasses.fields(schedule):
-            value = getattr(schedule, field.name)
-            if isinstance(value, np.ndarray | jax.Array):
-                value = "sha256:" + array_digest(value)
-            elif isinstance(value, np.generic):
-                value = value.item()
-            out[field.name] = value
-    else:
-        out["repr"] = repr(schedule)
-    return json.loads(json.dumps(out, default=repr))
 
 
 def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
@@ -167,7 +140,7 @@ def teacher_settings(
         "substeps": int(substeps),
         "t0": t0,
         "t1": t1,
-        "schedule": describe_schedule(schedule),
+        "schedule": describe_object(schedule),
         "dtype": working_dtype().name,
         "keep_states": bool(keep_states),
         "error_samples": error_samples,

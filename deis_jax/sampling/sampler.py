@@ -30,7 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from deis_jax.sampling import solvers
-from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.diagnostics import (
+    NonFiniteSamplesError,
+    finite_rows,
+    nonfinite_samples,
+    shown,
+)
+from deis_jax.sampling.rule_params import RuleParams, checked_rule_params
+from deis_jax.sampling.sde import NoiseSchedule, check_schedule
 from deis_jax.sampling.solvers.table import StepTable, final_denoise_table
 from deis_jax.sampling.timesteps import time_grid, validate_grid
 from deis_jax.sampling.wrappers import EpsFn, eps_with_features
@@ -87,9 +94,12 @@ class StepRule(Protocol):
     ...) for per-sample coefficients, and stage times ``t[s]`` for ``s >= 1`` may differ per
     sample. AMED's predictor (``deis_jax.sampling.solvers.amed``) is one such rule; a learned
     per-step noise or parallel directions would be another, running through the same loop.
+    ``options``: the method's options with the rule's defaults filled in (part of what learned
+    parameters are trained for, ``deis_jax.sampling.rule_params``).
     """
 
     needs_features: bool
+    options: dict
 
     def __call__(self, params, row: StepTable, step: jax.Array, x: jax.Array, features): ...
 
@@ -126,15 +136,24 @@ def _check_state(x: jax.Array) -> None:
 
 def _checked_eps(eps: jax.Array, x: jax.Array) -> jax.Array:
     """``eps`` (the network's output for the input ``x``) in ``x``'s dtype, after a check of
-    its shape and dtype. Python-level on the abstract values, so it runs once when the loop
-    is traced and costs nothing per step.
+    its type, shape and dtype. Python-level on the abstract values, so it runs once when the
+    loop is traced and costs nothing per step.
 
-    The shape must equal ``x.shape``: a ``(B, 1)`` or scalar output would broadcast into
+    It must be one array (a tuple such as ``(eps, features)`` is refused by name). The shape
+    must equal ``x.shape``: a ``(B, 1)`` or scalar output would broadcast into
     silently wrong samples. Any floating dtype is accepted and cast to ``x.dtype``, the
     working precision: wider (float64 eps, float32 x) rounds as the state does anyway; narrower
     (a bfloat16/float16 network in a float32 loop) widens exactly. Integer, bool or complex
     outputs are refused.
     """
+    if not (hasattr(eps, "shape") and hasattr(eps, "dtype")):
+        what = type(eps).__name__ + (f" of {len(eps)} items" if isinstance(eps, tuple | list)
+                                     else "")  # fmt: skip
+        raise TypeError(
+            f"eps_fn returned a {what}: it must return one array of the input's shape "
+            f"{x.shape} (a network that also returns features should give eps alone; "
+            "deis_jax reads features through eps_with_features)"
+        )
     shape, dtype = jnp.shape(eps), jnp.result_type(eps)
     if shape != x.shape:
         raise ValueError(
@@ -334,7 +353,8 @@ def sample(
     table: StepTable | None = None,
     trajectory: bool = False,
     record: Callable[[jax.Array], Any] | None = None,
-    rule_params=None,
+    rule_params: RuleParams | None = None,
+    check_finite: bool = False,
 ):
     """Integrate ``x_T`` from ``plan.ts[0]`` to ``plan.ts[-1]`` with the network ``eps_fn``.
 
@@ -349,17 +369,29 @@ def sample(
     ``record`` returns ``(x, records)``, ``record`` of the state after every step, the final
     denoising step included (``plan.num_steps`` rows, one more with ``final_table``).
     ``rule_params``: the learned parameters of ``plan.rule`` (e.g. a trained AMED
-    predictor); None runs ``plan.table`` as it is (AMED: the base solver, ``r = 1/2``).
+    predictor) as a :class:`~deis_jax.sampling.rule_params.RuleParams`, refused when trained
+    for other settings (named); None runs ``plan.table`` as it is (AMED: the base solver,
+    ``r = 1/2``).
+
+    ``check_finite=True`` raises :class:`NonFiniteSamplesError` naming the samples that came
+    back NaN/Inf and the first step at which each did (found by rerunning just those rows
+    with :func:`first_nonfinite_step`), and ``ValueError`` naming the rows of ``x_T`` that
+    are not finite. It needs concrete arrays: call ``sample`` itself outside ``jax.jit`` (its
+    loop is compiled all the same). It is off by default because it waits for the samples and
+    brings a flag per sample to the host, which a jitted pipeline must not do; the modes of
+    ``main.py`` always check, and refuse to write non-finite samples.
     """
+    if check_finite:
+        return _checked_sample(plan, eps_fn, x_T, key, index_offset, sample_index, table,
+                               trajectory, record, rule_params)  # fmt: skip
     structure = plan.structure
     if key is not None and sample_index is None:
         sample_index = index_offset + jnp.arange(x_T.shape[0])
-    if rule_params is not None and plan.rule is None:
-        raise ValueError(f"rule_params given, but method {plan.method!r} has no learned rule")
+    params = checked_rule_params(plan, rule_params)
     table = plan.table if table is None else table
     out = run_table(eps_fn, table, x_T, key, sample_index, structure=structure,
                     trajectory=trajectory, record=record, first_eps_scale=plan.first_eps_scale,
-                    rule=plan.rule, rule_params=rule_params)  # fmt: skip
+                    rule=plan.rule, rule_params=params)  # fmt: skip
     x, extra = out if trajectory or record is not None else (out, None)
     if plan.final_table is not None and record is None:
         x = run_table(eps_fn, plan.final_table, x)
@@ -367,6 +399,79 @@ def sample(
         x, last = run_table(eps_fn, plan.final_table, x, record=record)
         extra = jnp.concatenate([extra, last])
     return x if extra is None else (x, extra)
+
+
+def _concrete_rows(x, name: str) -> np.ndarray:
+    """Indices of the non-finite rows of ``x``; ``TypeError`` when ``x`` is traced."""
+    try:
+        return nonfinite_samples(x)
+    except jax.errors.JAXTypeError:
+        raise TypeError(
+            f"sample(..., check_finite=True) needs concrete arrays, but {name} is traced: "
+            "call sample outside jax.jit (its loop is compiled anyway), or check the result "
+            "with deis_jax.nonfinite_samples"
+        ) from None
+
+
+def _checked_sample(plan, eps_fn, x_T, key, index_offset, sample_index, table, trajectory,
+                    record, rule_params):  # fmt: skip
+    """:func:`sample` with ``check_finite=True`` (see there)."""
+    bad_inputs = _concrete_rows(x_T, "x_T")
+    if bad_inputs.size:
+        raise ValueError(f"x_T is not finite (NaN or Inf) in rows {shown(bad_inputs)}")
+    out = sample(
+        plan,
+        eps_fn,
+        x_T,
+        key,
+        index_offset=index_offset,
+        sample_index=sample_index,
+        table=table,
+        trajectory=trajectory,
+        record=record,
+        rule_params=rule_params,
+    )
+    x = out[0] if trajectory or record is not None else out
+    bad = _concrete_rows(x, "the samples")
+    if bad.size:
+        index = index_offset + jnp.arange(x_T.shape[0]) if sample_index is None else sample_index
+        steps = first_nonfinite_step(plan, eps_fn, x_T[bad], key,
+                                     sample_index=jnp.asarray(index)[bad],
+                                     rule_params=rule_params)  # fmt: skip
+        raise NonFiniteSamplesError(bad, steps)
+    return out
+
+
+def first_nonfinite_step(
+    plan: SamplingPlan,
+    eps_fn: EpsFn,
+    x_T: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    index_offset: int = 0,
+    sample_index: jax.Array | None = None,
+    rule_params: RuleParams | None = None,
+) -> np.ndarray:
+    """Per sample, the first step whose result is non-finite, or -1 if none is.
+
+    Step ``k`` maps ``plan.ts[k]`` to ``plan.ts[k + 1]``; ``plan.num_steps`` is the final
+    denoising step (with ``final_denoise``). The arguments are those of :func:`sample` (same
+    ``key`` and sample indices: the same noise), which is rerun with a finite flag per sample
+    recorded after every step (``diagnostics.finite_rows``) -- one extra sampling pass, for
+    diagnosis only. To diagnose a few rows of a batch, pass those rows of ``x_T`` with their
+    ``sample_index``.
+
+    Raises:
+      ValueError: if ``x_T`` itself has non-finite rows (named).
+    """
+    bad_inputs = nonfinite_samples(x_T)
+    if bad_inputs.size:
+        raise ValueError(f"x_T is not finite in rows {shown(bad_inputs)}: nothing to diagnose")
+    _, finite = sample(plan, eps_fn, x_T, key, index_offset=index_offset,
+                       sample_index=sample_index, record=finite_rows,
+                       rule_params=rule_params)  # fmt: skip
+    finite = np.asarray(finite)  # (steps, B)
+    return np.where(finite.all(axis=0), -1, np.argmin(finite, axis=0)).astype(np.int64)
 
 
 def make_plan(
@@ -399,6 +504,7 @@ def make_plan(
     value (:attr:`SamplingPlan.first_eps_scale`): a budget of ``nfe`` then takes
     ``ceil((nfe + 1) / S)`` steps, e.g. AMED's NFE 5 = 3 two-stage steps.
     """
+    check_schedule(schedule)
     spec = solvers.get_method(method)
     for name, flag in (("final_denoise", final_denoise), ("afs", afs)):
         if not isinstance(flag, bool | np.bool_):
@@ -420,8 +526,8 @@ def make_plan(
         grid = spec.default_grid if grid is None else grid
         ts = time_grid(schedule, num_steps, grid, power=grid_power, t0=t0, t1=t1)
     else:
-        ts = np.asarray(ts, dtype=np.float64)
         validate_grid(schedule, ts)
+        ts = np.asarray(ts, dtype=np.float64)
     table = spec.build(schedule, ts, order, **options)
     if afs and np.any(np.asarray(table.out_noise) != 0):
         raise solvers.MethodArgumentError(

@@ -524,6 +524,16 @@ class EDMSchedule(NoiseSchedule):
         return t
 
 
+def check_schedule(schedule, argument: str = "schedule") -> None:
+    """``TypeError`` naming ``argument`` unless ``schedule`` is a :class:`NoiseSchedule`
+    (a config name such as ``'vpsde'`` goes through :func:`get_sde` first)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(
+            f"{argument} must be a NoiseSchedule such as VPSDE.linear() or get_sde('vpsde'), "
+            f"got {type(schedule).__name__} {schedule!r}"
+        )
+
+
 def get_sde(name: str, **kwargs) -> NoiseSchedule:
     """Build a schedule by config name (one of ``SDE_NAMES``: ``vpsde``, ``subvpsde``,
     ``vesde``, ``discrete_vpsde``, ``edm``)."""

@@ -30,7 +30,7 @@ import numbers
 
 import numpy as np
 
-from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.sde import NoiseSchedule, check_schedule
 
 GRID_KINDS = ("time", "linear", "quadratic", "rho", "karras", "log_snr", "custom")
 DEFAULT_POWER = {"time": 1.0, "linear": 1.0, "quadratic": 2.0, "rho": 7.0, "karras": 7.0}
@@ -80,17 +80,15 @@ def time_grid(
     ``power`` applies to the kinds ``time`` and ``rho`` (see :func:`check_grid_power`);
     ``[t0, t1]`` defaults to the schedule's interval (``NoiseSchedule.interval``).
     """
+    check_schedule(schedule)
     if kind not in GRID_KINDS:
         raise ValueError(f"grid kind must be one of {GRID_KINDS}, got {kind!r}")
     power = check_grid_power(kind, power)
     if kind == "custom":
         if custom is None:
             raise ValueError("grid kind 'custom' needs the `custom` array of times")
-        ts = np.asarray(custom, dtype=np.float64)
-        if ts.ndim != 1 or ts.size < 2:
-            raise ValueError("a custom grid must be a 1-D array of at least 2 times")
-        validate_grid(schedule, ts)
-        return ts
+        validate_grid(schedule, custom)
+        return np.asarray(custom, dtype=np.float64)
     if num_steps is None or int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     num_steps = int(num_steps)
@@ -133,9 +131,18 @@ def integer_grid(ts: np.ndarray, t0: float, t1: float) -> np.ndarray:
 
 
 def validate_grid(schedule: NoiseSchedule, ts: np.ndarray) -> None:
-    """Finite, strictly decreasing, inside the schedule's valid interval
-    (``NoiseSchedule.check_interval`` of its ends ``t0 = ts[-1]``, ``t1 = ts[0]``)."""
-    ts = np.asarray(ts, dtype=np.float64)
+    """A 1-D array of at least two times, finite, strictly decreasing, inside the schedule's
+    valid interval (``NoiseSchedule.check_interval`` of its ends ``t0 = ts[-1]``,
+    ``t1 = ts[0]``)."""
+    try:
+        ts = np.asarray(ts, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"time grid ts must be a 1-D array of times, got {ts!r} ({err})") from None
+    if ts.ndim != 1 or ts.size < 2:
+        raise ValueError(
+            f"time grid ts must be a 1-D array of at least 2 times (t1 > ... > t0), got shape "
+            f"{ts.shape}"
+        )
     if not np.all(np.isfinite(ts)):
         raise ValueError("time grid contains non-finite values")
     if not np.all(np.diff(ts) < 0):

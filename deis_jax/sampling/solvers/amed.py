@@ -197,6 +197,7 @@ class AmedRule:
     alpha: np.ndarray
     weights: np.ndarray  # (N, 2, M)
     predictor: Any  # a flax module: (features, rho_cur, rho_next, step) -> (r, c, a)
+    options: dict  # the AMED options, defaults filled in (``amed_options``)
 
     @property
     def needs_features(self) -> bool:
@@ -228,7 +229,8 @@ def _rule(method: str):
             predictor = StepwisePredictor(num_steps=n, **heads)
         else:
             predictor = AmedPredictor(**heads)
-        return AmedRule(method, schedule, rho, alpha, _weights(method, n, order), predictor)
+        return AmedRule(method, schedule, rho, alpha, _weights(method, n, order), predictor,
+                        opts)  # fmt: skip
 
     return make
 
