@@ -4,6 +4,7 @@ Each mode module has ``validate(config) -> plan`` (every check, before any work;
 raises ``ConfigError`` naming the field and what is allowed; the plan holds what validation
 built: the schedule, the cells, ...) and ``run(config, workdir, plan=None)`` (``plan=None``
 validates first). Modes never import each other; what two modes share lives in the library.
+:func:`run_mode` runs one holding the workdir's lock (one run per workdir).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from types import ModuleType
 
 from deis_jax.config_validation import ConfigError
 from deis_jax.modes import compare, fit, sample, sweep, table, train
+from deis_jax.workdir_lock import workdir_lock
 
 MODES: dict[str, ModuleType] = {
     "compare": compare,
@@ -32,8 +34,11 @@ def get_mode(name: str | None) -> ModuleType:
     return MODES[name]
 
 
-def run_mode(name: str | None, config, workdir: str):
-    """Validate ``config`` for mode ``name`` and run it in this process (what ``main.py``
-    does; tests call it directly)."""
+def run_mode(name: str | None, config, workdir: str, plan=None):
+    """Run mode ``name`` in this process, holding the workdir's lock
+    (``deis_jax.workdir_lock``: one run per workdir), with ``plan`` (None: validate
+    ``config`` first). What ``main.py`` does; tests call it directly."""
     mode = get_mode(name)
-    return mode.run(config, workdir, mode.validate(config))
+    plan = mode.validate(config) if plan is None else plan
+    with workdir_lock(workdir, name):
+        return mode.run(config, workdir, plan)
