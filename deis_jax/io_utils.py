@@ -5,13 +5,15 @@ the one file hash, :func:`sha256_file`, the one JSON-record seal (:func:`sealed_
 A long run never loses finished results: tables and plots are written to a temporary file in
 the same directory and renamed over the target (``os.replace`` is atomic on POSIX), and
 per-cell results are appended one JSON line at a time (a line cut short by a kill is ignored
-when reading back).
+when reading back). A full disk (or quota) while writing is a :class:`DiskFullError` naming
+the file: what was finished before is on disk, and a rerun resumes from there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import io
 import json
@@ -23,6 +25,37 @@ from typing import Any
 
 # What ``np.load`` raises for a truncated, bit-flipped or otherwise damaged ``.npz`` file.
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """No space left (or the disk quota used up) while writing ``path``: one line naming the
+    file and saying that a rerun resumes (the writes are atomic, finished results are kept)."""
+
+    def __init__(self, path: str, cause: OSError):
+        self.path = path
+        self.message = (
+            f"disk full writing {path} ({cause.strerror or cause}): free some space and run "
+            f"the same command again; it resumes where it stopped (finished results are kept)"
+        )
+        super().__init__(cause.errno, self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str) -> Iterator[None]:
+    """Turn an ``ENOSPC`` / ``EDQUOT`` ``OSError`` of the block into a :class:`DiskFullError`
+    naming ``path``; every other error passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(path, err) from err
+        raise
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -71,27 +104,29 @@ def atomic_output(path: str) -> Iterator[str]:
     """A temporary path next to ``path`` (same directory, same extension) for a writer that
     takes a file name; when the block ends without error the file is fsync'ed and renamed over
     ``path`` (``os.replace``: readers see the old file or the new one, never a part), otherwise
-    it is removed. A killed process leaves at most a ``.tmp-*`` file.
+    it is removed. A killed process leaves at most a ``.tmp-*`` file; a full disk (in the
+    block too) is a :class:`DiskFullError` naming ``path``.
 
         with atomic_output("out/samples.png") as tmp:
             image.save(tmp)
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with disk_full_as_error(path):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+        os.close(fd)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it normal permissions
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -124,18 +159,20 @@ def save_figure(fig, path: str, **kwargs) -> None:
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
-    """Append one record as a line; a line left without its newline by a killed writer is
-    terminated first, so the new record never merges into it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Append one record as a line; a line left without its newline by a killed writer (or
+    cut short by a full disk: :class:`DiskFullError`) is terminated first, so the new record
+    never merges into it."""
     line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "ab+") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode())
-        f.flush()
-        os.fsync(f.fileno())
+    with disk_full_as_error(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "ab+") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_jsonl(path: str) -> Iterator[dict[str, Any]]:
