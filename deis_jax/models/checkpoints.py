@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import msgpack
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
@@ -55,7 +56,9 @@ SCORE_SDE_LAYOUT = ("step", "optimizer", "lr", "model_state", "ema_rate", "param
 OLD_NORM_LAYOUT = "old_groupnorm_layout"
 
 __all__ = [
+    "check_converted_params",
     "check_params_tree",
+    "check_score_sde_params",
     "convert_old_layout",
     "flatten_tree",
     "import_score_sde_params",
@@ -261,19 +264,45 @@ def _missing_score_sde_file(path: str, checkpoint_dir: str | None = None) -> Fil
     )
 
 
-def load_score_sde_state(path: str | os.PathLike, checkpoint_dir: str | None = None) -> dict:
+def _array_placeholder(code: int, data: bytes) -> Any:
+    """msgpack ext hook: a flax array as a zero-stride array of its shape and dtype (no
+    memory for its values); other ext types as flax decodes them."""
+    if code != serialization._MsgpackExtType.ndarray:
+        return serialization._msgpack_ext_unpack(code, data)
+    shape, dtype_name, _ = msgpack.unpackb(data, raw=True)
+    dtype = serialization._dtype_from_name(dtype_name)
+    return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def _read_shapes_only(path: str) -> Any:
+    """The tree of a flax msgpack file with :func:`_array_placeholder` leaves, streamed (the
+    file is read once, never held whole)."""
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(
+            f, ext_hook=_array_placeholder, raw=False, strict_map_key=False, max_buffer_size=0
+        )
+        state = unpacker.unpack()
+    return serialization._unchunk_array_leaves_in_place(state)
+
+
+def load_score_sde_state(
+    path: str | os.PathLike, checkpoint_dir: str | None = None, *, shapes_only: bool = False
+) -> dict:
     """Read a score_sde ``checkpoint_<N>`` msgpack file into a nested dict (no checks).
 
     ``checkpoint_dir`` (e.g. ``'vp/cifar10_ddpmpp_deep_continuous'``) only makes the
-    missing-file message more specific.
+    missing-file message more specific. ``shapes_only``: every array is a zero-stride
+    placeholder of its shape and dtype (a start-up check, in little memory).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise _missing_score_sde_file(path, checkpoint_dir)
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        state = serialization.msgpack_restore(data)
+        if shapes_only:
+            state = _read_shapes_only(path)
+        else:
+            with open(path, "rb") as f:
+                state = serialization.msgpack_restore(f.read())
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
         raise ValueError(f"'{path}' is not a readable score_sde checkpoint (msgpack): {e}") from e
     if not isinstance(state, dict):
@@ -321,7 +350,7 @@ def _number(value: Any) -> int | float | None:
 
 
 def import_score_sde_params(
-    path: str | os.PathLike, model_config: Any, use_ema: bool = True
+    path: str | os.PathLike, model_config: Any, use_ema: bool = True, *, shapes_only: bool = False
 ) -> tuple[dict, dict]:
     """Parameters of a published score_sde checkpoint and where they came from.
 
@@ -329,6 +358,9 @@ def import_score_sde_params(
     ``optimizer.target`` is taken, its ``(1, 1, 1, C)`` GroupNorm parameters are reshaped to
     ``(C,)`` (:func:`convert_old_layout`) and the tree is checked against ``model_config``
     (:func:`check_params_tree`).
+
+    ``shapes_only`` reads only the arrays' shapes and dtypes (:func:`load_score_sde_state`):
+    every check is made, the returned arrays are zero-stride placeholders.
 
     Returns:
       ``(params, provenance)``: the ``params`` tree (nested dict of host numpy arrays) and a
@@ -339,7 +371,7 @@ def import_score_sde_params(
     path = os.fspath(path)
     config = resolve_model_config(model_config)
     checkpoint_dir = config.get("checkpoint_dir") if hasattr(config, "get") else None
-    state = load_score_sde_state(path, checkpoint_dir)
+    state = load_score_sde_state(path, checkpoint_dir, shapes_only=shapes_only)
     expected = abstract_params(config)
     params, name = _score_sde_params(state, path, use_ema, expected)
     params, converted = convert_old_layout(params, expected)
@@ -455,3 +487,23 @@ def load_params(path: str | os.PathLike, model_config: Any = None) -> dict:
     if model_config is not None:
         check_params_tree(params, abstract_params(resolve_model_config(model_config)), f"'{path}'")
     return params
+
+
+def check_score_sde_params(path: str | os.PathLike, model_config: Any, use_ema: bool = True):
+    """Every check of :func:`load_score_sde_params` (a readable score_sde state whose
+    parameters fit ``model_config``), reading only the arrays' shapes: ``ValueError`` /
+    ``FileNotFoundError`` as it raises them."""
+    import_score_sde_params(path, model_config, use_ema, shapes_only=True)
+
+
+def check_converted_params(path: str | os.PathLike, expected: Any) -> None:
+    """The converted checkpoint ``path`` (:func:`save_params`) holds the tree ``expected``
+    (e.g. :func:`deis_jax.models.abstract_params`), judged from Orbax's metadata only (no
+    array is read): an unreadable checkpoint raises Orbax's error, a mismatch the
+    ``ValueError`` of :func:`check_params_tree`."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise _missing_converted(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+    check_params_tree(tree, expected, f"'{path}'")

@@ -283,7 +283,7 @@ def restore_state(
             try:
                 state = mngr.restore(s, args=ocp.args.StandardRestore(abstract))
             except Exception as err:  # orbax/tensorstore raise many kinds on a damaged folder
-                reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+                reason = first_line(err)
                 if record is not None:
                     raise CheckpointError(
                         f"checkpoint {folder} is intact but cannot be restored into this model "
@@ -296,11 +296,67 @@ def restore_state(
         damaged.append((s, folder, problem))
     if not damaged:
         return None
+    raise _none_restorable(mngr.directory, damaged)
+
+
+def _none_restorable(directory, damaged: list) -> CheckpointError:
+    """The error when every checkpoint is ``damaged`` (``(step, folder, problem)`` each)."""
     listing = "; ".join(f"step {s}: {p}" for s, _, p in damaged)
-    raise CheckpointError(
-        f"no checkpoint in {mngr.directory} can be restored ({listing}); restore them from a "
+    return CheckpointError(
+        f"no checkpoint in {directory} can be restored ({listing}); restore them from a "
         f"backup, or move the folder away to start training from scratch"
     )
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """``'<type>: <first line of the message>'``, at most ``limit`` characters of it (what a
+    one-line error says of an exception from a library)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:limit] if text else ''}"
+
+
+def restorable_metadata(
+    directory: str, check: Callable[[str, Any], None] | None = None
+) -> tuple[str, Any] | None:
+    """What :func:`restore_state` would restore from ``directory``, judged before any network
+    is built: ``(folder, Orbax metadata tree of its state)`` of the newest checkpoint whose
+    files match their recorded sha256 (read once here and again when restored) or, without
+    a record, whose metadata reads; ``check(folder, tree)`` raises ``ValueError`` when the
+    state does not fit the model. None: no checkpoint. ``CheckpointError`` as
+    :func:`restore_state` raises it: an intact checkpoint that does not fit, or every
+    checkpoint damaged (each step's problem listed). Nothing is moved."""
+    quiet_orbax_logs()
+    mngr = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers=ocp.StandardCheckpointHandler(),  # to read the metadata of a save
+    )
+    try:
+        damaged: list[tuple[int, str, str]] = []
+        for s in sorted(mngr.all_steps(), reverse=True):
+            folder = step_folder(mngr, s)
+            problem, record = _integrity(folder)
+            if problem is None:
+                try:
+                    tree = mngr.item_metadata(s).tree
+                    if check is not None:
+                        check(folder, tree)
+                    return folder, tree
+                except Exception as err:  # orbax raises many kinds on a damaged folder
+                    if record is not None:
+                        raise CheckpointError(
+                            f"checkpoint {folder} is intact but cannot be restored into this "
+                            f"model ({first_line(err)}); check config.model, or use another "
+                            f"--workdir"
+                        ) from err
+                    problem = f"no {INTEGRITY_FILE} and its metadata is unreadable or does not "
+                    problem += f"fit the model ({first_line(err)})"
+            damaged.append((s, folder, problem))
+        if damaged:
+            raise _none_restorable(mngr.directory, damaged)
+        return None
+    finally:
+        mngr.close()
 
 
 def _set_aside(mngr: ocp.CheckpointManager, damaged: list, restored: int) -> None:
