@@ -33,7 +33,8 @@ Fields (``config.table`` names the table: ``deis_cifar10`` | ``ipndm_ersde_dpmpp
                          ``pool_3``); None = computed from ``config.data`` split
                          ``reference_split`` (at most ``reference_max_images``), cached in
                          the workdir
-* ``methods``, ``nfes``  run a subset (row labels of the table / NFE budgets); None = all
+* ``methods``, ``nfes``  run a subset (row labels of the table, or their ASCII names in any
+                         case, e.g. ``rho2heun`` for ``ρ2Heun`` / NFE budgets); None = all
 * ``params``             ``checkpoint`` (``config.sampling.checkpoint`` or the workdir's EMA
                          parameters, as ``--mode=sample``) | ``random`` (untrained network:
                          smoke tests only)

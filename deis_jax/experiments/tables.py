@@ -41,6 +41,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -181,16 +182,35 @@ class TableSpec:
     notes: str = ""
 
     def select(self, labels: str | Sequence[str] | None) -> list[TableRow]:
-        """The rows called ``labels`` in table order (None: every row); ``ValueError`` for
-        an unknown label or an empty selection."""
+        """The rows called ``labels``, in the order given (None: every row; a row named
+        twice is taken once). A label matches its row's label or :func:`ascii_label`, in
+        any case, with or without punctuation (``'rho2heun'``, ``'Rho2Heun'`` and
+        ``'ρ2Heun'`` name one row). ``ValueError`` for an unknown label (listing both forms)
+        or an empty selection."""
         if labels is None:
             return list(self.rows)
         labels = (labels,) if isinstance(labels, str) else tuple(labels)
-        known = tuple(r.label for r in self.rows)
-        if not labels or any(w not in known for w in labels):
-            raise ValueError(f"must be a non-empty subset of {known}, got {labels!r}")
-        by_label = {r.label: r for r in self.rows}
-        return [by_label[w] for w in labels]
+        by_key = {label_key(r.label): r for r in self.rows}
+        if not labels or any(label_key(w) not in by_key for w in labels):
+            known = tuple(r.label for r in self.rows)
+            names = tuple(ascii_label(label) for label in known)
+            raise ValueError(
+                f"must be a non-empty subset of the row labels {known} or their ASCII names "
+                f"{names} (any case), got {labels!r}"
+            )
+        return [by_key[key] for key in dict.fromkeys(label_key(w) for w in labels)]
+
+
+def ascii_label(label: str) -> str:
+    """A row label as typed on a command line: ``ρ`` spelled ``rho``, lower case
+    (``'ρ2Heun'`` -> ``'rho2heun'``, ``'EDM (Heun)'`` -> ``'edm (heun)'``)."""
+    return label.replace("ρ", "rho").replace("Ρ", "rho").lower()
+
+
+def label_key(label: str) -> str:
+    """What :meth:`TableSpec.select` matches on: :func:`ascii_label` without spaces and
+    punctuation other than ``+`` (``'EDM (Heun)'``, ``'edm-heun'`` -> ``'edmheun'``)."""
+    return re.sub(r"[^0-9a-z+]", "", ascii_label(str(label)))
 
 
 TABLES: dict[str, TableSpec] = {}
@@ -201,8 +221,8 @@ def register_table(spec: TableSpec) -> TableSpec:
     if spec.name in TABLES:
         raise ValueError(f"table {spec.name!r} is already registered")
     labels = [r.label for r in spec.rows]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"table {spec.name!r} has duplicate row labels {labels}")
+    if len({label_key(label) for label in labels}) != len(labels):
+        raise ValueError(f"table {spec.name!r} has duplicate row labels {labels} (ASCII names)")
     TABLES[spec.name] = spec
     return spec
 
