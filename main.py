@@ -15,10 +15,12 @@ the mode reads) is reported in one line before any network is built.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
 import sys
+from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -28,11 +30,13 @@ from deis_jax.config_validation import ConfigError
 from deis_jax.evaluation import features, fid
 from deis_jax.evaluation.inception import InceptionWeightsError
 from deis_jax.experiments import generation
+from deis_jax.io_utils import DiskFullError
 from deis_jax.models import loading
-from deis_jax.modes import get_mode
+from deis_jax.modes import get_mode, run_mode
 from deis_jax.sampling.diagnostics import NonFiniteSamplesError
 from deis_jax.sampling.method_spec import parse_option_value
 from deis_jax.training import train as training
+from deis_jax.workdir_lock import WorkdirLockedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -81,13 +85,17 @@ INPUT_ERRORS = (
 )
 
 # A run that stops to protect its results (a resume with other settings, damaged or missing
-# finished work, non-finite samples): the message says what and what to do; no traceback.
+# finished work, non-finite samples, a workdir another run holds, a full disk): the message
+# says what and what to do; no traceback.
 RUN_ERRORS = (
     generation.DifferentRunError,
     generation.IncompleteSamplesError,
     NonFiniteSamplesError,
     training.TrainingDivergedError,
+    WorkdirLockedError,
+    DiskFullError,
 )
+HELP_HINT = " (python main.py --help lists the flags)"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -143,12 +151,15 @@ def check_workdir(workdir: str) -> None:
 
 
 def check_reference(config, workdir: str) -> None:
-    """The FID reference (``config.eval``) can be had: a statistics file (checked by
-    ``features.validate_eval``), the embedded digits, statistics cached in
+    """The FID reference (``config.eval``) can be had: a statistics file (read by
+    ``features.check_reference_stats``), the embedded digits, statistics cached in
     ``<workdir>/tables/`` (not for KID, which needs the features), or else the data split
     ``eval.reference_split`` (``DatasetNotFoundError`` saying how to prepare it)."""
     ev, name = config.eval, config.data.name
-    if ev.get("reference_stats") or name in data.EMBEDDED_DATASETS:
+    if ev.get("reference_stats"):
+        features.check_reference_stats(config)
+        return
+    if name in data.EMBEDDED_DATASETS:
         return
     cache = f"reference_*_{name.replace('/', '_')}_{ev.reference_split}.npz"
     if ev.kid or not glob.glob(os.path.join(workdir, "tables", cache)):
@@ -158,7 +169,8 @@ def check_reference(config, workdir: str) -> None:
 def check_inputs(name: str, config, workdir: str) -> None:
     """Every file mode ``name`` will read is there -- cheap checks, before any network is
     built: the workdir; ``train``: the tfds data; ``sample`` / ``table`` / image ``fit``: the
-    checkpoint (unless ``params='random'``) and, when scoring, the FID reference."""
+    checkpoint (unless ``params='random'``; its structure too, against ``jax.eval_shape`` of
+    the network: ``loading.verify_sampling_params``) and, when scoring, the FID reference."""
     check_workdir(workdir)
     if name == "train":
         data.get_source(config.data, "train")
@@ -173,7 +185,7 @@ def check_inputs(name: str, config, workdir: str) -> None:
         if scored:  # the fit mode's own validation does not read config.eval
             features.validate_eval(config)
     if params == "checkpoint":
-        loading.check_sampling_params(config, workdir)
+        loading.verify_sampling_params(config, workdir)
     if scored:
         check_reference(config, workdir)
 
@@ -195,11 +207,27 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(err)) from err
     logging.info("mode=%s workdir=%s", name, FLAGS.workdir)
     try:
-        mode.run(config, FLAGS.workdir, plan)
+        run_mode(name, config, FLAGS.workdir, plan)  # holding the workdir's lock
     except INPUT_ERRORS + RUN_ERRORS as err:
         raise app.UsageError(str(err)) from err
 
 
+def one_line_errors(run: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """``run`` with its ``app.UsageError`` reported as one line on stderr, ``FATAL
+    <message>`` (bad input: with a pointer to ``--help``), exit status 1 -- instead of absl's
+    usage text (this module's docstring and every flag's help) above the line that matters."""
+
+    @functools.wraps(run)
+    def wrapped(argv: list[str]) -> None:
+        try:
+            run(argv)
+        except app.UsageError as err:
+            hint = "" if isinstance(err.__cause__, RUN_ERRORS) else HELP_HINT
+            sys.exit(f"FATAL {err}{hint}")
+
+    return wrapped
+
+
 if __name__ == "__main__":
     sys.argv, _OPTION_OVERRIDES[:] = split_option_flags(sys.argv)
-    app.run(main, flags_parser=parse_flags)
+    app.run(one_line_errors(main), flags_parser=parse_flags)

@@ -74,6 +74,20 @@ def require_number(
     return value
 
 
+MAX_SEED = 2**31 - 1  # the largest seed accepted: an int32, whatever numpy or JAX does with it
+
+
+def require_seed(config, path: str = "seed") -> int:
+    """``config.<path>``, a random seed: an integer in ``[0, MAX_SEED]`` (numpy refuses a
+    negative seed only when the first random number is drawn, deep into a run)."""
+    value = get_field(config, path)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(
+            f"config.{path} must be an integer in [0, {MAX_SEED}] (a random seed), got {value!r}"
+        )
+    return value
+
+
 def require_bool(config, path: str) -> bool:
     """``config.<path>``, which must be ``True`` or ``False`` (a string such as ``'no'``
     would otherwise count as true)."""

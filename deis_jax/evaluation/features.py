@@ -1,7 +1,8 @@
 """The feature extractor and the reference statistics an evaluation config (``config.eval``)
 asks for.
 
-* :func:`validate_eval` -- the start-up checks of those ``config.eval`` fields.
+* :func:`validate_eval` -- the start-up checks of those ``config.eval`` fields;
+  :func:`check_reference_stats` reads the statistics file (before any network is built).
 * :func:`extractor_from_config` -- ``eval.metric='fid'``: the Inception network from the local
   weights file ``eval.inception_weights`` (never downloaded; optionally checked against
   ``eval.inception_sha256``); ``'fd_digits'``: the bundled digits classifier.
@@ -18,7 +19,7 @@ import os
 from typing import Any
 
 from deis_jax import config_validation as cv
-from deis_jax.evaluation import fid
+from deis_jax.evaluation import digits_classifier, fid, inception
 from deis_jax.evaluation.digits_classifier import DigitsClassifier
 from deis_jax.evaluation.inception import (
     InceptionExtractor,
@@ -27,6 +28,7 @@ from deis_jax.evaluation.inception import (
 )
 
 METRICS = ("fid", "fd_digits")
+FEATURE_DIMS = {"fid": inception.FEATURE_DIM, "fd_digits": digits_classifier.FEATURE_DIM}
 METRIC_LABEL = {"fid": "FID", "fd_digits": "FD-digits"}
 BOOL = (True, False)
 
@@ -37,7 +39,7 @@ def validate_eval(config) -> None:
     metric = cv.require_choice(config, "eval.metric", METRICS)
     n = cv.require_number(config, "eval.num_samples", integer=True, minimum=2)
     cv.require_number(config, "eval.batch_size", integer=True, minimum=1)
-    cv.require_number(config, "eval.seed", integer=True, minimum=0)
+    cv.require_seed(config, "eval.seed")
     for flag in ("inception_score", "kid", "rmse"):
         cv.require_choice(config, f"eval.{flag}", BOOL)
     if config.eval.inception_score:
@@ -64,6 +66,26 @@ def validate_eval(config) -> None:
         raise cv.ConfigError(
             f"config.eval.inception_weights: {where}. " + weights_instructions(path)
         ) from InceptionWeightsError(where)
+
+
+def check_reference_stats(config) -> None:
+    """``config.eval.reference_stats`` (when set) is a readable statistics file with the
+    features of ``config.eval.metric`` (``fid.StatsFileError`` naming the field and the file
+    otherwise): read as the run will read it, before any network is built."""
+    path = config.eval.get("reference_stats")
+    if not path:
+        return
+    try:
+        mu, _, _ = fid.load_stats(path)
+    except fid.StatsFileError as err:
+        raise fid.StatsFileError(f"config.eval.reference_stats: {err}") from err
+    metric = config.eval.metric
+    if mu.shape[0] != FEATURE_DIMS[metric]:
+        raise fid.StatsFileError(
+            f"config.eval.reference_stats: {path!r} holds {mu.shape[0]}-d statistics, "
+            f"metric {metric!r} gives {FEATURE_DIMS[metric]}-d features; pass the statistics "
+            f"of that extractor"
+        )
 
 
 def extractor_from_config(config) -> fid.FeatureExtractor:

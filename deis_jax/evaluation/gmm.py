@@ -60,6 +60,7 @@ def validate_problem(config) -> NoiseSchedule:
     schedule of ``config.sde``."""
     schedule = cv.validate_sde(config)
     cv.validate_sampler(config, schedule)
+    cv.require_seed(config)
     cv.require_choice(config, "data.name", ("gmm",))
     cv.require_int_list(config, "data.dims", minimum=1)
     cv.require_number(config, "data.num_components", integer=True, minimum=1)

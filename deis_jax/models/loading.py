@@ -17,7 +17,10 @@
   a :class:`CheckpointNotFoundError` whose one line says how to get one for this config
   (train the digits model; convert the published score_sde model of :func:`published_model`),
   an unreadable one a :class:`CheckpointError` naming it (``deis_jax.training.train``'s,
-  re-exported here).
+  re-exported here). :func:`verify_sampling_params` adds what reading the file's structure
+  tells -- garbage, every training checkpoint damaged, another network's parameters
+  (compared with ``jax.eval_shape`` of the network's init) -- still before any network is
+  built.
 * :func:`load_model` -- the network, its parameters (those, or an untrained network's) and an
   ``identity`` for result caches (which weights, with :func:`params_digest` of their bytes).
 
@@ -41,21 +44,29 @@ import numpy as np
 from absl import logging
 
 from deis_jax import data
-from deis_jax.config_validation import ConfigError, get_field, require_choice, require_number
+from deis_jax.config_validation import (
+    ConfigError,
+    get_field,
+    require_choice,
+    require_number,
+    require_seed,
+)
 from deis_jax.experiments import class_labels
 from deis_jax.models import (
     DATA_FIELDS_OF_MODEL,
     KNOWN_MODEL_CONFIGS,
+    abstract_params,
     apply_with_features,
     checkpoints,
     edm_loading,
+    edm_precond,
     get_model,
     get_model_config,
 )
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import PREDICTIONS, EpsFn, eps_fn_from_model
 from deis_jax.training import train as training
-from deis_jax.training.train import CheckpointError
+from deis_jax.training.train import CheckpointError, first_line
 
 PARAMS_SOURCES = ("checkpoint", "random")
 BOOL = (True, False)
@@ -99,7 +110,9 @@ def image_shape(config) -> tuple[int, int, int]:
 
 
 def validate_model_and_data(config) -> None:
-    """Check ``config.data`` and ``config.model`` (``ConfigError`` naming the field)."""
+    """Check ``config.seed``, ``config.data`` and ``config.model`` (``ConfigError`` naming
+    the field)."""
+    require_seed(config)
     name = require_choice(config, "data.name", data.DATASETS)
     require_number(config, "data.image_size", integer=True, minimum=1)
     channels = require_number(config, "data.num_channels", integer=True, minimum=1)
@@ -210,12 +223,6 @@ def _missing_training_checkpoint(config, directory: str) -> CheckpointNotFoundEr
     return CheckpointNotFoundError(f"no training checkpoint in '{directory}': {train}; {other}.")
 
 
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    """``'<type>: <first line of the message>'``, at most ``limit`` characters of it."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:limit] if text else ''}"
-
-
 def check_sampling_params(config, workdir: str) -> None:
     """The parameters :func:`load_sampling_params` will read are there -- a cheap check, made
     before any network is built: ``config.sampling.checkpoint`` is a file (a raw score_sde
@@ -260,6 +267,50 @@ def check_sampling_params(config, workdir: str) -> None:
         )
 
 
+def _unloadable(path: str, err: BaseException, edm: bool) -> CheckpointError:
+    """``config.sampling.checkpoint`` cannot be used: one line naming it, why and what to do."""
+    if edm:
+        return CheckpointError(
+            f"config.sampling.checkpoint: '{path}' cannot be loaded ({first_line(err)}): it "
+            f"is damaged; convert it again"
+        )
+    again = "download it again" if os.path.isfile(path) else "convert it again"
+    return CheckpointError(
+        f"config.sampling.checkpoint: '{path}' cannot be loaded ({first_line(err)}): it is "
+        f"damaged or holds another network than config.model; {again} or fix config.model"
+    )
+
+
+def verify_sampling_params(config, workdir: str) -> None:
+    """:func:`check_sampling_params`, then what the checkpoint's structure tells, read without
+    its arrays and compared with ``jax.eval_shape`` of the network's init (nothing built or
+    compiled): a raw score_sde file must parse and hold the model's parameter tree, a
+    converted checkpoint's Orbax metadata must read and match it, and some training
+    checkpoint must be intact with EMA parameters that match it
+    (``training.restorable_metadata``). ``CheckpointError`` naming the checkpoint, as loading
+    it would raise -- but before any network is built (what ``main.py`` runs)."""
+    check_sampling_params(config, workdir)
+    path, edm = config.sampling.get("checkpoint"), edm_loading.is_edm(config)
+    if not path:
+
+        def fits(folder: str, tree: Any) -> None:
+            expected = abstract_params(model_config(config))
+            checkpoints.check_params_tree(tree["ema_params"], expected, f"checkpoint {folder}")
+
+        training.restorable_metadata(os.path.join(workdir, "checkpoints"), fits)
+        return
+    try:
+        if os.path.isfile(path):  # a raw score_sde file (EDM's were refused above)
+            checkpoints.check_score_sde_params(path, model_config(config))
+        elif edm:
+            expected = edm_precond.abstract_params(build_model(config))
+            checkpoints.check_converted_params(path, expected)
+        else:
+            checkpoints.check_converted_params(path, abstract_params(model_config(config)))
+    except Exception as err:  # any failure to read it: the file is unusable
+        raise _unloadable(path, err, edm) from err
+
+
 def load_sampling_params(config, workdir: str, model: nn.Module | None = None) -> Any:
     """The parameters to sample with: ``config.sampling.checkpoint`` when set (a converted
     score_sde directory, or a raw score_sde ``checkpoint_<N>`` msgpack file: its
@@ -277,10 +328,7 @@ def load_sampling_params(config, workdir: str, model: nn.Module | None = None) -
         except ConfigError:
             raise
         except Exception as err:
-            raise CheckpointError(
-                f"config.sampling.checkpoint: '{path}' cannot be loaded "
-                f"({_first_line(err)}): it is damaged; convert it again"
-            ) from err
+            raise _unloadable(path, err, edm=True) from err
     if path:
         raw = os.path.isfile(path)
         try:
@@ -290,12 +338,7 @@ def load_sampling_params(config, workdir: str, model: nn.Module | None = None) -
             logging.info("loading converted parameters from %s", path)
             return checkpoints.load_params(path, model_config(config))
         except Exception as err:  # any failure to read it: the file is unusable
-            again = "download it again" if raw else "convert it again"
-            raise CheckpointError(
-                f"config.sampling.checkpoint: '{path}' cannot be loaded ({_first_line(err)}): "
-                f"it is damaged or holds another network than config.model; {again} or fix "
-                f"config.model"
-            ) from err
+            raise _unloadable(path, err, edm=False) from err
 
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     model = build_model(config) if model is None else model

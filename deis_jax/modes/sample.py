@@ -75,7 +75,6 @@ def validate(config) -> Plan:
     schedule = validate_sde(config)
     sampler = validate_sampler(config, schedule)
     validate_model_and_data(config)
-    require_number(config, "seed", integer=True, minimum=0)
     require_number(config, "sampling.num_samples", integer=True, minimum=1)
     require_number(config, "sampling.batch_size", integer=True, minimum=1)
     require_number(config, "sampling.shard_size", integer=True, minimum=1)

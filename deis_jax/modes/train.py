@@ -64,7 +64,6 @@ def validate(config) -> NoiseSchedule:
             "trained here (their preconditioning and log-normal noise distribution are not "
             "implemented in the training loss); use --mode=sample, table or fit"
         )
-    require_number(config, "seed", integer=True, minimum=0)
     t = "training"
     require_number(config, f"{t}.batch_size", integer=True, minimum=1)
     require_number(config, f"{t}.n_iters", integer=True, minimum=1)
