@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tolerances import f32_net_rtol
 
 from deis_jax.models import apply_with_features
 from deis_jax.models.edm_params import params_from_state_dict
@@ -48,6 +49,14 @@ class SmallModel:
     state_dict: dict[str, np.ndarray]
     io: dict[str, np.ndarray]
     net: Any
+
+    @property
+    def rtol(self) -> float:
+        """The max-abs-relative tolerance of this float32 U-Net's outputs against EDM's:
+        ``f32_net_rtol`` of its depth, the blocks of the encoder and the decoder (16 to 20 for
+        the fixtures, so about 3e-5)."""
+        plan = self.net.model.plan
+        return f32_net_rtol(len(plan.enc) + len(plan.dec))
 
     @staticmethod
     def files_of(name: str) -> tuple[pathlib.Path, pathlib.Path]:

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import serialization
+from tolerances import SCORE_SDE_FIXTURE_RTOL
 
 from deis_jax.io_utils import sha256_file
 from deis_jax.models import checkpoints, get_model
@@ -247,7 +248,7 @@ def _assert_reproduces_golden(name, params_list):
             y = np.asarray(apply(params))
             assert y.dtype == np.float32 and y.shape == io["y"].shape
             rel = np.max(np.abs(y - io["y"])) / np.max(np.abs(io["y"]))
-            assert rel < 1e-5, rel
+            assert rel < SCORE_SDE_FIXTURE_RTOL, rel
 
 
 def test_published_state_is_written_as_flax_0_3_did(tmp_path):

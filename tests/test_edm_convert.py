@@ -57,7 +57,7 @@ def test_npz_conversion_round_trip(script, tmp_path, name):
         np.testing.assert_array_equal(
             params["map_noise"]["freqs"], m.state_dict["model.map_noise.freqs"]
         )
-    assert max_rel(fixture_program(name)(params)["D"], nhwc(m.io["D"])) < 1e-5
+    assert max_rel(fixture_program(name)(params)["D"], nhwc(m.io["D"])) < m.rtol
 
 
 def test_attribute_mismatch_is_reported(tmp_path):

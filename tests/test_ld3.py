@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close_ulp
 
 import deis_jax as deis
 from deis_jax.evaluation.reference import reference_solve
@@ -227,7 +228,11 @@ def test_non_finite_steps_are_skipped(teacher):
     bad[0] = np.nan  # a NaN teacher point poisons the training loss, not the validation
     result = ld3.fit_ld3(plan, F, x_T[:64], bad, x_T[:64], x0[:64], steps=3)
     assert result.skipped_steps == 3 and all(np.isnan(result.train_loss))
-    np.testing.assert_array_equal(result.ts, plan.ts)
+    # the logits are the initial ones, bit for bit (copies); their grid is the plan's up to
+    # the float64 round trip exp / softmax / cumsum / t_from_log_snr (a few ulp; <= 13 ulp
+    # measured on LD3's grids with numpy's AVX-512 and baseline kernels)
+    np.testing.assert_array_equal(result.theta, ld3.init_theta(plan))
+    assert_close_ulp(result.ts, plan.ts, ulps=32)
     assert result.best_step == 0 and result.best_val_loss == result.init_val_loss
 
 

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import serialization
+from tolerances import SCORE_SDE_FIXTURE_RTOL
 
 from deis_jax.models import (
     DDPM,
@@ -92,7 +93,7 @@ def test_small_models_reproduce_score_sde_outputs(name):
         y = np.asarray(jax.jit(model.apply)({"params": params}, io["x"], io["t"]))
     assert y.dtype == np.float32 and y.shape == io["y"].shape
     rel = np.max(np.abs(y - io["y"])) / np.max(np.abs(io["y"]))
-    assert rel < 1e-5, rel
+    assert rel < SCORE_SDE_FIXTURE_RTOL, rel
 
 
 # -------------------------------------------------------------------------- FIR resampling
