@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from tolerances import assert_close_max_rel, solve_rtol
 
 from deis_jax import parallel
 from deis_jax.evaluation.analytic import GaussianMixture
@@ -161,7 +162,10 @@ def test_network_parameters_are_bound_inside_the_jit(setup, tmp_path):
         tmp_path / "bound", sampler, params={"scale": np.float32(1.0)},
         bind=lambda p: lambda x, t: p["scale"] * base_eps(x, t),
     )  # fmt: skip
-    np.testing.assert_array_equal(
+    # scale 1 changes nothing but the program (the scale is an argument, the plain eps has
+    # none): float32 rounding through the solve, not bit for bit
+    assert_close_max_rel(
         shard_store.load_samples(str(tmp_path / "bound")).samples,
         shard_store.load_samples(str(tmp_path / "plain")).samples,
+        solve_rtol(np.float32, sampler.nfe),
     )

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close_ulp
 
 import deis_jax
 from deis_jax.sampling.sde import get_sde
@@ -221,7 +222,9 @@ def test_phi_functions_trace_and_differentiate_in_both_branches():
     zs = np.array([-30.0, -3.0, -1.5, -1.0, -0.999, -0.5, -1e-3, -1e-8, 0.0, 0.3, 2.0])
     ref = np.stack([phi_functions(z, 4) for z in zs])  # scalars: numpy float64
     assert ref.dtype == np.float64 and ref.shape == (zs.size, 4)
-    np.testing.assert_array_equal(phi_functions(zs, 4), ref)  # vectorised == scalar
+    # vectorised == scalar up to numpy's loops: a 0-d and a strided array may take another exp
+    # kernel (SIMD vs libm, an ulp), which the recurrence's cancellation near |z| = 1 grows ~10x
+    assert_close_ulp(phi_functions(zs, 4), ref, ulps=32)
     weights = jnp.arange(1.0, 5.0)
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
