@@ -103,6 +103,7 @@ def stepwise_params(r, c, a, scale_dir, scale_time):
     return params
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["amed", "amed_dpm"])
 def test_half_ratio_is_dpm_solver_2(method):
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 5), jnp.float64)
@@ -124,6 +125,7 @@ def test_half_ratio_is_dpm_solver_2(method):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", solvers.amed.AMED_METHODS)
 @pytest.mark.parametrize("afs", [False, True])
 def test_rule_matches_direct_implementation(method, afs):
@@ -141,6 +143,7 @@ def test_rule_matches_direct_implementation(method, afs):
     np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_ipndm_plugin_orders(order):
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 4), jnp.float64)
@@ -152,6 +155,7 @@ def test_ipndm_plugin_orders(order):
     np.testing.assert_allclose(sample(plan, mixture_eps(SDE), x), want, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.numerics
 def test_gaussian_optimal_ratio_is_exact():
     """For isotropic Gaussian data one AMED step with the right r (c = a = 1) is exact: the
     trajectory v(rho) = MU + (v_c - MU) sqrt((S2 + rho^2)/(S2 + rho_c^2)) is a straight line.

@@ -9,6 +9,8 @@ from deis_jax.sampling import coefficients as coef
 from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, SubVPSDE
 from deis_jax.sampling.timesteps import time_grid
 
+pytestmark = pytest.mark.numerics  # coefficients against exact tables and closed forms
+
 VP = VPSDE.linear(0.1, 20.0)
 TS10 = time_grid(VP, 10, "quadratic", t0=1e-3)
 

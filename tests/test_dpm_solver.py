@@ -14,6 +14,8 @@ from deis_jax.sampling.solvers.dpm_solver import phi_functions, step_orders
 
 jax.config.update("jax_enable_x64", True)
 
+pytestmark = pytest.mark.numerics  # reference updates and convergence orders
+
 VP = deis.VPSDE.linear()
 MU, S = np.array([0.3, -1.0]), np.array([0.5, 1.5])
 

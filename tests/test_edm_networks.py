@@ -129,6 +129,7 @@ def _layer_results() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {n: (np.asarray(got[n]), c[3]) for n, c in cases.items()}
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case_name", sorted(LAYERS))
 def test_layer_matches_edm(case_name):
     got, want = _layer_results()[case_name]
@@ -138,6 +139,7 @@ def test_layer_matches_edm(case_name):
     np.testing.assert_allclose(got, want, rtol=0, atol=atol)
 
 
+@pytest.mark.numerics
 def test_attention_layout_is_interleaved():
     """qkv channel ``head * 3d + 3c + j`` is channel c of q/k/v (j = 0/1/2) of ``head``."""
     b, hw, heads, d = 1, (2, 3), 2, 4
@@ -176,6 +178,7 @@ def _assert_plan_matches(net, modules):
                 )
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_small_model_coefficients_match_edm(name):
     m = small_model(name)
@@ -191,6 +194,7 @@ def test_small_model_coefficients_match_edm(name):
         np.testing.assert_allclose(got, m.io[key], rtol=1e-6, err_msg=key)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_small_model_reproduces_edm(name):
     """D (and its variants) and F, fed EDM's c_noise (checked above), to the float32 U-Net
@@ -221,6 +225,7 @@ def test_bottleneck_is_sown(name):
     np.testing.assert_array_equal(out["bottleneck"], out["last_encoder_block"])
 
 
+@pytest.mark.numerics
 def test_defaults_and_features():
     """EDM's defaults -- a 0-d sigma broadcast over the batch, ``None`` labels and augment
     labels as zero rows -- equal the explicit call; apply_with_features returns the
@@ -238,6 +243,7 @@ def test_defaults_and_features():
     np.testing.assert_allclose(out["features"], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_precond_attrs_match_pickled_attributes():
     for name in SMALL_MODELS:
         m = small_model(name)

@@ -40,6 +40,7 @@ def poly7(n, lo=0.002, hi=80.0):
 # --- equivalences ------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_phi_identity_is_ddim_exactly():
     eps_fn = gaussian_eps_fn(VP)
     x_T = jax.random.normal(jax.random.key(0), (16, 2), jnp.float64)
@@ -82,6 +83,7 @@ def test_phi_square_is_ancestral_ddpm(schedule):
     np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.numerics
 def test_vp_step_is_alpha_times_ve_step():
     """Same rho grid, same eps in (v, rho): VP output / alpha == VE output, same noise."""
     rho = poly7(9, lo=0.01, hi=60.0)
@@ -95,6 +97,7 @@ def test_vp_step_is_alpha_times_ve_step():
     np.testing.assert_allclose(out_vp / a_0, out_ve, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.numerics
 def test_denoise_to_zero_equals_final_denoise():
     eps_fn = gaussian_eps_fn(VE_EDM)
     x_T = 80.0 * jax.random.normal(jax.random.key(5), (4, 2), jnp.float64)
@@ -135,6 +138,7 @@ def row_increment(table, k, x0_values):
     return table.out_k[k, 0] * x0_values[0] + table.out_hist[k] @ x0_values[1 : 1 + table.history]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["sde_5", "sde_2", "sde"])
 def test_ersde2_exact_for_affine_x0(name):
     rho = poly7(8)
@@ -164,6 +168,7 @@ def local_errors(order, order3, hs, name="sde_5", rho_k=1.0):
     return errs[:-1] / errs[1:]
 
 
+@pytest.mark.numerics
 def test_local_error_ratios():
     hs = [0.04, 0.02, 0.01, 0.005]
     r2 = local_errors(2, "authors", hs)
@@ -175,6 +180,7 @@ def test_local_error_ratios():
     np.testing.assert_allclose(r3c[-1], 16.0, rtol=0.05)  # corrected: O(h^4)
 
 
+@pytest.mark.numerics
 def test_corrected_order3_exact_for_quadratic_x0():
     rho = poly7(8)
     ts = ve_grid(rho)
@@ -200,6 +206,7 @@ GOLDEN = {  # r, std (official clip), c1 riemann, c1 exact, c2 riemann, c2 exact
 }
 
 
+@pytest.mark.numerics
 def test_golden_scalars():
     rho = np.append(poly7(6), 0.0)
     exact = ersde_step_scalars(rho, "sde_5", "exact", official_clip=True)
@@ -226,6 +233,7 @@ def test_golden_scalars():
     assert exact.r[5] == 0.0 and exact.noise_std[5] == 0.0 and exact.one_minus_r[5] == 1.0
 
 
+@pytest.mark.numerics
 def test_exact_quadrature_matches_closed_forms():
     rho = poly7(10)
     s, t = rho[:-1], rho[1:]
@@ -246,6 +254,7 @@ def test_exact_quadrature_matches_closed_forms():
 # --- options and validation ----------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_phi_names_and_callable():
     ts = deis.time_grid(VP, 8, "karras")
     for name in ERSDE_PHI_NAMES:

@@ -21,6 +21,7 @@ def _random_cov(rng, d, rank=None):
     return a @ a.T / (rank or d) + (0 if rank else 0.1) * np.eye(d)
 
 
+@pytest.mark.numerics
 def test_frechet_distance_closed_form_gaussians():
     rng = np.random.default_rng(0)
     d = 6
@@ -142,6 +143,7 @@ def _mmd_direct(x, y):
     return sxx + syy - 2 * sxy
 
 
+@pytest.mark.numerics
 def test_kid_matches_the_direct_unbiased_formula():
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(20, 5)), rng.normal(size=(20, 5)) + 0.5
@@ -155,6 +157,7 @@ def test_kid_matches_the_direct_unbiased_formula():
     assert abs(same) < 0.05 < fid.kernel_inception_distance(x, y, 5, 15)[0]
 
 
+@pytest.mark.numerics
 def test_inception_score_direct_formula_and_streaming():
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(60, 7)) * 2

@@ -113,6 +113,7 @@ def _gaussian_eps():
     return jax.jit(deis.GaussianMixture.gaussian(GAUSS_MEAN, GAUSS_STD).eps_fn(SDE))
 
 
+@pytest.mark.numerics
 def test_jump_cost_is_the_ddim_error_on_the_two_point_grid():
     eps_fn = model_argument(_gaussian_eps())
     teacher = solve_teacher(SDE, eps_fn, np.ones((3, 4)), num_points=9, substeps=1)
@@ -136,6 +137,7 @@ def test_jump_cost_is_the_ddim_error_on_the_two_point_grid():
         assert np.all(np.isfinite(cost[np.triu_indices(9, 1)]))
 
 
+@pytest.mark.numerics
 def test_adjacent_jump_cost_vanishes_at_ddim_local_rate():
     """DDIM's local error is O(h^2): halving the log-SNR step divides every adjacent cost
     (from the same node) by about 4."""
@@ -145,6 +147,7 @@ def test_adjacent_jump_cost_vanishes_at_ddim_local_rate():
     assert 1.9 < np.log2(coarse.max() / fine.max()) < 2.1
 
 
+@pytest.mark.numerics
 def test_dev_cost_vanishes_on_straight_trajectories():
     """For a single Gaussian every v = x / alpha trajectory is a straight line through mu, and
     so is every DDIM jump along it: the deviation cost in v is zero, the l2 cost is not."""
@@ -214,6 +217,7 @@ def test_gits_grid_is_a_subgrid_with_exact_endpoints(ring):
         assert np.all(np.diff(grid) < 0) and np.all(np.isin(grid, teacher.ts))
 
 
+@pytest.mark.numerics
 def test_gits_beats_the_uniform_subgrid_for_ddim(ring):
     """DDIM is the student the jump cost models exactly: at NFE 5 its GITS grid beats the
     fine (log-SNR) grid's uniform subsample on held-out starting points."""

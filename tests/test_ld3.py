@@ -43,6 +43,7 @@ SWEEP = {
     "unipc2": make_plan(SDE, method="unipc", order=2, nfe=4),
 }
 SLOW = {"tab1", "tab2", "rhoab3", "rhork-heun", "dpmpp2", "unipc2"}
+NUMERICS = {"ddim", "ipndm3"}  # the second, numerics pass checks the gradients the fits use
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,13 @@ def teacher():
 # --- (a) gradients through the grid, the table builder and the scan -------------------------
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(k, marks=[pytest.mark.slow] if k in SLOW else []) for k in SWEEP]
-)
+def _marks(name: str) -> list:
+    if name in SLOW:
+        return [pytest.mark.slow]
+    return [pytest.mark.numerics] if name in NUMERICS else []
+
+
+@pytest.mark.parametrize("name", [pytest.param(k, marks=_marks(k)) for k in SWEEP])
 def test_grid_gradient_matches_finite_differences(name, teacher):
     """``jax.grad`` of LD3's loss in the grid logits -- through ``grid_from_params``,
     ``plan.build_table`` (traced) and ``sample(..., table=...)`` -- against central differences.
@@ -87,6 +92,7 @@ def test_grid_gradient_matches_finite_differences(name, teacher):
 # --- (b) the grid parametrisation -----------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "schedule,grid",
     [(SDE, "quadratic"), (SDE, "log_snr"), (SDE, "time"), (deis.VPSDE.cosine(), "quadratic")],
@@ -102,6 +108,7 @@ def test_init_theta_reproduces_the_plan_grid(schedule, grid):
     np.testing.assert_allclose(np.asarray(traced), plan.ts, rtol=1e-12, atol=0)
 
 
+@pytest.mark.numerics
 def test_any_logits_give_a_strictly_decreasing_grid_with_exact_ends():
     plan = make_plan(SDE, method="ipndm", order=3, nfe=6)
     theta = 3.0 * np.random.default_rng(0).normal(size=plan.num_steps)
@@ -121,6 +128,7 @@ def test_stochastic_plans_are_refused():
 # --- (c) a problem whose best grid is known by brute force ----------------------------------
 
 
+@pytest.mark.numerics
 def test_ddim_two_steps_finds_the_brute_force_optimum(teacher):
     """DDIM with 2 steps has one interior point, at half-log-SNR lambda_0 + u (lambda_2 -
     lambda_0); the loss is scanned over u with ordinary host-built plans and LD3 must land on
@@ -177,6 +185,7 @@ def host_mse(table, data):
     return float(np.mean((np.asarray(out) - data["test"][1]) ** 2))
 
 
+@pytest.mark.numerics
 def test_ld3_grid_beats_the_initial_grid_on_held_out_points(ring_fits):
     plan, data, fits = ring_fits
     result = fits[False]
@@ -193,6 +202,7 @@ def test_ld3_grid_beats_the_initial_grid_on_held_out_points(ring_fits):
     np.testing.assert_allclose(host_mse(table, data), fitted, rtol=1e-9)
 
 
+@pytest.mark.numerics
 def test_learned_table_improves_on_grid_only(ring_fits):
     plan, data, fits = ring_fits
     grid_only, joint = fits[False], fits[True]
@@ -221,6 +231,7 @@ def test_training_is_reproducible_and_reports_progress(teacher):
     assert [c[2] is None for c in calls] == [True, False] * 3
 
 
+@pytest.mark.numerics
 def test_non_finite_steps_are_skipped(teacher):
     x_T, x0 = teacher
     plan = DDIM2
@@ -236,6 +247,7 @@ def test_non_finite_steps_are_skipped(teacher):
     assert result.best_step == 0 and result.best_val_loss == result.init_val_loss
 
 
+@pytest.mark.numerics
 def test_soft_teacher_moves_latents_within_the_ball_and_validates_on_originals(
     teacher, monkeypatch
 ):

@@ -61,6 +61,7 @@ def test_zero_corrections_give_the_base_table_exactly(plan):
             np.testing.assert_array_equal(np.asarray(got), want)
 
 
+@pytest.mark.numerics
 def test_zero_corrections_give_the_base_samples_exactly():
     plan = make_plan(SDE, **PLANS["tab3"])
     f = model_argument(deis.GaussianMixture.ring().eps_fn(SDE))
@@ -98,6 +99,7 @@ def test_corrections_keep_row_sums_and_are_bounded(plan):
         assert np.max(np.abs(delta)) > 1e-3 * scale.max()  # it did change something
 
 
+@pytest.mark.numerics
 def test_deltas_match_the_documented_formula():
     base = make_plan(SDE, **PLANS["tab3"]).table
     mask = correction_mask(base)
@@ -108,6 +110,7 @@ def test_deltas_match_the_documented_formula():
     np.testing.assert_allclose(correction_deltas(base, raw, 0.1), want, rtol=1e-14, atol=1e-16)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["tab3", "dpmpp3", "rk4"])
 def test_constant_model_output_is_integrated_as_by_the_base(name):
     """A sum-zero correction leaves a constant K (eps, or the x0 prediction for data-prediction
@@ -132,6 +135,7 @@ def test_constant_model_output_is_integrated_as_by_the_base(name):
     np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.numerics
 def test_traced_and_numpy_corrected_tables_agree():
     plan = make_plan(SDE, method="ipndm", order=3, nfe=6)
     raw = random_raw(plan.table, seed=2)

@@ -82,6 +82,7 @@ def test_config_without_a_tree_has_the_published_size():
 
 
 # ------------------------------------------------------------------------- golden outputs
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_small_models_reproduce_score_sde_outputs(name):
     meta = json.loads((FIXTURES / f"{name}.json").read_text())
@@ -115,6 +116,7 @@ def _upfirdn_reference(x, k, up, down, pad):
     return out[:, ::down, ::down, :]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "up,down,pad", [(1, 1, (1, 2)), (2, 1, (2, 1)), (1, 2, (1, 1)), (2, 1, (-1, 0))]
 )
@@ -126,6 +128,7 @@ def test_upfirdn2d_matches_direct_definition(up, down, pad):
     np.testing.assert_allclose(got, _upfirdn_reference(x, k, up, down, pad), atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_fir_resampling_preserves_constants_and_shapes():
     x = jnp.ones((1, 8, 8, 2))
     up = rs.upsample_2d(x, (1, 3, 3, 1))
@@ -140,6 +143,7 @@ def test_fir_resampling_preserves_constants_and_shapes():
     np.testing.assert_allclose(rs.naive_downsample_2d(jnp.ones((1, 4, 4, 1))), 1.0)
 
 
+@pytest.mark.numerics
 def test_fused_fir_convs_equal_unfused_away_from_borders():
     """upsample_conv_2d = conv(upsample_2d(x)) and conv_downsample_2d = downsample_2d(conv(x))
     up to border effects (the fused versions do not truncate the intermediate image)."""

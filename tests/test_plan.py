@@ -52,6 +52,7 @@ def test_parameters_are_arguments_not_constants():
     assert not np.allclose(out1, out2)
 
 
+@pytest.mark.numerics
 def test_traced_table_runs_the_same_loop():
     plan = make_plan(SDE, method="tab", order=2, nfe=6)
     traced = jax.jit(
@@ -60,6 +61,7 @@ def test_traced_table_runs_the_same_loop():
     np.testing.assert_allclose(np.asarray(traced), np.asarray(sample(plan, EPS, X_T)), rtol=1e-13)
 
 
+@pytest.mark.numerics
 def test_trajectory_holds_every_grid_state():
     plan = make_plan(SDE, method="dpmpp", order=2, nfe=5)
     x0, states = sample(plan, EPS, X_T, trajectory=True)

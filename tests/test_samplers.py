@@ -63,6 +63,7 @@ def test_constant_eps_closed_form(name, method, order):
     np.testing.assert_allclose(np.asarray(jax.jit(sampler)(x)), exact, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.numerics
 def test_constant_eps_official_setup_value():
     # deis.md §8.4: beta_0 = 0.01, N = 10, quadratic grid, x_T = 1 -> 0.0078321.
     s = deis.VPSDE.linear(0.01, 20.0)
@@ -82,6 +83,7 @@ def gaussian_rmse(**kwargs):
     return float(np.sqrt(np.mean((out - EXACT) ** 2)))
 
 
+@pytest.mark.numerics
 def test_point_mass_data_is_solved_exactly():
     # eps is constant along exact trajectories when the data is a point: exact for all.
     mu = 0.4
@@ -93,6 +95,7 @@ def test_point_mass_data_is_solved_exactly():
         np.testing.assert_allclose(out, exact, rtol=1e-11, atol=1e-12, err_msg=method)
 
 
+@pytest.mark.numerics
 def test_tab3_accuracy_on_gaussian_data():
     # Issue acceptance: VP 0.1/20, t0 = 1e-3, quadratic grid, mean 0.3, std 0.5.
     assert gaussian_rmse(method="tab", order=3, nfe=20, grid="quadratic") <= 8e-4
@@ -105,6 +108,7 @@ EDM_X_T = EDM.prior_sample(jax.random.PRNGKey(1), (1000, 1), jnp.float64)
 EDM_EXACT = EDM_GAUSS.exact_flow(EDM, np.asarray(EDM_X_T), 80.0, 0.002)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "method, order, grid, min_slope, max_err",
     [("ddim", 0, "karras", 0.9, 5e-2), ("dpmpp", 2, "log_snr", 1.8, 1e-2),
@@ -131,6 +135,7 @@ def test_tab_equals_rhoab_on_edm():
     np.testing.assert_allclose(tab, rhoab, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "method, order, expected, tol",
     [
@@ -166,6 +171,7 @@ def test_nfe_spent_equals_nfe_reported(method, order, final_denoise):
     assert len(calls) == sampler.nfe == stages * -(-7 // stages) + final_denoise
 
 
+@pytest.mark.numerics
 def test_final_denoise_is_tweedie():
     eps_fn = mixture_eps(VP)
     x = jax.random.normal(jax.random.PRNGKey(3), (5, 3), jnp.float64)
@@ -177,6 +183,7 @@ def test_final_denoise_is_tweedie():
     np.testing.assert_allclose(denoised, tweedie, rtol=1e-12)
 
 
+@pytest.mark.numerics
 def test_discrete_ddim_is_the_textbook_ddim():
     s = deis.DiscreteVPSDE.linear()
     eps_fn = mixture_eps(s)

@@ -11,6 +11,8 @@ from tolerances import EPS64
 from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, EDMSchedule, SubVPSDE, get_sde
 from deis_jax.sampling.timesteps import time_grid
 
+pytestmark = pytest.mark.numerics  # schedule identities to float64 rounding and EDM's sigma grids
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 

@@ -65,6 +65,7 @@ def _assert_same(a: Teacher, b: Teacher):
     assert a.error_estimate == b.error_estimate
 
 
+@pytest.mark.numerics
 def test_refine_grid_keeps_the_fine_nodes_and_is_uniform_in_log_snr():
     ts = deis.time_grid(SDE, 6, "quadratic", t0=1e-3)
     refined = refine_grid(SDE, ts, 4)
@@ -105,6 +106,7 @@ def test_teacher_states_endpoints_and_eps(small_teacher):
     assert json.loads(json.dumps(settings)) == settings
 
 
+@pytest.mark.numerics
 def test_teacher_matches_a_reference_solve():
     mixture = deis.GaussianMixture.embedded(8)
     eps_fn = mixture.eps_fn(SDE)

@@ -6,6 +6,8 @@ import pytest
 from deis_jax.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
 from deis_jax.sampling.timesteps import GRID_KINDS, time_grid
 
+pytestmark = pytest.mark.numerics  # golden grid values
+
 VP = VPSDE.linear(0.1, 20.0)
 
 

@@ -101,6 +101,7 @@ def _assert_tables_equal(traced: StepTable, ref: StepTable, rtol: float = 1e-12,
         )
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("num_steps", STEP_COUNTS)
 def test_jitted_tables_equal_numpy_tables(num_steps):
     # (case, schedule, grid); everything at one step count is built in one jitted function
@@ -121,6 +122,7 @@ def test_jitted_tables_equal_numpy_tables(num_steps):
         _assert_tables_equal(table, _build(case, sched, grid), msg=msg)
 
 
+@pytest.mark.numerics
 def test_table_helpers_follow_the_namespace_of_their_inputs():
     ts = time_grid(VP, 4, "quadratic")
     alpha, sigma = VP.alpha(ts), VP.sigma(ts)
@@ -180,6 +182,7 @@ def _close_grid(grid: np.ndarray, k: int, dlam: float) -> np.ndarray:
     return out
 
 
+@pytest.mark.numerics
 def test_grad_of_tables_matches_finite_differences():
     # lambda steps above and below 1: both branches of phi_n(-h) (series for |h| < 1)
     grids = [_lambda_grid([2.5, 0.6, 2.0, 0.4, 3.0])] * len(GRAD_CASES)
@@ -218,6 +221,7 @@ def test_grad_of_tables_matches_finite_differences():
         np.testing.assert_allclose(value, f(close[1:-1]), rtol=1e-6, err_msg=msg)
 
 
+@pytest.mark.numerics
 def test_phi_functions_trace_and_differentiate_in_both_branches():
     zs = np.array([-30.0, -3.0, -1.5, -1.0, -0.999, -0.5, -1e-3, -1e-8, 0.0, 0.3, 2.0])
     ref = np.stack([phi_functions(z, 4) for z in zs])  # scalars: numpy float64
@@ -341,6 +345,7 @@ GOLDEN = {
 }
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("key", list(GOLDEN), ids=lambda key: key[0])
 def test_numpy_tables_are_unchanged(key):
     name, order, opts = key
