@@ -30,7 +30,5 @@ def get_config():
     fit.amed.steps = 120
     fit.amed.batch_size = 8
     fit.amed.patience = 40
-    fit.amed.refine = 4
-    fit.amed.substeps = 1
     fit.plot_nfe = 5
     return config

@@ -25,6 +25,8 @@ def get_config():
     fit.methods = (AMED_SOLVER, AMED_PLUGIN, "ipndm3", "tab3")
     fit.nfes = (3, 5, 7)
     fit.variants = ("ld3", "amed")
+    fit.recipes = ()  # fit_sampler's cells: configs/fit_gmm.py
+    config.data.scattered.dims = ()  # the embedded mixtures only, as the AMED table
     fit.fixed_grids = ()
     fit.amed.learning_rate = 0.05  # per-step logits: a larger step than the network's 5e-3
     fit.amed.steps = 400

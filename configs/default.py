@@ -63,9 +63,13 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampler.t0 = FieldReference(None, field_type=float)
     sampler.t1 = FieldReference(None, field_type=float)
     sampler.final_denoise = False
+    # A budget the method cannot spend exactly (rhork3 at NFE 10): "exact" refuses it at
+    # start-up, naming the budgets it can; "up" runs the fewest steps spending at least it.
+    sampler.nfe_rounding = "exact"
     sampler.options = ml_collections.ConfigDict()
     sampler.grid_file = FieldReference(None, field_type=str)  # with grid='optimized'
     sampler.predictor_file = FieldReference(None, field_type=str)  # AMED: trained predictor
+    sampler.fitted_file = FieldReference(None, field_type=str)  # deis_jax.fit_sampler's file
 
     config.model = model_block("vp_cifar10_ddpmpp_continuous")
 

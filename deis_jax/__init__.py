@@ -7,6 +7,9 @@ against).
     sample = deis.get_sampler(sde, eps_fn, method="tab", order=3, nfe=10)
     x0 = jax.jit(sample)(x_T)
 
+    fitted = deis.fit_sampler(sde, eps_fn, x_T, nfe=5, model_id="my-model")  # fitted sampler:
+    x0 = fitted.sample(eps_fn, x_new)     # the best recipe on validation; fitted.save(path)
+
     plan = deis.make_plan(sde, method="ipndm", order=3, nfe=5)   # no model: the network is
     x0 = jax.jit(deis.sample, static_argnums=0)(plan, eps_fn, x_T)  # an argument at call time
     grid = deis.optimize_grid(sde, eps_fn, x_T, method="ipndm", order=3, nfe=5)  # fitted grid
@@ -22,9 +25,11 @@ networks, training and evaluation are imported from their subpackages.
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.fitting import (
     AmedPredictorFile,
+    FittedSampler,
     OptimizedGrid,
     amed_teacher,
     fit_amed,
+    fit_sampler,
     optimize_grid,
 )
 from deis_jax.sampling.coefficients import (
@@ -63,7 +68,13 @@ from deis_jax.sampling.solvers import (
     register_method,
 )
 from deis_jax.sampling.timesteps import GRID_KINDS, time_grid
-from deis_jax.sampling.wrappers import EpsFn, eps_fn_from_model, guided_eps_fn, output_to_eps
+from deis_jax.sampling.wrappers import (
+    EpsFn,
+    eps_fn_from_model,
+    guided_eps_fn,
+    output_to_eps,
+    per_sample_time,
+)
 
 __all__ = [
     "AmedPredictorFile",
@@ -72,6 +83,7 @@ __all__ = [
     "DiscreteVPSDE",
     "EDMSchedule",
     "EpsFn",
+    "FittedSampler",
     "GaussianMixture",
     "MethodArgumentError",
     "MethodSpec",
@@ -91,6 +103,7 @@ __all__ = [
     "eps_fn_from_model",
     "first_nonfinite_step",
     "fit_amed",
+    "fit_sampler",
     "get_method",
     "get_sampler",
     "get_sde",
@@ -100,6 +113,7 @@ __all__ = [
     "nonfinite_samples",
     "optimize_grid",
     "output_to_eps",
+    "per_sample_time",
     "polynomial_eps_coefficients",
     "register_method",
     "rk_rho_coefficients",

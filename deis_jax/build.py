@@ -16,6 +16,7 @@ from typing import Any
 
 from deis_jax.fitting.amed import AmedPredictorFile
 from deis_jax.fitting.grid_file import OPTIMIZED_GRID, OptimizedGrid
+from deis_jax.fitting.recipes import FittedSampler
 from deis_jax.sampling import solvers
 from deis_jax.sampling.sampler import Sampler, get_sampler
 from deis_jax.sampling.sde import NoiseSchedule, get_sde
@@ -43,21 +44,33 @@ def schedule_from_config(sde_cfg) -> NoiseSchedule:
 
 
 def sampler_from_config(
-    sampler_cfg, schedule: NoiseSchedule, eps_fn: EpsFn, **overrides: Any
+    sampler_cfg,
+    schedule: NoiseSchedule,
+    eps_fn: EpsFn,
+    *,
+    model_id: str | None = None,
+    **overrides: Any,
 ) -> Sampler:
     """``get_sampler`` with the config's fields; ``overrides`` replace individual fields.
 
     ``grid="optimized"`` reads ``grid_file`` (an :class:`OptimizedGrid`) and refuses it with
     a ``ValueError`` naming every setting it was not fitted for; ``predictor_file`` likewise
-    reads a trained AMED predictor (its grid and parameters) for an AMED method."""
+    reads a trained AMED predictor (its grid and parameters) for an AMED method;
+    ``fitted_file`` reads a :class:`FittedSampler` (``deis_jax.fit_sampler``), which brings its
+    own method, grid, table or predictor, refused for another schedule, NFE or interval (and,
+    given ``model_id``, another model)."""
     fields = {
         k: _get(sampler_cfg, k)
         for k in ("method", "order", "nfe", "grid", "grid_power", "t0", "t1", "final_denoise")
     }
+    fields["nfe_rounding"] = _get(sampler_cfg, "nfe_rounding") or "exact"
     fields.update(overrides)
     options = dict(_get(sampler_cfg, "options") or {})
     options.update(fields.pop("options", None) or {})
     fields["final_denoise"] = bool(fields["final_denoise"])
+    fitted_path = fields.pop("fitted_file", _get(sampler_cfg, "fitted_file"))
+    if fitted_path:
+        return _fitted_sampler_file(fitted_path, fields, schedule, eps_fn, model_id)
     # an explicit predictor_file override (None included) wins over the config's
     predictor_path = fields.pop("predictor_file", _get(sampler_cfg, "predictor_file"))
     if predictor_path:
@@ -80,6 +93,17 @@ def _fitted_sampler(fitted, fields, options, schedule, eps_fn, rule_params=None)
     fitted.check_compatible(schedule, method=fields["method"], order=order, nfe=fields["nfe"],
                             options=options, t0=fields["t0"], t1=fields["t1"])  # fmt: skip
     return Sampler(fitted.plan(schedule), eps_fn, rule_params=rule_params)
+
+
+def _fitted_sampler_file(path, fields, schedule, eps_fn, model_id) -> Sampler:
+    """The sampler of a ``FittedSampler`` file, checked against the config's NFE and
+    interval (and the model, given its id)."""
+    if fields["final_denoise"]:
+        raise ValueError("fitted_file does not take final_denoise")
+    t0, t1 = schedule.interval(fields["t0"], fields["t1"])
+    fitted = FittedSampler.load(path, schedule, nfe=fields["nfe"], t0=t0, t1=t1,
+                                model_id=model_id)  # fmt: skip
+    return Sampler(fitted.plan(), eps_fn, rule_params=fitted.rule_params())
 
 
 def _learned_predictor_sampler(path, fields, options, schedule, eps_fn) -> Sampler:

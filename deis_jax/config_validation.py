@@ -21,6 +21,7 @@ from deis_jax.fitting.grid_file import OPTIMIZED_GRID
 from deis_jax.sampling import solvers
 from deis_jax.sampling.method_spec import MethodChoice
 from deis_jax.sampling.sde import SDE_NAMES, VP_BETA_SCHEDULES, NoiseSchedule
+from deis_jax.sampling.solvers.registry import NFE_ROUNDINGS
 from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power
 
 
@@ -110,20 +111,42 @@ def require_int_list(config, path: str, *, minimum: int = 1) -> list[int]:
     return values
 
 
-def require_nfe_list(config, path: str, methods: Iterable[MethodChoice]) -> list[int]:
+def nfe_rounding(config, path: str = "sampler") -> str:
+    """``config.<path>.nfe_rounding`` (``solvers.NFE_ROUNDINGS``; ``"exact"`` when absent):
+    whether a budget a method cannot spend exactly is refused or rounded up."""
+    if get_field(config, path).get("nfe_rounding") is None:
+        return "exact"
+    return require_choice(config, f"{path}.nfe_rounding", NFE_ROUNDINGS)
+
+
+def check_budget(config, path: str, nfe: Any, choice: MethodChoice, rounding: str) -> None:
+    """``nfe`` (from ``config.<path>``) is a budget ``choice`` accepts: an integer in
+    ``[1, MAX_NFE]`` that it spends exactly (``MethodSpec.num_steps``) unless ``rounding`` is
+    ``"up"``. ``ConfigError`` naming the field, the budget and the method. O(1)."""
+    spec = solvers.get_method(choice.method)
+    options = dict(choice.options)
+    afs = bool(options.pop("afs", False))
+    try:
+        spec.check_nfe(nfe, choice.order)
+        spec.num_steps(nfe, choice.order, options, afs=afs, rounding=rounding)
+    except solvers.MethodArgumentError as err:
+        raise ConfigError(f"config.{path} entry {nfe!r}: {err.problem}") from None
+
+
+def require_nfe_list(
+    config, path: str, methods: Iterable[MethodChoice], rounding: str | None = None
+) -> list[int]:
     """``config.<path>`` as a non-empty list of NFE budgets, each checked for every method of
-    ``methods`` by the method's own rule (``MethodSpec.check_nfe``: an integer in
-    ``[1, MAX_NFE]``), so that a budget no cell could run fails at start-up, naming the field,
-    the budget and the method (``MethodArgumentError.problem`` names it). O(1) per budget:
-    nothing is built."""
+    ``methods`` by the method's own rule (:func:`check_budget`: an integer in ``[1, MAX_NFE]``
+    that the method spends exactly, unless ``rounding`` -- default
+    ``config.sampler.nfe_rounding`` -- is ``"up"``), so that a budget no cell could run fails
+    at start-up, naming the field, the budget and the method. O(1) per budget: nothing is
+    built."""
     values = require_int_list(config, path, minimum=1)
+    rounding = nfe_rounding(config) if rounding is None else rounding
     for choice in methods:
-        spec = solvers.get_method(choice.method)
         for nfe in values:
-            try:
-                spec.check_nfe(nfe, choice.order)
-            except solvers.MethodArgumentError as err:
-                raise ConfigError(f"config.{path} entry {nfe!r}: {err.problem}") from None
+            check_budget(config, path, nfe, choice, rounding)
     return values
 
 
@@ -161,10 +184,14 @@ def validate_sampler(config, schedule: NoiseSchedule | None = None, path: str = 
     final_denoise = False
     if section.get("final_denoise") is not None:
         final_denoise = require_bool(config, f"{path}.final_denoise")
+    rounding = nfe_rounding(config, path)
     try:
         order = spec.check(get_field(config, f"{path}.order"), options,
                            final_denoise=final_denoise)  # fmt: skip
-        spec.check_nfe(get_field(config, f"{path}.nfe"), order)
+        nfe = spec.check_nfe(get_field(config, f"{path}.nfe"), order)
+        own = {k: v for k, v in options.items() if k != "afs"}
+        spec.num_steps(nfe, order, own, afs=bool(options.get("afs", False)),
+                       final_denoise=final_denoise, rounding=rounding)  # fmt: skip
     except solvers.MethodArgumentError as err:
         raise ConfigError(f"config.{path}.{err.field} {err.problem}") from None
     grid = section.get("grid")
@@ -187,6 +214,18 @@ def validate_sampler(config, schedule: NoiseSchedule | None = None, path: str = 
             f"config.{path}.predictor_file must name an existing AMED predictor file (written "
             f"by --mode=fit with the 'amed' variant), got {predictor_file!r}"
         )
+    fitted_file = section.get("fitted_file")
+    if fitted_file is not None:
+        if not isinstance(fitted_file, str) or not os.path.isfile(fitted_file):
+            raise ConfigError(
+                f"config.{path}.fitted_file must name an existing fitted sampler file (written "
+                f"by deis_jax.fit_sampler or --mode=fit's recipe cells), got {fitted_file!r}"
+            )
+        if predictor_file is not None or grid == OPTIMIZED_GRID:
+            raise ConfigError(
+                f"config.{path}.fitted_file brings its own method, grid and table or predictor: "
+                f"do not combine it with predictor_file or grid='optimized'"
+            )
     if grid == OPTIMIZED_GRID:
         grid_file = section.get("grid_file")
         if not isinstance(grid_file, str) or not os.path.isfile(grid_file):
@@ -199,4 +238,5 @@ def validate_sampler(config, schedule: NoiseSchedule | None = None, path: str = 
     except ValueError as err:
         where = f"{path}.grid_file" if grid == OPTIMIZED_GRID else path
         where = f"{path}.predictor_file" if predictor_file else where
+        where = f"{path}.fitted_file" if fitted_file else where
         raise ConfigError(f"config.{where} is invalid: {err}") from None

@@ -99,6 +99,25 @@ def check_record_sha256(record: dict[str, Any], path: str, remedy: str) -> None:
         )
 
 
+def read_sealed_record(path: str, fmt: str, version: int, what: str, remedy: str) -> dict:
+    """The JSON record of a sealed file (:func:`sealed_json`) of format ``fmt`` at
+    ``version``: ``ValueError`` naming ``path`` and ``what`` it should be when it is damaged
+    JSON, another kind of file, fails its sha256 (:func:`check_record_sha256`, ending with
+    ``remedy``) or has another version. The one reader of every fitted file."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except ValueError as err:  # JSON or UTF-8 error
+        raise ValueError(f"{path} is not a valid {what} (damaged JSON: {err})") from None
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise ValueError(f"{path} is not a deis_jax {what} (format {fmt!r})")
+    check_record_sha256(record, path, remedy)
+    if record.get("version") != version:
+        raise ValueError(f"{path} has {what} version {record.get('version')!r}; this deis_jax "
+                         f"reads version {version}")  # fmt: skip
+    return record
+
+
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[str]:
     """A temporary path next to ``path`` (same directory, same extension) for a writer that

@@ -23,6 +23,7 @@ from deis_jax.modes import get_mode, run_mode
 from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import make_plan, sample
 from deis_jax.sampling.sde import VPSDE
+from deis_jax.sampling.timesteps import time_grid
 
 SDE = VPSDE()
 
@@ -46,15 +47,23 @@ def rmse(plan, eps_fn, x, x0, params=None):
 
 @pytest.mark.parametrize("method", ["amed", "amed_ipndm"])
 def test_teacher_grid_contains_student_grid(method, tmp_path):
+    """The AMED teacher is the grid fitter's (points uniform in log-SNR) with the student's
+    grid points added exactly; its states are kept at those points only, and it is as
+    accurate as the grid fitter's teacher."""
     plan = make_plan(SDE, method=method, nfe=5, afs=True, predictor="stepwise")
-    fine = teacher_grid(plan, refine=3)
-    assert fine.shape == (3 * plan.num_steps + 1,)
-    np.testing.assert_array_equal(fine[::3], plan.ts)
+    fine = teacher_grid(plan, num_points=13)
+    log_snr = time_grid(SDE, 12, "log_snr", t0=float(plan.ts[-1]), t1=float(plan.ts[0]))
+    assert set(plan.ts) | set(log_snr) == set(fine) and np.all(np.diff(fine) < 0)
     x = SDE.prior_sample(jax.random.PRNGKey(0), (4, 8), jnp.float64)
     teacher = amed_teacher(plan, mixture(), x, path=str(tmp_path / "t.npz"), model_id="m",
-                           refine=3, substeps=1)  # fmt: skip
+                           num_points=13, substeps=2)  # fmt: skip
     np.testing.assert_array_equal(teacher.ts, plan.ts)  # states kept at the student's points
-    assert teacher.settings["substeps"] == 3
+    assert teacher.settings["substeps"] == 2 and teacher.eps is None
+    assert teacher.settings["state_ts"] == [float(t) for t in plan.ts]
+    grid_fitters = solve_teacher(SDE, mixture(), x, t0=float(plan.ts[-1]), t1=float(plan.ts[0]),
+                                 num_points=13, substeps=2, keep_states=False)  # fmt: skip
+    # the same fine grid but for the few student points: the same accuracy, within 2x
+    assert teacher.error_estimate < 2 * grid_fitters.error_estimate + 1e-12
     targets = student_targets(plan, teacher)
     assert targets.shape == (4, plan.num_steps, 8)
     np.testing.assert_array_equal(targets[:, -1], teacher.x0)
@@ -210,8 +219,8 @@ def test_amed_variant_needs_an_amed_method():
 def test_loss_choices():
     from deis_jax.fitting.amed import resolve_loss
 
-    one_step = make_plan(SDE, method="amed", nfe=5, predictor="stepwise")
-    multistep = make_plan(SDE, method="amed_ipndm", nfe=5, predictor="stepwise")
+    one_step = make_plan(SDE, method="amed", nfe=6, predictor="stepwise")
+    multistep = make_plan(SDE, method="amed_ipndm", nfe=6, predictor="stepwise")
     assert resolve_loss(one_step, "auto") == "teacher_forced"
     assert resolve_loss(multistep, "auto") == "endpoint"
     with pytest.raises(ValueError, match="for one-step students"):

@@ -9,12 +9,18 @@ import pytest
 from configs import fit_gmm
 from deis_jax.config_validation import ConfigError, validate_sampler
 from deis_jax.fitting.grid_file import OptimizedGrid
+from deis_jax.fitting.recipes import FittedSampler
 from deis_jax.modes import get_mode, run_mode
+from deis_jax.sampling.sde import VPSDE
+
+SDE = VPSDE.linear()
 
 
 def tiny_config():
     config = fit_gmm.get_config()
     config.data.dims = (4,)
+    config.data.scattered.dims = ()
+    config.fit.recipes = ("ipndm3+ld3+table+afs",)  # one recipe: a fit_sampler cell
     config.fit.methods = ("ipndm3",)
     config.fit.nfes = (4,)
     config.fit.fixed_grids = ("quadratic",)
@@ -33,7 +39,8 @@ def test_fit_mode_writes_grids_report_and_resumes(tmp_path):
     workdir = str(tmp_path)
     records = run_mode("fit", tiny_config(), workdir)
     by_variant = {r["variant"]: r for r in records}
-    assert set(by_variant) == {"default", "fixed:quadratic", "gits", "ld3+table"}
+    recipe = "recipe:ipndm3+ld3+table+afs"
+    assert set(by_variant) == {"default", "fixed:quadratic", "gits", "ld3+table", recipe}
     fitted = by_variant["ld3+table"]
     assert fitted["val_loss_fitted"] < fitted["val_loss_init"]
     grid = OptimizedGrid.load(os.path.join(workdir, fitted["grid_file"]))
@@ -54,6 +61,20 @@ def test_fit_mode_writes_grids_report_and_resumes(tmp_path):
     assert np.array_equal(validate_sampler(config).ts, grid.ts)
     config.sampler.nfe = 5
     with pytest.raises(ConfigError, match="nfe: fitted for 4"):
+        validate_sampler(config)
+
+    # so does the fit_sampler cell's file (config.sampler.fitted_file): its own method and grid
+    cell = by_variant[recipe]
+    fitted_sampler = FittedSampler.load(os.path.join(workdir, cell["grid_file"]), SDE, nfe=4)
+    assert cell["recipe"] == fitted_sampler.recipe and fitted_sampler.nfe == 4
+    config = tiny_config()
+    config.sampler.update(nfe=4, fitted_file=os.path.join(workdir, cell["grid_file"]))
+    sampler = validate_sampler(config)
+    np.testing.assert_array_equal(sampler.ts, cell["ts"])
+    assert sampler.nfe == 4 and sampler.method == fitted_sampler.plan().method
+    config.sampler.nfe = 6
+    with pytest.raises(ConfigError, match=r"config.sampler.fitted_file is invalid: .*nfe: "
+                       r"fitted for 4, asked for 6"):  # fmt: skip
         validate_sampler(config)
 
 

@@ -162,7 +162,7 @@ def test_amed_resume_state_bit_flip_is_ignored_and_refit(tmp_path, caplog):
         plan = make_plan(SDE, method="amed", nfe=3, afs=True, predictor="stepwise")
         x_fit = SDE.prior_sample(jax.random.PRNGKey(4), (12, 4), jnp.float64)
         teacher = amed_teacher(plan, eps_fn, x_fit, path=str(tmp_path / "t.npz"), model_id="m",
-                               refine=1, substeps=1)  # fmt: skip
+                               num_points=4, substeps=1)  # fmt: skip
         kwargs = dict(steps=4, learning_rate=0.05, batch_size=None)
         state = str(tmp_path / "amed_state" / "dim4_nfe3.state")
         full = fit_amed(plan, eps_fn, teacher, state_path=state, **kwargs)
@@ -175,8 +175,8 @@ def test_amed_resume_state_bit_flip_is_ignored_and_refit(tmp_path, caplog):
     assert f"ignoring the unreadable training state {state}" in caplog.text
     assert "checksum mismatch" in caplog.text
     assert again.loop.resumed_step == 0
-    for key in full.params:
-        np.testing.assert_array_equal(again.params[key], full.params[key])
+    for key in full.params.params:
+        np.testing.assert_array_equal(again.params.params[key], full.params.params[key])
 
 
 # --- 3. reference solves past the NFE cap ------------------------------------------------

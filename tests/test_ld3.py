@@ -75,7 +75,7 @@ def test_grid_gradient_matches_finite_differences(name, teacher):
 
     def loss(theta):
         (value, _), (grads, _) = ld3._loss_and_grads(
-            plan, 0.1, False, {"theta": jnp.asarray(theta)}, F, x_T, x0
+            plan, 0.1, "mse", ld3.DEFAULT_TRIM, False, {"theta": jnp.asarray(theta)}, F, x_T, x0
         )
         return float(value), np.asarray(grads["theta"])
 
@@ -135,7 +135,7 @@ def test_ddim_two_steps_finds_the_brute_force_optimum(teacher):
     the argmin."""
     x_T, x0 = teacher[0][:64], teacher[1][:64]
     plan = DDIM2
-    result = ld3.fit_ld3(plan, F, x_T, x0, x_T, x0, steps=300, learning_rate=0.02)
+    result = ld3.fit_ld3(plan, F, x_T, x0, x_T, x0, loss="mse", steps=300, learning_rate=0.02)
     lam = ld3.half_log_snr(plan)
 
     def loss(u):
@@ -262,7 +262,7 @@ def test_soft_teacher_moves_latents_within_the_ball_and_validates_on_originals(
 
     monkeypatch.setattr(ld3, "_SoftTeacher", Recording)
     ball = 0.05
-    result = ld3.fit_ld3(plan, F, x_T[:64], x0[:64], x_T[:64], x0[:64], steps=30,
+    result = ld3.fit_ld3(plan, F, x_T[:64], x0[:64], x_T[:64], x0[:64], loss="mse", steps=30,
                          learning_rate=0.02, ball=ball)  # fmt: skip
     assert result.best_val_loss < result.init_val_loss
     (soft,) = teachers
@@ -277,10 +277,12 @@ def test_soft_teacher_moves_latents_within_the_ball_and_validates_on_originals(
 
 def test_resumed_fit_equals_an_uninterrupted_one(teacher, tmp_path, caplog):
     """With ``state_path`` a finished fit continues to more steps -- minibatches, Adam and the
-    soft teacher's latents restored -- bitwise like a fit run in one go."""
+    soft teacher's latents restored -- bitwise like a fit run in one go (a constant rate: a
+    decaying one depends on the number of steps, see the next test)."""
     x_T, x0 = teacher
     data = (x_T[:64], x0[:64], x_T[64:96], x0[64:96])
-    kwargs = dict(learning_rate=0.02, batch_size=24, ball=0.05, learn_table=True, seed=1)
+    kwargs = dict(learning_rate=0.02, final_lr_fraction=1.0, batch_size=24, ball=0.05,
+                  learn_table=True, seed=1)  # fmt: skip
     reference = ld3.fit_ld3(DDIM2, F, *data, steps=16, **kwargs)
     path = str(tmp_path / "ld3.state")
     first = ld3.fit_ld3(DDIM2, F, *data, steps=7, state_path=path, state_fingerprint="ring",
@@ -300,3 +302,49 @@ def test_resumed_fit_equals_an_uninterrupted_one(teacher, tmp_path, caplog):
                             state_path=path, state_fingerprint="ring", **kwargs)  # fmt: skip
     assert "ignoring the training state" in caplog.text
     assert other.val_loss != reference.val_loss
+
+
+def test_killed_decaying_fit_resumes_to_the_uninterrupted_result(teacher, tmp_path):
+    """The default, decaying rate: a fit killed at update 7 of 16 and run again with the same
+    arguments ends bit for bit where an uninterrupted one does (the same compiled updates)."""
+    x_T, x0 = teacher
+    data = (x_T[:64], x0[:64], x_T[64:96], x0[64:96])
+    kwargs = dict(steps=16, learning_rate=0.05, batch_size=24, learn_table=True, seed=2)
+    reference = ld3.fit_ld3(DDIM2, F, *data, **kwargs)
+    path = str(tmp_path / "ld3.state")
+
+    def die(step, train, val):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ld3.fit_ld3(DDIM2, F, *data, state_path=path, state_fingerprint="ring", callback=die,
+                    **kwargs)  # fmt: skip
+    resumed = ld3.fit_ld3(DDIM2, F, *data, state_path=path, state_fingerprint="ring", **kwargs)
+    for field in ("theta", "raw", "ts"):
+        np.testing.assert_array_equal(getattr(resumed, field), getattr(reference, field))
+    assert resumed.val_loss == reference.val_loss
+
+
+def test_a_fit_that_does_not_improve_says_so(teacher):
+    """A learning rate so small that no update changes the validation loss's first digits --
+    and one of 0 steps -- returns the initial grid with ``improved`` False and a warning
+    naming the plan."""
+    x_T, x0 = teacher
+    with pytest.warns(ld3.NoFitWarning, match=r"LD3 did not improve the validation loss of "
+                      r"ddim order 0 at NFE 2 in 0 updates \(rms .* at the init\): the "
+                      r"initial grid is returned"):  # fmt: skip
+        result = ld3.fit_ld3(DDIM2, F, x_T[:32], x0[:32], x_T[32:64], x0[32:64], steps=0)
+    assert not result.improved and result.best_step == 0
+    np.testing.assert_array_equal(result.theta, ld3.init_theta(DDIM2))
+    improving = ld3.fit_ld3(DDIM2, F, x_T[:32], x0[:32], x_T[32:64], x0[32:64], steps=20)
+    assert improving.improved and improving.best_val_loss < improving.init_val_loss
+
+
+@pytest.mark.parametrize("loss", ld3.LOSSES)
+def test_losses_reduce_per_sample_distances_as_documented(loss):
+    d = np.array([0.1, 0.2, 0.3, 0.4, 5.0, 0.05, 0.15, 0.25, 0.35, 0.45])
+    got = float(ld3.reduce_losses(jnp.asarray(d**2), loss, trim=0.1))
+    want = {"mse": np.mean(d**2), "rms": np.mean(d), "trimmed_rms": np.mean(np.sort(d)[:9])}
+    # sqrt(d^2 + tiny) differs from d by far less than an ulp of these values
+    np.testing.assert_allclose(got, want[loss], rtol=4 * np.finfo(np.float64).eps)

@@ -56,7 +56,7 @@ def test_constant_eps_closed_form(name, method, order):
     schedule, t0 = SCHEDULES[name]
     x = jnp.full((2, 5), 0.7)
     sampler = deis.get_sampler(schedule, lambda x, t: jnp.ones_like(x), method=method,
-                               order=order, nfe=9, t0=t0)  # fmt: skip
+                               order=order, nfe=9, nfe_rounding="up", t0=t0)  # fmt: skip
     ts = sampler.ts
     exact = schedule.alpha(ts[-1]) * (0.7 / schedule.alpha(ts[0]) + schedule.rho(ts[-1])
                                       - schedule.rho(ts[0]))  # fmt: skip
@@ -91,7 +91,7 @@ def test_point_mass_data_is_solved_exactly():
     x = jnp.linspace(-2, 2, 7)[:, None]
     exact = VP.alpha(1e-3) * mu + VP.sigma(1e-3) / VP.sigma(1.0) * (x - VP.alpha(1.0) * mu)
     for method, order in DETERMINISTIC + RK:
-        out = run(VP, eps_fn, x, method=method, order=order, nfe=7, t0=1e-3)
+        out = run(VP, eps_fn, x, method=method, order=order, nfe=7, nfe_rounding="up", t0=1e-3)
         np.testing.assert_allclose(out, exact, rtol=1e-11, atol=1e-12, err_msg=method)
 
 
@@ -164,19 +164,57 @@ def test_nfe_spent_equals_nfe_reported(method, order, final_denoise):
         return x * 0.1
 
     sampler = deis.get_sampler(VP, eps_fn, method=method, order=order, nfe=7,
-                               final_denoise=final_denoise)  # fmt: skip
+                               final_denoise=final_denoise, nfe_rounding="up")  # fmt: skip
     with jax.disable_jit():  # lax.scan runs as a Python loop: one call per evaluation
         sampler(jnp.ones((2, 3)))
-    stages = order if method == "rhork" else 1
-    assert len(calls) == sampler.nfe == stages * -(-7 // stages) + final_denoise
+    stages = order if method == "rhork" else 1  # rounded up to whole steps
+    steps = -(-(7 - final_denoise) // stages)
+    assert len(calls) == sampler.nfe == stages * steps + final_denoise
+
+
+@pytest.mark.parametrize("method", deis.method_names())
+def test_every_budget_is_spent_exactly_or_refused_by_name(method):
+    """For every method, order, AFS and final step: a budget N*S - afs + final_denoise is
+    spent exactly (the plan's NFE is the budget), any other is refused naming the budgets
+    the method can spend; nothing is rounded silently."""
+    spec = deis.get_method(method)
+    for order in spec.orders:
+        stages = spec.nfe_per_step(order, {})
+        stochastic = deis.make_plan(VP, method=method, order=order, nfe=4 * stages).stochastic
+        for afs in (False,) if stochastic else (False, True):
+            for final in (False, True):
+                offset = int(final) - int(afs)
+                spendable = {stages * n + offset for n in range(1, 20)}
+                for nfe in range(1, 13):
+                    kwargs = dict(method=method, order=order, nfe=nfe, afs=afs,
+                                  final_denoise=final)  # fmt: skip
+                    if nfe in spendable:
+                        assert deis.make_plan(VP, **kwargs).nfe == nfe, kwargs
+                        continue
+                    with pytest.raises(deis.MethodArgumentError, match=(
+                            rf"nfe must be a budget that {method}.* spends exactly "
+                            rf"\({stages} per step.*got {nfe} \(nearest: ")):  # fmt: skip
+                        deis.make_plan(VP, **kwargs)
+                    up = deis.make_plan(VP, **kwargs, nfe_rounding="up").nfe
+                    assert up == min(b for b in spendable if b > nfe), kwargs
+
+
+def test_budget_message_names_what_amed_can_spend():
+    message = (r"nfe must be a budget that amed_ipndm order 3 with afs spends exactly \(2 per "
+               r"step, 1 less in all with AFS\): odd NFE 1, 3, 5, 7, \.\.\.; got 4 \(nearest: "
+               r"3 or 5; with afs=False it spends even NFE\)")  # fmt: skip
+    with pytest.raises(deis.MethodArgumentError, match=message):
+        deis.make_plan(VP, method="amed_ipndm", nfe=4, afs=True)
+    with pytest.raises(deis.MethodArgumentError, match=r"even NFE 2, 4, 6, 8, .*got 3"):
+        deis.make_plan(VP, method="amed_ipndm", nfe=3)
 
 
 @pytest.mark.numerics
 def test_final_denoise_is_tweedie():
     eps_fn = mixture_eps(VP)
     x = jax.random.normal(jax.random.PRNGKey(3), (5, 3), jnp.float64)
-    plain = deis.get_sampler(VP, eps_fn, method="tab", nfe=10)
-    denoised = run(VP, eps_fn, x, method="tab", nfe=10, final_denoise=True)
+    plain = deis.get_sampler(VP, eps_fn, method="tab", nfe=9)
+    denoised = run(VP, eps_fn, x, method="tab", nfe=10, final_denoise=True)  # 9 steps + 1
     x_t0 = np.asarray(plain(x))
     t0 = plain.ts[-1]
     tweedie = (x_t0 - VP.sigma(t0) * np.asarray(eps_fn(jnp.asarray(x_t0), t0))) / VP.alpha(t0)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deis_jax.sampling.sde import NoiseSchedule
+from deis_jax.sampling.wrappers import per_sample_time
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,6 +82,31 @@ class GaussianMixture:
         z *= radius / np.linalg.norm(z, axis=1, keepdims=True)
         return cls(z @ basis.T, np.full(num_components, std), rng.uniform(0.5, 1.5, num_components))
 
+    @classmethod
+    def scattered(
+        cls,
+        dim: int,
+        num_components: int = 16,
+        radius: float = 30.0,
+        std_range: tuple[float, float] = (0.3, 0.8),
+        seed: int = 0,
+    ) -> GaussianMixture:
+        """Full-dimensional components, like an image model's rare hard samples.
+
+        Means at distance ``radius`` from the origin in random directions of all of R^dim;
+        each component has its own diagonal covariance, stds log-uniform in ``std_range`` per
+        coordinate; random weights. At 3-10 NFE a few percent of the trajectories end in
+        another component than the exact flow's (per-sample errors of about 0.5 against a
+        median about 0.02 at NFE 5), so a loss of squared errors is owned by those few: the
+        benchmark on which fitted samplers must not trade typical samples for them.
+        """
+        rng = np.random.default_rng(seed)
+        means = rng.normal(size=(num_components, dim))
+        means *= radius / np.linalg.norm(means, axis=1, keepdims=True)
+        low, high = np.log(std_range[0]), np.log(std_range[1])
+        stds = np.exp(rng.uniform(low, high, size=(num_components, dim)))
+        return cls(means, stds, rng.uniform(0.5, 1.5, num_components))
+
     def log_prob(self, x) -> np.ndarray:
         """``log p_0(x)`` in float64 on the host, for ``x`` of shape ``(B, D)``."""
         x = np.asarray(x, np.float64)
@@ -116,7 +142,7 @@ class GaussianMixture:
             resp = jax.nn.softmax(logits, axis=-1)
             return sigma_out * jnp.einsum("bk,bkd->bd", resp, scaled)
 
-        return eps_fn
+        return per_sample_time(eps_fn)
 
     def sample(self, key: jax.Array, num: int, dtype=jnp.float32) -> jax.Array:
         """Exact samples from ``p_0``."""

@@ -41,6 +41,7 @@ from deis_jax import config_validation as cv
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.evaluation.metrics import nll_gap, rmse
 from deis_jax.evaluation.reference import Reference, reference_solve
+from deis_jax.experiments.engine import fingerprint
 from deis_jax.experiments.sealed_cells import FAILED, nonfinite_reason
 from deis_jax.io_utils import atomic_write_text
 from deis_jax.reporting import (
@@ -67,6 +68,18 @@ def validate_problem(config) -> NoiseSchedule:
     cv.require_number(config, "data.latent_dim", integer=True, minimum=1)
     for field in ("data.radius", "data.std", "data.ring_std"):
         cv.require_number(config, field, minimum=0, exclusive_minimum=True)
+    if config.data.get("scattered") is not None:
+        if list(config.data.scattered.dims):
+            cv.require_int_list(config, "data.scattered.dims", minimum=2)
+        cv.require_number(config, "data.scattered.num_components", integer=True, minimum=1)
+        cv.require_number(config, "data.scattered.radius", minimum=0, exclusive_minimum=True)
+        low, high = (tuple(config.data.scattered.std_range) + (None, None))[:2]
+        if not (isinstance(low, float | int) and isinstance(high, float | int) and 0 < low
+                <= high):  # fmt: skip
+            raise cv.ConfigError(
+                f"config.data.scattered.std_range must be two numbers 0 < low "
+                f"<= high, got {tuple(config.data.scattered.std_range)!r}"
+            )
     cv.require_number(config, "compare.num_samples", integer=True, minimum=2)
     cv.require_number(config, "compare.reference_steps", integer=True, minimum=10)
     return schedule
@@ -86,6 +99,34 @@ class GmmProblem(NamedTuple):
     noise_key: jax.Array
     data: np.ndarray
     reference: Reference
+
+
+SCATTERED = "scattered"  # problem names scattered<dim>: GaussianMixture.scattered
+
+
+def mixture_for_problem(config, name: str) -> GaussianMixture:
+    """The mixture of a fitting problem: ``dim<d>`` (:func:`mixture_for_dim`) or
+    ``scattered<d>`` (``GaussianMixture.scattered`` with ``config.data.scattered``'s
+    components, radius and std range: full-dimensional, outlier-prone)."""
+    if name.startswith(SCATTERED):
+        s = config.data.scattered
+        return GaussianMixture.scattered(int(name[len(SCATTERED):]), s.num_components, s.radius,
+                                         tuple(s.std_range), seed=config.seed)  # fmt: skip
+    return mixture_for_dim(config, int(name[len("dim") :]))
+
+
+def mixture_model_id(config, name: str) -> str:
+    """The identity of a problem's mixture, as fitted files record it (``model_id``)."""
+    return fingerprint({"mixture": config.data.to_dict(), "problem": name, "seed": config.seed})
+
+
+def problem_names(config) -> list[str]:
+    """``dim<d>`` for ``config.data.dims``, then ``scattered<d>`` for
+    ``config.data.scattered.dims`` (when the config has that block)."""
+    names = [f"dim{d}" for d in config.data.dims]
+    if config.data.get("scattered") is not None:
+        names += [f"{SCATTERED}{d}" for d in config.data.scattered.dims]
+    return names
 
 
 def mixture_for_dim(config, dim: int) -> GaussianMixture:
@@ -173,7 +214,9 @@ def evaluate_point(config, context: dict) -> list[dict]:
     records = []
     for dim in config.data.dims:
         problem = cached_problem(cache, config, dim, schedule, problem_dtype(config))
-        sampler = build.sampler_from_config(config.sampler, schedule, problem.eps_fn)
+        sampler = build.sampler_from_config(
+            config.sampler, schedule, problem.eps_fn, model_id=mixture_model_id(config, f"dim{dim}")
+        )
         record, _ = run_cell(problem, sampler, context["mesh"])
         seconds = record.pop("seconds")
         reference_error = float(problem.reference.error_estimate)

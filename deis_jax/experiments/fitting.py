@@ -9,17 +9,25 @@ one cell is computed:
 * ``ld3+table``          LD3 with learned table corrections, fitted jointly with the grid;
 * ``amed``               (AMED methods only) an AMED predictor trained by distillation on the
                          method's own grid (:mod:`deis_jax.fitting.amed`); its ``default``
-                         cell is the base solver (``r = 1/2``: DPM-Solver-2, iPNDM, ...).
+                         cell is the base solver (``r = 1/2``: DPM-Solver-2, iPNDM, ...);
+* ``recipe:<name>``      (method ``fit_sampler``, one per problem and NFE) the sampler of
+                         :func:`deis_jax.fitting.fit_sampler` with ``recipe=<name>``
+                         (``auto``: the best of its recipes on the validation split).
 
 Fitted variants write their grid file (``grids/<problem>/<method>_nfe<nfe>_<variant>.json``),
 usable as ``config.sampler.grid_file`` (``amed``: the predictor file, usable as
-``config.sampler.predictor_file``). Every variant is measured by its RMSE against a
-reference on *held-out* starting points (never fitted on): a fine RK4 solve of the same ODE,
-the held-out teacher, whose own error estimate is reported. The fitting starting points (train
+``config.sampler.predictor_file``; ``recipe:*``: a fitted sampler file, usable as
+``config.sampler.fitted_file``). Every variant is measured on *held-out* starting points (never
+fitted on) against a reference, a fine RK4 solve of the same ODE (the held-out teacher, whose
+own error estimate is reported), by each sample's RMS distance ``d_b``: their RMSE
+``sqrt(mean d_b^2)`` (``heldout_rmse``), mean and median -- the typical sample, which a few
+samples ending in another mixture component do not move. The fitting starting points (train
 + validation) and the held-out ones are drawn from disjoint keys.
 
 The report (:func:`write_report`): ``results.md`` (held-out RMSE per method x variant x NFE;
-per NFE the best fixed against the best fitted configuration and their ratio), ``results.csv``,
+per NFE the best fixed against the best fitted configuration and their ratio; the
+``fit_sampler`` cells against the best fixed configuration in mean and RMSE and against the
+untrained iPNDM-3 in the median), ``results.csv``,
 ``rmse_vs_nfe.png``, ``grids.png`` (fitted grids against the default ones, in log-SNR) and
 ``loss_curves.png`` (LD3 validation loss against the step).
 """
@@ -36,7 +44,8 @@ from deis_jax import build
 from deis_jax.experiments.engine import fingerprint
 from deis_jax.experiments.sealed_cells import FAILED
 from deis_jax.fitting.amed import amed_teacher, fit_amed
-from deis_jax.fitting.optimize import endpoint_loss, optimize_grid
+from deis_jax.fitting.optimize import endpoint_distances, optimize_grid
+from deis_jax.fitting.recipes import fit_sampler
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
 from deis_jax.io_utils import atomic_write_text, sha256_file
 from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
@@ -48,6 +57,13 @@ from deis_jax.sampling.wrappers import EpsFn
 
 FITTED_VARIANTS = ("gits", "ld3", "ld3+table", "amed")
 GRID_VARIANTS = ("gits", "ld3", "ld3+table")  # fit a grid (not for AMED methods)
+RECIPE_PREFIX = "recipe:"  # the variants of fit_sampler cells, e.g. "recipe:auto"
+FIT_SAMPLER = "fit_sampler"  # their method label
+
+
+def is_fitted(variant: str) -> bool:
+    """A variant fitted to the model (a fitted grid, a predictor or a fit_sampler recipe)."""
+    return variant in FITTED_VARIANTS or variant.startswith(RECIPE_PREFIX)
 
 
 def applies(choice: MethodChoice, variant: str) -> bool:
@@ -110,8 +126,10 @@ def teachers(
     return Teachers(fit, heldout)
 
 
-def grid_path(workdir: str, problem: str, choice: MethodChoice, nfe: int, variant: str) -> str:
-    name = f"{choice.label.replace(':', '_').replace(',', '_').replace('=', '-')}"
+def grid_path(workdir: str, problem: str, label: str, nfe: int, variant: str) -> str:
+    """Where a fitted cell's file goes (``label``: the method label)."""
+    name = f"{label.replace(':', '_').replace(',', '_').replace('=', '-')}"
+    variant = variant.replace(":", "_")
     return os.path.join(workdir, "grids", problem, f"{name}_nfe{nfe}_{variant}.json")
 
 
@@ -131,9 +149,13 @@ def compute_cell(
     variants, whose grid file is written to :func:`grid_path` under ``workdir``); with a
     ``scorer`` (``deis_jax.experiments.scoring.SampleScorer``) also ``fd``, its distance."""
     fit_cfg, sampler_cfg = config.fit, config.sampler
-    record: dict[str, Any] = {"problem": problem.name, "method": choice.label,
+    label = FIT_SAMPLER if choice is None else choice.label
+    record: dict[str, Any] = {"problem": problem.name, "method": label,
                               "nfe_budget": nfe, "variant": variant}  # fmt: skip
-    if variant == "amed":
+    if variant.startswith(RECIPE_PREFIX):
+        plan, rule_params = _fit_sampler(config, schedule, problem, teach, nfe, variant, workdir,
+                                         record)  # fmt: skip
+    elif variant == "amed":
         plan, rule_params = _train_amed(config, schedule, problem, choice, nfe, workdir, record)
     elif variant in FITTED_VARIANTS:
         rule_params = None
@@ -144,10 +166,11 @@ def compute_cell(
             options=choice.options, teacher=teach.fit,
             validation_fraction=float(fit_cfg.validation_fraction), model_id=problem.model_id,
             learn_table=variant == "ld3+table", max_delta=float(fit_cfg.max_delta),
-            gits_metric=fit_cfg.gits_metric, gits_gamma=float(fit_cfg.gits_gamma),
-            ld3_settings=dict(fit_cfg.ld3.to_dict()), callback=callback,
+            loss=fit_cfg.loss, gits_metric=fit_cfg.gits_metric,
+            gits_gamma=float(fit_cfg.gits_gamma), ld3_settings=dict(fit_cfg.ld3.to_dict()),
+            fit_dtype=fit_cfg.fit_dtype, callback=callback,
         )  # fmt: skip
-        path = grid_path(workdir, problem.name, choice, nfe, variant)
+        path = grid_path(workdir, problem.name, label, nfe, variant)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         grid.save(path)
         plan = grid.plan(schedule)
@@ -160,10 +183,13 @@ def compute_cell(
         rule_params = None
         kind = None if variant == "default" else variant.split(":", 1)[1]
         plan = _fixed_plan(sampler_cfg, schedule, problem, choice, nfe, kind)
-    rmse = float(np.sqrt(endpoint_loss(plan, problem.eps_fn, problem.x_heldout,
-                                       teach.heldout.x0, rule_params=rule_params)))  # fmt: skip
-    record.update(nfe=plan.nfe, heldout_rmse=rmse if np.isfinite(rmse) else None,
-                  ts=[float(t) for t in plan.ts],
+    dist = endpoint_distances(plan, problem.eps_fn, problem.x_heldout, teach.heldout.x0,
+                              rule_params=rule_params)  # fmt: skip
+    finite = bool(np.all(np.isfinite(dist)))
+    record.update(nfe=plan.nfe, ts=[float(t) for t in plan.ts],
+                  heldout_rmse=float(np.sqrt(np.mean(dist**2))) if finite else None,
+                  heldout_mean=float(np.mean(dist)) if finite else None,
+                  heldout_median=float(np.median(dist)) if finite else None,
                   reference_error=teach.heldout.error_estimate)  # fmt: skip
     if record["heldout_rmse"] is None:
         record[FAILED] = "held-out samples non-finite (their RMSE is not finite)"
@@ -193,7 +219,7 @@ def _fixed_plan(sampler_cfg, schedule, problem: FitProblem, choice: MethodChoice
     """The method's plan on its default grid (``kind`` None) or on grid kind ``kind``."""
     return build.sampler_from_config(
         sampler_cfg, schedule, problem.eps_fn, method=choice.method, order=choice.order,
-        nfe=nfe, options=choice.options, predictor_file=None,
+        nfe=nfe, options=choice.options, predictor_file=None, fitted_file=None,
         **({"grid": kind} if kind else {}),
     ).plan  # fmt: skip
 
@@ -209,9 +235,10 @@ def _train_amed(config, schedule, problem: FitProblem, choice: MethodChoice, nfe
     teacher = amed_teacher(
         plan, problem.eps_fn, problem.x_fit, path=os.path.join(workdir, "teachers",
                                                                f"amed_{name}.npz"),
-        model_id=problem.model_id, refine=int(amed_cfg.refine), substeps=int(amed_cfg.substeps),
+        model_id=problem.model_id, num_points=int(config.fit.teacher_points),
+        substeps=int(config.fit.teacher_substeps),
     )  # fmt: skip
-    path = grid_path(workdir, problem.name, choice, nfe, "amed")
+    path = grid_path(workdir, problem.name, choice.label, nfe, "amed")
     fit = fit_amed(
         plan, problem.eps_fn, teacher, loss=amed_cfg.loss,
         validation_fraction=float(config.fit.validation_fraction),
@@ -228,6 +255,33 @@ def _train_amed(config, schedule, problem: FitProblem, choice: MethodChoice, nfe
                   val_loss_curve=prov["val_loss_curve"],
                   teacher_error=teacher.error_estimate)  # fmt: skip
     return plan, fit.params
+
+
+def _fit_sampler(config, schedule, problem: FitProblem, teach: Teachers, nfe: int, variant: str,
+                 workdir: str, record: dict):  # fmt: skip
+    """A ``recipe:<name>`` cell: ``fit_sampler`` on the fitting starting points (with the
+    fitting teacher), its file written; returns ``(plan, rule_params)`` and fills
+    ``record``."""
+    fit_cfg, sampler_cfg = config.fit, config.sampler
+    amed = {k: fit_cfg.amed[k] for k in ("steps", "learning_rate", "batch_size", "patience",
+                                         "seed")}  # fmt: skip
+    fitted = fit_sampler(
+        schedule, problem.eps_fn, problem.x_fit, nfe=nfe, recipe=variant[len(RECIPE_PREFIX):],
+        model_id=problem.model_id, t0=sampler_cfg.t0, t1=sampler_cfg.t1, loss=fit_cfg.loss,
+        validation_fraction=float(fit_cfg.validation_fraction), teacher=teach.fit,
+        ld3_settings=dict(fit_cfg.ld3.to_dict()), amed_settings=amed,
+        max_delta=float(fit_cfg.max_delta), fit_dtype=fit_cfg.fit_dtype,
+    )  # fmt: skip
+    path = grid_path(workdir, problem.name, FIT_SAMPLER, nfe, variant)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fitted.save(path)
+    prov = fitted.provenance
+    record.update(grid_file=os.path.relpath(path, workdir), grid_sha256=sha256_file(path),
+                  recipe=fitted.recipe, fit_seconds=prov["seconds"],
+                  val_loss_init=fitted.report[0]["objective"],
+                  val_loss_fitted=min(r["objective"] for r in fitted.report
+                                      if "objective" in r))  # fmt: skip
+    return fitted.plan(), fitted.rule_params()
 
 
 def experiment_fingerprint(config) -> str:
@@ -252,8 +306,8 @@ def summary_rows(records: list[dict], nfes) -> list[list[Any]]:
         for nfe in nfes:
             cells = [r for r in records if r["problem"] == problem and r["nfe_budget"] == nfe
                      and not r.get(FAILED)]  # fmt: skip
-            fixed = [r for r in cells if r["variant"] not in FITTED_VARIANTS]
-            fitted = [r for r in cells if r["variant"] in FITTED_VARIANTS]
+            fixed = [r for r in cells if not is_fitted(r["variant"])]
+            fitted = [r for r in cells if is_fitted(r["variant"])]
             if not fixed or not fitted:
                 continue
             bf = min(fixed, key=lambda r: r["heldout_rmse"])
@@ -261,6 +315,42 @@ def summary_rows(records: list[dict], nfes) -> list[list[Any]]:
             rows.append([problem, nfe, f"{bf['method']} {bf['variant']}", bf["heldout_rmse"],
                          f"{bt['method']} {bt['variant']}", bt["heldout_rmse"],
                          bt["heldout_rmse"] / bf["heldout_rmse"]])  # fmt: skip
+    return rows
+
+
+RECIPE_SUMMARY_FIELDS = (
+    "problem", "NFE", "fit_sampler (chosen)", "mean d", "median d", "RMSE", "best fixed (mean)",
+    "mean d", "best fixed (RMSE)", "RMSE", "mean / best fixed", "RMSE / best fixed",
+    "iPNDM-3 median d", "median / iPNDM-3",
+)  # fmt: skip
+
+
+def recipe_summary_rows(records: list[dict], nfes) -> list[list[Any]]:
+    """Per problem, NFE and ``fit_sampler`` cell: its held-out mean, median and RMSE against
+    the best fixed-grid configuration (by mean and by RMSE, separately) and against the
+    untrained iPNDM-3 on its default grid in the median."""
+    rows = []
+    for problem in dict.fromkeys(r["problem"] for r in records):
+        for nfe in nfes:
+            cells = [r for r in records if r["problem"] == problem and r["nfe_budget"] == nfe
+                     and not r.get(FAILED)]  # fmt: skip
+            fixed = [r for r in cells if not is_fitted(r["variant"])]
+            ipndm = [r for r in fixed if r["method"] == "ipndm3" and r["variant"] == "default"]
+            for r in (r for r in cells if r["variant"].startswith(RECIPE_PREFIX)):
+                if not fixed or r.get("heldout_mean") is None:
+                    continue
+                by_mean = min(fixed, key=lambda f: f.get("heldout_mean") or np.inf)
+                by_rmse = min(fixed, key=lambda f: f["heldout_rmse"])
+                base = ipndm[0]["heldout_median"] if ipndm else None
+                rows.append([
+                    problem, nfe, f"{r['variant']} ({r.get('recipe')})", r["heldout_mean"],
+                    r["heldout_median"], r["heldout_rmse"],
+                    f"{by_mean['method']} {by_mean['variant']}", by_mean["heldout_mean"],
+                    f"{by_rmse['method']} {by_rmse['variant']}", by_rmse["heldout_rmse"],
+                    r["heldout_mean"] / by_mean["heldout_mean"],
+                    r["heldout_rmse"] / by_rmse["heldout_rmse"], base,
+                    None if base is None else r["heldout_median"] / base,
+                ])  # fmt: skip
     return rows
 
 
@@ -285,9 +375,10 @@ def _value(record: dict | None, metric: str):
 
 def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: int) -> None:
     """``results.{md,csv}``, ``rmse_vs_nfe.png``, ``grids.png``, ``loss_curves.png``."""
-    fields = ["problem", "method", "variant", "nfe_budget", "nfe", "heldout_rmse", "fd",
-              "val_loss_init", "val_loss_fitted", "fit_seconds", "reference_error",
-              "grid_file", "failed"]  # fmt: skip
+    fields = ["problem", "method", "variant", "nfe_budget", "nfe", "heldout_rmse",
+              "heldout_mean", "heldout_median", "fd", "recipe", "val_loss_init",
+              "val_loss_fitted", "fit_seconds", "reference_error", "grid_file",
+              "failed"]  # fmt: skip
     write_csv(os.path.join(workdir, "results.csv"), records, fields)
     lines = ["# Fitted grids and tables: held-out RMSE against the reference\n"]
     lines.append(
@@ -299,6 +390,16 @@ def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: in
         ["problem", "NFE", "best fixed", "RMSE", "best fitted", "RMSE", "fitted / fixed"],
         summary_rows(records, nfes),
     ))  # fmt: skip
+    recipes = recipe_summary_rows(records, nfes)
+    if recipes:
+        lines.append("\n## fit_sampler against the best fixed configuration\n")
+        lines.append(
+            "Held-out per-sample RMS distances d to the reference: their mean, median and RMSE "
+            "(sqrt of the mean square). The best fixed configuration is chosen separately for "
+            "the mean and for the RMSE; the median is compared with the untrained iPNDM-3 on "
+            "its default grid.\n"
+        )
+        lines.append(markdown_table(list(RECIPE_SUMMARY_FIELDS), recipes))
     problems = list(dict.fromkeys(r["problem"] for r in records))
     panels = []
     for problem in problems:

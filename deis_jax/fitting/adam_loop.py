@@ -1,7 +1,9 @@
 """The Adam loop shared by the learned samplers (LD3's grid, AMED's predictor), resumable.
 
 **Loop.** :func:`fit_adam` runs ``steps`` updates of Adam (optax) after clipping the global
-gradient norm to ``clip_norm``. Update ``k`` (0-based) takes the next index batch of
+gradient norm to ``clip_norm``; the learning rate decays from ``learning_rate`` to
+``final_lr_fraction * learning_rate`` along a cosine over the ``steps`` updates (1.0:
+constant). Update ``k`` (0-based) takes the next index batch of
 :class:`_Batches` (shuffled passes over the ``num_train`` training rows from
 ``PRNGKey(seed)``, dropping a short last batch; all rows every time when ``batch_size`` is None
 or not below ``num_train``) and calls ``loss_and_grads(params, idx) -> (loss, aux, grads)``: the
@@ -24,7 +26,8 @@ counters, the batch sampler's key/order/position, the step, and the caller's own
 ``checkpoint_every`` updates and at the end. A later call with the same ``state_fingerprint``
 (a caller-chosen string naming what is fitted: model, data, method...) and the same loop
 settings starts from that state, and its result is bitwise that of an uninterrupted run
-(``steps`` may grow between the calls: a finished 10-step state continues to 20). A file that
+(``steps`` may grow between the calls when the rate is constant: a finished 10-step state
+continues to 20; a decaying rate depends on ``steps``, which then must match). A file that
 cannot be read (torn, corrupt, another format), was written for another fingerprint or other
 settings, or has more updates than ``steps``, is ignored with a warning and the fit starts over
 (and overwrites it). The file holds a sha256 of its msgpack payload (``flax.serialization``),
@@ -281,6 +284,7 @@ def fit_adam(
     *,
     steps: int,
     learning_rate: float,
+    final_lr_fraction: float = 1.0,
     batch_size: int | None = None,
     patience: int = 30,
     clip_norm: float = 1.0,
@@ -301,9 +305,11 @@ def fit_adam(
     training rows ``idx`` (an integer numpy array from the batch sampler, ``arange(num_train)``
     for full batches; the caller closes over its data), any ``aux`` for ``after_update``, and
     ``d loss / d params`` (a tree like ``params``). ``val_loss(params) -> float``. ``params``:
-    the initial tree (leaves become JAX arrays). ``steps`` updates of Adam(``learning_rate``)
-    after global-norm clipping to ``clip_norm``; ``batch_size`` rows per update (None: all);
-    ``patience`` evaluations (every ``eval_every`` updates) without improvement stop the fit.
+    the initial tree (leaves become JAX arrays). ``steps`` updates of Adam after global-norm
+    clipping to ``clip_norm``, the rate decaying from ``learning_rate`` to
+    ``final_lr_fraction * learning_rate`` along a cosine over ``steps``; ``batch_size`` rows
+    per update (None: all); ``patience`` evaluations (every ``eval_every`` updates) without
+    improvement stop the fit.
     ``callback(k, train_loss, val)`` after update ``k`` (``val`` None when not evaluated);
     ``after_update(k, idx, aux, new_params)`` right after each successful (not skipped) update.
 
@@ -322,14 +328,21 @@ def fit_adam(
             f"num_train >= 1; got {steps}, {patience}, {eval_every}, {checkpoint_every}, "
             f"{num_train}"
         )
+    if not 0.0 < final_lr_fraction <= 1.0:
+        raise ValueError(f"final_lr_fraction must be in (0, 1], got {final_lr_fraction!r}")
     start = time.perf_counter()
     params = jax.tree.map(jnp.asarray, params)
-    optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(learning_rate))
+    rate = learning_rate
+    if final_lr_fraction < 1.0:
+        rate = optax.cosine_decay_schedule(learning_rate, max(steps, 1), alpha=final_lr_fraction)
+    optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(rate))
     batches = _Batches(num_train, batch_size, seed)
     settings = {
         "num_train": int(num_train),
         "batch_size": batches.size,
         "learning_rate": float(learning_rate),
+        "final_lr_fraction": float(final_lr_fraction),
+        "steps_for_decay": int(steps) if final_lr_fraction < 1.0 else None,
         "clip_norm": float(clip_norm),
         "patience": int(patience),
         "eval_every": int(eval_every),

@@ -6,11 +6,13 @@
     fit.predictor.save("amed_ipndm3_nfe5.json")              # method, NFE, AFS, grid, params
     x0 = sample(plan, eps_fn, x_T, rule_params=fit.params)
 
-**Teacher.** The shared teacher (``deis_jax.fitting.teacher``: RK4 in rho, cached) on the
-student's grid refined ``refine * substeps`` times in log-SNR (:func:`teacher_grid`): every
-``refine * substeps``-th point of its integration grid *is* a student grid point (the paper's
-``K = (M+1)(N-1)+1`` grid, with an accurate solver instead of Heun/iPNDM), and only the states
-there are kept -- the targets.
+**Teacher.** The grid fitter's teacher (``deis_jax.fitting.teacher``: RK4 in rho on 61 points
+uniform in log-SNR, 4 substeps each, cached) with the student's grid points added to its fine
+grid (:func:`teacher_grid`), so it is as accurate as the grid fitter's (an error estimate near
+1e-8 on the mixtures, where a teacher on the student's grid refined 8 times was 1e-3 off) and
+its states at the student's points -- the targets -- are exact nodes; only those are kept.
+The ``endpoint`` loss needs no states at all: any teacher of the same ``x_T`` serves, e.g. the
+one :func:`deis_jax.fitting.fit_sampler` shares between every recipe.
 
 **Loss** (squared L2 distance to the teacher's points per sample, averaged over dimensions),
 ``loss=``:
@@ -52,9 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from deis_jax.fitting.adam_loop import LoopResult, fit_adam
-from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher, refine_grid
+from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
 from deis_jax.identity import array_digest, describe_object, settings_differences
-from deis_jax.io_utils import atomic_write_text, check_record_sha256, sealed_json
+from deis_jax.io_utils import atomic_write_text, read_sealed_record, sealed_json
 from deis_jax.models.amed_predictor import (
     init_predictor,
     predictor_from_settings,
@@ -64,12 +66,13 @@ from deis_jax.sampling.rule_params import RuleParams, signature
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, run_table
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.solvers.amed import AMED_METHODS, amed_options
+from deis_jax.sampling.timesteps import time_grid
 from deis_jax.sampling.wrappers import EpsFn, eps_with_features, model_argument
 
+FORMAT = "deis_jax.AmedPredictor"
 FORMAT_VERSION = 1
 RETRAIN = ('train it again with --mode=fit (variant "amed"), or delete its "sha256" entry to use '
            "a file edited on purpose")  # fmt: skip
-DEFAULT_REFINE = 4  # teacher grid points per student interval
 
 
 def check_amed_plan(plan: SamplingPlan) -> None:
@@ -81,10 +84,13 @@ def check_amed_plan(plan: SamplingPlan) -> None:
 # --- the teacher ----------------------------------------------------------------------------
 
 
-def teacher_grid(plan: SamplingPlan, refine: int = DEFAULT_REFINE) -> np.ndarray:
-    """The student's grid refined ``refine`` times in log-SNR: ``grid[::refine] == plan.ts``
-    exactly (the teacher's RK4 steps, ``refine = refine * substeps`` of :func:`amed_teacher`)."""
-    return refine_grid(plan.schedule, plan.ts, refine)
+def teacher_grid(plan: SamplingPlan, num_points: int = 61) -> np.ndarray:
+    """The grid fitter's fine grid -- ``num_points`` uniform in log-SNR over the plan's
+    interval (``optimize_grid``'s teacher) -- with the student's grid points added, so that
+    the teacher's states include them exactly and its accuracy is the grid fitter's."""
+    fine = time_grid(plan.schedule, num_points - 1, "log_snr", t0=float(plan.ts[-1]),
+                     t1=float(plan.ts[0]))  # fmt: skip
+    return np.unique(np.concatenate([fine, np.asarray(plan.ts, np.float64)]))[::-1].copy()
 
 
 def amed_teacher(
@@ -94,14 +100,16 @@ def amed_teacher(
     *,
     path: str,
     model_id: str,
-    refine: int = DEFAULT_REFINE,
-    substeps: int = 2,
+    num_points: int = 61,
+    substeps: int = 4,
     batch_size: int | None = None,
 ) -> Teacher:
-    """The cached teacher of ``x_T``: states at the student's grid points, solved with
-    ``refine * substeps`` RK4 steps per student interval (:func:`teacher_grid`)."""
+    """The cached teacher of ``x_T`` for ``plan``'s student: the grid fitter's teacher
+    (``num_points`` in log-SNR, ``substeps`` RK4 steps each) on :func:`teacher_grid`, with
+    its states kept at the student's grid points only."""
     return load_or_solve_teacher(path, plan.schedule, eps_fn, x_T, model_id=model_id,
-                                 ts=plan.ts, substeps=refine * substeps, keep_states=True,
+                                 ts=teacher_grid(plan, num_points), substeps=substeps,
+                                 keep_states=True, state_ts=plan.ts,
                                  batch_size=batch_size)  # fmt: skip
 
 
@@ -268,16 +276,19 @@ class AmedPredictorFile:
                                 ts=self.ts)  # fmt: skip
         return RuleParams(jax.tree.map(jnp.asarray, self.params), trained_for)
 
-    def to_json(self) -> str:
-        record = {
-            "format": "deis_jax.AmedPredictor", "version": FORMAT_VERSION,
+    def to_record(self) -> dict[str, Any]:
+        """The file's JSON record (without its seal)."""
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION,
             "method": self.method, "order": self.order, "nfe": self.nfe, "afs": self.afs,
             "options": self.options, "schedule": self.schedule,
             "ts": [float(t) for t in self.ts], "predictor": self.predictor,
             "params_dtype": str(jax.tree.leaves(self.params)[0].dtype),
             "params": _to_lists(self.params), "provenance": self.provenance,
         }  # fmt: skip
-        return sealed_json(record)
+
+    def to_json(self) -> str:
+        return sealed_json(self.to_record())
 
     def save(self, path: str) -> None:
         """Write the JSON file atomically."""
@@ -285,22 +296,12 @@ class AmedPredictorFile:
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str) -> AmedPredictorFile:
-        """Read a file of :meth:`save`; ``ValueError`` naming the path when it is not one
-        (torn, damaged or edited after it was written, or another kind of JSON)."""
+    def from_record(cls, record: dict[str, Any], source: str) -> AmedPredictorFile:
+        """The predictor of a record of :meth:`to_record` (``ValueError`` naming
+        ``source``)."""
         try:
-            with open(path) as f:
-                record = json.load(f)
-        except ValueError as err:  # JSON or UTF-8 error
-            raise ValueError(f"{path} is not a valid AMED predictor file (damaged JSON: {err})"
-                             ) from None  # fmt: skip
-        if not isinstance(record, dict) or record.get("format") != "deis_jax.AmedPredictor":
-            raise ValueError(f"{path} is not a deis_jax AMED predictor file")
-        check_record_sha256(record, path, RETRAIN)
-        if record.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has version {record.get('version')!r}; this deis_jax "
-                             f"reads version {FORMAT_VERSION}")  # fmt: skip
-        try:
+            if record["format"] != FORMAT or record["version"] != FORMAT_VERSION:
+                raise ValueError(f"format {record['format']!r} version {record['version']!r}")
             dtype = np.dtype(record["params_dtype"])
             params = jax.tree.map(lambda v: np.asarray(v, dtype), record["params"],
                                   is_leaf=lambda v: isinstance(v, list))  # fmt: skip
@@ -311,7 +312,14 @@ class AmedPredictorFile:
                        dict(record["predictor"]), params,
                        dict(record["provenance"]))  # fmt: skip
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} is not a valid AMED predictor file: {err}") from None
+            raise ValueError(f"{source} is not a valid AMED predictor file: {err}") from None
+
+    @classmethod
+    def load(cls, path: str) -> AmedPredictorFile:
+        """Read a file of :meth:`save`; ``ValueError`` naming the path when it is not one
+        (torn, damaged or edited after it was written, or another kind of JSON)."""
+        record = read_sealed_record(path, FORMAT, FORMAT_VERSION, "AMED predictor file", RETRAIN)
+        return cls.from_record(record, path)
 
 
 # --- training -------------------------------------------------------------------------------
@@ -349,10 +357,12 @@ def fit_amed(
     progress: Callable[[int], None] | None = None,
 ) -> AmedFit:
     """Train ``plan``'s predictor on ``teacher`` with ``loss`` (``LOSSES``, module
-    docstring). The teacher's first
-    ``validation_fraction`` of its starting points are held out for early stopping (at least
-    one), the rest drive Adam(``learning_rate``, AMED's 5e-3) in minibatches of
-    ``batch_size`` (None: all). ``state_path`` makes the fit resumable (a killed fit continues
+    docstring). The teacher's last ``validation_fraction`` of its starting points are held out
+    for early stopping (at least one; the same split as ``optimize_grid``), the rest drive
+    Adam(``learning_rate``, AMED's 5e-3) in minibatches of ``batch_size`` (None: all). The
+    ``endpoint`` loss needs only the teacher's endpoints (any teacher of these ``x_T``, e.g.
+    the grid fitter's); the others need its states at the student's grid points
+    (:func:`amed_teacher`). ``state_path`` makes the fit resumable (a killed fit continues
     from its last checkpoint, written every ``checkpoint_every`` updates, and ends with the
     same predictor as an uninterrupted fit); ``model_id`` names the network in its identity."""
     check_amed_plan(plan)
@@ -361,12 +371,14 @@ def fit_amed(
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     start = time.perf_counter()
     x_T = np.asarray(teacher.x_T)
-    targets = student_targets(plan, teacher)
+    # the endpoint loss reads targets[:, -1] only: the teacher's x0
+    targets = teacher.x0[:, None] if loss == "endpoint" else student_targets(plan, teacher)
     num_val = max(1, int(round(validation_fraction * len(x_T))))
     if num_val >= len(x_T):
         raise ValueError(f"need at least 2 teacher trajectories, got {len(x_T)}")
-    val_x, val_y = jnp.asarray(x_T[:num_val]), jnp.asarray(targets[:num_val])
-    train_x, train_y = jnp.asarray(x_T[num_val:]), jnp.asarray(targets[num_val:])
+    num_train = len(x_T) - num_val
+    val_x, val_y = jnp.asarray(x_T[num_train:]), jnp.asarray(targets[num_train:])
+    train_x, train_y = jnp.asarray(x_T[:num_train]), jnp.asarray(targets[:num_train])
     f = model_argument(eps_fn)
     params = init_params(plan, eps_fn, x_T, seed)
 

@@ -18,20 +18,19 @@ and a file used where it does not belong would silently give a worse sampler.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from typing import Any
 
 import numpy as np
 
-from deis_jax.identity import describe_object
-from deis_jax.io_utils import atomic_write_text, check_record_sha256, sealed_json
+from deis_jax.identity import describe_object, settings_differences
+from deis_jax.io_utils import atomic_write_text, read_sealed_record, sealed_json
 from deis_jax.sampling.learned import corrected_table
 from deis_jax.sampling.sampler import SamplingPlan, make_plan
 from deis_jax.sampling.sde import NoiseSchedule
 
 OPTIMIZED_GRID = "optimized"  # the config's grid kind for a fitted grid file
-OBJECTIVES = ("gits", "ld3")
+OBJECTIVES = ("gits", "ld3", "fixed")  # fixed: a grid kind recorded as it is (no fit)
+FORMAT = "deis_jax.OptimizedGrid"
 FORMAT_VERSION = 1
 # what to do with a fitted file that does not match its sha256
 REFIT = 'fit it again with --mode=fit, or delete its "sha256" entry to use a file edited on purpose'
@@ -112,16 +111,7 @@ class OptimizedGrid:
             "t0": t0,
             "t1": t1,
         }
-        have = self.settings()
-        diffs = []
-        for key, value in wanted.items():
-            same = (
-                math.isclose(value, have[key], rel_tol=1e-12, abs_tol=0.0)
-                if key in ("t0", "t1")
-                else value == have[key]
-            )
-            if not same:
-                diffs.append(f"{key}: fitted for {have[key]!r}, asked for {value!r}")
+        diffs = settings_differences(self.settings(), wanted, verb="fitted", rel_tol=1e-12)
         if diffs:
             raise ValueError("the grid file was fitted for other settings: " + "; ".join(diffs))
 
@@ -140,9 +130,10 @@ class OptimizedGrid:
         return dataclasses.replace(plan, table=table)
 
     # --- the file -------------------------------------------------------------------------
-    def to_json(self) -> str:
-        record = {
-            "format": "deis_jax.OptimizedGrid",
+    def to_record(self) -> dict[str, Any]:
+        """The file's JSON record (without its seal)."""
+        return {
+            "format": FORMAT,
             "version": FORMAT_VERSION,
             "ts": [float(t) for t in self.ts],
             "method": self.method,
@@ -155,30 +146,20 @@ class OptimizedGrid:
             "max_delta": self.max_delta,
             "provenance": self.provenance,
         }
-        return sealed_json(record, indent=1)
+
+    def to_json(self) -> str:
+        return sealed_json(self.to_record(), indent=1)
 
     def save(self, path: str) -> None:
         """Write the JSON file atomically (a crash never leaves a torn file)."""
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str) -> OptimizedGrid:
-        """Read a file written by :meth:`save`; ``ValueError`` naming the path if it is not
-        one (torn, damaged or edited after it was written, or another kind of JSON)."""
+    def from_record(cls, record: dict[str, Any], source: str) -> OptimizedGrid:
+        """The grid of a record of :meth:`to_record` (``ValueError`` naming ``source``)."""
         try:
-            with open(path) as f:
-                record = json.load(f)
-        except ValueError as err:  # JSON or UTF-8 error
-            raise ValueError(f"{path} is not a valid grid file (damaged JSON: {err})") from None
-        if not isinstance(record, dict) or record.get("format") != "deis_jax.OptimizedGrid":
-            raise ValueError(f"{path} is not a deis_jax OptimizedGrid file")
-        check_record_sha256(record, path, REFIT)
-        if record.get("version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has grid-file version {record.get('version')!r}; "
-                f"this deis_jax reads version {FORMAT_VERSION}"
-            )
-        try:
+            if record["format"] != FORMAT or record["version"] != FORMAT_VERSION:
+                raise ValueError(f"format {record['format']!r} version {record['version']!r}")
             return cls(
                 ts=np.asarray(record["ts"], np.float64),
                 method=record["method"],
@@ -192,4 +173,11 @@ class OptimizedGrid:
                 provenance=dict(record["provenance"]),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} is not a valid grid file: {err}") from None
+            raise ValueError(f"{source} is not a valid grid file: {err}") from None
+
+    @classmethod
+    def load(cls, path: str) -> OptimizedGrid:
+        """Read a file written by :meth:`save`; ``ValueError`` naming the path if it is not
+        one (torn, damaged or edited after it was written, or another kind of JSON)."""
+        return cls.from_record(read_sealed_record(path, FORMAT, FORMAT_VERSION, "grid file",
+                                                  REFIT), path)  # fmt: skip

@@ -11,10 +11,15 @@ the probability-flow ODE from ``x_T`` on a fine grid over the sampler's interval
 * ``"gits"`` (:mod:`deis_jax.fitting.gits`): dynamic programming over the teacher's fine grid
   with the cost of single DDIM jumps between teacher states; host-side, seconds.
 * ``"ld3"`` (:mod:`deis_jax.fitting.ld3`): Adam on a monotone parametrisation of the grid in
-  log-SNR, loss = mean squared distance between the student's and the teacher's endpoints
-  from the same ``x_T``, with a held-out validation split and early stopping; with
-  ``learn_table=True`` the method's coefficients get bounded per-step corrections too
+  log-SNR, loss = an average over samples of the distance between the student's and the
+  teacher's endpoints from the same ``x_T`` (``loss``: ``mse``, ``rms`` or ``trimmed_rms``),
+  with a held-out validation split, a decaying rate and early stopping, starting from the
+  best fixed grid on the validation split (``grid="best"``); with ``learn_table=True`` the
+  method's coefficients get bounded per-step corrections too
   (:mod:`deis_jax.sampling.learned`), fitted jointly with the grid.
+
+For the common case -- which method, which fit, AFS or not -- use
+:func:`deis_jax.fitting.fit_sampler`, which tries the recipes that win and keeps the best.
 
 The last ``validation_fraction`` of ``x_T`` is the validation split (LD3 stops on it; both
 objectives report the init and fitted loss on it). Held-out evaluation -- on ``x_T`` never used
@@ -28,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deis_jax.fitting import gits, ld3
@@ -39,6 +45,27 @@ from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import EpsFn, model_argument
 
 
+def endpoint_distances(
+    plan: SamplingPlan,
+    eps_fn: EpsFn,
+    x_T: np.ndarray,
+    x0: np.ndarray,
+    batch_size: int = 256,
+    rule_params=None,
+) -> np.ndarray:
+    """Per sample, the RMS distance per dimension ``|Psi(x_T^b) - x0^b| / sqrt(D)`` between
+    ``plan``'s endpoint and ``x0`` (float64, shape ``(B,)``; ``rule_params``: a learned
+    rule's parameters, e.g. an AMED predictor's ``RuleParams``)."""
+    run = jax.jit(lambda plan, f, x, p: sample(plan, f, x, rule_params=p), static_argnums=0)
+    f = model_argument(eps_fn)
+    out = []
+    for start in range(0, len(x_T), batch_size):
+        got = np.asarray(run(plan, f, x_T[start : start + batch_size], rule_params), np.float64)
+        diff = (got - np.asarray(x0[start : start + batch_size], np.float64)).reshape(len(got), -1)
+        out.append(np.sqrt(np.mean(diff**2, axis=1)))
+    return np.concatenate(out)
+
+
 def endpoint_loss(
     plan: SamplingPlan,
     eps_fn: EpsFn,
@@ -47,15 +74,19 @@ def endpoint_loss(
     batch_size: int = 256,
     rule_params=None,
 ) -> float:
-    """Mean squared distance per dimension between ``plan``'s endpoints and ``x0``
-    (``rule_params``: a learned rule's parameters, e.g. an AMED predictor's)."""
-    run = jax.jit(lambda plan, f, x, p: sample(plan, f, x, rule_params=p), static_argnums=0)
-    f = model_argument(eps_fn)
-    total = 0.0
-    for start in range(0, len(x_T), batch_size):
-        out = np.asarray(run(plan, f, x_T[start : start + batch_size], rule_params), np.float64)
-        total += float(np.sum((out - x0[start : start + batch_size]) ** 2))
-    return total / x0.size
+    """Mean squared distance per dimension between ``plan``'s endpoints and ``x0`` (the
+    square of the RMSE; see :func:`endpoint_distances`)."""
+    dist = endpoint_distances(plan, eps_fn, x_T, x0, batch_size, rule_params)
+    return float(np.mean(dist**2))
+
+
+def objective_value(distances: np.ndarray, loss: str, trim: float = ld3.DEFAULT_TRIM) -> float:
+    """``ld3.reduce_losses`` of per-sample distances, on the host in float64."""
+    return float(ld3.reduce_losses(jnp.asarray(np.asarray(distances) ** 2), loss, trim))
+
+
+# The fixed grid kinds an LD3 fit may start from (grid="best"), besides the method's own.
+INIT_GRIDS = ("linear", "quadratic", "karras", "log_snr")
 
 
 def optimize_grid(
@@ -67,7 +98,8 @@ def optimize_grid(
     order: int | None = None,
     nfe: int,
     objective: str = "ld3",
-    grid: str | None = None,
+    afs: bool = False,
+    grid: str | None = "best",
     t0: float | None = None,
     t1: float | None = None,
     options: dict | None = None,
@@ -75,23 +107,37 @@ def optimize_grid(
     validation_fraction: float = 0.25,
     model_id: str = "",
     learn_table: bool = False,
-    max_delta: float = 0.1,
+    max_delta: float = 0.3,
+    loss: str = ld3.DEFAULT_LOSS,
     gits_metric: str = "l2",
     gits_gamma: float = 1.15,
     teacher_points: int = 61,
     teacher_substeps: int = 4,
     ld3_settings: dict[str, Any] | None = None,
+    fit_dtype: str | None = None,
     callback: Callable[[int, float, float], None] | None = None,
 ) -> OptimizedGrid:
     """Fit the grid of ``method`` at ``nfe`` to ``eps_fn`` on the starting points ``x_T``.
 
-    ``grid``/``t0``/``t1``/``options`` are those of ``get_sampler``: the initial grid (LD3
-    starts from it) and the interval (both objectives keep its end points). ``teacher``: a
-    precomputed teacher on exactly these ``x_T`` (e.g. from ``load_or_solve_teacher``); else
-    one is solved here (``teacher_points`` fine points, ``teacher_substeps`` RK4 steps each).
-    ``ld3_settings`` are passed to :func:`deis_jax.fitting.ld3.fit_ld3` (steps, learning_rate,
-    patience, batch_size, ball, seed). Returns the fitted :class:`OptimizedGrid` with its
-    provenance (validation loss of the initial and fitted grid, seconds, teacher settings).
+    ``afs``: the analytical first step (``make_plan``): the fitted sampler skips the first
+    network call and spends its ``nfe`` on one step more (often a large gain at 3-6 NFE).
+    ``grid``: where LD3 starts -- a ``GRID_KINDS`` kind, None (the method's default) or
+    ``"best"`` (default): the best on the validation split of the method's default grid and
+    ``INIT_GRIDS`` (GITS searches its own; its ``grid`` only sets the reported initial
+    loss). ``t0``/``t1``/``options`` are those of ``get_sampler`` (both objectives keep the
+    interval's ends). ``teacher``: a precomputed teacher on exactly these ``x_T`` (e.g. from
+    ``load_or_solve_teacher``); else one is solved here (``teacher_points`` fine points,
+    ``teacher_substeps`` RK4 steps each). ``learn_table``: LD3 also fits bounded corrections
+    of the coefficients (``max_delta``, ``deis_jax.sampling.learned``). ``loss``: the LD3
+    objective over samples (``ld3.LOSSES``: ``mse``, ``rms``, ``trimmed_rms``), also what
+    ``grid="best"`` compares. ``ld3_settings`` go to :func:`deis_jax.fitting.ld3.fit_ld3`
+    (steps, learning_rate, final_lr_fraction, patience, batch_size, ball, seed).
+    ``fit_dtype``: the precision of the LD3 loop (e.g. ``"float32"``: about half the time of
+    float64 at 3072-D); default the dtype of ``x_T``. The teacher, the initial-grid choice and
+    the reported losses stay in ``x_T``'s precision, and the grid is recomputed in float64
+    from the fitted logits either way. Returns the
+    fitted :class:`OptimizedGrid` with its provenance (validation loss of the initial and
+    fitted grid, seconds, teacher settings).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -99,9 +145,19 @@ def optimize_grid(
         raise ValueError("learn_table=True needs objective='ld3' (GITS searches grids only)")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    if loss not in ld3.LOSSES:
+        raise ValueError(f"loss must be one of {ld3.LOSSES}, got {loss!r}")
     options = dict(options or {})
-    plan = make_plan(schedule, method=method, order=order, nfe=nfe, grid=grid, t0=t0, t1=t1,
-                     **options)  # fmt: skip
+    if "afs" in options:
+        if bool(options.pop("afs")) != bool(afs):
+            raise ValueError("give afs as the argument afs=..., not in options")
+    if afs:
+        options["afs"] = True  # an OptimizedGrid carries AFS among its options
+    candidates = _initial_grids(grid if objective == "ld3" else (grid if grid != "best"
+                                                                   else None))  # fmt: skip
+    plans = {kind: make_plan(schedule, method=method, order=order, nfe=nfe, grid=kind, t0=t0,
+                             t1=t1, **options) for kind in candidates}  # fmt: skip
+    plan = next(iter(plans.values()))
     if plan.stochastic:
         raise ValueError(f"method {method!r} is stochastic: only ODE samplers have a grid to fit")
     x_T = np.asarray(x_T)
@@ -118,30 +174,44 @@ def optimize_grid(
     elif teacher.x_T.shape != x_T.shape or not np.array_equal(teacher.x_T, x_T):
         raise ValueError("teacher was solved from other x_T than the ones given")
     train, val = slice(0, len(x_T) - num_val), slice(len(x_T) - num_val, None)
-    init_val = endpoint_loss(plan, eps_fn, x_T[val], teacher.x0[val])
+    init_losses = {
+        kind or "default": objective_value(
+            endpoint_distances(p, eps_fn, x_T[val], teacher.x0[val]), loss)
+        for kind, p in plans.items()
+    }  # fmt: skip
+    init_kind = min(init_losses, key=init_losses.get)
+    plan = plans[None if init_kind == "default" else init_kind]
+    init_val = init_losses[init_kind]
     corrections = None
-    fit: dict[str, Any] = {"objective": objective}
+    fit: dict[str, Any] = {"objective": objective, "loss": loss}
     if objective == "gits":
         ts = gits.gits_grid(teacher, schedule, plan.num_steps, metric=gits_metric,
                             gamma=gits_gamma)  # fmt: skip
         fitted = make_plan(schedule, ts, method=method, order=plan.order, **options)
         fit.update(metric=gits_metric, gamma=gits_gamma)
-        best_val = endpoint_loss(fitted, eps_fn, x_T[val], teacher.x0[val])
+        best_val = objective_value(endpoint_distances(fitted, eps_fn, x_T[val],
+                                                      teacher.x0[val]), loss)  # fmt: skip
     else:
         settings = dict(ld3_settings or {})
+        dtype = x_T.dtype if fit_dtype is None else np.dtype(fit_dtype)
+        x_fit, x0_fit = x_T.astype(dtype), np.asarray(teacher.x0).astype(dtype)
         result = ld3.fit_ld3(
-            plan, eps_fn, x_T[train], teacher.x0[train], x_T[val], teacher.x0[val],
-            learn_table=learn_table, max_delta=max_delta, callback=callback, **settings,
+            plan, eps_fn, x_fit[train], x0_fit[train], x_fit[val], x0_fit[val],
+            learn_table=learn_table, max_delta=max_delta, loss=loss, callback=callback,
+            **settings,
         )  # fmt: skip
         ts, corrections = result.ts, result.raw
         best_val = float(result.best_val_loss)
         fit.update(settings, learn_table=learn_table, best_step=result.best_step,
+                   fit_dtype=str(dtype),
+                   steps_run=len(result.train_loss), improved=result.improved,
                    val_loss_curve=[float(v) for v in result.val_loss])  # fmt: skip
         if learn_table:
             fit["max_delta"] = max_delta
     provenance = {
         "model_id": model_id,
-        "init_grid": grid or "default",
+        "init_grid": init_kind,
+        "init_val_losses": init_losses,
         "init_ts": [float(t) for t in plan.ts],
         "num_train": train.stop,
         "num_val": num_val,
@@ -152,7 +222,7 @@ def optimize_grid(
         "teacher_error_estimate": teacher.error_estimate,
         "fit": fit,
     }
-    return OptimizedGrid(
+    fitted = OptimizedGrid(
         ts=np.asarray(ts, np.float64),
         method=method,
         order=plan.order,
@@ -164,3 +234,15 @@ def optimize_grid(
         max_delta=max_delta if corrections is not None else None,
         provenance=provenance,
     )
+    if objective == "ld3" and fit["fit_dtype"] != str(x_T.dtype):
+        # the fitted loss in the precision of the initial one (the loop ran in fit_dtype)
+        provenance["val_loss_fitted"] = objective_value(
+            endpoint_distances(fitted.plan(schedule), eps_fn, x_T[val], teacher.x0[val]), loss
+        )
+    return fitted
+
+
+def _initial_grids(grid: str | None) -> tuple[str | None, ...]:
+    """The grid kinds to start from: ``grid`` itself, or for ``"best"`` the method's default
+    (None) and ``INIT_GRIDS``."""
+    return (None,) + INIT_GRIDS if grid == "best" else (grid,)

@@ -55,7 +55,8 @@ TEACHER_GRID_KINDS = tuple(k for k in GRID_KINDS if k != "custom")
 class Teacher:
     """Teacher trajectories on a fine grid (see the module docstring).
 
-    ``ts``: (M,) float64, decreasing from t1 to t0. ``x_T``, ``x0``: (n, *shape).
+    ``ts``: (M,) float64, decreasing from t1 to t0: the fine grid, or the ``state_ts`` the
+    states were kept at (``solve_teacher``). ``x_T``, ``x0``: (n, *shape).
     ``states``: (n, M, *shape) or None; ``eps``: (n, M-1, *shape) or None.
     ``settings``: JSON-able description of how the teacher was made (the cache key).
     ``error_estimate``: Richardson estimate of the RMS error of ``x0``.
@@ -110,6 +111,7 @@ def teacher_settings(
     model_id: str = "",
     error_samples: int | None = 16,
     ts=None,
+    state_ts=None,
 ) -> dict[str, Any]:
     """The validated, JSON-normalised settings of a teacher (the cache key of
     :func:`load_or_solve_teacher`); the arguments are those of :func:`solve_teacher`.
@@ -150,6 +152,10 @@ def teacher_settings(
     }
     if ts is not None:
         settings["ts"] = [float(t) for t in ts]
+    if state_ts is not None:
+        if not keep_states:
+            raise ValueError("state_ts needs keep_states=True")
+        settings["state_ts"] = [float(t) for t in np.asarray(state_ts, np.float64)]
     return json.loads(json.dumps(settings))
 
 
@@ -193,14 +199,16 @@ def teacher_plan(schedule: NoiseSchedule, ts: np.ndarray) -> SamplingPlan:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _solve_batch(plan: SamplingPlan, eps_fn, x_T, stride: int, keep_states: bool):
-    """x0, and (if ``keep_states``) the states at every ``stride``-th grid point and eps
-    there (all but the last), batch axis first."""
-    if not keep_states:
+def _solve_batch(plan: SamplingPlan, eps_fn, x_T, keep: tuple[int, ...] | None, with_eps: bool):
+    """x0, and (unless ``keep`` is None) the states at the points ``keep`` of ``plan``'s grid
+    and (``with_eps``) eps there (all but the last point), batch axis first."""
+    if keep is None:
         return sample(plan, eps_fn, x_T), None, None
     x0, states = sample(plan, eps_fn, x_T, trajectory=True)
-    fine = states[::stride]  # (M, B, ...)
-    ts = jnp.asarray(plan.ts[::stride][:-1], x_T.dtype)
+    fine = states[np.asarray(keep)]  # (M, B, ...)
+    if not with_eps:
+        return x0, jnp.moveaxis(fine, 0, 1), None
+    ts = jnp.asarray(plan.ts[np.asarray(keep[:-1])], x_T.dtype)
     eps = jax.lax.map(lambda a: eps_fn(a[0], a[1]), (fine[:-1], ts))
     return x0, jnp.moveaxis(fine, 0, 1), jnp.moveaxis(eps, 0, 1)
 
@@ -238,6 +246,7 @@ def solve_teacher(
     batch_size: int | None = None,
     error_samples: int | None = 16,
     ts=None,
+    state_ts=None,
 ) -> Teacher:
     """Solve the probability-flow ODE from every row of ``x_T`` (shape (n, ...)).
 
@@ -250,12 +259,15 @@ def solve_teacher(
     ``num_points - 1`` for the stored eps when ``keep_states``. Rows are processed
     ``batch_size`` at a time (default: all at once) in float64 under ``jax_enable_x64``, else
     float32. ``error_estimate`` uses the first ``error_samples`` rows (None: all).
+    ``state_ts``: keep the states at these points of the fine grid only (and no eps), e.g. a
+    student's grid inside a fine one (:func:`deis_jax.fitting.amed.amed_teacher`); the
+    teacher's ``ts`` are then these points.
     """
     _check_int("batch_size", batch_size, 1, allow_none=True)
     settings = teacher_settings(
         schedule, x_T, t0=t0, t1=t1, num_points=num_points, grid=grid, grid_power=grid_power,
         substeps=substeps, keep_states=keep_states, model_id=model_id,
-        error_samples=error_samples, ts=ts,
+        error_samples=error_samples, ts=ts, state_ts=state_ts,
     )  # fmt: skip
     dtype = working_dtype()
     x_T = np.asarray(x_T, dtype)
@@ -265,15 +277,23 @@ def solve_teacher(
     refined = refine_grid(schedule, ts, substeps)
     plan = teacher_plan(schedule, refined)
     eps_arg = model_argument(eps_fn)
+    keep = tuple(range(0, refined.size, substeps)) if keep_states else None
+    if state_ts is not None:
+        position = {float(t): i for i, t in enumerate(ts)}
+        missing = [float(t) for t in state_ts if float(t) not in position]
+        if missing:
+            raise ValueError(f"state_ts must be points of the fine grid; {missing[:4]} are not")
+        keep = tuple(substeps * position[float(t)] for t in state_ts)
+        ts = np.asarray(state_ts, np.float64)
 
     x0, states, eps = _batched(
-        lambda x: _solve_batch(plan, eps_arg, x, substeps, keep_states), x_T, batch_size
+        lambda x: _solve_batch(plan, eps_arg, x, keep, state_ts is None), x_T, batch_size
     )
 
     num_check = x_T.shape[0] if error_samples is None else min(error_samples, x_T.shape[0])
     coarse_plan = teacher_plan(schedule, halve_grid(refined))
     (coarse,) = _batched(
-        lambda x: (_solve_batch(coarse_plan, eps_arg, x, 1, False)[0],),
+        lambda x: (_solve_batch(coarse_plan, eps_arg, x, None, False)[0],),
         x_T[:num_check],
         batch_size,
     )

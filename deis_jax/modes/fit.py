@@ -20,10 +20,15 @@ reported as failed and computed again by the next run.
 
 Fields of ``config.fit``: ``methods`` (method specs, e.g. ``tab3``, ``dpmpp2``), ``nfes``,
 ``variants``, ``fixed_grids``, ``num_fit`` (train + validation starting points),
-``validation_fraction``, ``num_heldout``, ``teacher_points``, ``teacher_grid``,
+``recipes`` (``fit_sampler`` cells: ``auto`` or names of ``deis_jax.fitting.RECIPES``; one cell
+per problem and NFE, its file a ``FittedSampler``), ``loss`` and ``fit_dtype`` (the objective
+and loop precision of every LD3 fit, ``deis_jax.fitting.ld3``), ``validation_fraction``,
+``num_heldout``,
+``teacher_points``, ``teacher_grid``,
 ``teacher_substeps`` / ``heldout_substeps`` (RK4 steps per teacher interval), ``amed``
-(variant ``amed``: ``loss``, ``steps``, ``learning_rate``, ``batch_size``, ``patience``, ``seed``,
-``refine`` -- teacher points per student interval -- and ``substeps``), ``max_delta``
+(variant ``amed``: ``loss``, ``steps``, ``learning_rate``, ``batch_size``, ``patience`` and
+``seed``; its teacher is the grid fitter's, ``teacher_points`` and ``teacher_substeps``, with the
+student's grid points added), ``max_delta``
 (bound of the learned corrections, relative), ``gits_metric``, ``gits_gamma``, ``ld3`` (the
 settings of ``deis_jax.fitting.ld3.fit_ld3``), ``plot_nfe``, ``x64``, ``params``, ``fd`` (image
 models: also score every cell with ``config.eval``'s metric, as ``--mode=table`` does).
@@ -43,6 +48,8 @@ from deis_jax.experiments.engine import Cell, Progress, fingerprint
 from deis_jax.experiments.sealed_cells import run_sealed_cells
 from deis_jax.fitting.amed import LOSSES as AMED_LOSSES
 from deis_jax.fitting.gits import METRICS as GITS_METRICS
+from deis_jax.fitting.ld3 import LOSSES as LD3_LOSSES
+from deis_jax.fitting.recipes import resolve_recipes
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.solvers.amed import AMED_METHODS
@@ -63,7 +70,7 @@ def validate(config) -> Plan:
     """Check every field (before any work) and lay out the cells."""
     if cv.get_field(config, "data.name") == "gmm":
         schedule = gmm.validate_problem(config)
-        problems = [f"dim{d}" for d in config.data.dims]
+        problems = gmm.problem_names(config)
     else:
         from deis_jax.models.loading import num_classes, validate_model_and_data
 
@@ -108,11 +115,13 @@ def validate(config) -> Plan:
     cv.require_number(config, "fit.gits_gamma", minimum=0, exclusive_minimum=True)
     cv.require_choice(config, "fit.gits_metric", GITS_METRICS)
     cv.require_choice(config, "fit.teacher_grid", tuple(k for k in GRID_KINDS if k != "custom"))
+    cv.require_choice(config, "fit.loss", LD3_LOSSES)
+    cv.require_choice(config, "fit.fit_dtype", ("float32", "float64"))
     if "amed" in variants:
         if not any(c.method in AMED_METHODS for c in choices):
             raise cv.ConfigError(f"config.fit.variants has 'amed' but config.fit.methods has no "
                                  f"AMED method {AMED_METHODS}")  # fmt: skip
-        for field in ("steps", "patience", "refine", "substeps", "seed"):
+        for field in ("steps", "patience", "seed"):
             cv.require_number(config, f"fit.amed.{field}", integer=True,
                               minimum=0 if field in ("steps", "seed") else 1)  # fmt: skip
         cv.require_number(config, "fit.amed.learning_rate", minimum=0, exclusive_minimum=True)
@@ -120,15 +129,42 @@ def validate(config) -> Plan:
         batch = cv.get_field(config, "fit.amed.batch_size")
         if batch is not None:
             cv.require_number(config, "fit.amed.batch_size", integer=True, minimum=1)
+    recipes = _recipes(config, nfes)
+    variants += recipes
     cells = [
         Cell(f"{p}|{c.label}|{n}|{v}", cost=VARIANT_COST.get(v, 1),
              label=f"{p} {c.label} nfe={n} {v}", payload=(p, c, n, v))
         for p in problems for c in choices for n in nfes for v in variants
-        if fitting.applies(c, v)
+        if v not in recipes and fitting.applies(c, v)
+    ]  # fmt: skip
+    cells += [
+        Cell(f"{p}|{fitting.FIT_SAMPLER}|{n}|{v}", cost=VARIANT_COST["ld3"] * 4,
+             label=f"{p} fit_sampler nfe={n} {v}", payload=(p, None, n, v))
+        for p in problems for n in nfes for v in recipes
     ]  # fmt: skip
     if len({c.key for c in cells}) != len(cells):
         raise cv.ConfigError("config.fit.methods / nfes / variants must not repeat")
     return Plan(schedule, choices, variants, cells, fitting.experiment_fingerprint(config))
+
+
+def _recipes(config, nfes) -> list[str]:
+    """The variants ``recipe:<name>`` of ``config.fit.recipes`` (``fit_sampler``'s recipes:
+    ``auto`` or names of ``RECIPES``), checked with their settings and every budget."""
+    names = list(config.fit.get("recipes") or ())
+    if not names:
+        return []
+    for name in names:
+        try:
+            resolved = resolve_recipes(name)
+        except ValueError as err:
+            raise cv.ConfigError(f"config.fit.recipes: {err}") from None
+        for recipe in resolved:
+            choice = parse_method_spec(f"{recipe.method}{recipe.order}")
+            for nfe in nfes:
+                afs = recipe.uses_afs(nfe)
+                cv.check_budget(config, "fit.nfes", nfe, choice._replace(
+                    options={**choice.options, "afs": afs}), "exact")  # fmt: skip
+    return [f"{fitting.RECIPE_PREFIX}{name}" for name in names]
 
 
 def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitting.FitProblem:
@@ -136,9 +172,9 @@ def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitt
     starting points."""
     fit_cfg = config.fit
     if model is None:
-        dim = int(name[3:])
-        eps_fn = gmm.mixture_for_dim(config, dim).eps_fn(schedule)
-        model_id = fingerprint({"mixture": config.data.to_dict(), "dim": dim, "seed": config.seed})
+        mixture = gmm.mixture_for_problem(config, name)
+        eps_fn, dim = mixture.eps_fn(schedule), mixture.dim
+        model_id = gmm.mixture_model_id(config, name)
         shape: tuple[int, ...] = (dim,)
     else:
         from deis_jax.models.loading import image_shape
@@ -173,7 +209,8 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
     def compute(cell: Cell, advance: Progress) -> dict:
         name, choice, nfe, variant = cell.payload
         if name not in teachers:  # the 61-point fitting teacher only if a cell fits a grid
-            with_fit = any(v in fitting.GRID_VARIANTS for v in plan.variants)
+            with_fit = any(v in fitting.GRID_VARIANTS or v.startswith(fitting.RECIPE_PREFIX)
+                           for v in plan.variants)  # fmt: skip
             teachers[name] = fitting.teachers(config.fit, problems[name], plan.schedule, t0, t1,
                                               os.path.join(workdir, "teachers"),
                                               with_fit)  # fmt: skip

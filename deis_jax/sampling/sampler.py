@@ -40,7 +40,7 @@ from deis_jax.sampling.rule_params import RuleParams, checked_rule_params
 from deis_jax.sampling.sde import NoiseSchedule, check_schedule
 from deis_jax.sampling.solvers.table import StepTable, final_denoise_table
 from deis_jax.sampling.timesteps import time_grid, validate_grid
-from deis_jax.sampling.wrappers import EpsFn, eps_with_features
+from deis_jax.sampling.wrappers import EpsFn, call_per_sample, eps_with_features
 
 
 def per_sample_normal(key: jax.Array, sample_index: jax.Array, step: jax.Array, shape, dtype):
@@ -220,7 +220,10 @@ def run_table(
 
     def network(x_s, t, features=False):
         """``(eps, features)`` of one network call, the output checked (features: None
-        unless asked for)."""
+        unless asked for); a time per sample (``t`` of shape ``(B,)``, AMED's intermediate
+        points) goes through ``call_per_sample`` (the model contract: scalar ``t``)."""
+        if jnp.ndim(t) == 1:
+            return call_per_sample(eps_fn, x_s, t, _checked_eps), None
         eps, feats = eps_with_features(eps_fn, x_s, t) if features else (eps_fn(x_s, t), None)
         return _checked_eps(eps, x_s), feats
 
@@ -487,6 +490,7 @@ def make_plan(
     t1: float | None = None,
     final_denoise: bool = False,
     afs: bool = False,
+    nfe_rounding: str = "exact",
     **options,
 ) -> SamplingPlan:
     """Build a :class:`SamplingPlan`.
@@ -494,15 +498,21 @@ def make_plan(
     Either give an explicit decreasing grid ``ts`` or an NFE budget ``nfe`` with a grid kind
     (``deis_jax.sampling.timesteps.GRID_KINDS``; None = the method's default grid),
     ``grid_power`` (kinds ``time`` and ``rho`` only) and the interval ``[t0, t1]`` (schedule
-    defaults when None). A method spending S NFE per step takes ``ceil(nfe / S)`` steps
-    (Runge-Kutta rounds up, as in the DEIS table); ``final_denoise`` adds one NFE. ``options``
-    are method-specific (e.g. ``tableau`` for ``rhork``). The method's spec checks the order,
-    the options and the NFE (``MethodSpec.check``, an NFE at most ``MAX_NFE``); ``ts``
-    together with any of ``nfe``/``grid``/``grid_power``/``t0``/``t1`` is refused (they would
-    be ignored). A bad argument raises ``ValueError`` naming it (``MethodArgumentError``).
-    ``afs=True`` (deterministic methods) replaces the first network call by its analytic
-    value (:attr:`SamplingPlan.first_eps_scale`): a budget of ``nfe`` then takes
-    ``ceil((nfe + 1) / S)`` steps, e.g. AMED's NFE 5 = 3 two-stage steps.
+    defaults when None). ``options`` are method-specific (e.g. ``tableau`` for ``rhork``).
+    The method's spec checks the order, the options and the NFE (``MethodSpec.check``, an NFE
+    at most ``MAX_NFE``); ``ts`` together with any of ``nfe``/``grid``/``grid_power``/
+    ``t0``/``t1`` is refused (they would be ignored). A bad argument raises ``ValueError``
+    naming it (``MethodArgumentError``).
+
+    **Budgets are spent exactly.** ``nfe`` counts every network call: a method spending S
+    per step takes N steps for ``S N`` NFE; ``afs=True`` (deterministic methods) replaces the
+    first network call by its analytic value (:attr:`SamplingPlan.first_eps_scale`), one NFE
+    less in all; ``final_denoise`` adds one. A budget the method cannot spend (AMED-Plugin
+    with AFS spends odd NFE only) is refused at once, naming the budgets it can
+    (``MethodSpec.num_steps``). ``nfe_rounding="up"`` instead runs the fewest steps that
+    spend at least ``nfe`` -- the convention of the DEIS paper's tables for Runge-Kutta
+    rows, used by the experiment modes that sweep one budget list over many methods; the
+    plan's :attr:`SamplingPlan.nfe` always says what it spends.
     """
     check_schedule(schedule)
     spec = solvers.get_method(method)
@@ -511,7 +521,14 @@ def make_plan(
             raise solvers.MethodArgumentError(name, f"must be True or False, got {flag!r}")
     order = spec.check(order, options, final_denoise=final_denoise)
     if ts is not None:
-        grid_args = {"nfe": nfe, "grid": grid, "grid_power": grid_power, "t0": t0, "t1": t1}
+        grid_args = {
+            "nfe": nfe,
+            "grid": grid,
+            "grid_power": grid_power,
+            "t0": t0,
+            "t1": t1,
+            "nfe_rounding": None if nfe_rounding == "exact" else nfe_rounding,
+        }
         ignored = [name for name, value in grid_args.items() if value is not None]
         if ignored:
             raise solvers.MethodArgumentError(
@@ -522,7 +539,8 @@ def make_plan(
             )
     if ts is None:
         nfe = spec.check_nfe(nfe, order)
-        num_steps = math.ceil((nfe + int(afs)) / spec.nfe_per_step(order, options))
+        num_steps = spec.num_steps(nfe, order, options, afs=afs, final_denoise=final_denoise,
+                                   rounding=nfe_rounding)  # fmt: skip
         grid = spec.default_grid if grid is None else grid
         ts = time_grid(schedule, num_steps, grid, power=grid_power, t0=t0, t1=t1)
     else:

@@ -1,8 +1,16 @@
 """The one model interface: turn any network into ``eps_fn(x, t) -> eps``.
 
-Samplers only ever see ``eps_fn(x, t)``, where ``t`` is continuous SDE time (a scalar) and
-``x`` has a leading batch axis; the training loss calls the same function with one time per
-example and a key for the network's own randomness, ``eps_fn(x, t, key)``. Everything
+**The contract.** Samplers call ``eps_fn(x, t)`` with ``x`` of shape ``(B, ...)`` and ``t``
+continuous SDE time, *a scalar*; ``eps`` has ``x``'s shape. Every method, AMED's per-sample
+intermediate times included, keeps to it: where a step needs one time per sample
+(``t`` of shape ``(B,)``), :func:`call_per_sample` calls a model that *declares* it accepts
+such times once for the batch, and any other model once per sample (``jax.vmap`` over the
+rows, each call with a scalar ``t``). A model declares it by being built with
+:func:`eps_fn_from_model` (the networks of ``deis_jax.models``), or with
+:func:`per_sample_time` (the exact mixtures of ``deis_jax.evaluation.analytic``). A declared
+model that fails on per-sample times is reported as such. The training loss calls the same
+function with one time per example and a key for the network's own randomness,
+``eps_fn(x, t, key)`` (a network's own forward pass, always per example). Everything
 model-specific is converted here, in one place:
 
 * what the network predicts -- with ``x = alpha x0 + sigma eps`` and ``v = alpha eps - sigma x0``:
@@ -46,7 +54,8 @@ from deis_jax.sampling.sde import NoiseSchedule
 
 PREDICTIONS = ("eps", "score", "x0", "v")
 
-# eps_fn(x, t) -> eps: x of shape (B, ...), t continuous SDE time (a scalar or shape (B,)).
+# eps_fn(x, t) -> eps: x of shape (B, ...), t continuous SDE time (a scalar; shape (B,) only
+# for an eps_fn that declares it, see accepts_per_sample_time).
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 _NO_FEATURES = (
@@ -142,6 +151,61 @@ def eps_fn_from_model(
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     convert = ModelOutputToEps(schedule, prediction, time_input)
     return jax.tree_util.Partial(convert, model_argument(model_fn))
+
+
+def per_sample_time(eps_fn: EpsFn) -> EpsFn:
+    """``eps_fn`` declared to accept one time per sample, ``t`` of shape ``(B,)`` (row ``i`` at
+    time ``t[i]``), as well as a scalar: :func:`call_per_sample` then calls it once for the
+    batch instead of once per row. Declare only what is true: a model written for a scalar
+    ``t`` may broadcast a ``(B,)`` time against the wrong axis without an error.
+
+    A ``jax.tree_util.Partial`` stays one (its leaves, e.g. network parameters, stay
+    arguments of a jitted sampler)."""
+    if isinstance(eps_fn, jax.tree_util.Partial):
+        return jax.tree_util.Partial(per_sample_time(eps_fn.func), *eps_fn.args,
+                                     **eps_fn.keywords)  # fmt: skip
+
+    @functools.wraps(eps_fn)
+    def declared(*args, **kwargs):
+        return eps_fn(*args, **kwargs)
+
+    declared.per_sample_time = True
+    return declared
+
+
+def accepts_per_sample_time(eps_fn: EpsFn) -> bool:
+    """Whether ``eps_fn`` declares it takes ``t`` of shape ``(B,)``: built by
+    :func:`eps_fn_from_model` or marked by :func:`per_sample_time` (an attribute
+    ``per_sample_time = True``). Decided from the function's structure, without calling it."""
+    fn = eps_fn
+    while isinstance(fn, jax.tree_util.Partial | functools.partial):
+        if isinstance(fn.func, ModelOutputToEps):
+            return True
+        fn = fn.func
+    return bool(getattr(fn, "per_sample_time", False))
+
+
+def call_per_sample(
+    eps_fn: EpsFn, x: jax.Array, t: jax.Array, check: Callable[[jax.Array, jax.Array], jax.Array]
+) -> jax.Array:
+    """``eps`` of row ``i`` of ``x`` at time ``t[i]`` (``t`` of shape ``(B,)``), each output
+    passed through ``check(eps, x)`` (the sampler's shape/dtype check).
+
+    A model that declares per-sample times (:func:`accepts_per_sample_time`) is called once;
+    any other once per row under ``jax.vmap``, with a batch of one and a scalar time, as the
+    contract promises it."""
+    if not accepts_per_sample_time(eps_fn):
+        return jax.vmap(lambda xi, ti: check(eps_fn(xi[None], ti), xi[None])[0])(x, t)
+    try:
+        eps = eps_fn(x, t)
+    except Exception as err:
+        raise TypeError(
+            f"eps_fn declares that it takes one time per sample (it is built by "
+            f"eps_fn_from_model or marked per_sample_time), but failed with t of shape "
+            f"{t.shape} for x of shape {x.shape}: {type(err).__name__}: {err}. A model that "
+            "takes a scalar t only must not be declared: deis_jax then calls it per sample"
+        ) from err
+    return check(eps, x)
 
 
 def guided_eps_fn(eps_cond: EpsFn, eps_uncond: EpsFn, guidance_scale: float) -> EpsFn:

@@ -25,6 +25,9 @@ from deis_jax.sampling.solvers.table import StepTable
 # which should pass its own explicit grid ``ts``.
 MAX_NFE = 10_000
 
+# How a budget that a multi-stage method cannot spend exactly is treated (``make_plan``).
+NFE_ROUNDINGS = ("exact", "up")
+
 # Options every method accepts; ``make_plan`` takes them as its own keywords (not passed to
 # the builder): ``afs`` -- the analytical first step (``sampling.sampler.make_plan``).
 GENERIC_OPTIONS = ("afs",)
@@ -142,6 +145,65 @@ class MethodSpec:
                 "budget is a reference solve; pass its explicit grid ts instead",
             )
         return value
+
+    def budget(
+        self, order: int, options: Mapping[str, Any], *, afs: bool = False,
+        final_denoise: bool = False,
+    ) -> tuple[int, int]:  # fmt: skip
+        """``(per_step, offset)``: N steps spend ``per_step * N + offset`` NFE (AFS saves the
+        first network call, ``offset -1``; the final denoising step costs one, ``+1``)."""
+        return self.nfe_per_step(order, options), int(final_denoise) - int(afs)
+
+    def num_steps(
+        self, nfe: int, order: int, options: Mapping[str, Any], *, afs: bool = False,
+        final_denoise: bool = False, rounding: str = "exact",
+    ) -> int:  # fmt: skip
+        """The number of steps that spend the budget ``nfe`` (checked by :meth:`check_nfe`).
+
+        ``rounding="exact"``: a budget this method cannot spend is refused, naming the
+        budgets it can (``MethodArgumentError`` for ``nfe``); ``"up"``: the fewest steps
+        spending at least ``nfe`` (the DEIS paper's tables, whose Runge-Kutta rows spend
+        ``s * ceil(NFE / s)``; the plan's ``nfe`` says what it spends).
+        """
+        if rounding not in NFE_ROUNDINGS:
+            raise MethodArgumentError(
+                "nfe_rounding", f"must be one of {NFE_ROUNDINGS}, got {rounding!r}"
+            )
+        per_step, offset = self.budget(order, options, afs=afs, final_denoise=final_denoise)
+        steps = max(1, math.ceil((nfe - offset) / per_step))
+        if per_step * steps + offset < 1:  # e.g. one AFS step of a one-stage method: 0 NFE
+            steps += 1
+        if rounding == "exact" and per_step * steps + offset != nfe:
+            raise MethodArgumentError("nfe", self._budget_problem(nfe, order, per_step, offset,
+                                                                  afs, final_denoise))  # fmt: skip
+        return steps
+
+    def _budget_problem(self, nfe: int, order: int, per_step: int, offset: int, afs: bool,
+                        final_denoise: bool) -> str:  # fmt: skip
+        """Why ``nfe`` cannot be spent: the budgets that can, and the nearest two."""
+        spendable = [per_step * n + offset for n in range(1, 64)]
+        spendable = [b for b in spendable if b >= 1]
+        lower = [b for b in spendable if b < nfe]
+        nearest = ([lower[-1]] if lower else []) + [min(b for b in spendable if b > nfe)]
+        how = [f"{per_step} per step"]
+        if afs:
+            how.append("1 less in all with AFS")
+        if final_denoise:
+            how.append("1 more for the final denoising step")
+        kind = ""
+        if per_step == 2:
+            kind = "odd " if spendable[0] % 2 else "even "
+        with_ = [w for w, on in (("afs", afs), ("final_denoise", final_denoise)) if on]
+        name = self.name + (f" order {order}" if len(self.orders) > 1 else "")
+        name += f" with {' and '.join(with_)}" if with_ else ""
+        other = ""
+        if per_step == 2 and not final_denoise:
+            other = f"; with afs={not afs} it spends {'even' if afs else 'odd'} NFE"
+        return (
+            f"must be a budget that {name} spends exactly ({', '.join(how)}): {kind}NFE "
+            f"{', '.join(map(str, spendable[:4]))}, ...; got {nfe} (nearest: "
+            f"{' or '.join(map(str, nearest))}{other})"
+        )
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
