@@ -43,7 +43,6 @@ SWEEP = {
     "unipc2": make_plan(SDE, method="unipc", order=2, nfe=4),
 }
 SLOW = {"tab1", "tab2", "rhoab3", "rhork-heun", "dpmpp2", "unipc2"}
-NUMERICS = {"ddim", "ipndm3"}  # the second, numerics pass checks the gradients the fits use
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +57,9 @@ def teacher():
 # --- (a) gradients through the grid, the table builder and the scan -------------------------
 
 
-def _marks(name: str) -> list:
-    if name in SLOW:
-        return [pytest.mark.slow]
-    return [pytest.mark.numerics] if name in NUMERICS else []
-
-
-@pytest.mark.parametrize("name", [pytest.param(k, marks=_marks(k)) for k in SWEEP])
+@pytest.mark.parametrize(
+    "name", [pytest.param(k, marks=[pytest.mark.slow] if k in SLOW else []) for k in SWEEP]
+)
 def test_grid_gradient_matches_finite_differences(name, teacher):
     """``jax.grad`` of LD3's loss in the grid logits -- through ``grid_from_params``,
     ``plan.build_table`` (traced) and ``sample(..., table=...)`` -- against central differences.

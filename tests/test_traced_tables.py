@@ -182,7 +182,6 @@ def _close_grid(grid: np.ndarray, k: int, dlam: float) -> np.ndarray:
     return out
 
 
-@pytest.mark.numerics
 def test_grad_of_tables_matches_finite_differences():
     # lambda steps above and below 1: both branches of phi_n(-h) (series for |h| < 1)
     grids = [_lambda_grid([2.5, 0.6, 2.0, 0.4, 3.0])] * len(GRAD_CASES)
