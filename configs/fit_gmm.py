@@ -33,7 +33,7 @@ def fit_block() -> ml_collections.ConfigDict:
     fit.teacher_grid = "log_snr"
     fit.teacher_substeps = 4  # RK4 steps per fine interval
     fit.heldout_substeps = 8
-    fit.max_delta = 0.3  # scale of the learned corrections (deis_jax.sampling.learned)
+    fit.max_delta = 1.0  # scale of the learned corrections (deis_jax.sampling.learned)
     fit.gits_metric = "l2"
     fit.gits_gamma = 1.15
     fit.ld3 = ml_collections.ConfigDict(

@@ -195,8 +195,10 @@ def test_gaussian_optimal_ratio_is_exact():
         MU, S2 = old
 
 
-@pytest.mark.parametrize("nfe, afs, steps", [(3, True, 2), (5, True, 3), (7, True, 4),
-                                             (9, True, 5), (4, False, 2), (6, False, 3)])
+@pytest.mark.parametrize(
+    "nfe, afs, steps",
+    [(3, True, 2), (5, True, 3), (7, True, 4), (9, True, 5), (4, False, 2), (6, False, 3)],
+)
 def test_nfe_accounting(nfe, afs, steps):
     """NFE = 2N - [AFS] for N steps (an odd budget needs AFS: ``test_samplers`` checks that
     the others are refused); the network is called exactly that often per sample."""

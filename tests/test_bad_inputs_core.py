@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close_max_rel, solve_rtol
 
 from deis_jax.fitting.amed import init_params
 from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples
@@ -74,7 +75,8 @@ def test_network_output_of_another_float_dtype_is_cast_to_the_state_dtype(eps_dt
                         method="tab", nfe=4)  # fmt: skip
     out = jax.jit(sampler)(X)
     assert out.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.jit(plain)(X)))
+    # two compiled programs (the cast inside the loop or inside eps): float32 solve rounding
+    assert_close_max_rel(out, jax.jit(plain)(X), solve_rtol(jnp.float32, 4))
 
 
 def test_state_must_be_floating_with_a_batch_axis():
@@ -125,7 +127,8 @@ def test_first_nonfinite_step_per_sample():
 def test_recording_does_not_change_the_samples():
     plan = make_plan(VP, method="tab", nfe=5, final_denoise=True)  # + 1 step
     x, flags = sample(plan, half_x, X, record=lambda s: jnp.all(s == s, axis=1))
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(sample(plan, half_x, X)))
+    # the recording loop is another compiled program (an extra output): float32 solve rounding
+    assert_close_max_rel(x, sample(plan, half_x, X), solve_rtol(jnp.float32, plan.nfe))
     assert flags.shape == (plan.num_steps + 1, X.shape[0]) and bool(jnp.all(flags))
 
 
@@ -237,6 +240,7 @@ def test_check_finite_names_the_samples_and_their_first_step():
         sample(plan, eps_fn, x_T, check_finite=True)
     np.testing.assert_array_equal(info.value.first_step, [3, 3])
     finite = sample(plan, half_x, x_T, check_finite=True)  # a finite run returns as usual
+    # check_finite runs the very same sample call first (same program, same inputs): bit for bit
     np.testing.assert_array_equal(np.asarray(finite), np.asarray(sample(plan, half_x, x_T)))
     with pytest.raises(ValueError, match=r"x_T is not finite \(NaN or Inf\) in rows \[2\]"):
         sample(plan, half_x, x_T.at[2, 1].set(jnp.nan), check_finite=True)

@@ -601,7 +601,9 @@ def test_a_damaged_user_statistics_file_is_refused_by_name(tmp_path):
 def tiny_fit_config():
     config = fit_gmm.get_config()
     config.data.dims = (4,)
+    config.data.scattered.dims = ()
     config.fit.update(methods=("ipndm3",), nfes=(4,), fixed_grids=(), variants=("gits",),
+                      recipes=(),
                       num_fit=16, num_heldout=16, teacher_points=9, teacher_substeps=1,
                       heldout_substeps=1, plot_nfe=4)  # fmt: skip
     return config

@@ -69,7 +69,7 @@ def test_every_row_builds_and_afs_rows_spend_exactly_the_odd_budgets(tmp_path):
             path = ROW[label].predictor_path(str(directory), nfe)
             # the name --mode=fit gives the file of this method and NFE
             choice = parse_method_spec(ROW[label].spec)
-            assert path == fitting.grid_path(str(tmp_path), "digits", choice, nfe, "amed")
+            assert path == fitting.grid_path(str(tmp_path), "digits", choice.label, nfe, "amed")
             write_untrained(path, config, method, options, grid, nfe)
     config.eval.amed_predictors = str(directory)
     plan = table.validate(config)

@@ -103,7 +103,7 @@ class TableRow:
         """The predictor file of this row at NFE ``nfe`` in ``directory``: the name
         ``--mode=fit`` gives it (``deis_jax.experiments.fitting.grid_path``, variant
         ``amed``: ``<sanitized method label>_nfe<nfe>_amed.json``)."""
-        name = os.path.basename(grid_path("", "", self.choice, nfe, "amed"))
+        name = os.path.basename(grid_path("", "", self.choice.label, nfe, "amed"))
         return os.path.join(directory, name)
 
     def sampler(

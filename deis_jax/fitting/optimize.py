@@ -107,7 +107,7 @@ def optimize_grid(
     validation_fraction: float = 0.25,
     model_id: str = "",
     learn_table: bool = False,
-    max_delta: float = 0.3,
+    max_delta: float = ld3.DEFAULT_MAX_DELTA,
     loss: str = ld3.DEFAULT_LOSS,
     gits_metric: str = "l2",
     gits_gamma: float = 1.15,

@@ -290,7 +290,7 @@ def fit_sampler(
     baseline: str = BASELINE,
     ld3_settings: dict[str, Any] | None = None,
     amed_settings: dict[str, Any] | None = None,
-    max_delta: float = 0.3,
+    max_delta: float = ld3.DEFAULT_MAX_DELTA,
     fit_dtype: str | None = "float32",
 ) -> FittedSampler:
     """Fit the recipes of ``recipe`` to ``eps_fn`` at the budget ``nfe`` on the starting

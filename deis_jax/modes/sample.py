@@ -42,6 +42,8 @@ from absl import logging
 from deis_jax import data, image_grid, parallel
 from deis_jax.config_validation import ConfigError, require_number, validate_sampler, validate_sde
 from deis_jax.experiments import generation
+from deis_jax.experiments.engine import fingerprint
+from deis_jax.fitting.recipes import FittedSampler
 from deis_jax.io_utils import NPZ_ERRORS, atomic_output, atomic_write_bytes, sha256_file
 from deis_jax.models.loading import (
     LoadedModel,
@@ -138,6 +140,19 @@ def _write_outputs(
     logging.info("wrote %s and %s", npz_path, png_path)
 
 
+def check_fitted_model(config, schedule: NoiseSchedule, model: LoadedModel) -> None:
+    """A ``config.sampler.fitted_file`` must have been fitted to this network (its
+    ``model_id``: the fingerprint of the model's identity, as ``--mode=fit`` records it);
+    ``ConfigError`` naming the field and both ids otherwise."""
+    path = config.sampler.get("fitted_file")
+    if not path:
+        return
+    try:
+        FittedSampler.load(path, schedule, model_id=fingerprint(model.identity))
+    except ValueError as err:
+        raise ConfigError(f"config.sampler.fitted_file is invalid: {err}") from None
+
+
 def run(
     config, workdir: str, plan: Plan | None = None, *, model: LoadedModel | None = None
 ) -> dict:
@@ -153,6 +168,7 @@ def run(
     plan = validate(config) if plan is None else plan
     schedule, sampler = plan.schedule, plan.sampler
     model = load_model(config, workdir, schedule) if model is None else model
+    check_fitted_model(config, schedule, model)
     mesh = parallel.make_mesh()
     shape = image_shape(config)
     grid = config.sampler.grid or solvers.get_method(sampler.method).default_grid
