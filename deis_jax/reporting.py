@@ -54,6 +54,19 @@ def write_csv(path: str, records: Sequence[dict], fields: Sequence[str]) -> None
     atomic_write_text(path, buf.getvalue())
 
 
+def write_results(
+    prefix: str, rows: Sequence[dict], header: str, fields: Sequence[str] | None = None
+) -> str:
+    """A benchmark's table: ``<prefix>.csv`` and ``<prefix>.md`` (``header`` then the
+    Markdown table of ``fields``, default the first row's keys), both written atomically;
+    returns the Markdown text."""
+    fields = list(rows[0]) if fields is None else list(fields)
+    write_csv(prefix + ".csv", rows, fields)
+    text = header + markdown_table(fields, [[r.get(f) for f in fields] for r in rows])
+    atomic_write_text(prefix + ".md", text)
+    return text
+
+
 def plot_metric_vs_nfe(
     panels: Sequence[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
     path: str,

@@ -35,8 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deis_jax as deis  # noqa: E402
-from deis_jax.io_utils import atomic_write_text  # noqa: E402
-from deis_jax.reporting import markdown_table, write_csv  # noqa: E402
+from deis_jax.reporting import write_results  # noqa: E402
 from deis_jax.sampling.method_spec import parse_method_spec  # noqa: E402
 
 METHODS = ("ddim", "tab3", "rhoab3", "ipndm3", "rhork:tableau=heun", "rhork:tableau=rk4",
@@ -186,8 +185,6 @@ def main() -> None:
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)  # the mixture rows; the MLP stays float32
     rows = benchmark(args)
-    fields = list(rows[0])
-    write_csv(args.out + ".csv", rows, fields)
     header = (
         f"# Sampler benchmark\n\nMachine: {machine_description()}.\n\n"
         f"eps_fn: `mlp` = MLP {args.dim}→{args.hidden}→{args.dim} (tanh), float32; "
@@ -198,9 +195,7 @@ def main() -> None:
         "multistep methods: <= 1.05 with the MLP, <= 1.15 with the mixture). "
         "Memory: XLA's compiled-program buffers (arguments + outputs + temporaries).\n\n"
     )
-    table = markdown_table(fields, [[r[f] for f in fields] for r in rows])
-    atomic_write_text(args.out + ".md", header + table)
-    print(header + table)
+    print(write_results(args.out, rows, header))
 
 
 if __name__ == "__main__":

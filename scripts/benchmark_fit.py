@@ -26,8 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deis_jax as deis  # noqa: E402
 from configs import fit_gmm  # noqa: E402
 from deis_jax.fitting.teacher import solve_teacher  # noqa: E402
-from deis_jax.io_utils import atomic_write_text  # noqa: E402
-from deis_jax.reporting import markdown_table, write_csv  # noqa: E402
+from deis_jax.reporting import write_results  # noqa: E402
 
 FITS = (  # label, method, order, afs, learn_table
     ("LD3", "ipndm", 3, False, False),
@@ -93,8 +92,6 @@ def main() -> None:
                  "val_fitted": min(r["objective"] for r in fitted.report if "objective" in r),
                  "teacher + fit cpu": teacher_cpu + cpu})  # fmt: skip
     print(rows[-1], flush=True)
-    fields = list(rows[0])
-    write_csv(args.out + ".csv", rows, fields)
     dev = jax.devices()[0]
     header = (
         f"# Fitting cost: NFE {args.nfe}, {args.dim}-D {args.mixture} mixture\n\n"
@@ -104,9 +101,7 @@ def main() -> None:
         f"table + AFS) <= 60 CPU seconds. Validation losses: the {fit.loss} objective of "
         f"per-sample distances on the 32 validation starting points.\n\n"
     )
-    text = header + markdown_table(fields, [[r[f] for f in fields] for r in rows])
-    atomic_write_text(args.out + ".md", text)
-    print(text)
+    print(write_results(args.out, rows, header))
 
 
 if __name__ == "__main__":

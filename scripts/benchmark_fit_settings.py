@@ -30,8 +30,7 @@ from configs import fit_gmm  # noqa: E402
 from deis_jax.fitting import ld3  # noqa: E402
 from deis_jax.fitting.optimize import endpoint_distances  # noqa: E402
 from deis_jax.fitting.teacher import solve_teacher  # noqa: E402
-from deis_jax.io_utils import atomic_write_text  # noqa: E402
-from deis_jax.reporting import markdown_table, write_csv  # noqa: E402
+from deis_jax.reporting import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -87,8 +86,6 @@ def main() -> None:
                 label = f"iPNDM-3 + LD3 + table + AFS, loss={loss}, max_delta={max_delta:g}"
                 measure(label, nfe, grid.plan(schedule), time.process_time() - start,
                         grid.provenance["fit"]["steps_run"])  # fmt: skip
-    fields = list(rows[0])
-    write_csv(args.out + ".csv", rows, fields)
     header = (
         f"# LD3 settings on the {args.dim}-D {args.mixture} mixture\n\n"
         f"Command: `python scripts/benchmark_fit_settings.py {' '.join(sys.argv[1:])}`. "
@@ -96,9 +93,7 @@ def main() -> None:
         f"starting points (its error estimate {reference.error_estimate:.1e}); fits on "
         f"{fit.num_fit} others with the settings of configs/fit_gmm.py.\n\n"
     )
-    text = header + markdown_table(fields, [[r[f] for f in fields] for r in rows])
-    atomic_write_text(args.out + ".md", text)
-    print(text)
+    print(write_results(args.out, rows, header))
 
 
 if __name__ == "__main__":

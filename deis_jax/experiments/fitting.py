@@ -298,23 +298,28 @@ def experiment_fingerprint(config) -> str:
 # --- the report ----------------------------------------------------------------------------
 
 
+def _cells_by_problem_and_nfe(records: list[dict], nfes):
+    """``(problem, nfe, cells)`` for every problem and NFE: the cells that did not fail."""
+    for problem in dict.fromkeys(r["problem"] for r in records):
+        for nfe in nfes:
+            yield problem, nfe, [r for r in records if r["problem"] == problem
+                                 and r["nfe_budget"] == nfe and not r.get(FAILED)]  # fmt: skip
+
+
 def summary_rows(records: list[dict], nfes) -> list[list[Any]]:
     """Per problem and NFE: the best fixed and the best fitted configuration (held-out RMSE
     minimum over methods and variants, failed cells left out) and their ratio."""
     rows = []
-    for problem in dict.fromkeys(r["problem"] for r in records):
-        for nfe in nfes:
-            cells = [r for r in records if r["problem"] == problem and r["nfe_budget"] == nfe
-                     and not r.get(FAILED)]  # fmt: skip
-            fixed = [r for r in cells if not is_fitted(r["variant"])]
-            fitted = [r for r in cells if is_fitted(r["variant"])]
-            if not fixed or not fitted:
-                continue
-            bf = min(fixed, key=lambda r: r["heldout_rmse"])
-            bt = min(fitted, key=lambda r: r["heldout_rmse"])
-            rows.append([problem, nfe, f"{bf['method']} {bf['variant']}", bf["heldout_rmse"],
-                         f"{bt['method']} {bt['variant']}", bt["heldout_rmse"],
-                         bt["heldout_rmse"] / bf["heldout_rmse"]])  # fmt: skip
+    for problem, nfe, cells in _cells_by_problem_and_nfe(records, nfes):
+        fixed = [r for r in cells if not is_fitted(r["variant"])]
+        fitted = [r for r in cells if is_fitted(r["variant"])]
+        if not fixed or not fitted:
+            continue
+        bf = min(fixed, key=lambda r: r["heldout_rmse"])
+        bt = min(fitted, key=lambda r: r["heldout_rmse"])
+        rows.append([problem, nfe, f"{bf['method']} {bf['variant']}", bf["heldout_rmse"],
+                     f"{bt['method']} {bt['variant']}", bt["heldout_rmse"],
+                     bt["heldout_rmse"] / bf["heldout_rmse"]])  # fmt: skip
     return rows
 
 
@@ -330,27 +335,24 @@ def recipe_summary_rows(records: list[dict], nfes) -> list[list[Any]]:
     the best fixed-grid configuration (by mean and by RMSE, separately) and against the
     untrained iPNDM-3 on its default grid in the median."""
     rows = []
-    for problem in dict.fromkeys(r["problem"] for r in records):
-        for nfe in nfes:
-            cells = [r for r in records if r["problem"] == problem and r["nfe_budget"] == nfe
-                     and not r.get(FAILED)]  # fmt: skip
-            fixed = [r for r in cells if not is_fitted(r["variant"])]
-            ipndm = [r for r in fixed if r["method"] == "ipndm3" and r["variant"] == "default"]
-            for r in (r for r in cells if r["variant"].startswith(RECIPE_PREFIX)):
-                if not fixed or r.get("heldout_mean") is None:
-                    continue
-                by_mean = min(fixed, key=lambda f: f.get("heldout_mean") or np.inf)
-                by_rmse = min(fixed, key=lambda f: f["heldout_rmse"])
-                base = ipndm[0]["heldout_median"] if ipndm else None
-                rows.append([
-                    problem, nfe, f"{r['variant']} ({r.get('recipe')})", r["heldout_mean"],
-                    r["heldout_median"], r["heldout_rmse"],
-                    f"{by_mean['method']} {by_mean['variant']}", by_mean["heldout_mean"],
-                    f"{by_rmse['method']} {by_rmse['variant']}", by_rmse["heldout_rmse"],
-                    r["heldout_mean"] / by_mean["heldout_mean"],
-                    r["heldout_rmse"] / by_rmse["heldout_rmse"], base,
-                    None if base is None else r["heldout_median"] / base,
-                ])  # fmt: skip
+    for problem, nfe, cells in _cells_by_problem_and_nfe(records, nfes):
+        fixed = [r for r in cells if not is_fitted(r["variant"])]
+        ipndm = [r for r in fixed if r["method"] == "ipndm3" and r["variant"] == "default"]
+        for r in (r for r in cells if r["variant"].startswith(RECIPE_PREFIX)):
+            if not fixed or r.get("heldout_mean") is None:
+                continue
+            by_mean = min(fixed, key=lambda f: f.get("heldout_mean") or np.inf)
+            by_rmse = min(fixed, key=lambda f: f["heldout_rmse"])
+            base = ipndm[0]["heldout_median"] if ipndm else None
+            rows.append([
+                problem, nfe, f"{r['variant']} ({r.get('recipe')})", r["heldout_mean"],
+                r["heldout_median"], r["heldout_rmse"],
+                f"{by_mean['method']} {by_mean['variant']}", by_mean["heldout_mean"],
+                f"{by_rmse['method']} {by_rmse['variant']}", by_rmse["heldout_rmse"],
+                r["heldout_mean"] / by_mean["heldout_mean"],
+                r["heldout_rmse"] / by_rmse["heldout_rmse"], base,
+                None if base is None else r["heldout_median"] / base,
+            ])  # fmt: skip
     return rows
 
 

@@ -86,9 +86,10 @@ LOSSES = ("mse", "rms", "trimmed_rms")
 # NFE 5 (mse left the RMSE where it was, trimmed_rms raised it); README, "Fitted samplers".
 DEFAULT_LOSS = "rms"
 DEFAULT_TRIM = 0.1  # the fraction of the worst samples trimmed_rms leaves out
-# The bound of the learned corrections, relative to a row's total coefficient. By measurement:
-# on the 64-D mixture iPNDM-3 + LD3 + table + AFS reached a held-out RMSE of 0.0092 / 0.0086 /
-# 0.0048 at NFE 5 with 0.3 / 0.5 / 1.0, and the same at NFE 10 (README, "Fitted samplers").
+# The bound of the learned corrections, relative to a row's total coefficient. By measurement
+# (results/benchmark_fit_max_delta.md): on the 64-D mixture iPNDM-3 + LD3 + table + AFS reached
+# a held-out mean distance of 0.0039 / 0.0040 / 0.0034 at NFE 5 with 0.3 / 0.5 / 1.0, and 0.0090
+# / 0.00080 / 0.00081 at NFE 10; equal at NFE 3.
 DEFAULT_MAX_DELTA = 1.0
 
 

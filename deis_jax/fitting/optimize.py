@@ -66,20 +66,6 @@ def endpoint_distances(
     return np.concatenate(out)
 
 
-def endpoint_loss(
-    plan: SamplingPlan,
-    eps_fn: EpsFn,
-    x_T: np.ndarray,
-    x0: np.ndarray,
-    batch_size: int = 256,
-    rule_params=None,
-) -> float:
-    """Mean squared distance per dimension between ``plan``'s endpoints and ``x0`` (the
-    square of the RMSE; see :func:`endpoint_distances`)."""
-    dist = endpoint_distances(plan, eps_fn, x_T, x0, batch_size, rule_params)
-    return float(np.mean(dist**2))
-
-
 def objective_value(distances: np.ndarray, loss: str, trim: float = ld3.DEFAULT_TRIM) -> float:
     """``ld3.reduce_losses`` of per-sample distances, on the host in float64."""
     return float(ld3.reduce_losses(jnp.asarray(np.asarray(distances) ** 2), loss, trim))
