@@ -284,7 +284,7 @@ def fit_ld3(
     max_delta: float = DEFAULT_MAX_DELTA,
     loss: str = DEFAULT_LOSS,
     trim: float = DEFAULT_TRIM,
-    steps: int = 300,
+    steps: int = 200,
     learning_rate: float = 0.05,
     final_lr_fraction: float = 0.05,
     batch_size: int | None = None,

@@ -68,21 +68,20 @@ FORMAT = "deis_jax.FittedSampler"
 FORMAT_VERSION = 1
 REFIT = 'fit it again with deis.fit_sampler, or delete its "sha256" entry to use a file edited ' \
     "on purpose"  # fmt: skip
-DEFAULT_LD3 = {"steps": 200, "learning_rate": 0.05, "final_lr_fraction": 0.05}
-DEFAULT_AMED = {"steps": 200, "learning_rate": 0.05, "batch_size": 32}
+# One learned r, c, a per step takes larger steps than AMED's network (fit_amed's 5e-3).
+STEPWISE_AMED_LEARNING_RATE = 0.05
 AMED_OPTIONS = {"scale_time": 0.2}  # the AMED-Plugin options of the paper's setup (our configs)
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """One way to fit a sampler: ``method``/``order``, fitted by LD3 (``ld3``, optionally
-    with a learned ``table``) or by AMED distillation (``amed``), with the analytical first
-    step (``afs``; None: exactly when the budget needs it, AMED's odd budgets)."""
+    """One way to fit a sampler: ``method``/``order`` on an LD3 grid (with a learned ``table``
+    when set) or, with ``amed``, by AMED distillation; with the analytical first step
+    (``afs``; None: exactly when the budget needs it, AMED's odd budgets)."""
 
     name: str
     method: str
     order: int
-    ld3: bool = False
     table: bool = False
     afs: bool | None = False
     amed: bool = False
@@ -94,11 +93,11 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("ipndm3+ld3+table+afs", "ipndm", 3, ld3=True, table=True, afs=True),
-        Recipe("ipndm3+ld3+table", "ipndm", 3, ld3=True, table=True),
-        Recipe("ipndm3+ld3+afs", "ipndm", 3, ld3=True, afs=True),
-        Recipe("tab3+ld3+table+afs", "tab", 3, ld3=True, table=True, afs=True),
-        Recipe("tab3+ld3+table", "tab", 3, ld3=True, table=True),
+        Recipe("ipndm3+ld3+table+afs", "ipndm", 3, table=True, afs=True),
+        Recipe("ipndm3+ld3+table", "ipndm", 3, table=True),
+        Recipe("ipndm3+ld3+afs", "ipndm", 3, afs=True),
+        Recipe("tab3+ld3+table+afs", "tab", 3, table=True, afs=True),
+        Recipe("tab3+ld3+table", "tab", 3, table=True),
         Recipe("amed_ipndm3", "amed_ipndm", 3, afs=None, amed=True),
     )
 }
@@ -301,10 +300,11 @@ def fit_sampler(
     file (a fitted sampler is refused for another id). ``[t0, t1]``: the schedule's default
     interval when None. ``teacher``: a teacher of exactly these ``x_T`` on the interval (e.g.
     from ``load_or_solve_teacher``), else one is solved here. ``ld3_settings``/
-    ``amed_settings`` update ``DEFAULT_LD3``/``DEFAULT_AMED`` (``fit_ld3`` / ``fit_amed``
-    keywords). ``fit_dtype``: the precision of the LD3 loops (``optimize_grid``; float32
-    halves their time at image size; None: ``x_T``'s); the teacher and every measurement stay
-    in ``x_T``'s precision. Every fit is logged with its rate and ETA; the whole call with a
+    ``amed_settings`` are ``fit_ld3`` / ``fit_amed`` keywords over their defaults (AMED's
+    feature-free stepwise predictor at a rate of ``STEPWISE_AMED_LEARNING_RATE``).
+    ``fit_dtype``: the precision of the LD3 loops (``optimize_grid``; float32 halves their time
+    at image size; None: ``x_T``'s); the teacher and every measurement stay in ``x_T``'s
+    precision. Every fit is logged with its rate and ETA; the whole call with a
     line per recipe.
     """
     check_schedule(schedule)
@@ -425,12 +425,14 @@ def _fit_recipe(r: Recipe, schedule, eps_fn, x_T, teacher, nfe, t0, t1, loss,
     """Fit one recipe and measure it on the validation split."""
     if r.amed:
         plan = _base_plan(schedule, r, nfe, t0, t1, eps_fn)
-        settings = {**DEFAULT_AMED, **(amed_settings or {})}
+        settings = dict(amed_settings or {})
+        if not plan.rule.needs_features:
+            settings.setdefault("learning_rate", STEPWISE_AMED_LEARNING_RATE)
         fit = fit_amed(plan, eps_fn, teacher, loss="endpoint",
                        validation_fraction=validation_fraction, model_id=model_id,
                        **settings)  # fmt: skip
         return candidate(r.name, fit.predictor, fit.params)
-    settings = {**DEFAULT_LD3, **(ld3_settings or {})}
+    settings = dict(ld3_settings or {})
     grid = optimize_grid(schedule, eps_fn, x_T, method=r.method, order=r.order, nfe=nfe,
                          afs=r.uses_afs(nfe), t0=t0, t1=t1, teacher=teacher,
                          validation_fraction=validation_fraction, model_id=model_id,
