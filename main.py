@@ -25,18 +25,18 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deis_jax import data, parallel
-from deis_jax.config_validation import ConfigError
+from deis_jax.common import data, parallel
+from deis_jax.common.checks import ConfigError
+from deis_jax.common.files import DiskFullError
 from deis_jax.evaluation import features, fid
 from deis_jax.evaluation.inception import InceptionWeightsError
 from deis_jax.experiments import generation
-from deis_jax.io_utils import DiskFullError
+from deis_jax.experiments.workdir_lock import WorkdirLockedError
 from deis_jax.models import loading
 from deis_jax.modes import get_mode, run_mode
 from deis_jax.sampling.diagnostics import NonFiniteSamplesError
 from deis_jax.sampling.method_spec import parse_option_value
 from deis_jax.training import train as training
-from deis_jax.workdir_lock import WorkdirLockedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")

@@ -3,7 +3,7 @@
 Not a runnable experiment by itself; every ``configs/{vpsde,vesde}_*.py`` starts from
 ``get_default_config()`` and overrides what differs, as score_sde's configs do. Fields:
 
-* ``sde``       -- the forward process (``deis_jax.build.schedule_from_config``).
+* ``sde``       -- the forward process (``deis_jax.experiments.build.schedule_from_config``).
 * ``sampler``   -- DEIS tAB order 3, NFE 10, quadratic time grid, ``t0``/``t1`` = the
   schedule's defaults (1e-3 / 1 for VP, 1e-5 / 1 for VE) when None.
 * ``model``     -- score_sde's ``config.model`` fields (``image_size``, ``num_channels`` and
@@ -101,7 +101,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     sampling.batch_size = 64  # per call, over all devices (split evenly per device)
     sampling.shard_size = 1000  # samples per atomically written shard (resumable generation)
     sampling.checkpoint = FieldReference(None, field_type=str)
-    sampling.labels = "random"  # class-conditional models only (deis_jax.experiments.class_labels)
+    sampling.labels = "random"  # class-conditional models only (deis_jax.sampling.class_labels)
     sampling.class_label = 0
     sampling.guidance_scale = 1.0
     return config

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deis_jax as deis  # noqa: E402
-from deis_jax.reporting import write_results  # noqa: E402
+from deis_jax.common.reporting import write_results  # noqa: E402
 from deis_jax.sampling.method_spec import parse_method_spec  # noqa: E402
 
 METHODS = ("ddim", "tab3", "rhoab3", "ipndm3", "rhork:tableau=heun", "rhork:tableau=rk4",

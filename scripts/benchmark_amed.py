@@ -49,9 +49,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deis_jax as deis  # noqa: E402
 from configs import vpsde_digits  # noqa: E402
-from deis_jax.build import schedule_from_config  # noqa: E402
+from deis_jax.common.files import atomic_write_text  # noqa: E402
+from deis_jax.common.reporting import markdown_table, write_csv  # noqa: E402
+from deis_jax.experiments.build import schedule_from_config  # noqa: E402
 from deis_jax.fitting.amed import init_params  # noqa: E402
-from deis_jax.io_utils import atomic_write_text  # noqa: E402
 from deis_jax.models import apply_with_features  # noqa: E402
 from deis_jax.models.loading import (  # noqa: E402
     build_model,
@@ -59,7 +60,6 @@ from deis_jax.models.loading import (  # noqa: E402
     load_model,
     model_prediction,
 )
-from deis_jax.reporting import markdown_table, write_csv  # noqa: E402
 from deis_jax.sampling.wrappers import (  # noqa: E402
     eps_fn_from_model,
     eps_with_features,

@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deis_jax as deis  # noqa: E402
 from configs import fit_gmm  # noqa: E402
+from deis_jax.common.reporting import write_results  # noqa: E402
 from deis_jax.fitting.teacher import solve_teacher  # noqa: E402
-from deis_jax.reporting import write_results  # noqa: E402
 
 FITS = (  # label, method, order, afs, learn_table
     ("LD3", "ipndm", 3, False, False),

@@ -8,7 +8,7 @@ Each configuration runs in its own subprocess (simulated CPU devices need
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts); one more row runs 2
 ``jax.distributed`` processes on localhost with 2 devices each. The workload is the embedded
 job's: the exact eps of a Gaussian mixture, tAB3 at NFE 10, ``x_T`` drawn inside the jit from
-the global sample indices (``deis_jax.parallel.make_generate_fn``), weak scaling (a fixed
+the global sample indices (``deis_jax.sampling.sharded.make_generate_fn``), weak scaling (a fixed
 per-device batch). Prints a Markdown table and writes it to ``results/benchmark_scaling.md``.
 
 Simulated CPU devices share the same cores, so on CPU this measures the overhead of sharding
@@ -32,7 +32,8 @@ if ROOT not in sys.path:
 
 
 def child(args) -> None:
-    from deis_jax import parallel
+    from deis_jax.common import parallel
+    from deis_jax.sampling import sharded
 
     parallel.maybe_initialize_distributed()
     import jax
@@ -49,8 +50,8 @@ def child(args) -> None:
     )
     sampler = get_sampler(schedule, mixture.eps_fn(schedule), method="tab", order=3, nfe=args.nfe)
     mesh = parallel.make_mesh()
-    fn = parallel.make_generate_fn(sampler, mesh, (args.dim,))
-    prior_key, noise_key = parallel.replicate(parallel.sample_keys(0), mesh)
+    fn = sharded.make_generate_fn(sampler, mesh, (args.dim,))
+    prior_key, noise_key = parallel.replicate(sharded.sample_keys(0), mesh)
     local = args.per_device_batch * jax.local_device_count()
     start_index = jax.process_index() * local
 
@@ -169,8 +170,8 @@ def main() -> None:
         "",
         f"tAB3, NFE {args.nfe}, exact eps of an 8-component Gaussian mixture in {args.dim} "
         f"dimensions, {args.per_device_batch} samples per device per call (weak scaling), "
-        f"best of 3 windows of {args.repeats} calls after one compile call; `deis_jax.parallel."
-        f"make_generate_fn` on a `('data',)` mesh. Host: {platform.machine()}, "
+        f"best of 3 windows of {args.repeats} calls after one compile call; `deis_jax.sampling."
+        f"sharded.make_generate_fn` on a `('data',)` mesh. Host: {platform.machine()}, "
         f"{os.cpu_count()} CPU cores, platform `{base['platform']}`.",
         "",
         "| devices | processes | global batch | compile + 1st call (s) | samples/s | "
@@ -207,7 +208,7 @@ def main() -> None:
         ]
     text = "\n".join(lines) + "\n"
     print(text)
-    from deis_jax.io_utils import atomic_write_text
+    from deis_jax.common.files import atomic_write_text
 
     atomic_write_text(args.out, text)
 

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import ml_collections  # noqa: E402
 
-from deis_jax.io_utils import sha256_file  # noqa: E402
+from deis_jax.common.files import sha256_file  # noqa: E402
 from deis_jax.models import (  # noqa: E402
     KNOWN_MODEL_CONFIGS,
     checkpoints,  # noqa: E402

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from deis_jax.models.amed_predictor import StepwisePredictor
 from deis_jax.sampling import solvers
+from deis_jax.sampling.amed_predictor import StepwisePredictor
 from deis_jax.sampling.coefficients import ADAMS_BASHFORTH
 from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import make_plan, sample

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deis_jax.models.amed_predictor import (
+from deis_jax.sampling.amed_predictor import (
     AmedPredictor,
     StepwisePredictor,
     bounded_scale,

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import amed_gmm
-from deis_jax.config_validation import ConfigError, validate_sampler
+from deis_jax.common.checks import ConfigError
 from deis_jax.evaluation import gmm
+from deis_jax.experiments.validation import validate_sampler
 from deis_jax.fitting.amed import (
     AmedPredictorFile,
     amed_teacher,
@@ -256,9 +257,10 @@ def test_amed_configs_validate(name, cells):
 
 
 def test_sharded_sampling_uses_the_predictor():
-    """``--mode=sample`` generates through ``parallel.shard_sampler``: the predictor's
+    """``--mode=sample`` generates through ``sharded.shard_sampler``: the predictor's
     parameters travel with the network as a replicated argument."""
-    from deis_jax import parallel
+    from deis_jax.common import parallel
+    from deis_jax.sampling import sharded
     from deis_jax.sampling.sampler import Sampler
 
     plan = make_plan(SDE, method="amed_ipndm", nfe=5, afs=True, predictor="stepwise")
@@ -266,7 +268,7 @@ def test_sharded_sampling_uses_the_predictor():
               "c_logit": jnp.full(plan.num_steps, 0.5)}  # fmt: skip
     params = RuleParams.for_plan(plan, params)
     eps_fn, x = mixture(), SDE.prior_sample(jax.random.PRNGKey(7), (4, 8), jnp.float64)
-    sharded = parallel.shard_sampler(Sampler(plan, eps_fn, params), parallel.make_mesh())
+    fn = sharded.shard_sampler(Sampler(plan, eps_fn, params), parallel.make_mesh())
     want = sample(plan, eps_fn, x, rule_params=params)
-    np.testing.assert_allclose(sharded(x), want, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(fn(x), want, rtol=1e-13, atol=1e-14)
     assert np.max(np.abs(want - sample(plan, eps_fn, x))) > 1e-3  # the predictor mattered

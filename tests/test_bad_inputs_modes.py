@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import main  # noqa: E402
-from deis_jax.config_validation import MAX_SEED, ConfigError  # noqa: E402
+from deis_jax.common.checks import MAX_SEED, ConfigError  # noqa: E402
 from deis_jax.experiments import tables  # noqa: E402
 from deis_jax.models import abstract_params, checkpoints, loading  # noqa: E402
 from deis_jax.modes import get_mode  # noqa: E402
@@ -329,12 +329,12 @@ def test_a_run_that_stops_to_protect_its_results_is_a_usage_error(tmp_path, monk
     workdir another run holds: the run's own message, no traceback (``main.RUN_ERRORS``)."""
     import errno
 
+    from deis_jax.common.files import DiskFullError
     from deis_jax.evaluation import fid
     from deis_jax.experiments import generation
-    from deis_jax.io_utils import DiskFullError
+    from deis_jax.experiments.workdir_lock import WorkdirLockedError
     from deis_jax.modes import compare
     from deis_jax.sampling.diagnostics import NonFiniteSamplesError
-    from deis_jax.workdir_lock import WorkdirLockedError
 
     full = OSError(errno.ENOSPC, "No space left on device")
     raised = {

@@ -14,7 +14,7 @@ import pytest
 from flax import serialization
 from tolerances import SCORE_SDE_FIXTURE_RTOL
 
-from deis_jax.io_utils import sha256_file
+from deis_jax.common.files import sha256_file
 from deis_jax.models import checkpoints, get_model
 from deis_jax.models.checkpoints import flatten_tree
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deis_jax.experiments.class_labels import ClassLabels
+from deis_jax.sampling.class_labels import ClassLabels
 
 
 def test_random_labels_depend_only_on_the_index():

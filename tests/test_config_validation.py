@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from deis_jax.config_validation import ConfigError, validate_sampler
+from deis_jax.common.checks import ConfigError
+from deis_jax.experiments.validation import validate_sampler
 from deis_jax.modes import get_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +138,8 @@ def test_method_options_from_the_command_line(tmp_path):
 
 def test_edm_schedule_config_uses_its_sigma_fields():
     """``config.sde.name='edm'``: sigma_min/sigma_max are its interval (and the defaults of
-    ``t0``/``t1``). Needs ``deis_jax.build.SDE_FIELDS['edm'] = ('sigma_min', 'sigma_max')``."""
+    ``t0``/``t1``). Needs ``deis_jax.experiments.build.SDE_FIELDS['edm'] = ('sigma_min',
+    'sigma_max')``."""
     config = config_with(sde__name="edm", sampler__t0=None, sampler__t1=None)
     with config.sde.unlocked():
         config.sde.sigma_min, config.sde.sigma_max = 0.02, 60.0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from deis_jax import data
+from deis_jax.common import data
 
 
 def data_config(name="cifar10", image_size=32, num_channels=3, **kw):

@@ -20,7 +20,7 @@ from edm_fixture_models import (
     small_model,
 )
 
-from deis_jax.io_utils import sha256_file
+from deis_jax.common.files import sha256_file
 from deis_jax.models import checkpoints
 from deis_jax.models.edm_checkpoint import convert_state_dict, load_edm_checkpoint
 

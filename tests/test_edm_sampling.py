@@ -13,13 +13,12 @@ import pytest
 from edm_fixture_models import nhwc, small_model
 
 from configs import edm_cifar10_vp
-from deis_jax import build
-from deis_jax.config_validation import ConfigError
-from deis_jax.experiments import generation
-from deis_jax.experiments.class_labels import ClassLabels
+from deis_jax.common.checks import ConfigError
+from deis_jax.experiments import build, generation
 from deis_jax.models import loading
 from deis_jax.models.edm_checkpoint import convert_state_dict
 from deis_jax.modes import sample as sample_mode
+from deis_jax.sampling.class_labels import ClassLabels
 
 COND = "cifar10_cond_vp"
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from deis_jax.experiments.engine import Cell, fingerprint, read_cache, run_cells
+from deis_jax.common.identity import fingerprint
+from deis_jax.experiments.engine import Cell, read_cache, run_cells
 
 CELLS = [Cell(f"c{i}", cost=10.0 * (i + 1), label=f"cell {i}", payload=i) for i in range(4)]
 
@@ -41,6 +42,7 @@ def test_resume_after_a_kill_with_a_torn_last_line(tmp_path):
     with open(path, "a") as f:
         f.write('{"key": "c2", "fingerprint": "f", "rec')  # a write cut short by the kill
     assert read_cache(path, "f") == {"c0": {"value": 0}, "c1": {"value": 1}}
+    assert len(open(path).read().splitlines()) == 3
 
     calls.clear()
     records = run_cells(CELLS, squares(calls), cache_path=path, fingerprint="f", desc="t",
@@ -48,8 +50,9 @@ def test_resume_after_a_kill_with_a_torn_last_line(tmp_path):
     assert calls == ["c2", "c3"]  # only the unfinished cells
     assert records == {f"c{i}": {"value": i * i} for i in range(4)}
     assert list(records) == [c.key for c in CELLS]  # cell order, cached or new
-    lines = open(path).read().splitlines()
-    assert len(lines) == 5 and [json.loads(x)["key"] for x in lines[3:]] == ["c2", "c3"]
+    lines = open(path).read().splitlines()  # the torn line dropped (the file kept aside)
+    assert [json.loads(x)["key"] for x in lines] == ["c0", "c1", "c2", "c3"]
+    assert len(list(tmp_path.glob("cells.jsonl.damaged-*"))) == 1
 
     calls.clear()
     again = run_cells(CELLS, squares(calls), cache_path=path, fingerprint="f", desc="t",
@@ -80,7 +83,7 @@ def test_progress_callback_and_on_record(tmp_path, monkeypatch):
     moves = []
 
     class Bar:  # records what the engine does to its progress bar
-        def __init__(self, total, disable, **kwargs):
+        def __init__(self, total, desc, unit, disable):
             self.total = total
             moves.append(("total", total))
 
@@ -93,7 +96,7 @@ def test_progress_callback_and_on_record(tmp_path, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(engine, "tqdm", Bar)
+    monkeypatch.setattr(engine, "progress_bar", Bar)
     path = str(tmp_path / "cells.jsonl")
     run_cells(CELLS[:1], squares([]), cache_path=path, fingerprint="f", desc="t")
 

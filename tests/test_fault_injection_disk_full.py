@@ -29,9 +29,9 @@ from test_fault_injection_sample import (  # noqa: E402
     toy_model,
 )
 
+from deis_jax.common.files import DiskFullError  # noqa: E402
 from deis_jax.evaluation import gmm  # noqa: E402
 from deis_jax.experiments import shard_store  # noqa: E402
-from deis_jax.io_utils import DiskFullError  # noqa: E402
 from deis_jax.modes import compare as compare_mode  # noqa: E402
 
 

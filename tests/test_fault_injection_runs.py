@@ -43,9 +43,12 @@ from test_train import tiny_config as train_config  # noqa: E402
 from configs import fit_gmm  # noqa: E402
 from deis_jax.evaluation import fid, gmm  # noqa: E402
 from deis_jax.experiments import fitting, sweep  # noqa: E402
-from deis_jax.experiments.engine import Cell  # noqa: E402
+from deis_jax.experiments.engine import (  # noqa: E402
+    FAILED,
+    Cell,  # noqa: E402
+    run_cells,
+)
 from deis_jax.experiments.scoring import SampleScorer  # noqa: E402
-from deis_jax.experiments.sealed_cells import FAILED, run_sealed_cells  # noqa: E402
 from deis_jax.fitting.grid_file import OptimizedGrid  # noqa: E402
 from deis_jax.models.loading import LoadedModel  # noqa: E402
 from deis_jax.modes import compare as compare_mode  # noqa: E402
@@ -136,7 +139,7 @@ def cell_run(path, calls, kill_at=None, fingerprint="f", **kwargs):
         calls.append(cell.key)
         return {"value": cell.payload / 7, "label": f"cell {cell.payload}"}
 
-    return run_sealed_cells(CELLS, compute, cache_path=path, fingerprint=fingerprint,
+    return run_cells(CELLS, compute, cache_path=path, fingerprint=fingerprint,
                             desc="t", progress=False, **kwargs)  # fmt: skip
 
 
@@ -200,12 +203,12 @@ def test_failed_cells_are_reported_but_never_reused(tmp_path):
         return {"value": cell.payload}
 
     calls, first_run = [], True
-    first = run_sealed_cells(CELLS, compute, cache_path=path, fingerprint="f", desc="t",
+    first = run_cells(CELLS, compute, cache_path=path, fingerprint="f", desc="t",
                              progress=False)  # fmt: skip
     assert first["c1"][FAILED].startswith("3 of 8 samples non-finite")
     calls.clear()
     first_run = False
-    second = run_sealed_cells(CELLS, compute, cache_path=path, fingerprint="f", desc="t",
+    second = run_cells(CELLS, compute, cache_path=path, fingerprint="f", desc="t",
                               progress=False)  # fmt: skip
     assert calls == ["c1"] and second["c1"] == {"value": 1}  # retried, not reused
 

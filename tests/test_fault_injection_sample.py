@@ -22,12 +22,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configs import vpsde_digits  # noqa: E402
-from deis_jax import parallel  # noqa: E402
+from deis_jax.common.files import sha256_file  # noqa: E402
+from deis_jax.common.identity import tree_digest  # noqa: E402
 from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
 from deis_jax.experiments import generation, shard_store  # noqa: E402
-from deis_jax.io_utils import sha256_file  # noqa: E402
-from deis_jax.models.loading import LoadedModel, params_digest  # noqa: E402
+from deis_jax.models.loading import LoadedModel  # noqa: E402
 from deis_jax.modes import sample as sample_mode  # noqa: E402
+from deis_jax.sampling import sharded  # noqa: E402
 from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples  # noqa: E402
 from deis_jax.sampling.sampler import get_sampler  # noqa: E402
 from deis_jax.sampling.sde import VPSDE  # noqa: E402
@@ -250,7 +251,7 @@ def test_nonfinite_samples_are_never_written(mixture_sampler, tmp_path):
         x = schedule.prior_sample(key, (DIM,))
         return jax.numpy.where(x[0] > 0.8, jax.numpy.nan, x)
 
-    x_T = parallel.prior_draws(prior, parallel.sample_keys(SEED)[0], np.arange(N))
+    x_T = sharded.prior_draws(prior, sharded.sample_keys(SEED)[0], np.arange(N))
     bad = nonfinite_samples(x_T)
     first = int(bad[0]) // SHARD
     expected = bad[bad // SHARD == first]
@@ -289,7 +290,7 @@ def toy_model(scale: float, step: int) -> LoadedModel:
     """A linear eps network with the identity ``load_model`` gives the EMA parameters of
     ``<workdir>/checkpoints/<step>``."""
     params = {"scale": np.float32(scale)}
-    identity = {"workdir_step": step, "params_sha256": params_digest(params)}
+    identity = {"workdir_step": step, "params_sha256": tree_digest(params)}
     return LoadedModel(lambda p: lambda x, t: p["scale"] * x, params, identity)
 
 

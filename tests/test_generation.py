@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from tolerances import assert_close_max_rel, solve_rtol
 
-from deis_jax import parallel
+from deis_jax.common.files import sha256_file
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.experiments import generation, shard_store
-from deis_jax.io_utils import sha256_file
+from deis_jax.sampling import sharded
 from deis_jax.sampling.sampler import get_sampler
 from deis_jax.sampling.sde import VPSDE
 
@@ -108,7 +108,7 @@ def test_samples_depend_only_on_the_global_index(setup, tmp_path):
         sampler = setup[name]
         _generate(tmp_path / name, sampler, per_device_batch=4)
         got = shard_store.load_samples(str(tmp_path / name)).samples
-        prior_key, noise_key = parallel.sample_keys(3)
+        prior_key, noise_key = sharded.sample_keys(3)
         keys = jax.vmap(lambda i, k=prior_key: jax.random.fold_in(k, i))(np.arange(N))
         x_T = jax.vmap(lambda k: schedule.prior_sample(k, (DIM,)))(keys)
         direct = jax.jit(sampler)(x_T, noise_key) if sampler.stochastic else jax.jit(sampler)(x_T)

@@ -10,10 +10,11 @@ import pytest
 
 import deis_jax as deis
 from configs import gmm_vpsde
-from deis_jax.build import sampler_from_config
-from deis_jax.config_validation import ConfigError, validate_sampler
+from deis_jax.common.checks import ConfigError
+from deis_jax.common.identity import describe_object
+from deis_jax.experiments.build import sampler_from_config
+from deis_jax.experiments.validation import validate_sampler
 from deis_jax.fitting.grid_file import OptimizedGrid
-from deis_jax.identity import describe_object
 from deis_jax.sampling.sampler import make_plan, sample
 
 SDE = deis.VPSDE.linear()

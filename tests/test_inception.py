@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deis_jax.common.files import sha256_file
 from deis_jax.evaluation import inception as inc
-from deis_jax.io_utils import sha256_file
 
 
 def test_parameter_layout_is_pytorch_fid():

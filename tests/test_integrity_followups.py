@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deis_jax.config_validation import ConfigError
+from deis_jax.common.checks import ConfigError
 from deis_jax.evaluation import gmm
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.evaluation.reference import Reference, reference_solve

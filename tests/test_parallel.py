@@ -15,7 +15,7 @@ Findings (see docs/scale.md, "Determinism"):
   made the 1-device run differ in the last bits; ``GaussianMixture.eps_fn`` multiplies.
 * A different per-device batch *shape* can also change the last bits (XLA's CPU code for the
   batched contraction depends on the shape), which is why generation fixes the per-device
-  batch. With ``parallel.shard_sampler`` the same 64 starting points are sampled in calls of
+  batch. With ``sharded.shard_sampler`` the same 64 starting points are sampled in calls of
   8 rows per device (bit-identical on 1, 2 and 8 devices) and in one call of all 64 (8 rows
   per device on 8 devices: identical to the former; 32 or 64 rows per device on 2 or 1:
   only close, e.g. 787 of 1024 values differ by up to 1.1e-5 for tAB3).
@@ -56,7 +56,7 @@ def _mixture():
 
 
 def worker(out_dir: str) -> None:
-    from deis_jax import parallel
+    from deis_jax.common import parallel
     from deis_jax.experiments import generation
     from deis_jax.sampling.sampler import get_sampler
     from deis_jax.sampling.sde import VPSDE
@@ -87,7 +87,7 @@ def conditional_run(out_dir: str, sampler, eps_fn) -> None:
     """A class-conditional generation: a toy eps whose input is shifted by the class, the
     classes drawn per sample index (``ClassLabels``) inside the jit."""
     from deis_jax.experiments import generation
-    from deis_jax.experiments.class_labels import ClassLabels
+    from deis_jax.sampling.class_labels import ClassLabels
 
     def bind(params, classes):
         return lambda x, t: eps_fn(x + 0.1 * classes[:, None].astype(x.dtype), t)
@@ -100,15 +100,16 @@ def conditional_run(out_dir: str, sampler, eps_fn) -> None:
 
 
 def sharded_calls(sampler) -> dict[str, np.ndarray]:
-    """The same starting points through ``parallel.shard_sampler``: ``fixed`` in calls of
+    """The same starting points through ``sharded.shard_sampler``: ``fixed`` in calls of
     ``SHARDED_PER_DEVICE`` rows per device, ``global`` in one call of all rows."""
     import jax
 
-    from deis_jax import parallel
+    from deis_jax.common import parallel
+    from deis_jax.sampling import sharded
 
     mesh = parallel.make_mesh()
     x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (SHARDED_ROWS, 16), np.float32))
-    fn, key = parallel.shard_sampler(sampler, mesh), jax.random.PRNGKey(5)
+    fn, key = sharded.shard_sampler(sampler, mesh), jax.random.PRNGKey(5)
     step = SHARDED_PER_DEVICE * mesh.size
 
     def run(start, stop):
@@ -263,7 +264,7 @@ def test_two_processes_with_jax_distributed_match_single_process(device_runs, tm
 
 
 def test_process_range_partitions_indices():
-    from deis_jax.parallel import process_range
+    from deis_jax.common.parallel import process_range
 
     for num in (0, 1, 7, 24, 50_000):
         for count in (1, 2, 3, 8):
@@ -276,7 +277,7 @@ def test_process_range_partitions_indices():
 
 
 def test_distributed_plan_from_environment():
-    from deis_jax.parallel import distributed_plan
+    from deis_jax.common.parallel import distributed_plan
 
     assert not distributed_plan(environ={}).initialize
     slurm = {

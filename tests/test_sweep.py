@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from deis_jax.config_validation import ConfigError
+from deis_jax.common.checks import ConfigError
 from deis_jax.evaluation import gmm
 from deis_jax.experiments import sweep
 from deis_jax.modes import sweep as sweep_mode

@@ -15,12 +15,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configs import tables  # noqa: E402
-from deis_jax import build  # noqa: E402
-from deis_jax.config_validation import ConfigError  # noqa: E402
-from deis_jax.data import digits_images  # noqa: E402
+from deis_jax.common.checks import ConfigError  # noqa: E402
+from deis_jax.common.data import digits_images  # noqa: E402
+from deis_jax.common.files import read_jsonl  # noqa: E402
 from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
+from deis_jax.experiments import build  # noqa: E402
 from deis_jax.experiments.scoring import SampleScorer  # noqa: E402
-from deis_jax.io_utils import read_jsonl  # noqa: E402
 from deis_jax.models.loading import LoadedModel  # noqa: E402
 from deis_jax.modes import run_mode, table  # noqa: E402
 

@@ -19,16 +19,15 @@ if ROOT not in sys.path:
 
 from test_table import digits_mixture_model, float32_jax, tiny_config  # noqa: E402, F401
 
-from deis_jax import build  # noqa: E402
-from deis_jax.config_validation import ConfigError  # noqa: E402
-from deis_jax.experiments import fitting  # noqa: E402
+from deis_jax.common.checks import ConfigError  # noqa: E402
+from deis_jax.common.files import sha256_file  # noqa: E402
+from deis_jax.experiments import build, fitting  # noqa: E402
 from deis_jax.experiments import tables as tb  # noqa: E402
 from deis_jax.experiments.scoring import SampleScorer  # noqa: E402
 from deis_jax.fitting.amed import AmedPredictorFile, init_params  # noqa: E402
-from deis_jax.io_utils import sha256_file  # noqa: E402
-from deis_jax.models.amed_predictor import init_predictor  # noqa: E402
 from deis_jax.models.loading import LoadedModel, image_shape  # noqa: E402
 from deis_jax.modes import table  # noqa: E402
+from deis_jax.sampling.amed_predictor import init_predictor  # noqa: E402
 from deis_jax.sampling.method_spec import parse_method_spec  # noqa: E402
 from deis_jax.sampling.sampler import make_plan  # noqa: E402
 from deis_jax.sampling.wrappers import eps_fn_from_model  # noqa: E402

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import deis_jax as deis
+from deis_jax.common.identity import array_digest, describe_object
 from deis_jax.evaluation.reference import reference_solve
 from deis_jax.fitting import teacher as teacher_module
 from deis_jax.fitting.teacher import (
@@ -21,7 +22,6 @@ from deis_jax.fitting.teacher import (
     solve_teacher,
     teacher_settings,
 )
-from deis_jax.identity import array_digest, describe_object
 
 SDE = deis.VPSDE.linear()
 RING = deis.GaussianMixture.ring()

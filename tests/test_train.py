@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from deis_jax import data  # noqa: E402
+from deis_jax.common import data  # noqa: E402
 from deis_jax.modes import train as train_mode  # noqa: E402
 from deis_jax.sampling import sde  # noqa: E402
 from deis_jax.sampling.wrappers import eps_fn_from_model  # noqa: E402

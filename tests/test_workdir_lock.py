@@ -1,5 +1,5 @@
-"""One run per workdir (``deis_jax.workdir_lock``): a second process is refused in one line
-naming the owner and the lock file; a lock left by a dead process is taken over with a
+"""One run per workdir (``deis_jax.experiments.workdir_lock``): a second process is refused in
+one line, naming the owner and the lock file; a lock left by a dead process is taken over with a
 warning; the lock is released when the mode ends, by error too; the processes of one
 multi-process run are not refused by their own lock."""
 
@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from deis_jax import workdir_lock as wl
+from deis_jax.experiments import workdir_lock as wl
 from deis_jax.modes import compare, run_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ import gmm_vpsde  # noqa: E402
 HOLDER = textwrap.dedent(
     """
     import sys
-    from deis_jax import workdir_lock as wl
+    from deis_jax.experiments import workdir_lock as wl
     fd = wl.acquire(sys.argv[1], "train")
     print("locked", flush=True)
     sys.stdin.readline()

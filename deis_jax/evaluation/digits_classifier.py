@@ -1,7 +1,7 @@
 """A small digits classifier: the feature extractor of "FD-digits", FID's stand-in on digits.
 
 FID needs a network trained on the data's domain; for the embedded digits dataset (16x16x1,
-``deis_jax.data.digits_images``) that is this CNN, trained with labels on scikit-learn's
+``deis_jax.common.data.digits_images``) that is this CNN, trained with labels on scikit-learn's
 bundled digits. Its 64-d penultimate activations play the role of Inception's pool_3 (the
 Frechet distance between their Gaussian fits is **FD-digits**) and its 10 logits give an
 Inception-Score analogue. It goes through exactly the code of FID
@@ -38,8 +38,8 @@ import optax
 from flax import serialization
 from sklearn.datasets import load_digits
 
-from deis_jax.data import digits_images
-from deis_jax.io_utils import atomic_write_bytes, atomic_write_text, sha256_file
+from deis_jax.common.data import digits_images
+from deis_jax.common.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 WEIGHTS_PATH = os.path.join(ASSET_DIR, "digits_classifier.msgpack")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from deis_jax import config_validation as cv
+from deis_jax.common import checks as cv
 from deis_jax.evaluation import digits_classifier, fid, inception
 from deis_jax.evaluation.digits_classifier import DigitsClassifier
 from deis_jax.evaluation.inception import (

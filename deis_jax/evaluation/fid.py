@@ -55,8 +55,8 @@ import scipy.linalg
 from absl import logging
 from jax.experimental import multihost_utils
 
-from deis_jax import data
-from deis_jax.io_utils import atomic_write_bytes, move_aside
+from deis_jax.common import data
+from deis_jax.common.files import atomic_write_bytes, move_aside
 
 
 class FeatureExtractor(Protocol):
@@ -468,7 +468,7 @@ def dataset_image_batches(
     source=None,
 ):
     """uint8 NHWC batches of a dataset's images, preprocessed as for training but without
-    flips or dequantisation (``deis_jax.data.to_unit_float``: crop / resize to the model's
+    flips or dequantisation (``deis_jax.common.data.to_unit_float``: crop / resize to the model's
     ``image_size``), in dataset order. ``source`` overrides ``data.get_source``."""
     src = data.get_source(data_config, split) if source is None else source
     total = len(src) if max_images is None else min(len(src), int(max_images))
@@ -521,7 +521,7 @@ def reference_stats(
         "split": split,
         "image_size": int(data_config.image_size),
         "max_images": max_images,
-        "preprocess": "deis_jax.data.to_unit_float -> uint8",
+        "preprocess": "deis_jax.common.data.to_unit_float -> uint8",
     }
     if cache_path and os.path.exists(cache_path) and not keep_features:
         stats = _cached_stats(cache_path, meta)

@@ -36,21 +36,23 @@ import jax
 import numpy as np
 from absl import logging
 
-from deis_jax import build, parallel
-from deis_jax import config_validation as cv
-from deis_jax.evaluation.analytic import GaussianMixture
-from deis_jax.evaluation.metrics import nll_gap, rmse
-from deis_jax.evaluation.reference import Reference, reference_solve
-from deis_jax.experiments.engine import fingerprint
-from deis_jax.experiments.sealed_cells import FAILED, nonfinite_reason
-from deis_jax.io_utils import atomic_write_text
-from deis_jax.reporting import (
+from deis_jax.common import checks as cv
+from deis_jax.common import parallel
+from deis_jax.common.files import atomic_write_text
+from deis_jax.common.identity import fingerprint
+from deis_jax.common.reporting import (
     markdown_table,
     pivot,
     plot_metric_vs_nfe,
     plot_scatter_grid,
     write_csv,
 )
+from deis_jax.evaluation.analytic import GaussianMixture
+from deis_jax.evaluation.metrics import nll_gap, rmse
+from deis_jax.evaluation.reference import Reference, reference_solve
+from deis_jax.experiments import build, validation
+from deis_jax.experiments.engine import FAILED, nonfinite_reason
+from deis_jax.sampling import sharded
 from deis_jax.sampling.diagnostics import nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
@@ -59,8 +61,8 @@ from deis_jax.sampling.sde import NoiseSchedule
 def validate_problem(config) -> NoiseSchedule:
     """Check every field the problem reads (``ConfigError`` naming the field); returns the
     schedule of ``config.sde``."""
-    schedule = cv.validate_sde(config)
-    cv.validate_sampler(config, schedule)
+    schedule = validation.validate_sde(config)
+    validation.validate_sampler(config, schedule)
     cv.require_seed(config)
     cv.require_choice(config, "data.name", ("gmm",))
     cv.require_int_list(config, "data.dims", minimum=1)
@@ -196,7 +198,7 @@ def run_cell(
     n, dim = problem.x_T.shape
     start = time.perf_counter()
     padded, _ = parallel.pad_batch(problem.x_T, mesh.size)
-    out = parallel.shard_sampler(sampler, mesh)(
+    out = sharded.shard_sampler(sampler, mesh)(
         parallel.shard_batch(padded, mesh), problem.noise_key, 0
     )
     out = parallel.gather(out)[:n].astype(np.float64)

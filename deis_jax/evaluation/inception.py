@@ -57,7 +57,6 @@ installed, the ``.pth`` itself (checked against ``PT_INCEPTION_SHA256``). Anythi
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 import sys
@@ -69,7 +68,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax.io_utils import atomic_write_bytes, sha256_file
+from deis_jax.common.files import atomic_write_bytes, sha256_file
+from deis_jax.common.identity import arrays_digest
 
 PT_INCEPTION_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -375,13 +375,9 @@ def random_variables(seed: int = 0, scale: float = 0.05) -> dict[str, Any]:
 
 
 def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """sha256 over the arrays: for each name in sorted order, name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
+    """The content digest of a converted weights file: ``identity.arrays_digest`` of the
+    arrays in sorted name order, fields separated by ``\\0`` (the file format's)."""
+    return arrays_digest(sorted(arrays.items()), sep="\0")
 
 
 def save_converted(state_dict: Mapping[str, Any], path: str, source_sha256: str) -> str:

@@ -40,15 +40,15 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from deis_jax import build
-from deis_jax.experiments.engine import fingerprint
-from deis_jax.experiments.sealed_cells import FAILED
+from deis_jax.common.files import atomic_write_text, sha256_file
+from deis_jax.common.identity import fingerprint
+from deis_jax.common.reporting import markdown_table, plot_metric_vs_nfe, write_csv
+from deis_jax.experiments import build
+from deis_jax.experiments.engine import FAILED
 from deis_jax.fitting.amed import amed_teacher, fit_amed
 from deis_jax.fitting.optimize import endpoint_distances, optimize_grid
 from deis_jax.fitting.recipes import fit_sampler
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
-from deis_jax.io_utils import atomic_write_text, sha256_file
-from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.sampling.method_spec import MethodChoice
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
@@ -436,7 +436,7 @@ def plot_grids_and_losses(workdir: str, records: list[dict], nfe: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deis_jax.io_utils import save_figure
+    from deis_jax.common.files import save_figure
 
     chosen = [r for r in records if r["nfe_budget"] == nfe]
     if not chosen:

@@ -18,7 +18,7 @@ The run spec (``spec.json``) says what is being generated (seed, sampler, shapes
 user metadata, git revision) and carries its ``fingerprint``, the hash of the settings that
 change a sample (:data:`IDENTITY_KEYS`; ``metadata`` is where a caller puts the parameters'
 hash, the checkpoint step...). A restart whose fingerprint differs is refused before any work,
-with one line per differing setting (:func:`deis_jax.experiments.engine.describe_differences`);
+with one line per differing setting (:func:`deis_jax.common.identity.describe_differences`);
 an unreadable ``spec.json`` (it carries no results) is rewritten from this run with a warning
 -- the shards' own fingerprints still guard against mixing.
 
@@ -34,7 +34,7 @@ count, the process count nor on where a restart happened, and with the same
 indices, and nothing is written for it.
 
 Several processes (``jax.distributed``): the shards are split into contiguous blocks, one per
-process (:func:`deis_jax.parallel.process_range`); every process checks and writes its own
+process (:func:`deis_jax.common.parallel.process_range`); every process checks and writes its own
 shards (to a shared file system: NFS, Filestore, gcsfuse...). All processes run the same number
 of jitted calls over the global mesh (a process with less left to do pads with dummy rows) --
 the pending counts are exchanged once with an all-gather. At the end a barrier, then **process
@@ -47,7 +47,6 @@ check-and-write step).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -59,10 +58,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from deis_jax import parallel
-from deis_jax.experiments import engine
+from deis_jax.common import identity, parallel
+from deis_jax.common.files import atomic_write_text
+from deis_jax.common.progress import progress_bar
 from deis_jax.experiments.shard_store import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -79,7 +78,7 @@ from deis_jax.experiments.shard_store import (
     shard_name,
     write_shard,
 )
-from deis_jax.io_utils import atomic_write_text
+from deis_jax.sampling import sharded
 from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 
@@ -165,9 +164,9 @@ def _jsonable(value: Any) -> Any:
 def sampler_info(sampler: Sampler) -> dict:
     """JSON description of a sampler, with a hash of its float64 time grid, coefficients and
     learned rule parameters (an AMED predictor's weights)."""
-    h = hashlib.sha256(np.ascontiguousarray(sampler.ts, np.float64).tobytes())
-    for leaf in jax.tree.leaves((sampler.table, sampler.rule_params)):
-        h.update(np.ascontiguousarray(np.asarray(leaf, np.float64)).tobytes())
+    table_sha256 = identity.float64_digest(
+        [sampler.ts, *jax.tree.leaves((sampler.table, sampler.rule_params))]
+    )
     return {
         "method": sampler.method,
         "order": int(sampler.order),
@@ -179,7 +178,7 @@ def sampler_info(sampler: Sampler) -> dict:
         "schedule": type(sampler.schedule).__name__,
         "t_first": float(sampler.ts[0]),
         "t_last": float(sampler.ts[-1]),
-        "table_sha256": h.hexdigest(),
+        "table_sha256": table_sha256,
     }
 
 
@@ -206,7 +205,7 @@ def _check_spec(out_dir: str, spec: dict) -> None:
     path = os.path.join(out_dir, SPEC_FILE)
     old, why = read_json(path)
     if old is not None and not (
-        isinstance(old, dict) and engine.fingerprint(identity_of(old)) == old.get("fingerprint")
+        isinstance(old, dict) and identity.fingerprint(identity_of(old)) == old.get("fingerprint")
     ):
         old, why = None, "its fingerprint does not match its settings"
     if why is not None:
@@ -218,7 +217,7 @@ def _check_spec(out_dir: str, spec: dict) -> None:
     if old is None:
         return
     if old["fingerprint"] != spec["fingerprint"]:
-        lines = engine.describe_differences(identity_of(old), identity_of(spec))
+        lines = identity.describe_differences(identity_of(old), identity_of(spec))
         raise DifferentRunError(
             f"{out_dir} holds samples of a different generation run; what differs:\n  "
             + "\n  ".join(lines)
@@ -278,7 +277,7 @@ def generate_samples(
     per-device shape fixed is what makes the samples bit-identical across device counts (see
     ``docs/scale.md``). ``prior``, ``bind``, ``params``, ``labels`` (the classes of a
     class-conditional network, keyed by the global index): as in
-    :func:`deis_jax.parallel.make_generate_fn`.
+    :func:`deis_jax.sampling.sharded.make_generate_fn`.
     ``postprocess`` maps a shard's float samples (host numpy, checked finite first) to what is
     stored (e.g. uint8 images). ``metadata`` (JSON-able) must name everything else that changes
     a sample -- the parameters' hash and checkpoint, the config: it goes into the spec, the
@@ -319,7 +318,7 @@ def generate_samples(
         "device_count": mesh.size,
         "per_device_batch": int(per_device_batch),
     }
-    spec["fingerprint"] = fingerprint = engine.fingerprint(identity_of(spec))
+    spec["fingerprint"] = fingerprint = identity.fingerprint(identity_of(spec))
     _check_spec(out_dir, spec)
     bounds = shard_bounds(num_samples, shard_size)
     refused = None
@@ -351,19 +350,16 @@ def generate_samples(
     pending_per_process = parallel.allgather_ints([len(stream)])[:, 0]
     calls = int(-(-pending_per_process.max() // local_batch))
 
-    generate = parallel.make_generate_fn(
+    generate = sharded.make_generate_fn(
         sampler, mesh, sample_shape, prior=prior, bind=bind, labels=labels, dtype=dtype
     )
-    prior_key, noise_key = parallel.replicate(parallel.sample_keys(seed), mesh)
+    prior_key, noise_key = parallel.replicate(sharded.sample_keys(seed), mesh)
     params = parallel.replicate(params, mesh) if params is not None else None
 
     bar = None
     if progress and pid == 0 and calls:
         done_before = num_samples - int(pending_per_process.sum())
-        bar = tqdm(
-            total=num_samples, initial=done_before, desc="generate", unit="sample",
-            unit_scale=True, dynamic_ncols=True, file=sys.stderr,
-        )  # fmt: skip
+        bar = progress_bar(num_samples, "generate", "sample", initial=done_before)
 
     pending_set = set(pending)
     buffers: dict[int, np.ndarray] = {}  # shard -> samples received so far

@@ -4,8 +4,8 @@
     record = scorer.score(sampler)   # {"value": FD, "num_samples", "is_mean", "rmse", ...}
 
 Every call draws ``config.eval.num_samples`` images through the one sharded generation path
-(``deis_jax.parallel.make_generate_fn`` with ``parallel.sample_keys(config.eval.seed)``): sample
-``i`` starts from ``x_T = prior(fold_in(prior_key, i))`` and a stochastic sampler's noise is
+(``deis_jax.sampling.sharded.make_generate_fn`` with ``sharded.sample_keys(config.eval.seed)``):
+sample ``i`` starts from ``x_T = prior(fold_in(prior_key, i))`` and a stochastic sampler's noise is
 keyed by ``i`` too (a class-conditional network's class as well: ``config.sampling.labels``
 with seed ``config.eval.seed``), so every sampler sees the same x_T and calls differ only by
 the sampler.
@@ -42,15 +42,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from deis_jax import data, image_grid, parallel
+from deis_jax.common import data, image_grid, parallel
 from deis_jax.evaluation import fid
 from deis_jax.evaluation.discretization import reference_output
 from deis_jax.evaluation.features import Reference
 from deis_jax.evaluation.metrics import rmse
 from deis_jax.evaluation.reference import Reference as ReferenceSolve
 from deis_jax.evaluation.reference import reference_solve
-from deis_jax.experiments.sealed_cells import SHOWN, nonfinite_reason
+from deis_jax.experiments.engine import SHOWN, nonfinite_reason
 from deis_jax.models.loading import LoadedModel, class_labels_of, image_shape
+from deis_jax.sampling import sharded
 from deis_jax.sampling.diagnostics import nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
@@ -74,7 +75,7 @@ class SampleScorer:
         self.n = int(ev.num_samples)
         self.batch = math.ceil(int(ev.batch_size) / self.mesh.size) * self.mesh.size
         self.shape = image_shape(config)
-        self.keys = parallel.sample_keys(int(ev.seed))
+        self.keys = sharded.sample_keys(int(ev.seed))
         # a class-conditional network: the class of sample i, keyed like its x_T
         self.labels = class_labels_of(config, model, int(ev.seed))
         self._params = parallel.replicate(model.params, self.mesh)  # once, not per sampler
@@ -91,7 +92,7 @@ class SampleScorer:
         if self._rmse_ref is None:
             ev = self.config.eval
             t0, t1 = self.schedule.interval(self.config.sampler.t0, self.config.sampler.t1)
-            x_T = parallel.prior_draws(
+            x_T = sharded.prior_draws(
                 lambda key: self.schedule.prior_sample(key, self.shape),
                 self.keys[0],
                 jnp.arange(int(ev.rmse_num_samples)),
@@ -115,7 +116,7 @@ class SampleScorer:
         with the NFE x samples of every finished batch."""
         ev, config = self.config.eval, self.config
         start = time.perf_counter()
-        generate = parallel.make_generate_fn(
+        generate = sharded.make_generate_fn(
             sampler, self.mesh, self.shape, bind=self.model.bind, labels=self.labels
         )
         params, (prior_key, noise_key) = self._params, self._keys

@@ -38,7 +38,6 @@ Integrity (nothing lost, nothing mixed, nothing damaged blessed):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -50,12 +49,12 @@ from typing import Any
 
 import numpy as np
 
-from deis_jax.experiments import engine
-from deis_jax.io_utils import (
+from deis_jax.common.files import (
     NPZ_ERRORS,
     atomic_write_bytes,
     atomic_write_text,
     move_aside,
+    sha256_bytes,
     sha256_file,
 )
 
@@ -133,7 +132,7 @@ def write_shard(
     if os.path.exists(sidecar_path(path)):
         os.unlink(sidecar_path(path))
     atomic_write_bytes(path, data)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_bytes(data)
     atomic_write_text(sidecar_path(path), f"{digest}  {os.path.basename(path)}\n")
 
 
@@ -232,7 +231,7 @@ def scan_shards(
             skipped.append(k)
             continue
         if check.state == "foreign":
-            lines = engine.describe_differences(check.identity, identity)
+            lines = identity.describe_differences(check.identity, identity)
             raise DifferentRunError(
                 f"{path} was written by a different generation run; what differs:\n  "
                 + "\n  ".join(lines or [check.detail])

@@ -41,12 +41,12 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from deis_jax import config_validation as cv
+from deis_jax.common import checks as cv
+from deis_jax.common.files import atomic_write_text
+from deis_jax.common.identity import fingerprint
+from deis_jax.common.reporting import markdown_table, pivot, plot_metric_vs_nfe, write_csv
 from deis_jax.evaluation import gmm
-from deis_jax.experiments.engine import fingerprint
-from deis_jax.experiments.sealed_cells import FAILED
-from deis_jax.io_utils import atomic_write_text
-from deis_jax.reporting import markdown_table, pivot, plot_metric_vs_nfe, write_csv
+from deis_jax.experiments.engine import FAILED
 from deis_jax.sampling.method_spec import parse_method_spec
 
 RESULTS_FILE = "sweep.jsonl"

@@ -47,13 +47,13 @@ from typing import Any
 
 import numpy as np
 
-from deis_jax import build
+from deis_jax.common.files import atomic_write_bytes, atomic_write_text
+from deis_jax.common.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.evaluation.paper_numbers import PAPER_TABLES, PaperValue, with_extra_nfe
+from deis_jax.experiments import build
+from deis_jax.experiments.engine import FAILED
 from deis_jax.experiments.fitting import grid_path
-from deis_jax.experiments.sealed_cells import FAILED
-from deis_jax.io_utils import atomic_write_bytes, atomic_write_text
 from deis_jax.models.loading import num_classes
-from deis_jax.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.sampling import solvers
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sampler import EpsFn, Sampler
@@ -396,7 +396,7 @@ EVAL_FIELDS = (
 def fingerprint_payload(config, model_identity: dict, extractor) -> dict[str, Any]:
     """Everything a table cell's result depends on besides its row and NFE (model, SDE, data,
     sampler base settings, eval settings, extractor weights, and for a class-conditional
-    network the classes and guidance): hashed with ``engine.fingerprint`` into the cache
+    network the classes and guidance): hashed with ``identity.fingerprint`` into the cache
     fingerprint."""
     options = config.sampler.get("options")
     conditioning = {}

@@ -50,7 +50,8 @@ import numpy as np
 import optax
 from flax import serialization
 
-from deis_jax.io_utils import atomic_write_bytes
+from deis_jax.common.files import atomic_write_bytes
+from deis_jax.common.progress import Rate, format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -265,14 +266,6 @@ class _Loop:
         self.seconds = float(state["seconds"])
 
 
-def _format_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 # --- the loop -------------------------------------------------------------------------------
 
 
@@ -386,7 +379,7 @@ def fit_adam(
         atomic_write_bytes(state_path, _encode(state))
 
     log_every = max(1, steps // 10)
-    session_start = time.perf_counter()
+    rate = Rate(steps, resumed)
     while loop.step < steps and not loop.stopped:
         step = loop.step
         idx = loop.batches.next()
@@ -419,13 +412,11 @@ def fit_adam(
         if progress is not None:
             progress(1)
         if loop.step % log_every == 0 or loop.step == steps or loop.stopped:
-            done = loop.step - resumed
-            rate = done / max(time.perf_counter() - session_start, 1e-9)
             last_val = loop.val_curve[-1] if loop.val_curve else loop.init_val
-            eta = 0.0 if loop.stopped else (steps - loop.step) / rate
+            eta = format_duration(0.0) if loop.stopped else rate.eta(loop.step)
             logger.info("%s step %d/%d: train %.6g, val %.6g (best %.6g at %d), %.3g steps/s, "
                         "ETA %s", name, loop.step, steps, loop.train_curve[-1], last_val,
-                        loop.best_val, loop.best_step, rate, _format_seconds(eta))  # fmt: skip
+                        loop.best_val, loop.best_step, rate.per_second(loop.step), eta)  # fmt: skip
         if loop.step % checkpoint_every == 0 and loop.step < steps and not loop.stopped:
             checkpoint()
     checkpoint()

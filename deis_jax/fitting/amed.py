@@ -53,11 +53,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deis_jax.common.files import atomic_write_text, read_sealed_record, sealed_json
+from deis_jax.common.identity import array_digest, describe_object, settings_differences
 from deis_jax.fitting.adam_loop import LoopResult, fit_adam
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
-from deis_jax.identity import array_digest, describe_object, settings_differences
-from deis_jax.io_utils import atomic_write_text, read_sealed_record, sealed_json
-from deis_jax.models.amed_predictor import (
+from deis_jax.sampling.amed_predictor import (
     init_predictor,
     predictor_from_settings,
     predictor_settings,
@@ -210,7 +210,7 @@ class AmedPredictorFile:
     (``sample(plan, eps_fn, x_T, rule_params=params)``).
 
     The file (:meth:`save`) holds the ``sha256`` of its content
-    (``deis_jax.io_utils.record_sha256``): :meth:`load` refuses a file damaged or edited after
+    (``deis_jax.common.files.record_sha256``): :meth:`load` refuses a file damaged or edited after
     it was written, naming it. A file without the entry (written by hand or by an older
     deis_jax) is read unchecked."""
 

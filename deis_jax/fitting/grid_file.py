@@ -8,7 +8,7 @@ A file holds ``ts`` (float64, decreasing, written with ``repr`` precision so it 
 exactly), the sampling settings it is valid for (method, order, options, NFE, schedule,
 interval), the optional learned table corrections (``deis_jax.sampling.learned``), and its
 provenance (objective, model, teacher, losses, fit settings), and the ``sha256`` of all of it
-(``deis_jax.io_utils.record_sha256``): a file damaged or edited after it was written is refused
+(``deis_jax.common.files.record_sha256``): a file damaged or edited after it was written is refused
 by :meth:`OptimizedGrid.load` (a file without the entry, written by hand or by an older
 deis_jax, is read unchecked). A grid fitted for one setting
 is refused for any other: the grid of a 5-NFE tAB-3 sampler is not a good 6-NFE iPNDM grid,
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from deis_jax.identity import describe_object, settings_differences
-from deis_jax.io_utils import atomic_write_text, read_sealed_record, sealed_json
+from deis_jax.common.files import atomic_write_text, read_sealed_record, sealed_json
+from deis_jax.common.identity import describe_object, settings_differences
 from deis_jax.sampling.learned import corrected_table
 from deis_jax.sampling.sampler import SamplingPlan, make_plan
 from deis_jax.sampling.sde import NoiseSchedule

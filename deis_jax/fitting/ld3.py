@@ -58,7 +58,6 @@ the returned grid is recomputed on the host in float64 from the best logits eith
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 import warnings
@@ -69,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deis_jax.common.identity import arrays_digest, float64_digest, json_digest
 from deis_jax.fitting.adam_loop import ExtraState, fit_adam
 from deis_jax.sampling.learned import corrected_table, correction_mask
 from deis_jax.sampling.sampler import SamplingPlan, sample
@@ -387,8 +387,8 @@ def fit_ld3(
     fingerprint = ""
     if state_path is not None:
         fingerprint = _fingerprint(
-            state_fingerprint, plan, learn_table, max_delta, loss, trim, ball, lr_shift,
-            x_T_train, x0_train, x_T_val, x0_val,
+            state_fingerprint, plan, (learn_table, max_delta, loss, trim, ball, lr_shift),
+            (x_T_train, x0_train, x_T_val, x0_val),
         )  # fmt: skip
 
     loop_start = time.perf_counter()
@@ -440,17 +440,13 @@ def fit_ld3(
     return fitted
 
 
-def _fingerprint(user: str, plan: SamplingPlan, *settings_and_data) -> str:
+def _fingerprint(user: str, plan: SamplingPlan, settings: tuple, data: tuple) -> str:
     """What a resumable LD3 fit fits: the caller's string (naming the model, which cannot be
-    hashed here), the plan's method and grid, the LD3 settings and a sha256 of the data."""
-    digest = hashlib.sha256()
-    for item in settings_and_data:
-        if isinstance(item, np.ndarray):
-            digest.update(f"{item.dtype}{item.shape}".encode())
-            digest.update(np.ascontiguousarray(item).tobytes())
-        else:
-            digest.update(repr(item).encode())
-        digest.update(b"|")
-    ts = np.asarray(plan.ts, np.float64)
-    digest.update(ts.tobytes() + init_theta(plan).tobytes())
-    return f"ld3 {user} {plan.method} order={plan.order} nfe={plan.nfe} {digest.hexdigest()[:16]}"
+    hashed here), the plan's method, grid and initial logits, the LD3 ``settings`` and the
+    digest of the ``data`` arrays (dtype and bytes)."""
+    digest = json_digest({
+        "settings": [repr(item) for item in settings],
+        "data": arrays_digest((str(i), a) for i, a in enumerate(data)),
+        "grid": float64_digest([plan.ts, init_theta(plan)]),
+    })  # fmt: skip
+    return f"ld3 {user} {plan.method} order={plan.order} nfe={plan.nfe} {digest[:16]}"

@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deis_jax.common.identity import describe_object
 from deis_jax.fitting import gits, ld3
 from deis_jax.fitting.grid_file import OBJECTIVES, OptimizedGrid
 from deis_jax.fitting.teacher import Teacher, solve_teacher
-from deis_jax.identity import describe_object
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import EpsFn, model_argument

@@ -49,13 +49,13 @@ from typing import Any
 
 import numpy as np
 
+from deis_jax.common.files import atomic_write_text, read_sealed_record, sealed_json
+from deis_jax.common.identity import describe_object, settings_differences
 from deis_jax.fitting import ld3
 from deis_jax.fitting.amed import AmedPredictorFile, fit_amed
 from deis_jax.fitting.grid_file import OptimizedGrid
 from deis_jax.fitting.optimize import endpoint_distances, objective_value, optimize_grid
 from deis_jax.fitting.teacher import Teacher, solve_teacher
-from deis_jax.identity import describe_object, settings_differences
-from deis_jax.io_utils import atomic_write_text, read_sealed_record, sealed_json
 from deis_jax.sampling.method_spec import parse_method_spec
 from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample

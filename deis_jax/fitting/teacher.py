@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from deis_jax.identity import array_digest, describe_object
-from deis_jax.io_utils import atomic_write_bytes
+from deis_jax.common.files import atomic_write_bytes
+from deis_jax.common.identity import array_digest, describe_object
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power, time_grid, validate_grid

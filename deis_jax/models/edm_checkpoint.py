@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from deis_jax.io_utils import sha256_file
+from deis_jax.common.files import sha256_file
 from deis_jax.models import checkpoints
 from deis_jax.models.edm_params import params_from_state_dict
 from deis_jax.models.edm_precond import (

@@ -14,7 +14,7 @@ schedule, alpha = 1 and sigma = t (``config.sde.name = 'edm'``): the sampler's t
 sigma the preconditioner takes, and ``eps = (x - D) / sigma``
 (``deis_jax.sampling.wrappers``). A class-conditional network gets ``one_hot(labels)``; the
 labels of a batch are bound with the parameters (``LoadedModel.bind(params, labels)``), drawn
-per sample by ``deis_jax.experiments.class_labels.ClassLabels``.
+per sample by ``deis_jax.sampling.class_labels.ClassLabels``.
 
 Classifier-free guidance with scale ``w`` evaluates the conditional and the null-label
 (all-zero row, EDM's ``class_labels=None``) outputs in one call on a doubled batch and returns
@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from deis_jax.config_validation import ConfigError
+from deis_jax.common.checks import ConfigError
 from deis_jax.models import apply_with_features, checkpoints
 from deis_jax.models.edm_checkpoint import SOURCE
 from deis_jax.models.edm_precond import PRECOND_CLASSES, abstract_params, edm_network_from_kwargs

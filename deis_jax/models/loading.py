@@ -22,7 +22,7 @@
   (compared with ``jax.eval_shape`` of the network's init) -- still before any network is
   built.
 * :func:`load_model` -- the network, its parameters (those, or an untrained network's) and an
-  ``identity`` for result caches (which weights, with :func:`params_digest` of their bytes).
+  ``identity`` for result caches (which weights, with ``identity.tree_digest`` of their bytes).
 
 The parameters stay separate from the network (``bind(params)``) so that jitted samplers take
 them as arguments instead of baking them into the executable as constants.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -40,18 +39,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from deis_jax import data
-from deis_jax.config_validation import (
+from deis_jax.common import data
+from deis_jax.common.checks import (
     ConfigError,
+    first_line,
     get_field,
     require_choice,
     require_number,
     require_seed,
 )
-from deis_jax.experiments import class_labels
+from deis_jax.common.identity import tree_digest
 from deis_jax.models import (
     DATA_FIELDS_OF_MODEL,
     KNOWN_MODEL_CONFIGS,
@@ -63,10 +62,11 @@ from deis_jax.models import (
     get_model,
     get_model_config,
 )
+from deis_jax.sampling import class_labels
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import PREDICTIONS, EpsFn, eps_fn_from_model
 from deis_jax.training import train as training
-from deis_jax.training.train import CheckpointError, first_line
+from deis_jax.training.train import CheckpointError
 
 PARAMS_SOURCES = ("checkpoint", "random")
 BOOL = (True, False)
@@ -144,7 +144,7 @@ def num_classes(config) -> int:
 
 def validate_class_conditioning(config) -> None:
     """``config.sampling.labels`` / ``class_label`` / ``guidance_scale`` (read only for a
-    class-conditional network, see ``deis_jax.experiments.class_labels``)."""
+    class-conditional network, see ``deis_jax.sampling.class_labels``)."""
     sampling = config.get("sampling") or {}
     if edm_loading.is_edm(config) and num_classes(config):
         require_choice(config, "sampling.labels", class_labels.LABEL_MODES)
@@ -365,17 +365,6 @@ def latest_step(workdir: str) -> int | None:
     return max(steps) if steps else None
 
 
-def params_digest(params: Any) -> str:
-    """sha256 of every parameter's path, dtype, shape and bytes (a result cache identifies the
-    weights themselves, not just a checkpoint step that a retraining would reuse)."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.ascontiguousarray(jax.device_get(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
-
-
 # --- the model to sample with -------------------------------------------------------------
 
 
@@ -430,7 +419,7 @@ def load_model(
         values = load_sampling_params(config, workdir, model)
         ckpt = config.sampling.get("checkpoint")
         identity = {"checkpoint": ckpt} if ckpt else {"workdir_step": latest_step(workdir)}
-        identity["params_sha256"] = params_digest(values)
+        identity["params_sha256"] = tree_digest(values)
     identity["model"] = config.model.to_dict()
     prediction = model_prediction(config)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from deis_jax.config_validation import ConfigError
+from deis_jax.common.checks import ConfigError
+from deis_jax.experiments.workdir_lock import workdir_lock
 from deis_jax.modes import compare, fit, sample, sweep, table, train
-from deis_jax.workdir_lock import workdir_lock
 
 MODES: dict[str, ModuleType] = {
     "compare": compare,
@@ -36,7 +36,7 @@ def get_mode(name: str | None) -> ModuleType:
 
 def run_mode(name: str | None, config, workdir: str, plan=None):
     """Run mode ``name`` in this process, holding the workdir's lock
-    (``deis_jax.workdir_lock``: one run per workdir), with ``plan`` (None: validate
+    (``deis_jax.experiments.workdir_lock``: one run per workdir), with ``plan`` (None: validate
     ``config`` first). What ``main.py`` does; tests call it directly."""
     mode = get_mode(name)
     plan = mode.validate(config) if plan is None else plan

@@ -13,7 +13,7 @@ doubling); the problem and the cell are :mod:`deis_jax.evaluation.gmm`. Each cel
 
 The reference row of each dimension is a cell too. Cells run on the experiment engine
 (:mod:`deis_jax.experiments.engine`, lines sealed and checked on resume by
-:mod:`deis_jax.experiments.sealed_cells`): each finished cell is appended to ``results.jsonl``
+:mod:`deis_jax.experiments.engine`): each finished cell is appended to ``results.jsonl``
 (a killed run resumes where it stopped; a damaged line is named and its cell computed again;
 a cell with non-finite samples is reported as failed, without metrics, and computed again by
 the next run); ``results.csv``, ``results.md``, ``error_vs_nfe.png`` and
@@ -29,11 +29,12 @@ from typing import NamedTuple
 
 import jax
 
-from deis_jax import build, parallel
-from deis_jax import config_validation as cv
+from deis_jax.common import checks as cv
+from deis_jax.common import parallel
+from deis_jax.common.identity import fingerprint
 from deis_jax.evaluation import gmm
-from deis_jax.experiments.engine import Cell, Progress, fingerprint
-from deis_jax.experiments.sealed_cells import run_sealed_cells
+from deis_jax.experiments import build, validation
+from deis_jax.experiments.engine import Cell, Progress, run_cells
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sde import NoiseSchedule
 
@@ -59,7 +60,7 @@ def validate(config) -> Plan:
             choices.append(parse_method_spec(text))
         except ValueError as err:
             raise cv.ConfigError(f"config.compare.methods: {err}") from None
-    nfes = cv.require_nfe_list(config, "compare.nfes", choices)
+    nfes = validation.require_nfe_list(config, "compare.nfes", choices)
     cv.require_number(config, "compare.scatter_nfe", integer=True, minimum=1)
     cells = []
     for dim in config.data.dims:
@@ -114,7 +115,7 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
 
     os.makedirs(workdir, exist_ok=True)
     records = list(
-        run_sealed_cells(
+        run_cells(
             plan.cells, compute, cache_path=os.path.join(workdir, "results.jsonl"),
             fingerprint=plan.fingerprint, desc="compare",
         ).values()

@@ -12,7 +12,7 @@ the image model of the config (``fit.params``: its checkpoint as ``--mode=sample
 or ``random``). Writes the grid files (``grids/``), the teacher caches (``teachers/``), the
 cell cache ``results.jsonl`` (a killed run resumes where it stopped) and the report.
 
-On resume every cached cell is checked (:mod:`deis_jax.experiments.sealed_cells`): a damaged
+On resume every cached cell is checked (:mod:`deis_jax.experiments.engine`): a damaged
 line, or a fitted cell whose grid / predictor file is missing or not the file it wrote (its
 sha256 is in the cell's record), is named in the log and computed again (the file rewritten);
 a damaged teacher cache is solved again. A cell whose held-out samples are not finite is
@@ -41,11 +41,11 @@ from typing import NamedTuple
 
 import jax
 
-from deis_jax import config_validation as cv
+from deis_jax.common import checks as cv
+from deis_jax.common.identity import fingerprint
 from deis_jax.evaluation import gmm
-from deis_jax.experiments import fitting
-from deis_jax.experiments.engine import Cell, Progress, fingerprint
-from deis_jax.experiments.sealed_cells import run_sealed_cells
+from deis_jax.experiments import fitting, validation
+from deis_jax.experiments.engine import Cell, Progress, run_cells
 from deis_jax.fitting.amed import LOSSES as AMED_LOSSES
 from deis_jax.fitting.gits import METRICS as GITS_METRICS
 from deis_jax.fitting.ld3 import LOSSES as LD3_LOSSES
@@ -74,8 +74,8 @@ def validate(config) -> Plan:
     else:
         from deis_jax.models.loading import num_classes, validate_model_and_data
 
-        schedule = cv.validate_sde(config)
-        cv.validate_sampler(config, schedule)
+        schedule = validation.validate_sde(config)
+        validation.validate_sampler(config, schedule)
         validate_model_and_data(config)
         if num_classes(config):
             raise cv.ConfigError(
@@ -94,7 +94,7 @@ def validate(config) -> Plan:
         if choice.method in ("sddim", "ersde"):
             raise cv.ConfigError(f"config.fit.methods: {text!r} is stochastic (no ODE grid to fit)")
         choices.append(choice)
-    nfes = cv.require_nfe_list(config, "fit.nfes", choices)
+    nfes = validation.require_nfe_list(config, "fit.nfes", choices)
     cv.require_number(config, "fit.plot_nfe", integer=True, minimum=1)
     allowed = ("default",) + tuple(f"fixed:{k}" for k in GRID_KINDS if k != "custom")
     allowed += fitting.FITTED_VARIANTS
@@ -162,7 +162,7 @@ def _recipes(config, nfes) -> list[str]:
             choice = parse_method_spec(f"{recipe.method}{recipe.order}")
             for nfe in nfes:
                 afs = recipe.uses_afs(nfe)
-                cv.check_budget(config, "fit.nfes", nfe, choice._replace(
+                validation.check_budget(config, "fit.nfes", nfe, choice._replace(
                     options={**choice.options, "afs": afs}), "exact")  # fmt: skip
     return [f"{fitting.RECIPE_PREFIX}{name}" for name in names]
 
@@ -221,7 +221,7 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
 
     os.makedirs(workdir, exist_ok=True)
     records = list(
-        run_sealed_cells(
+        run_cells(
             plan.cells, compute, cache_path=os.path.join(workdir, "results.jsonl"),
             fingerprint=identity, desc="fit",
             verify=lambda record: fitting.artifact_problem(workdir, record),

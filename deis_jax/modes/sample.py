@@ -25,7 +25,7 @@ its noise (stochastic samplers) from ``fold_in(noise_key, i)``, so the images do
 the batch size or the number of devices or hosts. A class-conditional model (EDM's ImageNet-64
 network) samples class ``labels(i)`` (``config.sampling.labels``: ``random`` from the seed,
 ``fixed`` = ``config.sampling.class_label``, ``cycle`` = ``i mod classes``;
-``deis_jax.experiments.class_labels``), stored as ``labels`` in ``samples.npz``, with
+``deis_jax.sampling.class_labels``), stored as ``labels`` in ``samples.npz``, with
 classifier-free guidance ``config.sampling.guidance_scale``.
 """
 
@@ -39,12 +39,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from deis_jax import data, image_grid, parallel
-from deis_jax.config_validation import ConfigError, require_number, validate_sampler, validate_sde
+from deis_jax.common import data, image_grid, parallel
+from deis_jax.common.checks import ConfigError, require_number
+from deis_jax.common.files import NPZ_ERRORS, atomic_output, atomic_write_bytes, sha256_file
+from deis_jax.common.identity import fingerprint
 from deis_jax.experiments import generation
-from deis_jax.experiments.engine import fingerprint
+from deis_jax.experiments.validation import validate_sampler, validate_sde
 from deis_jax.fitting.recipes import FittedSampler
-from deis_jax.io_utils import NPZ_ERRORS, atomic_output, atomic_write_bytes, sha256_file
 from deis_jax.models.loading import (
     LoadedModel,
     class_labels_of,

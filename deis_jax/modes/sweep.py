@@ -9,7 +9,7 @@ is described in :mod:`deis_jax.experiments.sweep`.
 
 Every point is validated at start-up (a bad value names the point and the field). Each point
 is a cell of the experiment engine (:mod:`deis_jax.experiments.engine`, lines sealed and
-checked on resume by :mod:`deis_jax.experiments.sealed_cells`): a finished point is appended
+checked on resume by :mod:`deis_jax.experiments.engine`): a finished point is appended
 as one JSON line to ``<workdir>/sweep.jsonl`` (a line cut short by a kill or damaged is named
 in the log and its point computed again), and a restart skips every point already there under
 the same base config and evaluator. A point with a non-finite metric is a failure: shown as
@@ -17,8 +17,8 @@ the same base config and evaluator. A point with a non-finite metric is a failur
 and ``sweep.png`` are written atomically.
 
 Several devices: each point's samples are sharded over a ``('data',)`` mesh of all devices
-(:mod:`deis_jax.parallel`). Several processes (TPU pod, SLURM): every process runs every point
-in the same order (SPMD); process 0 decides which points are finished (broadcast to the
+(:mod:`deis_jax.common.parallel`). Several processes (TPU pod, SLURM): every process runs every
+point in the same order (SPMD); process 0 decides which points are finished (broadcast to the
 others) and alone writes the results.
 """
 
@@ -31,11 +31,10 @@ from typing import NamedTuple
 import jax
 from absl import logging
 
-from deis_jax import config_validation as cv
-from deis_jax import parallel
+from deis_jax.common import checks as cv
+from deis_jax.common import parallel
 from deis_jax.experiments import sweep as sw
-from deis_jax.experiments.engine import Cell, Progress
-from deis_jax.experiments.sealed_cells import FAILED, run_sealed_cells
+from deis_jax.experiments.engine import FAILED, Cell, Progress, run_cells
 
 
 class Plan(NamedTuple):
@@ -92,7 +91,7 @@ def run(config, workdir: str, plan: Plan | None = None, *, progress: bool = True
         return record
 
     os.makedirs(workdir, exist_ok=True)
-    records = run_sealed_cells(
+    records = run_cells(
         plan.cells, compute, cache_path=os.path.join(workdir, sw.RESULTS_FILE),
         fingerprint=plan.fingerprint, desc="sweep (points)", progress=progress,
     )  # fmt: skip

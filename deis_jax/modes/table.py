@@ -22,7 +22,7 @@ the data (or a given stats file); optionally Inception Score / its digits analog
 the RMSE against a reference ODE solve on the first ``rmse_num_samples`` x_T.
 
 The cells run through the experiment engine (``deis_jax.experiments.engine``, with sealed
-lines: ``deis_jax.experiments.sealed_cells``): each finished cell is appended to
+lines: ``deis_jax.experiments.engine``): each finished cell is appended to
 ``<workdir>/tables/<table>/cells.jsonl`` under a fingerprint of everything that affects it
 (model and weights, SDE, sampler base settings, eval settings, extractor weights), so a re-run
 skips finished cells and a killed run resumes; a damaged line is named in the log and its cell
@@ -43,13 +43,14 @@ from typing import NamedTuple
 import jax
 from absl import logging
 
-from deis_jax import config_validation as cv
+from deis_jax.common import checks as cv
+from deis_jax.common import identity
+from deis_jax.common.files import sha256_file
 from deis_jax.evaluation import features
-from deis_jax.experiments import engine
+from deis_jax.experiments import engine, validation
 from deis_jax.experiments import tables as tb
+from deis_jax.experiments.engine import FAILED, run_cells
 from deis_jax.experiments.scoring import SampleScorer
-from deis_jax.experiments.sealed_cells import FAILED, run_sealed_cells
-from deis_jax.io_utils import sha256_file
 from deis_jax.models.loading import (
     PARAMS_SOURCES,
     describe_model,
@@ -117,8 +118,8 @@ def _check_predictor_files(directory: str, rows, nfes, grids: str) -> None:
 
 def validate(config) -> Plan:
     """Check every field the table reads and build every cell's sampler."""
-    schedule = cv.validate_sde(config)
-    cv.validate_sampler(config, schedule)
+    schedule = validation.validate_sde(config)
+    validation.validate_sampler(config, schedule)
     validate_model_and_data(config)
     if "eval" not in config or "table" not in config:
         raise cv.ConfigError(
@@ -132,7 +133,7 @@ def validate(config) -> Plan:
     rows = _rows(config, spec)
     nfes = spec.nfes
     if cv.get_field(config, "eval.nfes") is not None:
-        nfes = cv.require_nfe_list(config, "eval.nfes", [row.choice for row in rows],
+        nfes = validation.require_nfe_list(config, "eval.nfes", [row.choice for row in rows],
                                    rounding=tb.NFE_ROUNDING)  # fmt: skip
     directory = _predictor_dir(config)
     amed_rows = [row.label for row in rows if row.needs_predictor]
@@ -184,7 +185,7 @@ def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor
     if model is None:
         model = load_model(config, workdir, plan.schedule, params=ev.params)
     extractor = features.extractor_from_config(config) if extractor is None else extractor
-    fingerprint = engine.fingerprint(tb.fingerprint_payload(config, model.identity, extractor))
+    fingerprint = identity.fingerprint(tb.fingerprint_payload(config, model.identity, extractor))
     reference = features.Reference(config, workdir, extractor)
     scorer = SampleScorer(config, plan.schedule, model, extractor, reference)
     logging.info(
@@ -218,7 +219,7 @@ def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor
         )  # fmt: skip
         return tb.write_report(out_dir, spec, plan.rows, plan.nfes, done, ctx, plot=plot)
 
-    done = run_sealed_cells(
+    done = run_cells(
         plan.cells, compute, cache_path=os.path.join(out_dir, "cells.jsonl"),
         fingerprint=fingerprint, desc=f"table {spec.name}", unit="eval", on_record=report,
     )  # fmt: skip

@@ -26,9 +26,10 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deis_jax import data, parallel
-from deis_jax.config_validation import ConfigError, require_choice, require_number, validate_sde
-from deis_jax.io_utils import atomic_write_text
+from deis_jax.common import data, parallel
+from deis_jax.common.checks import ConfigError, require_choice, require_number
+from deis_jax.common.files import atomic_write_text
+from deis_jax.experiments.validation import validate_sde
 from deis_jax.models import edm_loading
 from deis_jax.models.loading import (
     build_model,

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from deis_jax.identity import describe_object, settings_differences
+from deis_jax.common.identity import describe_object, settings_differences
 
 
 def signature(

@@ -41,10 +41,12 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deis_jax import parallel
-from deis_jax.experiments.engine import describe_differences
-from deis_jax.io_utils import atomic_write_bytes, atomic_write_text, move_aside, sha256_file
-from deis_jax.parallel import make_mesh  # noqa: F401  (re-exported: the one mesh helper)
+from deis_jax.common import parallel
+from deis_jax.common.checks import first_line
+from deis_jax.common.files import atomic_write_bytes, atomic_write_text, move_aside, sha256_file
+from deis_jax.common.identity import describe_differences
+from deis_jax.common.parallel import make_mesh  # noqa: F401  (re-exported: the one mesh helper)
+from deis_jax.common.progress import Rate
 from deis_jax.sampling import wrappers
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.training import losses
@@ -308,13 +310,6 @@ def _none_restorable(directory, damaged: list) -> CheckpointError:
     )
 
 
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """``'<type>: <first line of the message>'``, at most ``limit`` characters of it (what a
-    one-line error says of an exception from a library)."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:limit] if text else ''}"
-
-
 def restorable_metadata(
     directory: str, check: Callable[[str, Any], None] | None = None
 ) -> tuple[str, Any] | None:
@@ -424,27 +419,26 @@ def train_loop(
     start = int(state.step)
     history: list[dict] = []
     window: list[dict] = []
-    t_start = t_window = time.perf_counter()
+    rate, t_window = Rate(num_steps, start), time.perf_counter()
     for step in range(start, num_steps):
         state, metrics = step_fn(state, next(batches))
         window.append(metrics)
         if step == start:  # the first step includes compilation: start the clock after it
             jax.block_until_ready(metrics)
-            t_start = time.perf_counter()
+            rate.restart(start + 1)
         if callback is not None:
             callback(step, jax.tree.map(float, metrics))
         done = step + 1
         save = mngr is not None and (done % checkpoint_every == 0 or done == num_steps)
         if done % log_every == 0 or done == num_steps:
             means = _finite_means(window, done, mngr)
-            now = time.perf_counter()
-            rate = (done - start - 1) / max(now - t_start, 1e-9)
-            eta = (num_steps - done) / rate if rate > 0 else float("nan")
-            record = {"step": done, **means, "steps_per_sec": rate, "window_sec": now - t_window}
+            now, per_second = time.perf_counter(), rate.per_second(done)
+            record = {"step": done, **means, "steps_per_sec": per_second,
+                      "window_sec": now - t_window}  # fmt: skip
             history.append(record)
             logging.info(
                 "step %d/%d  loss %.5f  grad_norm %.3f  %.2f steps/s  ETA %s",
-                done, num_steps, means["loss"], means["grad_norm"], rate, _fmt_eta(eta),
+                done, num_steps, means["loss"], means["grad_norm"], per_second, rate.eta(done),
             )  # fmt: skip
             if metrics_path is not None and jax.process_index() == 0:
                 with open(metrics_path, "a") as f:
@@ -475,10 +469,3 @@ def _finite_means(window: list[dict], done: int, mngr) -> dict[str, float]:
             f"config.training.lr or raise config.training.warmup and resume"
         )
     return means
-
-
-def _fmt_eta(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

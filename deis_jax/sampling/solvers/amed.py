@@ -21,7 +21,7 @@ and the update, scaled by ``c`` (AMED's "mean direction" magnitude):
 ones, over *every* evaluation (grid and intermediate points alike, as in the paper): weights
 1; (3, -1)/2; (23, -16, 5)/12; (55, -59, 37, -9)/24, at order ``min(order + 1, e + 1)`` for
 the e-th evaluation (warm start). ``r, c, a`` come per sample from a predictor
-(``deis_jax.models.amed_predictor``) fed with the network's bottleneck feature at ``t_c``
+(``deis_jax.sampling.amed_predictor``) fed with the network's bottleneck feature at ``t_c``
 (or, feature-free, one learned value per step); ``r = 1/2, c = a = 1`` is the base solver:
 ``amed`` and ``amed_dpm`` are then DPM-Solver-2 (``dpm2``) exactly. Each step costs 2 NFE,
 ``2 N - 1`` with AFS for N steps (NFE 3/5/7/9 = 2/3/4/5 steps with AFS).
@@ -218,7 +218,7 @@ class AmedRule:
 
 def _rule(method: str):
     def make(schedule, ts, order: int = 2, **options) -> AmedRule:
-        from deis_jax.models.amed_predictor import AmedPredictor, StepwisePredictor
+        from deis_jax.sampling.amed_predictor import AmedPredictor, StepwisePredictor
 
         opts = amed_options(options)
         ts = np.asarray(ts, np.float64)

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from deis_jax.io_utils import atomic_write_text, save_figure
+from deis_jax.common.files import atomic_write_text, save_figure
 
 
 def format_number(value: Any, digits: int = 3) -> str:

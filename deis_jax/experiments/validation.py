@@ -1,13 +1,13 @@
-"""Start-up validation of ``ml_collections`` configs.
+"""Start-up validation of the ``config.sde`` and ``config.sampler`` blocks.
 
-Every mode module (``deis_jax.modes.<mode>``, looked up with ``deis_jax.modes.get_mode``)
-exposes ``validate(config)`` built from the checks here. A bad value raises ``ConfigError``
-naming the field (dotted path) and the allowed values. Sampler arguments are checked by the
-method's own spec (``MethodSpec.check``: integer order, NFE in ``[1, MAX_NFE]``, options),
-grids by ``deis_jax.sampling.timesteps`` and the interval by ``NoiseSchedule.interval``
-(inside the schedule's valid domain, e.g. ``t1 <= 0.998`` for the cosine VP schedule): this
-module only says which config field was at fault. Every check is O(1) in the NFE but the
-final dry run, which builds the plan once (at most ``MAX_NFE`` steps, well under a second).
+Every mode (``deis_jax.experiments.<mode>``) checks its config with these and the generic
+checks of ``deis_jax.common.checks``; a bad value raises ``ConfigError`` naming the field
+(dotted path) and the allowed values. Sampler arguments are checked by the method's own spec
+(``MethodSpec.check``: integer order, NFE in ``[1, MAX_NFE]``, options), grids by
+``deis_jax.sampling.timesteps`` and the interval by ``NoiseSchedule.interval`` (inside the
+schedule's valid domain, e.g. ``t1 <= 0.998`` for the cosine VP schedule): this module only
+says which config field was at fault. Every check is O(1) in the NFE but the final dry run,
+which builds the plan once (at most ``MAX_NFE`` steps, well under a second).
 """
 
 from __future__ import annotations
@@ -16,99 +16,21 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from deis_jax.build import sampler_from_config, schedule_from_config
+from deis_jax.common.checks import (
+    ConfigError,
+    get_field,
+    require_bool,
+    require_choice,
+    require_int_list,
+    require_number,
+)
+from deis_jax.experiments.build import sampler_from_config, schedule_from_config
 from deis_jax.fitting.grid_file import OPTIMIZED_GRID
 from deis_jax.sampling import solvers
 from deis_jax.sampling.method_spec import MethodChoice
 from deis_jax.sampling.sde import SDE_NAMES, VP_BETA_SCHEDULES, NoiseSchedule
 from deis_jax.sampling.solvers.registry import NFE_ROUNDINGS
 from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power
-
-
-class ConfigError(ValueError):
-    """A config field has a bad value; the message names the field and what is allowed."""
-
-
-def get_field(config, path: str) -> Any:
-    """``config`` value at dotted ``path``; a missing field is a ``ConfigError``."""
-    node = config
-    for part in path.split("."):
-        try:
-            node = node[part]
-        except (KeyError, AttributeError, TypeError):
-            raise ConfigError(f"config.{path} is missing") from None
-    return node
-
-
-def require_choice(config, path: str, allowed: Iterable[Any]) -> Any:
-    """``config.<path>``, which must be one of ``allowed`` (else ``ConfigError``)."""
-    value = get_field(config, path)
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(f"config.{path} must be one of {allowed}, got {value!r}")
-    return value
-
-
-def require_number(
-    config,
-    path: str,
-    *,
-    integer: bool = False,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    exclusive_minimum: bool = False,
-    allow_none: bool = False,
-) -> Any:
-    """``config.<path>`` as a number (an ``int`` with ``integer``) within the given bounds."""
-    value = get_field(config, path)
-    if value is None and allow_none:
-        return value
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type:
-        raise ConfigError(f"config.{path} must be {kind}, got {value!r}")
-    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
-        op = ">" if exclusive_minimum else ">="
-        raise ConfigError(f"config.{path} must be {op} {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"config.{path} must be <= {maximum}, got {value!r}")
-    return value
-
-
-MAX_SEED = 2**31 - 1  # the largest seed accepted: an int32, whatever numpy or JAX does with it
-
-
-def require_seed(config, path: str = "seed") -> int:
-    """``config.<path>``, a random seed: an integer in ``[0, MAX_SEED]`` (numpy refuses a
-    negative seed only when the first random number is drawn, deep into a run)."""
-    value = get_field(config, path)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise ConfigError(
-            f"config.{path} must be an integer in [0, {MAX_SEED}] (a random seed), got {value!r}"
-        )
-    return value
-
-
-def require_bool(config, path: str) -> bool:
-    """``config.<path>``, which must be ``True`` or ``False`` (a string such as ``'no'``
-    would otherwise count as true)."""
-    value = get_field(config, path)
-    if not isinstance(value, bool):
-        raise ConfigError(f"config.{path} must be True or False, got {value!r}")
-    return value
-
-
-def require_int_list(config, path: str, *, minimum: int = 1) -> list[int]:
-    """``config.<path>`` as a non-empty list of integers ``>= minimum``."""
-    values = get_field(config, path)
-    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
-        raise ConfigError(f"config.{path} must be a list of integers, got {values!r}")
-    values = list(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise ConfigError(f"config.{path} must be a non-empty list of integers, got {values!r}")
-    if min(values) < minimum:
-        raise ConfigError(f"config.{path} entries must be >= {minimum}, got {values!r}")
-    return values
 
 
 def nfe_rounding(config, path: str = "sampler") -> str:

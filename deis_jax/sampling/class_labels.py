@@ -4,7 +4,7 @@
     labels(jnp.arange(8))          # int32 (8,): the classes of samples 0..7
 
 A sample's class depends only on its global index (and the seed), exactly like its ``x_T``
-(``deis_jax.parallel.prior_draws``): the class of sample ``i`` is the same whatever the batch
+(``deis_jax.common.parallel.prior_draws``): the class of sample ``i`` is the same whatever the batch
 size, the number of devices or processes, or where a restart happened. Modes
 (``config.sampling.labels`` / ``config.eval.labels``):
 

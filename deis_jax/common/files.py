@@ -1,6 +1,7 @@
 """Crash-safe file output (atomic replace for whole files, fsync'ed appends for JSON lines),
-the one file hash, :func:`sha256_file`, the one JSON-record seal (:func:`sealed_json`,
-:func:`check_record_sha256`) and :func:`move_aside` for a damaged file.
+the one file hash, :func:`sha256_file`, sealed JSON records (:func:`sealed_json`,
+:func:`read_sealed_record`: the seal is ``deis_jax.common.identity.record_sha256``) and
+:func:`move_aside` for a damaged file.
 
 A long run never loses finished results: tables and plots are written to a temporary file in
 the same directory and renamed over the target (``os.replace`` is atomic on POSIX), and
@@ -22,6 +23,8 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from typing import Any
+
+from deis_jax.common.identity import SHA256_KEY, record_sha256
 
 # What ``np.load`` raises for a truncated, bit-flipped or otherwise damaged ``.npz`` file.
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -58,6 +61,11 @@ def disk_full_as_error(path: str) -> Iterator[None]:
         raise
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``: :func:`sha256_file` of a file holding them."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks (the one file hash of the package: checkpoints,
     classifier and Inception weights, sample shards)."""
@@ -66,18 +74,6 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-SHA256_KEY = "sha256"  # the entry of a sealed JSON record that holds its checksum
-
-
-def record_sha256(record: dict[str, Any]) -> str:
-    """Hex sha256 of a JSON record without its ``"sha256"`` entry: the canonical JSON text
-    (keys sorted) of the record as it reads back from JSON, so a record and its file's
-    contents give the same digest (tuples become lists, keys strings)."""
-    body = {k: v for k, v in record.items() if k != SHA256_KEY}
-    canonical = json.dumps(json.loads(json.dumps(body, allow_nan=False)), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def sealed_json(record: dict[str, Any], **dumps_kwargs: Any) -> str:

@@ -9,10 +9,6 @@ Sampling is embarrassingly parallel over samples, so the whole story is data par
   and scalars. :func:`shard_batch` (a full batch every process holds),
   :func:`shard_local_batch` (this process's rows only), :func:`replicate` (parameters) put
   host data there; :func:`local_rows` and :func:`gather` bring results back.
-* :func:`shard_sampler` -- a :class:`~deis_jax.sampling.sampler.Sampler` jitted once with
-  those in/out shardings; :func:`make_generate_fn` -- the same, but ``x_T`` is drawn inside the
-  jit from the global sample indices, so nothing but int32 indices crosses the host/device
-  boundary.
 * :func:`maybe_initialize_distributed` -- ``jax.distributed.initialize()`` when the
   environment describes several processes, a no-op on one machine.
 * :func:`process_range` -- the contiguous slice of a global index range that one process owns.
@@ -39,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging as pylogging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -48,9 +44,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from deis_jax.sampling.sampler import Sampler, sample
-from deis_jax.sampling.wrappers import model_argument
 
 DATA_AXIS = "data"
 
@@ -95,7 +88,7 @@ def shard_batch(x, mesh: jax.sharding.Mesh) -> jax.Array:
     if x.shape[0] % mesh.size:
         raise ValueError(
             f"batch of {x.shape[0]} rows does not split over {mesh.size} devices; pad it "
-            f"(deis_jax.parallel.pad_batch) to a multiple of {mesh.size}"
+            f"(deis_jax.common.parallel.pad_batch) to a multiple of {mesh.size}"
         )
     return jax.device_put(x, batch_sharding(mesh))
 
@@ -181,112 +174,6 @@ def process_range(
     base, extra = divmod(int(num), count)
     start = p * base + min(p, extra)
     return range(start, start + base + (1 if p < extra else 0))
-
-
-# --- sharded sampling ---------------------------------------------------------------------
-
-
-def shard_sampler(sampler: Sampler, mesh: jax.sharding.Mesh) -> Callable:
-    """``sampler`` jitted once over ``mesh``: ``fn(x_T, key=None, index_offset=0) -> x_0``.
-
-    ``x_T`` is sharded ``P('data')`` (its length a multiple of ``mesh.size``), the key and
-    offset are replicated, and ``x_0`` comes back sharded ``P('data')``. ``index_offset`` is
-    the global index of row 0 (stochastic methods key their noise by it). The sampler's
-    ``eps_fn`` is a replicated argument of the compiled function (its parameters are not
-    baked in; see ``deis_jax.sampling.wrappers.model_argument``).
-
-    Rows concatenated over calls equal a 1-device run bit for bit only when each call has the
-    same rows per device (``len(x_T) // mesh.size``) as that run: split the work into calls of
-    a fixed per-device batch. One call of the same global batch on another number of devices
-    is close (float32 rounding), not identical (module docstring, "Determinism")."""
-    b, r = batch_sharding(mesh), replicated_sharding(mesh)
-    plan = sampler.plan
-    # the network and the learned rule's parameters (e.g. an AMED predictor), replicated
-    model = replicate((model_argument(sampler.eps_fn), sampler.rule_params), mesh)
-    if sampler.stochastic:
-        jitted = jax.jit(
-            lambda m, x_T, key, offset: sample(
-                plan, m[0], x_T, key, index_offset=offset, rule_params=m[1]
-            ),
-            in_shardings=(r, b, r, r),
-            out_shardings=b,
-        )
-
-        def call(x_T, key=None, index_offset=0):
-            if key is None:
-                raise ValueError("this sampler is stochastic: pass a PRNG key")
-            return jitted(model, x_T, jax.device_put(key, r), np.int32(index_offset))
-
-        return call
-    jitted = jax.jit(
-        lambda m, x_T: sample(plan, m[0], x_T, rule_params=m[1]),
-        in_shardings=(r, b),
-        out_shardings=b,
-    )
-    return lambda x_T, key=None, index_offset=0: jitted(model, x_T)
-
-
-def make_generate_fn(
-    sampler: Sampler,
-    mesh: jax.sharding.Mesh,
-    sample_shape: tuple[int, ...],
-    *,
-    prior: Callable[[jax.Array], jax.Array] | None = None,
-    bind: Callable[..., Callable] | None = None,
-    labels: Callable[[jax.Array], jax.Array] | None = None,
-    dtype=jnp.float32,
-) -> Callable:
-    """Jit once: ``fn(params, prior_key, noise_key, indices) -> (x_0, indices)``.
-
-    ``indices`` (int32, sharded ``P('data')``; build it with :func:`shard_local_batch` or
-    :func:`shard_batch`) are *global* sample indices. Inside the jit, ``x_T[j] =
-    prior(fold_in(prior_key, indices[j]))`` (default: ``schedule.prior_sample(key,
-    sample_shape, dtype)``) and the stochastic noise of row ``j`` is keyed by ``indices[j]``,
-    so a sample depends only on its index. ``bind(params) -> eps_fn`` rebinds the network to
-    ``params`` (passed as a replicated argument, not baked into the executable); without
-    ``bind`` the sampler's own ``eps_fn`` is used and ``params`` is ignored (pass ``None``).
-    ``labels(indices) -> classes`` (a class-conditional network,
-    ``deis_jax.experiments.class_labels.ClassLabels``) draws the class of every row from its
-    global index inside the jit, like ``x_T``, and binds them with the parameters:
-    ``bind(params, classes)``. ``indices`` is returned alongside ``x_0`` with the same
-    sharding, so a caller can pair rows with indices without assuming a device order."""
-    if labels is not None and bind is None:
-        raise ValueError("labels need bind(params, labels): the network to condition")
-    shape = tuple(int(s) for s in sample_shape)
-    if prior is None:
-
-        def prior(key):
-            return sampler.schedule.prior_sample(key, shape, dtype)
-
-    b, r = batch_sharding(mesh), replicated_sharding(mesh)
-
-    def generate(params, prior_key, noise_key, indices):
-        x_T = prior_draws(prior, prior_key, indices)
-        x_T = jax.lax.with_sharding_constraint(x_T, b)
-        if bind is None:
-            bound = sampler
-        else:
-            classes = () if labels is None else (labels(indices),)
-            bound = dataclasses.replace(sampler, eps_fn=bind(params, *classes))
-        if not bound.stochastic:
-            return bound(x_T), indices
-        return bound(x_T, noise_key, sample_index=indices), indices
-
-    return jax.jit(generate, in_shardings=(r, r, r, b), out_shardings=(b, b))
-
-
-def prior_draws(
-    prior: Callable[[jax.Array], jax.Array], prior_key: jax.Array, indices: jax.Array
-) -> jax.Array:
-    """``x_T`` of the samples with global ``indices``: row ``j`` is ``prior(fold_in(prior_key,
-    indices[j]))`` -- the one keying of ``x_T`` (:func:`make_generate_fn` draws with it)."""
-    return jax.vmap(lambda i: prior(jax.random.fold_in(prior_key, i)))(indices)
-
-
-def sample_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """``(prior_key, noise_key)`` of a run: ``split(PRNGKey(seed))``, as ``--mode=sample``."""
-    prior_key, noise_key = jax.random.split(jax.random.PRNGKey(int(seed)))
-    return prior_key, noise_key
 
 
 # --- multi-process start-up ---------------------------------------------------------------
@@ -401,7 +288,7 @@ def maybe_initialize_distributed(
         if "must be called before" in str(err):
             raise RuntimeError(
                 "jax.distributed.initialize() must run before any JAX computation: call "
-                "deis_jax.parallel.maybe_initialize_distributed() at the very start of the "
+                "deis_jax.common.parallel.maybe_initialize_distributed() at the very start of the "
                 f"program (main.py does). Original error: {err}"
             ) from err
         raise

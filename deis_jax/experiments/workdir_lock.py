@@ -148,7 +148,7 @@ def release(workdir: str, fd: int | None) -> None:
 def _all_processes_locked(locked: bool) -> bool:
     """Whether every process of the run says ``locked`` (one all-gather; with one process,
     ``locked`` itself)."""
-    from deis_jax import parallel
+    from deis_jax.common import parallel
 
     return bool(parallel.allgather_ints([int(locked)]).all())
 
