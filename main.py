@@ -25,7 +25,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deis_jax.common import data, parallel
+from deis_jax.common import checkpoint_store, data, parallel
 from deis_jax.common.checks import ConfigError
 from deis_jax.common.files import DiskFullError
 from deis_jax.evaluation import features, fid
@@ -79,7 +79,7 @@ def apply_option_flags(config, options: list[tuple[str, str, str]]) -> None:
 INPUT_ERRORS = (
     ConfigError,
     data.DatasetNotFoundError,
-    loading.CheckpointError,
+    checkpoint_store.CheckpointError,
     InceptionWeightsError,
     fid.StatsFileError,
 )

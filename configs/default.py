@@ -26,12 +26,12 @@ Not a runnable experiment by itself; every ``configs/{vpsde,vesde}_*.py`` starts
 import ml_collections
 from ml_collections import FieldReference
 
-from deis_jax.models import get_model_config
-from deis_jax.models.loading import DATA_FIELDS_OF_MODEL, INFO_FIELDS
+from deis_jax.models.loading import INFO_FIELDS
+from deis_jax.models.score_sde import DATA_FIELDS_OF_MODEL, get_model_config
 
 
 def model_block(known_name: str, **overrides) -> ml_collections.ConfigDict:
-    """A published score_sde model block (``deis_jax.models.KNOWN_MODEL_CONFIGS``) without
+    """A published score_sde model block (``deis_jax.models.score_sde.KNOWN_MODEL_CONFIGS``) without
     the fields that live in ``config.data`` / ``config.training``, plus ``overrides``."""
     values = get_model_config(known_name).to_dict()
     for key in DATA_FIELDS_OF_MODEL + INFO_FIELDS:

@@ -21,7 +21,7 @@ paper's CIFAR-10 panel: iPNDM 47.98 / 13.59 / 5.08 / 3.17, DPM-Solver-2 (AFS) 15
 
 The sampler's time is EDM's sigma (``config.sde.name = 'edm'``: alpha = 1, sigma = t on
 [0.002, 80], the range diff-sampler uses); the network is EDM's VP-preconditioned DDPM++
-(``deis_jax.models.edm_loading``), an x0 prediction. Sampling defaults to iPNDM-3 at NFE 10
+(``deis_jax.models.edm.family``), an x0 prediction. Sampling defaults to iPNDM-3 at NFE 10
 on EDM's rho = 7 grid (``karras``).
 """
 
@@ -51,7 +51,7 @@ CIFAR10_UNCOND_VP = dict(
 
 
 def edm_block(precond_class: str, kwargs: dict) -> ml_collections.ConfigDict:
-    """``config.model`` of an EDM network (``deis_jax.models.edm_loading``)."""
+    """``config.model`` of an EDM network (``deis_jax.models.edm.family``)."""
     return ml_collections.ConfigDict(
         {"name": "edm", "precond_class": precond_class, "kwargs": dict(kwargs)}
     )

@@ -53,7 +53,7 @@ from deis_jax.common.files import atomic_write_text  # noqa: E402
 from deis_jax.common.reporting import markdown_table, write_csv  # noqa: E402
 from deis_jax.experiments.build import schedule_from_config  # noqa: E402
 from deis_jax.fitting.amed import init_params  # noqa: E402
-from deis_jax.models import apply_with_features  # noqa: E402
+from deis_jax.models.features import apply_with_features  # noqa: E402
 from deis_jax.models.loading import (  # noqa: E402
     build_model,
     image_shape,

@@ -9,7 +9,7 @@ Reading a pickle needs PyTorch (the CPU build is enough) and EDM's source code
 ``requests``, which ``dnnlib`` imports): EDM pickles carry their classes' source and execute
 it on load, so convert only trusted files. The preconditioner is the pickle's ``'ema'`` entry;
 its class name, ``init_kwargs``, attributes and state dict are converted with
-:func:`deis_jax.models.edm_checkpoint.convert_state_dict`, which checks every parameter name
+:func:`deis_jax.models.edm.convert.convert_state_dict`, which checks every parameter name
 and shape against the Flax port before anything is written.
 
 Without torch, a state dict exported as ``.npz`` (torch names and layout, buffers included)
@@ -19,7 +19,7 @@ of ``tests/fixtures/edm/*_small.{params.npz,json}``) converts the same way::
     python scripts/convert_edm_checkpoint.py --state-dict net.params.npz --kwargs net.json \\
         --out checkpoints/converted/net
 
-Load the result with ``net, params = deis_jax.models.edm_checkpoint.load_edm_checkpoint(out)``.
+Load the result with ``net, params = deis_jax.models.edm.convert.load_edm_checkpoint(out)``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import numpy as np  # noqa: E402
 
-from deis_jax.models.edm_checkpoint import convert_state_dict  # noqa: E402
-from deis_jax.models.edm_precond import PRECOND_ATTR_NAMES, PRECOND_CLASSES  # noqa: E402
+from deis_jax.models.edm.convert import convert_state_dict  # noqa: E402
+from deis_jax.models.edm.precond import PRECOND_ATTR_NAMES, PRECOND_CLASSES  # noqa: E402
 
 EDM_URL = "https://github.com/NVlabs/edm"
 NO_TORCH = (

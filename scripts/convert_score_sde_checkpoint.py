@@ -5,8 +5,8 @@
         --model_config vp_cifar10_ddpmpp_deep_continuous \\
         --out checkpoints/converted/vp_cifar10_ddpmpp_deep_continuous_8
 
-``--model_config`` is one of the known names (``deis_jax.models.KNOWN_MODEL_CONFIGS``) or a
-JSON file holding a model config (either flat, or with ``model_config`` and ``data_config``
+``--model_config`` is one of the known names (``deis_jax.models.score_sde.KNOWN_MODEL_CONFIGS``)
+or a JSON file holding a model config (either flat, or with ``model_config`` and ``data_config``
 blocks as in ``tests/fixtures/score_sde/*.json``). The file is read as score_sde published it
 (flax 0.3.1); its GroupNorm parameters, stored as ``(1, 1, 1, C)`` by that flax, are reshaped
 to today's ``(C,)`` and counted in the metadata's ``converted_leaves``. The parameters
@@ -28,11 +28,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import ml_collections  # noqa: E402
 
 from deis_jax.common.files import sha256_file  # noqa: E402
-from deis_jax.models import (  # noqa: E402
-    KNOWN_MODEL_CONFIGS,
-    checkpoints,  # noqa: E402
-    get_model_config,
-)
+from deis_jax.models import checkpoints  # noqa: E402
+from deis_jax.models.score_sde import KNOWN_MODEL_CONFIGS, get_model_config  # noqa: E402
 
 
 def load_model_config(spec: str) -> tuple[str, ml_collections.ConfigDict]:

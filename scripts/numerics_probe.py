@@ -47,8 +47,7 @@ def compute(out_file: str) -> None:
 
     import deis_jax as deis
     from deis_jax.fitting import ld3
-    from deis_jax.models import get_model
-    from deis_jax.models.loading import DATA_FIELDS_OF_MODEL
+    from deis_jax.models.score_sde import DATA_FIELDS_OF_MODEL, get_model
     from deis_jax.sampling.sampler import make_plan, sample
     from deis_jax.sampling.wrappers import model_argument
 

@@ -22,10 +22,10 @@ import jax
 import numpy as np
 from tolerances import f32_net_rtol
 
-from deis_jax.models import apply_with_features
-from deis_jax.models.edm_params import params_from_state_dict
-from deis_jax.models.edm_precond import edm_network_from_kwargs
-from deis_jax.models.edm_unets import DhariwalUNet, SongUNet
+from deis_jax.models.edm.params import params_from_state_dict
+from deis_jax.models.edm.precond import edm_network_from_kwargs
+from deis_jax.models.edm.unets import DhariwalUNet, SongUNet
+from deis_jax.models.features import apply_with_features
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "edm"
 SMALL_MODELS = ("cifar10_uncond_vp", "cifar10_uncond_ve", "cifar10_cond_vp", "imagenet64_cond_adm")

@@ -263,8 +263,8 @@ def test_bottleneck_predictor_through_the_loop():
     import functools
 
     from deis_jax.fitting.amed import init_params
-    from deis_jax.models import get_model, get_model_config
-    from deis_jax.models.loading import _apply_for_sampling
+    from deis_jax.models.score_sde import get_model, get_model_config
+    from deis_jax.models.score_sde.family import apply_for_sampling
     from deis_jax.sampling.wrappers import eps_fn_from_model
 
     config = get_model_config("vp_cifar10_ddpmpp_continuous")
@@ -275,7 +275,7 @@ def test_bottleneck_predictor_through_the_loop():
     rng = np.random.default_rng(0)
     net = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), jnp.float32),
                        shapes)  # fmt: skip
-    apply = functools.partial(_apply_for_sampling, model)
+    apply = functools.partial(apply_for_sampling, model)
     eps_fn = eps_fn_from_model(jax.tree_util.Partial(apply, net), SDE, "eps")
     plan = make_plan(SDE, method="amed_ipndm", nfe=5, afs=True, scale_time=0.2)
     assert plan.rule.needs_features

@@ -9,7 +9,7 @@ import pytest
 
 from configs import amed_gmm
 from deis_jax.common.checks import ConfigError
-from deis_jax.evaluation import gmm
+from deis_jax.experiments import gmm
 from deis_jax.experiments.validation import validate_sampler
 from deis_jax.fitting.amed import (
     AmedPredictorFile,

@@ -29,9 +29,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import main  # noqa: E402
+from deis_jax.common import checkpoint_store  # noqa: E402
 from deis_jax.common.checks import MAX_SEED, ConfigError  # noqa: E402
 from deis_jax.experiments import tables  # noqa: E402
-from deis_jax.models import abstract_params, checkpoints, loading  # noqa: E402
+from deis_jax.models import checkpoints, loading  # noqa: E402
+from deis_jax.models.score_sde import abstract_params  # noqa: E402
+from deis_jax.models.score_sde.family import model_config  # noqa: E402
 from deis_jax.modes import get_mode  # noqa: E402
 from deis_jax.training import train as training  # noqa: E402
 
@@ -205,8 +208,8 @@ def _save_training_checkpoint(workdir, config, step: int) -> None:
     model, tx = loading.build_model(config), training.optimizer_from_config(config.training)
     shape = loading.image_shape(config)
     state = jax.eval_shape(lambda: training.init_state(model, tx, jax.random.key(0), shape))
-    mngr = training.checkpoint_manager(str(workdir / "checkpoints"))
-    training.save_checkpoint(mngr, step, _zeros(state))
+    mngr = checkpoint_store.checkpoint_manager(str(workdir / "checkpoints"))
+    checkpoint_store.save_checkpoint(mngr, step, _zeros(state))
     mngr.close()
 
 
@@ -226,7 +229,7 @@ def test_checkpoints_of_the_network_pass_the_start_up_check(tmp_path, early, kin
     """The structure checks accept the checkpoint of the config's own network (a raw
     score_sde file in flax 0.3's GroupNorm layout, which loading converts, too)."""
     config = _tiny_digits_config()
-    params = _zeros(abstract_params(loading.model_config(config)))
+    params = _zeros(abstract_params(model_config(config)))
     path = tmp_path / "checkpoint_8"
     if kind == "converted":
         checkpoints.save_params(path, params)
@@ -247,7 +250,7 @@ def test_checkpoints_of_the_network_pass_the_start_up_check(tmp_path, early, kin
 def test_sampling_checkpoint_of_another_network(tmp_path, early, kind):
     """Parameters of a network with nf=8 (converted, or a raw score_sde file), sampled with
     nf=16: refused from the checkpoint's structure, before any network is built."""
-    params = _zeros(abstract_params(loading.model_config(_tiny_digits_config())))
+    params = _zeros(abstract_params(model_config(_tiny_digits_config())))
     path = tmp_path / "checkpoint_8"
     if kind == "converted":
         checkpoints.save_params(path, params)

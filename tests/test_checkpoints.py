@@ -15,8 +15,9 @@ from flax import serialization
 from tolerances import SCORE_SDE_FIXTURE_RTOL
 
 from deis_jax.common.files import sha256_file
-from deis_jax.models import checkpoints, get_model
+from deis_jax.models import checkpoints
 from deis_jax.models.checkpoints import flatten_tree
+from deis_jax.models.score_sde import get_model
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "score_sde"
 SMALL = "vp_cifar10_ddpmpp_continuous_small"

@@ -22,7 +22,7 @@ from edm_fixture_models import (
 
 from deis_jax.common.files import sha256_file
 from deis_jax.models import checkpoints
-from deis_jax.models.edm_checkpoint import convert_state_dict, load_edm_checkpoint
+from deis_jax.models.edm.convert import convert_state_dict, load_edm_checkpoint
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "convert_edm_checkpoint.py"
 

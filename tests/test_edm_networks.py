@@ -22,19 +22,19 @@ from edm_fixture_models import (
 )
 from tolerances import EPS32
 
-from deis_jax.models import edm_layers as L
-from deis_jax.models.edm_params import (
+from deis_jax.models.edm import layers as L
+from deis_jax.models.edm.params import (
     check_published_tree,
     params_from_state_dict,
     state_dict_to_params,
 )
-from deis_jax.models.edm_precond import (
+from deis_jax.models.edm.precond import (
     EDMPrecond,
     VPPrecond,
     edm_network_from_kwargs,
     precond_attrs,
 )
-from deis_jax.models.edm_topology import unet_plan
+from deis_jax.models.edm.topology import unet_plan
 
 TREE_FILES = sorted(FIXTURES.glob("tree_*.json"))
 LAYERS = json.loads((FIXTURES / "layers.json").read_text())["cases"]

@@ -16,7 +16,7 @@ from configs import edm_cifar10_vp
 from deis_jax.common.checks import ConfigError
 from deis_jax.experiments import build, generation
 from deis_jax.models import loading
-from deis_jax.models.edm_checkpoint import convert_state_dict
+from deis_jax.models.edm.convert import convert_state_dict
 from deis_jax.modes import sample as sample_mode
 from deis_jax.sampling.class_labels import ClassLabels
 
@@ -135,7 +135,7 @@ def test_published_configs_build_the_published_trees():
     import json
 
     from configs import edm_imagenet64_cond
-    from deis_jax.models.edm_params import check_published_tree
+    from deis_jax.models.edm.params import check_published_tree
 
     here = os.path.join(os.path.dirname(__file__), "fixtures", "edm")
     for module, name in (

@@ -41,8 +41,13 @@ from test_train import TinyNet  # noqa: E402
 from test_train import tiny_config as train_config  # noqa: E402
 
 from configs import fit_gmm  # noqa: E402
-from deis_jax.evaluation import fid, gmm  # noqa: E402
-from deis_jax.experiments import fitting, sweep  # noqa: E402
+from deis_jax.common import checkpoint_store  # noqa: E402
+from deis_jax.evaluation import fid  # noqa: E402
+from deis_jax.experiments import (  # noqa: E402
+    fitting,
+    gmm,  # noqa: E402
+    sweep,
+)
 from deis_jax.experiments.engine import (  # noqa: E402
     FAILED,
     Cell,  # noqa: E402
@@ -314,11 +319,14 @@ def _data_file(step_dir):
 CHECKPOINT_DAMAGE = {
     "truncated": (lambda d: truncate(_data_file(d)), "does not match its recorded sha256"),
     "deleted": (lambda d: os.remove(_data_file(d)), "is missing"),
-    "torn_record": (lambda d: truncate(os.path.join(d, training.INTEGRITY_FILE)), "unreadable"),
+    "torn_record": (
+        lambda d: truncate(os.path.join(d, checkpoint_store.INTEGRITY_FILE)),
+        "unreadable",
+    ),
     "no_record": (  # no digests to check against: orbax's own error decides (a truncated
         # data file may go unnoticed by orbax: it can hold superseded blocks)
         lambda d: (
-            os.remove(os.path.join(d, training.INTEGRITY_FILE)),
+            os.remove(os.path.join(d, checkpoint_store.INTEGRITY_FILE)),
             truncate(os.path.join(d, "default", "_METADATA")),
         ),
         "restoring it failed (JSONDecodeError",
@@ -335,18 +343,18 @@ def test_damaged_checkpoint_falls_back_with_a_warning(trained, tmp_path, caplog,
     damage(os.path.join(directory, "4"))
     target = _abstract_state(tiny_train_config())
     with caplog.at_level(logging.WARNING):
-        mngr = training.checkpoint_manager(directory)
+        mngr = checkpoint_store.checkpoint_manager(directory)
         try:
-            state = training.restore_state(mngr, target)
+            state = checkpoint_store.restore_state(mngr, target)
             assert mngr.all_steps() == [2]
         finally:
             mngr.close()
     assert int(state.step) == 2
     assert f"checkpoint step 4 ({os.path.join(directory, '4')}) is damaged" in caplog.text
     assert message in caplog.text
-    pristine = training.checkpoint_manager(reference)
+    pristine = checkpoint_store.checkpoint_manager(reference)
     try:
-        expected = training.restore_state(pristine, target, step=2)
+        expected = checkpoint_store.restore_state(pristine, target, step=2)
     finally:
         pristine.close()
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
@@ -360,16 +368,16 @@ def test_no_intact_checkpoint_or_another_runs_checkpoint_is_refused(trained, tmp
     target = _abstract_state(config)
     other = tiny_train_config()
     other.seed = 1  # the checkpoints of another run
-    mngr = training.checkpoint_manager(directory)
+    mngr = checkpoint_store.checkpoint_manager(directory)
     try:
         with pytest.raises(
-            training.CheckpointError, match=r"another run \(seed: 0 \(on disk\) vs 1"
+            checkpoint_store.CheckpointError, match=r"another run \(seed: 0 \(on disk\) vs 1"
         ):
-            training.restore_state(mngr, target, identity=train_mode.identity(other))
+            checkpoint_store.restore_state(mngr, target, identity=train_mode.identity(other))
         for step in ("2", "4"):
             flip_bit(_data_file(os.path.join(directory, step)))
-        with pytest.raises(training.CheckpointError) as info:
-            training.restore_state(mngr, target, identity=train_mode.identity(config))
+        with pytest.raises(checkpoint_store.CheckpointError) as info:
+            checkpoint_store.restore_state(mngr, target, identity=train_mode.identity(config))
     finally:
         mngr.close()
     message = str(info.value)

@@ -15,8 +15,10 @@ from tolerances import assert_close_max_rel, f32_net_rtol
 
 import deis_jax as deis
 from deis_jax.evaluation.analytic import GaussianMixture
-from deis_jax.models import DDPM, NCSNpp, apply_with_features, get_model, get_model_config, loading
-from deis_jax.models.loading import _apply_for_sampling
+from deis_jax.models import loading
+from deis_jax.models.features import apply_with_features
+from deis_jax.models.score_sde import DDPM, NCSNpp, get_model, get_model_config
+from deis_jax.models.score_sde.family import apply_for_sampling
 from deis_jax.sampling.wrappers import (
     eps_fn_from_model,
     eps_with_features,
@@ -142,7 +144,7 @@ def test_apply_with_features_needs_a_sown_bottleneck():
 def test_eps_with_features_through_eps_fn_from_model(name):
     model, params, x, _ = network(name)
     _, prediction, schedule, _ = NETWORKS[name]
-    apply = functools.partial(_apply_for_sampling, model)
+    apply = functools.partial(apply_for_sampling, model)
     eps_fn = eps_fn_from_model(jax.tree_util.Partial(apply, params), schedule, prediction)
     assert supports_features(eps_fn)
     # the parameters are still the pytree's leaves (arguments, not constants, under jit)

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from deis_jax.common.checks import ConfigError
-from deis_jax.evaluation import gmm
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.evaluation.reference import Reference, reference_solve
-from deis_jax.experiments import sweep
+from deis_jax.experiments import gmm, sweep
 from deis_jax.fitting.amed import AmedPredictorFile, amed_teacher, fit_amed
 from deis_jax.modes import compare, fit, run_mode
 from deis_jax.modes import sweep as sweep_mode

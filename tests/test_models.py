@@ -13,7 +13,9 @@ import pytest
 from flax import serialization
 from tolerances import SCORE_SDE_FIXTURE_RTOL
 
-from deis_jax.models import (
+from deis_jax.models.checkpoints import flatten_tree
+from deis_jax.models.score_sde import (
+    DATA_FIELDS_OF_MODEL,
     DDPM,
     KNOWN_MODEL_CONFIGS,
     NCSNpp,
@@ -21,9 +23,7 @@ from deis_jax.models import (
     get_model,
     get_model_config,
 )
-from deis_jax.models import resampling as rs
-from deis_jax.models.checkpoints import flatten_tree
-from deis_jax.models.loading import DATA_FIELDS_OF_MODEL
+from deis_jax.models.score_sde import resampling as rs
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "score_sde"
 TREE_FILES = sorted(FIXTURES.glob("tree_*.json"))

@@ -13,8 +13,7 @@ import jax
 import pytest
 
 from deis_jax.common.checks import ConfigError
-from deis_jax.evaluation import gmm
-from deis_jax.experiments import sweep
+from deis_jax.experiments import gmm, sweep
 from deis_jax.modes import sweep as sweep_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

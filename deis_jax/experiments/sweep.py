@@ -14,7 +14,7 @@ config (:func:`load_config_file`), sets ``mode = "sweep"`` and adds a ``config.s
     ``sampler.options``.
 ``sweep.evaluator``
     what a point computes (:data:`EVALUATORS`; ``"gmm"``: the Gaussian-mixture cell of
-    :mod:`deis_jax.evaluation.gmm`, RMSE against the reference solve and the NLL gap to exact
+    :mod:`deis_jax.experiments.gmm`, RMSE against the reference solve and the NLL gap to exact
     data, for every ``data.dims``).
 ``sweep.x``
     the axis on the x axis of the tables and the plot (default ``"sampler.nfe"``).
@@ -45,7 +45,7 @@ from deis_jax.common import checks as cv
 from deis_jax.common.files import atomic_write_text
 from deis_jax.common.identity import fingerprint
 from deis_jax.common.reporting import markdown_table, pivot, plot_metric_vs_nfe, write_csv
-from deis_jax.evaluation import gmm
+from deis_jax.experiments import gmm
 from deis_jax.experiments.engine import FAILED
 from deis_jax.sampling.method_spec import parse_method_spec
 

@@ -45,8 +45,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from deis_jax.models import abstract_params
-from deis_jax.models.configs import get_model_config
+from deis_jax.common.checkpoint_store import CheckpointError
+from deis_jax.models.score_sde import abstract_params
+from deis_jax.models.score_sde.configs import get_model_config
 
 SCORE_SDE_URL = "https://github.com/yang-song/score_sde"
 METADATA_FILE = "deis_jax_metadata.json"
@@ -56,6 +57,7 @@ SCORE_SDE_LAYOUT = ("step", "optimizer", "lr", "model_state", "ema_rate", "param
 OLD_NORM_LAYOUT = "old_groupnorm_layout"
 
 __all__ = [
+    "CheckpointNotFoundError",
     "check_converted_params",
     "check_params_tree",
     "check_score_sde_params",
@@ -69,6 +71,11 @@ __all__ = [
     "resolve_model_config",
     "save_params",
 ]
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no checkpoint where the config points (``config.sampling.checkpoint`` or
+    ``<workdir>/checkpoints``)."""
 
 
 # ---------------------------------------------------------------------------- tree helpers
@@ -238,7 +245,7 @@ def check_params_tree(params: Any, expected: Any, what: str = "checkpoint") -> N
 
 
 def resolve_model_config(model_config: Any):
-    """A known config name (see ``deis_jax.models.KNOWN_MODEL_CONFIGS``) or a config as is."""
+    """A known config name (``deis_jax.models.score_sde.KNOWN_MODEL_CONFIGS``) or a config."""
     if isinstance(model_config, str):
         return get_model_config(model_config)
     return model_config
@@ -391,7 +398,7 @@ def load_score_sde_params(path: str | os.PathLike, model_config: Any, use_ema: b
     Args:
       path: a score_sde ``checkpoint_<N>`` file.
       model_config: a known config name (e.g. ``'vp_cifar10_ddpmpp_deep_continuous'``) or a
-        config accepted by :func:`deis_jax.models.get_model`.
+        config accepted by :func:`deis_jax.models.score_sde.get_model`.
       use_ema: take ``params_ema`` (the default, what score_sde samples with); ``False``
         takes ``optimizer.target``.
 
@@ -498,7 +505,7 @@ def check_score_sde_params(path: str | os.PathLike, model_config: Any, use_ema: 
 
 def check_converted_params(path: str | os.PathLike, expected: Any) -> None:
     """The converted checkpoint ``path`` (:func:`save_params`) holds the tree ``expected``
-    (e.g. :func:`deis_jax.models.abstract_params`), judged from Orbax's metadata only (no
+    (e.g. :func:`deis_jax.models.score_sde.abstract_params`), judged from Orbax's metadata only (no
     array is read): an unreadable checkpoint raises Orbax's error, a mismatch the
     ``ValueError`` of :func:`check_params_tree`."""
     path = os.path.abspath(os.fspath(path))

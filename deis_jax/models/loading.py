@@ -4,10 +4,11 @@
     eps_fn = model.bind(model.params)                       # x, t -> eps, for any sampler
     eps, feats = wrappers.eps_with_features(eps_fn, x, t)   # and the bottleneck feature (AMED)
 
-* :func:`model_config` / :func:`build_model` -- the Flax network of ``config.model``, with
-  ``image_size`` / ``num_channels`` / ``centered`` (:data:`DATA_FIELDS_OF_MODEL`) taken from
-  ``config.data``, the single source of truth for them.
-* :func:`model_prediction` -- what the network outputs (``eps`` / ``score`` / ...).
+Every question about the network goes to the family of ``config.model.name``
+(:func:`deis_jax.models.registry.family_of`); nothing here tells families apart.
+
+* :func:`build_model` -- the Flax network of ``config.model``.
+* :func:`model_prediction` -- what the network outputs (``eps`` / ``score`` / ``x0`` ...).
 * :func:`validate_model_and_data` -- the config checks of ``config.data`` and ``config.model``
   (``ConfigError`` naming the field), shared by the train, sample and table modes.
 * :func:`load_sampling_params` -- ``config.sampling.checkpoint`` (a converted score_sde
@@ -16,11 +17,10 @@
   is its cheap part, run by ``main.py`` before any network is built: a missing checkpoint is
   a :class:`CheckpointNotFoundError` whose one line says how to get one for this config
   (train the digits model; convert the published score_sde model of :func:`published_model`),
-  an unreadable one a :class:`CheckpointError` naming it (``deis_jax.training.train``'s,
-  re-exported here). :func:`verify_sampling_params` adds what reading the file's structure
-  tells -- garbage, every training checkpoint damaged, another network's parameters
-  (compared with ``jax.eval_shape`` of the network's init) -- still before any network is
-  built.
+  an unreadable one a ``CheckpointError`` naming it. :func:`verify_sampling_params` adds
+  what reading the file's structure tells -- garbage, every training checkpoint damaged,
+  another network's parameters (compared with ``jax.eval_shape`` of the network's init) --
+  still before any network is built.
 * :func:`load_model` -- the network, its parameters (those, or an untrained network's) and an
   ``identity`` for result caches (which weights, with ``identity.tree_digest`` of their bytes).
 
@@ -31,7 +31,6 @@ them as arguments instead of baking them into the executable as constants.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from deis_jax.common import data
+from deis_jax.common import checkpoint_store, data
+from deis_jax.common.checkpoint_store import CheckpointError
 from deis_jax.common.checks import (
     ConfigError,
     first_line,
@@ -51,22 +51,13 @@ from deis_jax.common.checks import (
     require_seed,
 )
 from deis_jax.common.identity import tree_digest
-from deis_jax.models import (
-    DATA_FIELDS_OF_MODEL,
-    KNOWN_MODEL_CONFIGS,
-    abstract_params,
-    apply_with_features,
-    checkpoints,
-    edm_loading,
-    edm_precond,
-    get_model,
-    get_model_config,
-)
+from deis_jax.models import checkpoints, family_of
+from deis_jax.models.checkpoints import CheckpointNotFoundError
+from deis_jax.models.score_sde import KNOWN_MODEL_CONFIGS, get_model_config
+from deis_jax.models.score_sde.family import model_config
 from deis_jax.sampling import class_labels
 from deis_jax.sampling.sde import NoiseSchedule
-from deis_jax.sampling.wrappers import PREDICTIONS, EpsFn, eps_fn_from_model
-from deis_jax.training import train as training
-from deis_jax.training.train import CheckpointError
+from deis_jax.sampling.wrappers import EpsFn, eps_fn_from_model
 
 PARAMS_SOURCES = ("checkpoint", "random")
 BOOL = (True, False)
@@ -74,33 +65,15 @@ BOOL = (True, False)
 INFO_FIELDS = ("sde", "continuous", "score_sde_config", "checkpoint_dir", "ema_rate")
 
 
-def model_config(config) -> dict:
-    """``config.model`` with ``image_size`` / ``num_channels`` / ``centered`` from
-    ``config.data``, as :func:`deis_jax.models.get_model` wants."""
-    values = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
-    values.update({k: config.data[k] for k in DATA_FIELDS_OF_MODEL})
-    return values
-
-
 def build_model(config) -> nn.Module:
-    """The Flax network of ``config`` (``ValueError`` naming a bad ``model.*`` field): a
-    score_sde network, or EDM's preconditioned U-Net (``model.name = 'edm'``,
-    :mod:`deis_jax.models.edm_loading`)."""
-    if edm_loading.is_edm(config):
-        return edm_loading.build_edm_model(config)
-    return get_model(model_config(config))
+    """The Flax network of ``config`` (``ValueError`` / ``ConfigError`` naming a bad
+    ``model.*`` field), built by the family of ``config.model.name``."""
+    return family_of(config).build(config)
 
 
 def model_prediction(config) -> str:
-    """What the network outputs: ``config.model.prediction`` if set, else score_sde's rule:
-    ``'score'`` for ``scale_by_sigma`` networks (VE NCSN++), ``'eps'`` otherwise (score =
-    -output / sigma, VP / sub-VP DDPM++); ``'x0'`` for EDM's denoisers."""
-    if edm_loading.is_edm(config):
-        return "x0"
-    prediction = config.model.get("prediction")
-    if prediction is not None:
-        return prediction
-    return "score" if config.model.get("scale_by_sigma", False) else "eps"
+    """What the network outputs (``deis_jax.sampling.wrappers.PREDICTIONS``)."""
+    return family_of(config).prediction(config)
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -125,33 +98,22 @@ def validate_model_and_data(config) -> None:
     require_choice(config, "data.random_flip", BOOL)
     get_field(config, "model")
     validate_class_conditioning(config)
-    if edm_loading.is_edm(config):
-        edm_loading.validate_edm_model(config)
-        return
-    try:
-        build_model(config)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"config.model is invalid: {err}") from None
-    if config.model.get("prediction") is not None:
-        require_choice(config, "model.prediction", PREDICTIONS)
+    family_of(config).validate(config)
 
 
 def num_classes(config) -> int:
-    """The classes of a class-conditional network (0: unconditional; only EDM's networks
-    here are conditional)."""
-    return edm_loading.label_dim(config) if edm_loading.is_edm(config) else 0
+    """The classes of a class-conditional network (0: unconditional)."""
+    return family_of(config).num_classes(config)
 
 
 def validate_class_conditioning(config) -> None:
     """``config.sampling.labels`` / ``class_label`` / ``guidance_scale`` (read only for a
     class-conditional network, see ``deis_jax.sampling.class_labels``)."""
     sampling = config.get("sampling") or {}
-    if edm_loading.is_edm(config) and num_classes(config):
+    classes = num_classes(config)
+    if classes:
         require_choice(config, "sampling.labels", class_labels.LABEL_MODES)
-        require_number(
-            config, "sampling.class_label", integer=True, minimum=0,
-            maximum=num_classes(config) - 1,
-        )  # fmt: skip
+        require_number(config, "sampling.class_label", integer=True, minimum=0, maximum=classes - 1)
         require_number(config, "sampling.guidance_scale")
     elif sampling.get("guidance_scale", 1.0) not in (None, 1.0):
         raise ConfigError(
@@ -173,11 +135,6 @@ def class_labels_of(config, model: LoadedModel, seed: int) -> class_labels.Class
 
 
 # --- parameters ---------------------------------------------------------------------------
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """There is no checkpoint where the config points (``config.sampling.checkpoint`` or
-    ``<workdir>/checkpoints``)."""
 
 
 def published_model(config) -> str | None:
@@ -225,55 +182,20 @@ def _missing_training_checkpoint(config, directory: str) -> CheckpointNotFoundEr
 
 def check_sampling_params(config, workdir: str) -> None:
     """The parameters :func:`load_sampling_params` will read are there -- a cheap check, made
-    before any network is built: ``config.sampling.checkpoint`` is a file (a raw score_sde
-    checkpoint) or a converted directory (with its ``deis_jax_metadata.json``), else
-    ``<workdir>/checkpoints`` holds a step. ``CheckpointNotFoundError`` (one line: the path
-    and what to do) otherwise."""
+    before any network is built: ``config.sampling.checkpoint`` passes its family's checks
+    (e.g. a raw score_sde file, or a converted directory with its
+    ``deis_jax_metadata.json``), else ``<workdir>/checkpoints`` holds a step.
+    ``CheckpointNotFoundError`` (one line: the path and what to do) otherwise."""
     path = config.sampling.get("checkpoint")
-    if edm_loading.is_edm(config):
-        edm_loading.check_edm_checkpoint(config)  # set, and the config's network
-    if not path:
-        if latest_step(workdir) is None:
-            raise _missing_training_checkpoint(
-                config, os.path.abspath(os.path.join(workdir, "checkpoints"))
-            )
-        return
-    if edm_loading.is_edm(config):
-        convert = (
-            "convert EDM's pickle with python scripts/convert_edm_checkpoint.py --pickle "
-            "<edm-....pkl> --edm-source <clone of github.com/NVlabs/edm> --out <dir>"
-        )
-        if os.path.isfile(path):
-            raise CheckpointNotFoundError(
-                f"config.sampling.checkpoint: '{path}' is a file; EDM networks load from a "
-                f"converted checkpoint directory: {convert} and pass <dir>"
-            )
-    elif os.path.isfile(path):
-        return
-    else:
-        convert = (
-            "convert a score_sde checkpoint_<N> file with python scripts/"
-            f"convert_score_sde_checkpoint.py --checkpoint <file> --model_config <name> "
-            f"--out {path}, or pass the checkpoint_<N> file itself"
-        )
-    if not os.path.isdir(path):
-        raise CheckpointNotFoundError(
-            f"config.sampling.checkpoint: no file or directory at '{path}': {convert}"
-        )
-    if not os.path.isfile(os.path.join(path, checkpoints.METADATA_FILE)):
-        raise CheckpointNotFoundError(
-            f"config.sampling.checkpoint: '{path}' is not a converted checkpoint (it has no "
-            f"{checkpoints.METADATA_FILE}): {convert}"
+    family_of(config).check_checkpoint(config, path)
+    if not path and latest_step(workdir) is None:
+        raise _missing_training_checkpoint(
+            config, os.path.abspath(os.path.join(workdir, "checkpoints"))
         )
 
 
-def _unloadable(path: str, err: BaseException, edm: bool) -> CheckpointError:
+def _unloadable(path: str, err: BaseException) -> CheckpointError:
     """``config.sampling.checkpoint`` cannot be used: one line naming it, why and what to do."""
-    if edm:
-        return CheckpointError(
-            f"config.sampling.checkpoint: '{path}' cannot be loaded ({first_line(err)}): it "
-            f"is damaged; convert it again"
-        )
     again = "download it again" if os.path.isfile(path) else "convert it again"
     return CheckpointError(
         f"config.sampling.checkpoint: '{path}' cannot be loaded ({first_line(err)}): it is "
@@ -287,73 +209,63 @@ def verify_sampling_params(config, workdir: str) -> None:
     compiled): a raw score_sde file must parse and hold the model's parameter tree, a
     converted checkpoint's Orbax metadata must read and match it, and some training
     checkpoint must be intact with EMA parameters that match it
-    (``training.restorable_metadata``). ``CheckpointError`` naming the checkpoint, as loading
-    it would raise -- but before any network is built (what ``main.py`` runs)."""
+    (``checkpoint_store.restorable_metadata``). ``CheckpointError`` naming the checkpoint, as
+    loading it would raise -- but before any network is built (what ``main.py`` runs)."""
     check_sampling_params(config, workdir)
-    path, edm = config.sampling.get("checkpoint"), edm_loading.is_edm(config)
+    family = family_of(config)
+    path = config.sampling.get("checkpoint")
     if not path:
 
         def fits(folder: str, tree: Any) -> None:
-            expected = abstract_params(model_config(config))
+            expected = family.abstract_params(config, build_model(config))
             checkpoints.check_params_tree(tree["ema_params"], expected, f"checkpoint {folder}")
 
-        training.restorable_metadata(os.path.join(workdir, "checkpoints"), fits)
+        checkpoint_store.restorable_metadata(os.path.join(workdir, "checkpoints"), fits)
         return
     try:
-        if os.path.isfile(path):  # a raw score_sde file (EDM's were refused above)
-            checkpoints.check_score_sde_params(path, model_config(config))
-        elif edm:
-            expected = edm_precond.abstract_params(build_model(config))
-            checkpoints.check_converted_params(path, expected)
-        else:
-            checkpoints.check_converted_params(path, abstract_params(model_config(config)))
+        family.verify_checkpoint(config, path, build_model(config))
     except Exception as err:  # any failure to read it: the file is unusable
-        raise _unloadable(path, err, edm) from err
+        raise _unloadable(path, err) from err
 
 
 def load_sampling_params(config, workdir: str, model: nn.Module | None = None) -> Any:
-    """The parameters to sample with: ``config.sampling.checkpoint`` when set (a converted
-    score_sde directory, or a raw score_sde ``checkpoint_<N>`` msgpack file: its
-    ``params_ema``), else the EMA parameters of the latest checkpoint in
-    ``<workdir>/checkpoints``. ``model`` (default: :func:`build_model`) gives the tree to
-    restore into. A missing checkpoint is a ``CheckpointNotFoundError`` saying how to get one
-    (:func:`check_sampling_params`, before any network is built); one that cannot be read or
-    does not fit the model a ``CheckpointError`` naming it."""
+    """The parameters to sample with: ``config.sampling.checkpoint`` when set (loaded by its
+    family, e.g. a converted directory or a raw score_sde ``checkpoint_<N>`` file's
+    ``params_ema``), else the EMA parameters of the latest intact checkpoint in
+    ``<workdir>/checkpoints`` (restored as saved: no optimizer is built). ``model`` (default:
+    :func:`build_model`) gives the tree to check against. A missing checkpoint is a
+    ``CheckpointNotFoundError`` saying how to get one (:func:`check_sampling_params`, before
+    any network is built); one that cannot be read or does not fit the model a
+    ``CheckpointError`` naming it."""
     check_sampling_params(config, workdir)
     path = config.sampling.get("checkpoint")
-    if edm_loading.is_edm(config):
-        model = build_model(config) if model is None else model
+    model = build_model(config) if model is None else model
+    if path:
         try:
-            return edm_loading.load_edm_params(config, model)
+            return family_of(config).load_checkpoint(config, path, model)
         except ConfigError:
             raise
-        except Exception as err:
-            raise _unloadable(path, err, edm=True) from err
-    if path:
-        raw = os.path.isfile(path)
-        try:
-            if raw:
-                logging.info("loading score_sde checkpoint %s (params_ema)", path)
-                return checkpoints.load_score_sde_params(path, model_config(config))
-            logging.info("loading converted parameters from %s", path)
-            return checkpoints.load_params(path, model_config(config))
         except Exception as err:  # any failure to read it: the file is unusable
-            raise _unloadable(path, err, edm=False) from err
-
+            raise _unloadable(path, err) from err
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    model = build_model(config) if model is None else model
-    tx = training.optimizer_from_config(config.training)
-    shape = image_shape(config)
-    target = jax.eval_shape(lambda: training.init_state(model, tx, jax.random.PRNGKey(0), shape))
-    mngr = training.checkpoint_manager(directory)
+    saved = checkpoint_store.restorable_metadata(directory)  # CheckpointError: none intact
+    if saved is None:
+        raise _missing_training_checkpoint(config, directory)
+    mngr = checkpoint_store.checkpoint_manager(directory)
     try:
-        state = training.restore_state(mngr, target)  # CheckpointError: none can be restored
-        if state is None:
-            raise _missing_training_checkpoint(config, directory)
-        logging.info("restored EMA parameters from %s at step %d", directory, int(state.step))
-        return state.ema_params
+        state = checkpoint_store.restore_state(mngr, saved[1])
+        logging.info("restored EMA parameters from %s at step %d", directory, int(state["step"]))
     finally:
         mngr.close()
+    expected = family_of(config).abstract_params(config, model)
+    try:
+        checkpoints.check_params_tree(state["ema_params"], expected, f"checkpoint {saved[0]}")
+    except ValueError as err:
+        raise CheckpointError(
+            f"checkpoint {saved[0]} is intact but cannot be restored into this model "
+            f"({first_line(err)}); check config.model, or use another --workdir"
+        ) from err
+    return state["ema_params"]
 
 
 def latest_step(workdir: str) -> int | None:
@@ -387,17 +299,6 @@ class LoadedModel:
         return self.bind(self.params) if labels is None else self.bind(self.params, labels)
 
 
-def _apply_for_sampling(
-    model: nn.Module, params: Any, x: jax.Array, labels: jax.Array, *, features: bool = False
-):
-    """A score_sde network in eval mode (``labels``: its time input): ``out``, or with
-    ``features=True`` ``(out, features)`` (the bottleneck feature of
-    :func:`deis_jax.models.apply_with_features`)."""
-    if features:
-        return apply_with_features(model, params, x, labels)
-    return model.apply({"params": params}, x, labels, train=False)
-
-
 def load_model(
     config, workdir: str, schedule: NoiseSchedule, *, params: str = "checkpoint"
 ) -> LoadedModel:
@@ -407,8 +308,8 @@ def load_model(
     initialised from ``PRNGKey(config.seed)`` (smoke tests only)."""
     if params not in PARAMS_SOURCES:
         raise ValueError(f"params must be one of {PARAMS_SOURCES}, got {params!r}")
-    model = build_model(config)
-    edm = edm_loading.is_edm(config)
+    family = family_of(config)
+    model = family.build(config)
     if params == "random":
         logging.warning("config.eval.params='random': an UNTRAINED network (smoke test only)")
         key = jax.random.PRNGKey(config.seed)
@@ -421,25 +322,13 @@ def load_model(
         identity = {"checkpoint": ckpt} if ckpt else {"workdir_step": latest_step(workdir)}
         identity["params_sha256"] = tree_digest(values)
     identity["model"] = config.model.to_dict()
-    prediction = model_prediction(config)
-
-    if edm:
-        guidance = config.sampling.get("guidance_scale") or 1.0
-        apply = functools.partial(edm_loading.apply_edm, model, float(guidance))
-    else:
-        apply = functools.partial(_apply_for_sampling, model)
+    prediction = family.prediction(config)
 
     def bind(p, labels: jax.Array | None = None) -> EpsFn:
         """``eps_fn(x, t)`` of parameters ``p`` (and the batch's class ``labels``)."""
-        if edm:
-            model_fn = jax.tree_util.Partial(apply, p, labels)
-        elif labels is None:
-            model_fn = jax.tree_util.Partial(apply, p)
-        else:
-            raise ValueError(f"{type(model).__name__} is not class-conditional: pass no labels")
-        return eps_fn_from_model(model_fn, schedule, prediction)
+        return eps_fn_from_model(family.model_fn(config, model, p, labels), schedule, prediction)
 
-    return LoadedModel(bind, values, identity, num_classes(config))
+    return LoadedModel(bind, values, identity, family.num_classes(config))
 
 
 def describe_model(identity: dict) -> str:

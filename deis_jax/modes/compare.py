@@ -3,7 +3,7 @@
 For each data dimension in ``config.data.dims`` the same ``x_T`` (``compare.num_samples``
 draws from the prior) is integrated by every method in ``compare.methods`` at every NFE in
 ``compare.nfes`` and by a reference solver (RK4 in rho on a log-SNR grid, validated by step
-doubling); the problem and the cell are :mod:`deis_jax.evaluation.gmm`. Each cell records
+doubling); the problem and the cell are :mod:`deis_jax.experiments.gmm`. Each cell records
 
 * ``rmse``  -- RMS over samples and dimensions of (sample - reference), the discretisation
   error of the probability-flow ODE solve (deterministic methods only);
@@ -32,8 +32,7 @@ import jax
 from deis_jax.common import checks as cv
 from deis_jax.common import parallel
 from deis_jax.common.identity import fingerprint
-from deis_jax.evaluation import gmm
-from deis_jax.experiments import build, validation
+from deis_jax.experiments import build, gmm, validation
 from deis_jax.experiments.engine import Cell, Progress, run_cells
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sde import NoiseSchedule

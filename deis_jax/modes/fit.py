@@ -43,8 +43,7 @@ import jax
 
 from deis_jax.common import checks as cv
 from deis_jax.common.identity import fingerprint
-from deis_jax.evaluation import gmm
-from deis_jax.experiments import fitting, validation
+from deis_jax.experiments import fitting, gmm, validation
 from deis_jax.experiments.engine import Cell, Progress, run_cells
 from deis_jax.fitting.amed import LOSSES as AMED_LOSSES
 from deis_jax.fitting.gits import METRICS as GITS_METRICS

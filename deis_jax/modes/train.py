@@ -26,11 +26,11 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deis_jax.common import data, parallel
+from deis_jax.common import checkpoint_store, data, parallel
 from deis_jax.common.checks import ConfigError, require_choice, require_number
 from deis_jax.common.files import atomic_write_text
 from deis_jax.experiments.validation import validate_sde
-from deis_jax.models import edm_loading
+from deis_jax.models import family_of
 from deis_jax.models.loading import (
     build_model,
     image_shape,
@@ -58,7 +58,7 @@ def validate(config) -> NoiseSchedule:
     """Check the SDE, model, data and ``config.training`` fields; returns the schedule."""
     schedule = validate_sde(config)
     validate_model_and_data(config)
-    if edm_loading.is_edm(config) or config.sde.name == "edm":
+    if not family_of(config).trainable or config.sde.name == "edm":
         raise ConfigError(
             "config.model.name='edm' / config.sde.name='edm': EDM's networks are converted "
             "from the published pickles (scripts/convert_edm_checkpoint.py) and sampled, not "
@@ -118,11 +118,11 @@ def run(
         lambda k: training.init_state(model, tx, k, shape),
         out_shardings=NamedSharding(mesh, P()),
     )(init_key)
-    mngr = training.checkpoint_manager(os.path.join(workdir, "checkpoints"))
+    mngr = checkpoint_store.checkpoint_manager(os.path.join(workdir, "checkpoints"))
     run_identity = identity(config)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     try:
-        restored = training.restore_state(mngr, state, identity=run_identity)
+        restored = checkpoint_store.restore_state(mngr, state, identity=run_identity)
         if restored is not None:
             state = restored
             logging.info("resumed from %s at step %d", mngr.directory, int(state.step))

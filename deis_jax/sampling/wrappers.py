@@ -33,11 +33,12 @@ calls ``eps_fn(x, t, features=True)``, which an eps function of :func:`eps_fn_fr
 forwards as ``model_fn(x, cond, features=True)``; such a ``model_fn`` must then return
 ``(out, features)`` -- ``features`` of shape ``(B, F)``, for the networks of
 :mod:`deis_jax.models` the channel mean of the bottleneck activation, ``(B, H_low * W_low)``,
-float32 and under ``stop_gradient`` (``deis_jax.models.apply_with_features``). The eps functions
-of ``deis_jax.models.loading.load_model`` do this; :func:`supports_features` says whether an
-eps function can (without calling it). Plain functions -- an exact mixture's eps, a guided eps,
-a ``model_fn`` without the ``features`` keyword -- cannot: :func:`eps_with_features` raises a
-``ValueError`` for them, and a sampler should fall back to a feature-free predictor.
+float32 and under ``stop_gradient`` (``deis_jax.models.features.apply_with_features``). The
+eps functions of ``deis_jax.models.loading.load_model`` do this; :func:`supports_features`
+says whether an eps function can (without calling it). Plain functions -- an exact mixture's
+eps, a guided eps, a ``model_fn`` without the ``features`` keyword -- cannot:
+:func:`eps_with_features` raises a ``ValueError`` for them, and a sampler should fall back to
+a feature-free predictor.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax.models.layers import conv3x3, default_init
+from deis_jax.models.score_sde.layers import conv3x3, default_init
 
 
 def make_fir_kernel(k: Sequence[float]) -> np.ndarray:

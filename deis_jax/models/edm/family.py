@@ -26,23 +26,26 @@ unconditional model: guidance is there for models that were.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deis_jax.common.checks import ConfigError
-from deis_jax.models import apply_with_features, checkpoints
-from deis_jax.models.edm_checkpoint import SOURCE
-from deis_jax.models.edm_precond import PRECOND_CLASSES, abstract_params, edm_network_from_kwargs
+from deis_jax.models import checkpoints
+from deis_jax.models.edm.convert import SOURCE
+from deis_jax.models.edm.precond import PRECOND_CLASSES, abstract_params, edm_network_from_kwargs
+from deis_jax.models.features import apply_with_features
+from deis_jax.models.registry import ModelFn
 
 MODEL_NAME = "edm"
-
-
-def is_edm(config) -> bool:
-    """Whether ``config.model`` names an EDM network."""
-    return config.model.get("name") == MODEL_NAME
+CONVERT_HINT = (
+    "convert EDM's pickle with python scripts/convert_edm_checkpoint.py --pickle "
+    "<edm-....pkl> --edm-source <clone of github.com/NVlabs/edm> --out <dir>"
+)
 
 
 def _kwargs(config) -> dict[str, Any]:
@@ -104,8 +107,20 @@ def check_edm_checkpoint(config) -> None:
             "python scripts/convert_edm_checkpoint.py --pickle <file.pkl> --edm-source <edm "
             "clone> --out <dir>"
         )
+    if os.path.isfile(path):
+        raise checkpoints.CheckpointNotFoundError(
+            f"config.sampling.checkpoint: '{path}' is a file; EDM networks load from a "
+            f"converted checkpoint directory: {CONVERT_HINT} and pass <dir>"
+        )
+    if not os.path.isdir(path):
+        raise checkpoints.CheckpointNotFoundError(
+            f"config.sampling.checkpoint: no file or directory at '{path}': {CONVERT_HINT}"
+        )
     if not os.path.isfile(os.path.join(path, checkpoints.METADATA_FILE)):
-        return  # reported by loading.check_sampling_params, with the conversion command
+        raise checkpoints.CheckpointNotFoundError(
+            f"config.sampling.checkpoint: '{path}' is not a converted checkpoint (it has no "
+            f"{checkpoints.METADATA_FILE}): {CONVERT_HINT}"
+        )
     meta = checkpoints.load_params_metadata(path)
     if meta.get("source") != SOURCE:
         raise ConfigError(
@@ -130,16 +145,6 @@ def check_edm_checkpoint(config) -> None:
 
 def _normal(value: Any) -> Any:
     return list(value) if isinstance(value, tuple | list) else value
-
-
-def load_edm_params(config, net) -> Any:
-    """The parameters of the converted checkpoint ``config.sampling.checkpoint`` (checked
-    against ``net``'s tree)."""
-    check_edm_checkpoint(config)
-    path = config.sampling.checkpoint
-    params = checkpoints.load_params(path)
-    checkpoints.check_params_tree(params, abstract_params(net), f"'{path}'")
-    return params
 
 
 def _one_hot(net, labels: jax.Array | None) -> jax.Array | None:
@@ -177,3 +182,43 @@ def apply_edm(
         out = out[n:] + w * (out[:n] - out[n:])
         feats = None if feats is None else feats[:n]
     return (out, feats) if features else out
+
+
+class EdmFamily:
+    """The :class:`deis_jax.models.registry.ModelFamily` of EDM's networks (sampled from
+    converted checkpoints, not trained here)."""
+
+    model_names = (MODEL_NAME,)
+    trainable = False
+
+    def validate(self, config) -> None:
+        validate_edm_model(config)
+
+    def build(self, config) -> nn.Module:
+        return build_edm_model(config)
+
+    def prediction(self, config) -> str:
+        return "x0"
+
+    def num_classes(self, config) -> int:
+        return label_dim(config)
+
+    def abstract_params(self, config, net: nn.Module) -> Any:
+        return abstract_params(net)
+
+    def check_checkpoint(self, config, path: str | None) -> None:
+        check_edm_checkpoint(config)
+
+    def verify_checkpoint(self, config, path: str, net: nn.Module) -> None:
+        checkpoints.check_converted_params(path, abstract_params(net))
+
+    def load_checkpoint(self, config, path: str, net: nn.Module) -> Any:
+        check_edm_checkpoint(config)
+        params = checkpoints.load_params(path)
+        checkpoints.check_params_tree(params, abstract_params(net), f"'{path}'")
+        return params
+
+    def model_fn(self, config, net: nn.Module, params: Any, labels: jax.Array | None) -> ModelFn:
+        guidance = config.sampling.get("guidance_scale") or 1.0
+        apply = functools.partial(apply_edm, net, float(guidance))
+        return jax.tree_util.Partial(apply, params, labels)

@@ -3,7 +3,7 @@
 :func:`unet_plan` lists the entries of the encoder (``enc``) and decoder (``dec``) in forward
 execution order, each with its name (``{r}x{r}_conv``, ``_down``, ``_aux_residual``,
 ``_block{i}``, ``_in0``, ``_in1``, ``_up``, ``_aux_norm``, ``_aux_conv``), channels,
-resampling and attention heads. The Flax networks (:mod:`deis_jax.models.edm_unets`) are built
+resampling and attention heads. The Flax networks (:mod:`deis_jax.models.edm.unets`) are built
 from it, and the checkpoint converter reads from it which ``resample_filter`` buffers a
 state dict must hold (:func:`resample_buffer_names`).
 

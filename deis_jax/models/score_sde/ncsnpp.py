@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax.models.blocks import ResnetBlockBigGANpp, ResnetBlockDDPMpp
-from deis_jax.models.layers import (
+from deis_jax.models.score_sde.blocks import ResnetBlockBigGANpp, ResnetBlockDDPMpp
+from deis_jax.models.score_sde.layers import (
     AttnBlockpp,
     Combine,
     GaussianFourierProjection,
@@ -47,7 +47,7 @@ from deis_jax.models.layers import (
     group_norm,
     timestep_embedding,
 )
-from deis_jax.models.resampling import Downsample, Upsample
+from deis_jax.models.score_sde.resampling import Downsample, Upsample
 
 RESBLOCK_TYPES = ("ddpm", "biggan")
 PROGRESSIVE = ("none", "output_skip", "residual")
@@ -82,10 +82,10 @@ class NCSNpp(nn.Module):
 
     With ``mutable=['intermediates']`` the activation after the middle block (lowest
     resolution) is also sown as ``intermediates['bottleneck']``, a 1-tuple; see
-    :func:`deis_jax.models.apply_with_features`.
+    :func:`deis_jax.models.features.apply_with_features`.
 
     Fields mirror score_sde's ``config.model`` (plus ``centered`` from ``config.data``);
-    build instances from a config with :func:`deis_jax.models.get_model`.
+    build instances from a config with :func:`deis_jax.models.score_sde.get_model`.
     """
 
     nf: int = 128
@@ -219,7 +219,7 @@ class NCSNpp(nn.Module):
         h = self._attn()(h)
         h = self._resblock()(h, temb, train)
         # the bottleneck activation (B, H_low, W_low, C): a no-op unless 'intermediates' is
-        # mutable (see deis_jax.models.apply_with_features); no parameters, same outputs
+        # mutable (see deis_jax.models.features.apply_with_features); no parameters, same outputs
         self.sow("intermediates", "bottleneck", h)
 
         # ------------------------------------------------------------------ upsampling

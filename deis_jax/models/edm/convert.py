@@ -6,7 +6,7 @@ A converted checkpoint is the project's parameter format
 
 * ``source``: ``'edm'``; ``precond_class`` and ``constructor_kwargs`` (EDM's class name and
   ``net.init_kwargs``: enough to rebuild the network with
-  :func:`~deis_jax.models.edm_precond.edm_network_from_kwargs`);
+  :func:`~deis_jax.models.edm.precond.edm_network_from_kwargs`);
 * ``precond_attrs``: the preconditioner's attributes (``sigma_min``, ``sigma_max``, ...),
   checked against those the pickle carried;
 * ``source_file`` and ``source_sha256``: the converted file.
@@ -32,8 +32,8 @@ import numpy as np
 
 from deis_jax.common.files import sha256_file
 from deis_jax.models import checkpoints
-from deis_jax.models.edm_params import params_from_state_dict
-from deis_jax.models.edm_precond import (
+from deis_jax.models.edm.params import params_from_state_dict
+from deis_jax.models.edm.precond import (
     abstract_params,
     edm_network_from_kwargs,
     precond_attrs,

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 
-from deis_jax.models.layers import NIN, conv1x1, conv3x3, dense, group_norm
-from deis_jax.models.resampling import (
+from deis_jax.models.score_sde.layers import NIN, conv1x1, conv3x3, dense, group_norm
+from deis_jax.models.score_sde.resampling import (
     downsample_2d,
     naive_downsample_2d,
     naive_upsample_2d,

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from deis_jax.models.edm_layers import resample_filter_2d
-from deis_jax.models.edm_precond import abstract_params
-from deis_jax.models.edm_topology import resample_buffer_names
+from deis_jax.models.edm.layers import resample_filter_2d
+from deis_jax.models.edm.precond import abstract_params
+from deis_jax.models.edm.topology import resample_buffer_names
 
 __all__ = [
     "check_published_tree",

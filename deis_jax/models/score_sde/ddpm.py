@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deis_jax.models.blocks import ResnetBlockDDPM
-from deis_jax.models.layers import (
+from deis_jax.models.score_sde.blocks import ResnetBlockDDPM
+from deis_jax.models.score_sde.layers import (
     AttnBlock,
     conv3x3,
     dense,
@@ -27,8 +27,8 @@ from deis_jax.models.layers import (
     group_norm,
     timestep_embedding,
 )
-from deis_jax.models.ncsnpp import discrete_sigmas
-from deis_jax.models.resampling import Downsample, Upsample
+from deis_jax.models.score_sde.ncsnpp import discrete_sigmas
+from deis_jax.models.score_sde.resampling import Downsample, Upsample
 
 
 class DDPM(nn.Module):
@@ -40,7 +40,7 @@ class DDPM(nn.Module):
     ``-output / sigma_t``), or, with ``scale_by_sigma`` (discrete VE), ``output / sigma``
     where ``sigma`` is looked up from the integer label. With ``mutable=['intermediates']`` the
     activation after the middle block is sown as ``intermediates['bottleneck']`` (see
-    :func:`deis_jax.models.apply_with_features`).
+    :func:`deis_jax.models.features.apply_with_features`).
     """
 
     nf: int = 128
@@ -89,7 +89,7 @@ class DDPM(nn.Module):
         h = AttnBlock()(h)
         h = resblock()(h, temb, train)
         # the bottleneck activation (B, H_low, W_low, C): a no-op unless 'intermediates' is
-        # mutable (see deis_jax.models.apply_with_features); no parameters, same outputs
+        # mutable (see deis_jax.models.features.apply_with_features); no parameters, same outputs
         self.sow("intermediates", "bottleneck", h)
 
         for i_level in reversed(range(num_resolutions)):

@@ -28,7 +28,7 @@ i.e. a pickle's ``type(net).__name__`` and ``net.init_kwargs``)::
 ``class_labels=None`` on a conditional network means an all-zero label row (EDM's rule);
 ``augment_labels=None`` means zeros. The U-Net shares the preconditioner's parameter scope,
 so ``params`` is the U-Net's tree (torch names after ``model.``) and
-``deis_jax.models.apply_with_features(net, params, x, sigma)`` returns ``(D, features)``.
+``deis_jax.models.features.apply_with_features(net, params, x, sigma)`` returns ``(D, features)``.
 EDM's ``use_fp16`` is recorded but ignored: the port always computes in float32.
 """
 
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax.models.edm_unets import DhariwalUNet, SongUNet
+from deis_jax.models.edm.unets import DhariwalUNet, SongUNet
 
 __all__ = [
     "MODEL_TYPES",

@@ -8,7 +8,7 @@ or ``(1,)`` (a ``(1,)`` label broadcasts over the batch), ``class_labels`` ``(B,
 ``None`` (= zeros: ``map_augment`` has no bias). The fields are EDM's constructor arguments
 (lists as tuples); ``dropout`` and ``label_dropout`` are accepted but the networks are
 inference-only (``train`` must be False). The parameter path of every leaf is the PyTorch
-``state_dict`` name after ``model.`` split on ``'.'`` (see :mod:`deis_jax.models.edm_params`).
+``state_dict`` name after ``model.`` split on ``'.'`` (see :mod:`deis_jax.models.edm.params`).
 
 Embedding (``N`` noise channels, ``E = channel_mult_emb * model_channels``):
 
@@ -18,11 +18,11 @@ Embedding (``N`` noise channels, ``E = channel_mult_emb * model_channels``):
 * ADM: ``e = silu(map_layer0(map_noise(c_noise) + map_augment(aug)))``,
   ``e = silu(map_layer1(e) + map_label(labels))``; ``N = model_channels``.
 
-The encoder/decoder layout is :func:`deis_jax.models.edm_topology.unet_plan`. Both networks
+The encoder/decoder layout is :func:`deis_jax.models.edm.topology.unet_plan`. Both networks
 sow the output of their last encoder block (lowest resolution: ``enc['8x8_block3']`` of the
 CIFAR-10 SongUNet, ``enc['8x8_block2']`` of the ImageNet-64 ADM -- the activation the AMED
 authors' predictor reads) as ``intermediates['bottleneck']``, so
-:func:`deis_jax.models.apply_with_features` works on them.
+:func:`deis_jax.models.features.apply_with_features` works on them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deis_jax.models.edm_layers import (
+from deis_jax.models.edm.layers import (
     Conv2d,
     FourierEmbedding,
     GroupNorm,
@@ -43,7 +43,7 @@ from deis_jax.models.edm_layers import (
     PositionalEmbedding,
     UNetBlock,
 )
-from deis_jax.models.edm_topology import ENCODER_TYPES, Entry, UNetPlan, unet_plan
+from deis_jax.models.edm.topology import ENCODER_TYPES, Entry, UNetPlan, unet_plan
 
 __all__ = ["EMBEDDING_TYPES", "DECODER_TYPES", "BlockStyle", "DhariwalUNet", "SongUNet"]
 
