@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,9 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deis_jax.common.files import atomic_write_text, read_sealed_record, sealed_json
-from deis_jax.common.identity import array_digest, describe_object, settings_differences
+from deis_jax.common.identity import array_digest, describe_object
 from deis_jax.fitting.adam_loop import LoopResult, fit_adam
+from deis_jax.fitting.fitted_file import FittedFile
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
 from deis_jax.sampling.amed_predictor import (
     init_predictor,
@@ -68,11 +67,6 @@ from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.solvers.amed import AMED_METHODS, amed_options
 from deis_jax.sampling.timesteps import time_grid
 from deis_jax.sampling.wrappers import EpsFn, eps_with_features, model_argument
-
-FORMAT = "deis_jax.AmedPredictor"
-FORMAT_VERSION = 1
-RETRAIN = ('train it again with --mode=fit (variant "amed"), or delete its "sha256" entry to use '
-           "a file edited on purpose")  # fmt: skip
 
 
 def check_amed_plan(plan: SamplingPlan) -> None:
@@ -203,7 +197,7 @@ def _to_lists(tree):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class AmedPredictorFile:
+class AmedPredictorFile(FittedFile):
     """A trained predictor with every sampling setting it needs: the method (AMED-Solver or
     the plugin's base), order, options (predictor kind and head ranges), AFS, NFE, schedule
     and grid. ``plan(schedule)`` rebuilds the sampling plan, ``params`` are the predictor's
@@ -213,6 +207,15 @@ class AmedPredictorFile:
     (``deis_jax.common.files.record_sha256``): :meth:`load` refuses a file damaged or edited after
     it was written, naming it. A file without the entry (written by hand or by an older
     deis_jax) is read unchecked."""
+
+    FORMAT = "deis_jax.AmedPredictor"
+    FORMAT_VERSION = 1
+    KIND = "AMED predictor file"
+    REMEDY = (
+        'train it again with --mode=fit (variant "amed"), or delete its "sha256" entry to use '
+        "a file edited on purpose"
+    )
+    FITTED = "trained"
 
     ts: np.ndarray
     method: str
@@ -249,10 +252,7 @@ class AmedPredictorFile:
         wanted = {"method": method, "order": order, "nfe": nfe, "afs": afs,
                   "options": amed_options(options), "schedule": describe_object(schedule),
                   "t0": t0, "t1": t1}  # fmt: skip
-        diffs = settings_differences(self.settings(), wanted, verb="trained", rel_tol=1e-12)
-        if diffs:
-            raise ValueError("the AMED predictor file was trained for other settings: "
-                             + "; ".join(diffs))  # fmt: skip
+        self.refuse_other(wanted)
 
     def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
         if describe_object(schedule) != self.schedule:
@@ -276,10 +276,9 @@ class AmedPredictorFile:
                                 ts=self.ts)  # fmt: skip
         return RuleParams(jax.tree.map(jnp.asarray, self.params), trained_for)
 
-    def to_record(self) -> dict[str, Any]:
-        """The file's JSON record (without its seal)."""
+    # --- the file (deis_jax.fitting.fitted_file) -----------------------------------------
+    def fields(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": FORMAT_VERSION,
             "method": self.method, "order": self.order, "nfe": self.nfe, "afs": self.afs,
             "options": self.options, "schedule": self.schedule,
             "ts": [float(t) for t in self.ts], "predictor": self.predictor,
@@ -287,39 +286,16 @@ class AmedPredictorFile:
             "params": _to_lists(self.params), "provenance": self.provenance,
         }  # fmt: skip
 
-    def to_json(self) -> str:
-        return sealed_json(self.to_record())
-
-    def save(self, path: str) -> None:
-        """Write the JSON file atomically."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        atomic_write_text(path, self.to_json())
-
     @classmethod
-    def from_record(cls, record: dict[str, Any], source: str) -> AmedPredictorFile:
-        """The predictor of a record of :meth:`to_record` (``ValueError`` naming
-        ``source``)."""
-        try:
-            if record["format"] != FORMAT or record["version"] != FORMAT_VERSION:
-                raise ValueError(f"format {record['format']!r} version {record['version']!r}")
-            dtype = np.dtype(record["params_dtype"])
-            params = jax.tree.map(lambda v: np.asarray(v, dtype), record["params"],
-                                  is_leaf=lambda v: isinstance(v, list))  # fmt: skip
-            predictor_from_settings(record["predictor"])
-            return cls(np.asarray(record["ts"], np.float64), record["method"],
-                       int(record["order"]), int(record["nfe"]), bool(record["afs"]),
-                       dict(record["options"]), dict(record["schedule"]),
-                       dict(record["predictor"]), params,
-                       dict(record["provenance"]))  # fmt: skip
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{source} is not a valid AMED predictor file: {err}") from None
-
-    @classmethod
-    def load(cls, path: str) -> AmedPredictorFile:
-        """Read a file of :meth:`save`; ``ValueError`` naming the path when it is not one
-        (torn, damaged or edited after it was written, or another kind of JSON)."""
-        record = read_sealed_record(path, FORMAT, FORMAT_VERSION, "AMED predictor file", RETRAIN)
-        return cls.from_record(record, path)
+    def from_fields(cls, record: dict[str, Any]) -> AmedPredictorFile:
+        dtype = np.dtype(record["params_dtype"])
+        params = jax.tree.map(lambda v: np.asarray(v, dtype), record["params"],
+                              is_leaf=lambda v: isinstance(v, list))  # fmt: skip
+        predictor_from_settings(record["predictor"])
+        return cls(np.asarray(record["ts"], np.float64), record["method"],
+                   int(record["order"]), int(record["nfe"]), bool(record["afs"]),
+                   dict(record["options"]), dict(record["schedule"]),
+                   dict(record["predictor"]), params, dict(record["provenance"]))  # fmt: skip
 
 
 # --- training -------------------------------------------------------------------------------

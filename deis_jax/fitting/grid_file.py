@@ -8,8 +8,8 @@ A file holds ``ts`` (float64, decreasing, written with ``repr`` precision so it 
 exactly), the sampling settings it is valid for (method, order, options, NFE, schedule,
 interval), the optional learned table corrections (``deis_jax.sampling.learned``), and its
 provenance (objective, model, teacher, losses, fit settings), and the ``sha256`` of all of it
-(``deis_jax.common.files.record_sha256``): a file damaged or edited after it was written is refused
-by :meth:`OptimizedGrid.load` (a file without the entry, written by hand or by an older
+(``deis_jax.fitting.fitted_file.FittedFile``): a file damaged or edited after it was written
+is refused by :meth:`OptimizedGrid.load` (a file without the entry, written by hand or by an older
 deis_jax, is read unchecked). A grid fitted for one setting
 is refused for any other: the grid of a 5-NFE tAB-3 sampler is not a good 6-NFE iPNDM grid,
 and a file used where it does not belong would silently give a worse sampler.
@@ -22,23 +22,27 @@ from typing import Any
 
 import numpy as np
 
-from deis_jax.common.files import atomic_write_text, read_sealed_record, sealed_json
-from deis_jax.common.identity import describe_object, settings_differences
+from deis_jax.common.identity import describe_object
+from deis_jax.fitting.fitted_file import FittedFile
 from deis_jax.sampling.learned import corrected_table
 from deis_jax.sampling.sampler import SamplingPlan, make_plan
 from deis_jax.sampling.sde import NoiseSchedule
 
 OPTIMIZED_GRID = "optimized"  # the config's grid kind for a fitted grid file
 OBJECTIVES = ("gits", "ld3", "fixed")  # fixed: a grid kind recorded as it is (no fit)
-FORMAT = "deis_jax.OptimizedGrid"
-FORMAT_VERSION = 1
-# what to do with a fitted file that does not match its sha256
-REFIT = 'fit it again with --mode=fit, or delete its "sha256" entry to use a file edited on purpose'
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class OptimizedGrid:
+class OptimizedGrid(FittedFile):
     """A fitted grid (and optionally a learned table) with what it was fitted for."""
+
+    FORMAT = "deis_jax.OptimizedGrid"
+    FORMAT_VERSION = 1
+    KIND = "grid file"
+    REMEDY = (
+        'fit it again with --mode=fit, or delete its "sha256" entry to use a file edited on purpose'
+    )
+    JSON_INDENT = 1
 
     ts: np.ndarray
     method: str
@@ -111,9 +115,7 @@ class OptimizedGrid:
             "t0": t0,
             "t1": t1,
         }
-        diffs = settings_differences(self.settings(), wanted, verb="fitted", rel_tol=1e-12)
-        if diffs:
-            raise ValueError("the grid file was fitted for other settings: " + "; ".join(diffs))
+        self.refuse_other(wanted)
 
     def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
         """The sampling plan: the method on ``ts``, with the learned corrections if any."""
@@ -129,12 +131,9 @@ class OptimizedGrid:
         table = corrected_table(plan.table, self.corrections, self.max_delta)
         return dataclasses.replace(plan, table=table)
 
-    # --- the file -------------------------------------------------------------------------
-    def to_record(self) -> dict[str, Any]:
-        """The file's JSON record (without its seal)."""
+    # --- the file (deis_jax.fitting.fitted_file) -----------------------------------------
+    def fields(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
             "ts": [float(t) for t in self.ts],
             "method": self.method,
             "order": self.order,
@@ -147,37 +146,17 @@ class OptimizedGrid:
             "provenance": self.provenance,
         }
 
-    def to_json(self) -> str:
-        return sealed_json(self.to_record(), indent=1)
-
-    def save(self, path: str) -> None:
-        """Write the JSON file atomically (a crash never leaves a torn file)."""
-        atomic_write_text(path, self.to_json())
-
     @classmethod
-    def from_record(cls, record: dict[str, Any], source: str) -> OptimizedGrid:
-        """The grid of a record of :meth:`to_record` (``ValueError`` naming ``source``)."""
-        try:
-            if record["format"] != FORMAT or record["version"] != FORMAT_VERSION:
-                raise ValueError(f"format {record['format']!r} version {record['version']!r}")
-            return cls(
-                ts=np.asarray(record["ts"], np.float64),
-                method=record["method"],
-                order=int(record["order"]),
-                nfe=int(record["nfe"]),
-                options=dict(record["options"]),
-                schedule=dict(record["schedule"]),
-                objective=record["objective"],
-                corrections=record["corrections"],
-                max_delta=record["max_delta"],
-                provenance=dict(record["provenance"]),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{source} is not a valid grid file: {err}") from None
-
-    @classmethod
-    def load(cls, path: str) -> OptimizedGrid:
-        """Read a file written by :meth:`save`; ``ValueError`` naming the path if it is not
-        one (torn, damaged or edited after it was written, or another kind of JSON)."""
-        return cls.from_record(read_sealed_record(path, FORMAT, FORMAT_VERSION, "grid file",
-                                                  REFIT), path)  # fmt: skip
+    def from_fields(cls, record: dict[str, Any]) -> OptimizedGrid:
+        return cls(
+            ts=np.asarray(record["ts"], np.float64),
+            method=record["method"],
+            order=int(record["order"]),
+            nfe=int(record["nfe"]),
+            options=dict(record["options"]),
+            schedule=dict(record["schedule"]),
+            objective=record["objective"],
+            corrections=record["corrections"],
+            max_delta=record["max_delta"],
+            provenance=dict(record["provenance"]),
+        )
