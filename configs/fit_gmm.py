@@ -17,7 +17,7 @@ from configs import gmm_vpsde
 
 
 def fit_block() -> ml_collections.ConfigDict:
-    """The ``config.fit`` fields of ``--mode=fit`` (see ``deis_jax/modes/fit.py``)."""
+    """The ``config.fit`` fields of ``--mode=fit`` (see ``deis_jax.experiments.fit``)."""
     fit = ml_collections.ConfigDict()
     fit.methods = ("tab3", "ipndm3", "dpmpp2", "unipc2")
     fit.nfes = (3, 4, 5, 6, 8, 10)

@@ -14,7 +14,7 @@ experiment config after the colon (``--config=configs/tables.py:vpsde_digits``).
 
 Fields (``config.table`` names the table: ``deis_cifar10`` | ``ipndm_ersde_dpmpp`` |
 ``amed_cifar10`` | ``amed_imagenet64`` | ``ersde_imagenet64``; see
-``deis_jax.experiments.tables``), ``config.eval``:
+``deis_jax.experiments.table.cells``), ``config.eval``:
 
 * ``metric``             ``fid`` (Inception, needs ``inception_weights``) | ``fd_digits``
                          (the bundled digits classifier; digits only)

@@ -10,6 +10,7 @@ import pytest
 from configs import amed_gmm
 from deis_jax.common.checks import ConfigError
 from deis_jax.experiments import gmm
+from deis_jax.experiments.modes import get_mode, run_mode
 from deis_jax.experiments.validation import validate_sampler
 from deis_jax.fitting.amed import (
     AmedPredictorFile,
@@ -20,7 +21,6 @@ from deis_jax.fitting.amed import (
     teacher_grid,
 )
 from deis_jax.fitting.teacher import solve_teacher
-from deis_jax.modes import get_mode, run_mode
 from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import make_plan, sample
 from deis_jax.sampling.sde import VPSDE

@@ -31,12 +31,12 @@ if ROOT not in sys.path:
 import main  # noqa: E402
 from deis_jax.common import checkpoint_store  # noqa: E402
 from deis_jax.common.checks import MAX_SEED, ConfigError  # noqa: E402
-from deis_jax.experiments import tables  # noqa: E402
+from deis_jax.experiments.modes import get_mode  # noqa: E402
+from deis_jax.experiments.table import cells as tables  # noqa: E402
 from deis_jax.models import checkpoints, loading  # noqa: E402
 from deis_jax.models.score_sde import abstract_params  # noqa: E402
 from deis_jax.models.score_sde.family import model_config  # noqa: E402
-from deis_jax.modes import get_mode  # noqa: E402
-from deis_jax.training import train as training  # noqa: E402
+from deis_jax.training import loop as training  # noqa: E402
 
 FLAGS = flags.FLAGS
 DIGITS = f"--config={ROOT}/configs/vpsde_digits.py"
@@ -176,7 +176,7 @@ def test_workdir_below_a_file(tmp_path, early):
 
 
 def test_workdir_that_is_not_writable(tmp_path, monkeypatch, early):
-    monkeypatch.setattr(main.os, "access", lambda path, mode: path != str(tmp_path))
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))
     message = run_main(DIGITS, f"--workdir={tmp_path / 'run'}", "--mode=train")
     assert f"--workdir={tmp_path / 'run'}: no permission to write in '{tmp_path}'" in message
 
@@ -334,9 +334,8 @@ def test_a_run_that_stops_to_protect_its_results_is_a_usage_error(tmp_path, monk
 
     from deis_jax.common.files import DiskFullError
     from deis_jax.evaluation import fid
-    from deis_jax.experiments import generation
+    from deis_jax.experiments import compare, generation
     from deis_jax.experiments.workdir_lock import WorkdirLockedError
-    from deis_jax.modes import compare
     from deis_jax.sampling.diagnostics import NonFiniteSamplesError
 
     full = OSError(errno.ENOSPC, "No space left on device")
@@ -395,7 +394,7 @@ def test_every_mode_refuses_a_bad_seed_at_start_up(mode, seed):
     """numpy refused ``seed=-1`` only when drawing, 76 s into a run."""
     import importlib
 
-    from deis_jax.experiments import sweep
+    from deis_jax.experiments.sweep import cells as sweep
 
     name = SEED_CONFIGS[mode]
     if mode == "sweep":

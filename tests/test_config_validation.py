@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from deis_jax.common.checks import ConfigError
+from deis_jax.experiments.modes import get_mode
 from deis_jax.experiments.validation import validate_sampler
-from deis_jax.modes import get_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

@@ -15,9 +15,9 @@ from edm_fixture_models import nhwc, small_model
 from configs import edm_cifar10_vp
 from deis_jax.common.checks import ConfigError
 from deis_jax.experiments import build, generation
+from deis_jax.experiments import sample as sample_mode
 from deis_jax.models import loading
 from deis_jax.models.edm.convert import convert_state_dict
-from deis_jax.modes import sample as sample_mode
 from deis_jax.sampling.class_labels import ClassLabels
 
 COND = "cifar10_cond_vp"
@@ -171,7 +171,7 @@ def test_table_runs_end_to_end_on_the_conditional_fixture_model(converted, tmp_p
     """``--mode=table`` with an EDM network, per-sample classes and EDM-style reference
     statistics (``mu``, ``sigma`` as in EDM's fid-refs files)."""
     from deis_jax.evaluation import fid
-    from deis_jax.modes import table
+    from deis_jax.experiments import table
 
     reference = str(tmp_path / "imagenet-16x16.npz")
     rng = np.random.default_rng(1)
@@ -205,7 +205,7 @@ def test_table_runs_end_to_end_on_the_conditional_fixture_model(converted, tmp_p
 
 def test_fit_mode_refuses_a_class_conditional_network(converted):
     from configs import amed_cifar10
-    from deis_jax.modes import get_mode
+    from deis_jax.experiments.modes import get_mode
 
     config = amed_cifar10.get_config("edm")
     m = small_model(COND)

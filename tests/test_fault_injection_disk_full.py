@@ -30,11 +30,11 @@ from test_fault_injection_sample import (  # noqa: E402
 )
 
 from deis_jax.common.files import DiskFullError  # noqa: E402
+from deis_jax.experiments import compare as compare_mode  # noqa: E402
 from deis_jax.experiments import (
     gmm,  # noqa: E402
     shard_store,  # noqa: E402
 )
-from deis_jax.modes import compare as compare_mode  # noqa: E402
 
 
 class FullDisk:

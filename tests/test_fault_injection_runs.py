@@ -43,25 +43,23 @@ from test_train import tiny_config as train_config  # noqa: E402
 from configs import fit_gmm  # noqa: E402
 from deis_jax.common import checkpoint_store  # noqa: E402
 from deis_jax.evaluation import fid  # noqa: E402
-from deis_jax.experiments import (  # noqa: E402
-    fitting,
-    gmm,  # noqa: E402
-    sweep,
-)
+from deis_jax.experiments import compare as compare_mode  # noqa: E402
+from deis_jax.experiments import fit as fit_mode  # noqa: E402
+from deis_jax.experiments import gmm  # noqa: E402
+from deis_jax.experiments import sweep as sweep_mode  # noqa: E402
+from deis_jax.experiments import table as table_mode  # noqa: E402
+from deis_jax.experiments import train as train_mode  # noqa: E402
 from deis_jax.experiments.engine import (  # noqa: E402
     FAILED,
     Cell,  # noqa: E402
     run_cells,
 )
+from deis_jax.experiments.fit import cells as fitting  # noqa: E402
 from deis_jax.experiments.scoring import SampleScorer  # noqa: E402
+from deis_jax.experiments.sweep import cells as sweep  # noqa: E402
 from deis_jax.fitting.grid_file import OptimizedGrid  # noqa: E402
 from deis_jax.models.loading import LoadedModel  # noqa: E402
-from deis_jax.modes import compare as compare_mode  # noqa: E402
-from deis_jax.modes import fit as fit_mode  # noqa: E402
-from deis_jax.modes import sweep as sweep_mode  # noqa: E402
-from deis_jax.modes import table as table_mode  # noqa: E402
-from deis_jax.modes import train as train_mode  # noqa: E402
-from deis_jax.training import train as training  # noqa: E402
+from deis_jax.training import loop as training  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

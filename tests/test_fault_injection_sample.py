@@ -26,8 +26,8 @@ from deis_jax.common.files import sha256_file  # noqa: E402
 from deis_jax.common.identity import tree_digest  # noqa: E402
 from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
 from deis_jax.experiments import generation, shard_store  # noqa: E402
+from deis_jax.experiments import sample as sample_mode  # noqa: E402
 from deis_jax.models.loading import LoadedModel  # noqa: E402
-from deis_jax.modes import sample as sample_mode  # noqa: E402
 from deis_jax.sampling import sharded  # noqa: E402
 from deis_jax.sampling.diagnostics import NonFiniteSamplesError, nonfinite_samples  # noqa: E402
 from deis_jax.sampling.sampler import get_sampler  # noqa: E402

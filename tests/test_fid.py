@@ -97,7 +97,7 @@ SHARDED = textwrap.dedent(
     from jax.sharding import NamedSharding, PartitionSpec as P
     from deis_jax.evaluation import fid
     assert jax.device_count() == 8, jax.devices()
-    from deis_jax.training.train import make_mesh
+    from deis_jax.training.loop import make_mesh
     mesh = make_mesh()  # ('data',), automatic axes as everywhere in the project
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(64, 10)) * 2 + 1

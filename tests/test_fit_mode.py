@@ -8,10 +8,10 @@ import pytest
 
 from configs import fit_gmm
 from deis_jax.common.checks import ConfigError
+from deis_jax.experiments.modes import get_mode, run_mode
 from deis_jax.experiments.validation import validate_sampler
 from deis_jax.fitting.grid_file import OptimizedGrid
 from deis_jax.fitting.recipes import FittedSampler
-from deis_jax.modes import get_mode, run_mode
 from deis_jax.sampling.sde import VPSDE
 
 SDE = VPSDE.linear()

@@ -18,10 +18,11 @@ import pytest
 from deis_jax.common.checks import ConfigError
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.evaluation.reference import Reference, reference_solve
-from deis_jax.experiments import gmm, sweep
+from deis_jax.experiments import compare, fit, gmm
+from deis_jax.experiments import sweep as sweep_mode
+from deis_jax.experiments.modes import run_mode
+from deis_jax.experiments.sweep import cells as sweep
 from deis_jax.fitting.amed import AmedPredictorFile, amed_teacher, fit_amed
-from deis_jax.modes import compare, fit, run_mode
-from deis_jax.modes import sweep as sweep_mode
 from deis_jax.sampling.sampler import make_plan, sample
 from deis_jax.sampling.sde import VPSDE
 from deis_jax.sampling.solvers.registry import MAX_NFE

@@ -18,7 +18,6 @@ LAYERS = (
     ("fitting",),
     ("training", "evaluation"),
     ("experiments",),
-    ("modes",),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
@@ -72,3 +71,18 @@ def test_no_import_runs_upward(path):
         and RANK[_package(module)] >= RANK[own]
     ]
     assert not upward, "\n".join(upward)
+
+
+MODES = sorted(p.name for p in (PACKAGE / "experiments").iterdir() if (p / "__init__.py").exists())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_never_import_each_other(mode):
+    others = {f"deis_jax.experiments.{m}" for m in MODES if m != mode}
+    crossing = [
+        f"{path.relative_to(PACKAGE)} line {line}: {module}"
+        for path in sorted((PACKAGE / "experiments" / mode).rglob("*.py"))
+        for line, module in _imports(path)
+        if any(module == o or module.startswith(o + ".") for o in others)
+    ]
+    assert not crossing, "\n".join(crossing)

@@ -6,7 +6,7 @@ import csv
 import os
 import sys
 
-from deis_jax.modes import run_mode
+from deis_jax.experiments.modes import run_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

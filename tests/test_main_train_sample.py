@@ -1,5 +1,6 @@
 """End to end: ``main.py --mode=train`` then ``--mode=sample`` on tiny configs, in-process
-(``deis_jax.modes.run_mode``, what ``main.py`` calls), and ``main.py``'s start-up check."""
+(``deis_jax.experiments.modes.run_mode``, what ``main.py`` calls), and ``main.py``'s start-up
+check."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ if ROOT not in sys.path:
 
 from configs import vpsde_cifar10, vpsde_digits  # noqa: E402
 from deis_jax.experiments.generation import load_samples  # noqa: E402
+from deis_jax.experiments.modes import run_mode  # noqa: E402
 from deis_jax.models.loading import load_sampling_params  # noqa: E402
-from deis_jax.modes import run_mode  # noqa: E402
 
 
 def tiny(config):
@@ -54,8 +55,8 @@ def as_main_runs():
 
 
 def run_main(workdir, mode, config, caplog, mocked=False):
-    """``main.py --mode=<mode>`` in this process (``deis_jax.modes.run_mode``); returns the
-    log. ``mocked``: under ``tfds.testing.mock_data`` (tfds datasets without files, TF or
+    """``main.py --mode=<mode>`` in this process (``deis_jax.experiments.modes.run_mode``); returns
+    the log. ``mocked``: under ``tfds.testing.mock_data`` (tfds datasets without files, TF or
     network)."""
     caplog.clear()
     with caplog.at_level(logging.INFO):

@@ -1,5 +1,5 @@
 """``--mode=sweep``: grid expansion, validation, results + summary, resume after a kill
-(``deis_jax.modes.sweep`` on ``deis_jax.experiments.sweep``)."""
+(``deis_jax.experiments.sweep`` on ``deis_jax.experiments.sweep``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import jax
 import pytest
 
 from deis_jax.common.checks import ConfigError
-from deis_jax.experiments import gmm, sweep
-from deis_jax.modes import sweep as sweep_mode
+from deis_jax.experiments import gmm
+from deis_jax.experiments import sweep as sweep_mode
+from deis_jax.experiments.sweep import cells as sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FILE = os.path.join(ROOT, "configs", "sweeps", "gmm_methods.py")

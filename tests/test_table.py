@@ -20,9 +20,9 @@ from deis_jax.common.data import digits_images  # noqa: E402
 from deis_jax.common.files import read_jsonl  # noqa: E402
 from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
 from deis_jax.experiments import build  # noqa: E402
+from deis_jax.experiments.modes import run_mode, table  # noqa: E402
 from deis_jax.experiments.scoring import SampleScorer  # noqa: E402
 from deis_jax.models.loading import LoadedModel  # noqa: E402
-from deis_jax.modes import run_mode, table  # noqa: E402
 
 METHODS = ("ρ2Heun", "tAB2")
 NFES = (5, 10)

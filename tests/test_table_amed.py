@@ -21,12 +21,11 @@ from test_table import digits_mixture_model, float32_jax, tiny_config  # noqa: E
 
 from deis_jax.common.checks import ConfigError  # noqa: E402
 from deis_jax.common.files import sha256_file  # noqa: E402
-from deis_jax.experiments import build, fitting  # noqa: E402
-from deis_jax.experiments import tables as tb  # noqa: E402
+from deis_jax.experiments import build, table  # noqa: E402
 from deis_jax.experiments.scoring import SampleScorer  # noqa: E402
+from deis_jax.experiments.table import cells as tb  # noqa: E402
 from deis_jax.fitting.amed import AmedPredictorFile, init_params  # noqa: E402
 from deis_jax.models.loading import LoadedModel, image_shape  # noqa: E402
-from deis_jax.modes import table  # noqa: E402
 from deis_jax.sampling.amed_predictor import init_predictor  # noqa: E402
 from deis_jax.sampling.method_spec import parse_method_spec  # noqa: E402
 from deis_jax.sampling.sampler import make_plan  # noqa: E402
@@ -68,7 +67,7 @@ def test_every_row_builds_and_afs_rows_spend_exactly_the_odd_budgets(tmp_path):
             path = ROW[label].predictor_path(str(directory), nfe)
             # the name --mode=fit gives the file of this method and NFE
             choice = parse_method_spec(ROW[label].spec)
-            assert path == fitting.grid_path(str(tmp_path), "digits", choice.label, nfe, "amed")
+            assert path == build.grid_path(str(tmp_path), "digits", choice.label, nfe, "amed")
             write_untrained(path, config, method, options, grid, nfe)
     config.eval.amed_predictors = str(directory)
     plan = table.validate(config)

@@ -1,6 +1,6 @@
 """Training: the loss goes down, a killed run resumes identically, 8 devices == 1 device.
 
-Uses a tiny Flax conv net (injected into ``deis_jax.modes.train.run``) on the embedded
+Uses a tiny Flax conv net (injected into ``deis_jax.experiments.train.run``) on the embedded
 digits at 8x8, so nothing here depends on the NCSN++ code or on downloads. Run as a script,
 this file prints the per-step losses of a short run (used for the multi-device comparison).
 """
@@ -23,11 +23,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from deis_jax.common import data  # noqa: E402
-from deis_jax.modes import train as train_mode  # noqa: E402
+from deis_jax.experiments import train as train_mode  # noqa: E402
 from deis_jax.sampling import sde  # noqa: E402
 from deis_jax.sampling.wrappers import eps_fn_from_model  # noqa: E402
+from deis_jax.training import loop as training  # noqa: E402
 from deis_jax.training import losses  # noqa: E402
-from deis_jax.training import train as training  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

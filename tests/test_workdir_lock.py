@@ -15,8 +15,9 @@ import textwrap
 
 import pytest
 
+from deis_jax.experiments import compare
 from deis_jax.experiments import workdir_lock as wl
-from deis_jax.modes import compare, run_mode
+from deis_jax.experiments.modes import run_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))

@@ -5,13 +5,13 @@
 Any field of the base config (``configs/gmm_vpsde.py``) can still be overridden on the command
 line, e.g. ``--config.data.dims=(2,)`` or ``--config.compare.num_samples=200``. Writes
 ``sweep.jsonl`` (one line per finished point; a killed sweep resumes), ``sweep.csv``,
-``sweep.md`` and ``sweep.png`` to --workdir. See ``deis_jax/experiments/sweep.py`` for the format
-and ``docs/scale.md`` for running it on several GPUs or a TPU pod.
+``sweep.md`` and ``sweep.png`` to --workdir. See ``deis_jax/experiments/sweep/cells.py`` for the
+format and ``docs/scale.md`` for running it on several GPUs or a TPU pod.
 """
 
 import os
 
-from deis_jax.experiments.sweep import load_config_file, sweep_block
+from deis_jax.experiments.sweep.cells import load_config_file, sweep_block
 
 BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gmm_vpsde.py")
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from deis_jax.fitting.amed import AmedPredictorFile
@@ -115,3 +116,10 @@ def _learned_predictor_sampler(path, fields, options, schedule, eps_fn) -> Sampl
         raise ValueError("predictor_file does not take final_denoise")
     learned = AmedPredictorFile.load(path)
     return _fitted_sampler(learned, fields, options, schedule, eps_fn, learned.rule_params())
+
+
+def grid_path(workdir: str, problem: str, label: str, nfe: int, variant: str) -> str:
+    """Where a fitted cell's file goes (``label``: the method label)."""
+    name = f"{label.replace(':', '_').replace(',', '_').replace('=', '-')}"
+    variant = variant.replace(":", "_")
+    return os.path.join(workdir, "grids", problem, f"{name}_nfe{nfe}_{variant}.json")

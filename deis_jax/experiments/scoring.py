@@ -32,7 +32,9 @@ and the feature (and IS) statistics are all-gathered before the distance is take
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +45,7 @@ import numpy as np
 from absl import logging
 
 from deis_jax.common import data, image_grid, parallel
-from deis_jax.evaluation import fid
+from deis_jax.evaluation import features, fid
 from deis_jax.evaluation.discretization import reference_output
 from deis_jax.evaluation.features import Reference
 from deis_jax.evaluation.metrics import rmse
@@ -182,3 +184,19 @@ def _gather_indices(indices: list[int]) -> tuple[int, list[int]]:
     gathered = parallel.allgather_ints([len(indices), *head])
     shown = sorted(int(i) for i in gathered[:, 1:].ravel() if i >= 0)[:SHOWN]
     return int(gathered[:, 0].sum()), shown
+
+
+def check_reference(config, workdir: str) -> None:
+    """The FID reference (``config.eval``) can be had: a statistics file (read by
+    ``features.check_reference_stats``), the embedded digits, statistics cached in
+    ``<workdir>/tables/`` (not for KID, which needs the features), or else the data split
+    ``eval.reference_split`` (``DatasetNotFoundError`` saying how to prepare it)."""
+    ev, name = config.eval, config.data.name
+    if ev.get("reference_stats"):
+        features.check_reference_stats(config)
+        return
+    if name in data.EMBEDDED_DATASETS:
+        return
+    cache = f"reference_*_{name.replace('/', '_')}_{ev.reference_split}.npz"
+    if ev.kid or not glob.glob(os.path.join(workdir, "tables", cache)):
+        data.get_source(config.data, ev.reference_split)

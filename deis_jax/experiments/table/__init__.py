@@ -5,7 +5,7 @@
 
 (with ``configs/tables.py``'s fields in the config; ``--config=configs/tables.py:vpsde_digits``
 adds them to any experiment config). ``config.table`` names a registered table of
-``deis_jax.experiments.tables`` (``deis_cifar10``: the DEIS variants; ``ipndm_ersde_dpmpp``:
+``deis_jax.experiments.table.cells`` (``deis_cifar10``: the DEIS variants; ``ipndm_ersde_dpmpp``:
 the training-free peers and ER-SDE-Solver-3; ``amed_cifar10``: the AMED paper's table).
 Runge-Kutta rows round up to whole steps; the real NFE is shown as a "+k" superscript, as in
 the paper.
@@ -48,14 +48,15 @@ from deis_jax.common import identity
 from deis_jax.common.files import sha256_file
 from deis_jax.evaluation import features
 from deis_jax.experiments import engine, validation
-from deis_jax.experiments import tables as tb
 from deis_jax.experiments.engine import FAILED, run_cells
-from deis_jax.experiments.scoring import SampleScorer
+from deis_jax.experiments.scoring import SampleScorer, check_reference
+from deis_jax.experiments.table import cells as tb
 from deis_jax.models.loading import (
     PARAMS_SOURCES,
     describe_model,
     load_model,
     validate_model_and_data,
+    verify_sampling_params,
 )
 from deis_jax.sampling.sde import NoiseSchedule
 
@@ -172,6 +173,16 @@ def validate(config) -> Plan:
             label = f"{row.label} NFE {nfe}"
             cells.append(engine.Cell(key, sampler.nfe * n, label, (row, nfe, sampler, predictor)))
     return Plan(schedule, spec, rows, list(nfes), cells, notes)
+
+
+def check_inputs(config, workdir: str, plan: Plan) -> None:
+    """The checkpoint (unless ``eval.params='random'``; its structure too:
+    ``verify_sampling_params``) and the FID reference (``scoring.check_reference``)."""
+    if config.data.name == "gmm":
+        return
+    if config.eval.params == "checkpoint":
+        verify_sampling_params(config, workdir)
+    check_reference(config, workdir)
 
 
 def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor=None):

@@ -91,6 +91,10 @@ def _cell(config, plan: Plan, problem, choice, nfe, mesh) -> tuple[dict, tuple]:
     return {"method": choice.label, "nfe_budget": nfe, **record}, panel
 
 
+def check_inputs(config, workdir: str, plan: Plan) -> None:
+    """The files this mode reads: none (the problem is analytic)."""
+
+
 def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
     """Run (or resume) the comparison and write the report; returns the result rows."""
     plan = validate(config) if plan is None else plan

@@ -6,7 +6,7 @@ Re-running the same command resumes from the newest intact checkpoint and contin
 an uninterrupted run would (data order and randomness are functions of ``(seed, step)``).
 Logs (loss, grad norm, steps/s, ETA) go to absl logging and ``<workdir>/metrics.jsonl``.
 
-Integrity (``deis_jax.training.train``): each checkpoint records the sha256 of its files and the
+Integrity (``deis_jax.training.loop``): each checkpoint records the sha256 of its files and the
 run's :func:`identity`; a damaged newest checkpoint is moved aside with a warning and training
 resumes from the newest intact one; a checkpoint of another run (other model, data, SDE, seed
 or training settings) is refused with the differing fields named. On resume the records of
@@ -38,7 +38,7 @@ from deis_jax.models.loading import (
     validate_model_and_data,
 )
 from deis_jax.sampling.sde import NoiseSchedule
-from deis_jax.training import train as training
+from deis_jax.training import loop as training
 
 BOOL = (True, False)
 RESUMABLE = ("n_iters", "log_every", "checkpoint_every")  # may change between resumes
@@ -80,6 +80,12 @@ def validate(config) -> NoiseSchedule:
     if config.training.get("ema_warmup") is not None:
         require_choice(config, f"{t}.ema_warmup", BOOL)
     return schedule
+
+
+def check_inputs(config, workdir: str, plan: NoiseSchedule) -> None:
+    """The training split of the tfds data is there (``DatasetNotFoundError`` saying how to
+    prepare it)."""
+    data.get_source(config.data, "train")
 
 
 def run(

@@ -51,8 +51,8 @@ from deis_jax.common.files import atomic_write_bytes, atomic_write_text
 from deis_jax.common.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.evaluation.paper_numbers import PAPER_TABLES, PaperValue, with_extra_nfe
 from deis_jax.experiments import build
+from deis_jax.experiments.build import grid_path
 from deis_jax.experiments.engine import FAILED
-from deis_jax.experiments.fitting import grid_path
 from deis_jax.models.loading import num_classes
 from deis_jax.sampling import solvers
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
@@ -101,7 +101,7 @@ class TableRow:
 
     def predictor_path(self, directory: str, nfe: int) -> str:
         """The predictor file of this row at NFE ``nfe`` in ``directory``: the name
-        ``--mode=fit`` gives it (``deis_jax.experiments.fitting.grid_path``, variant
+        ``--mode=fit`` gives it (``deis_jax.experiments.build.grid_path``, variant
         ``amed``: ``<sanitized method label>_nfe<nfe>_amed.json``)."""
         name = os.path.basename(grid_path("", "", self.choice.label, nfe, "amed"))
         return os.path.join(directory, name)

@@ -1,10 +1,12 @@
 """The run modes of ``main.py``: thin, independent pages over the library.
 
-Each mode module has ``validate(config) -> plan`` (every check, before any work; a bad value
-raises ``ConfigError`` naming the field and what is allowed; the plan holds what validation
-built: the schedule, the cells, ...) and ``run(config, workdir, plan=None)`` (``plan=None``
-validates first). Modes never import each other; what two modes share lives in the library.
-:func:`run_mode` runs one holding the workdir's lock (one run per workdir).
+Each mode is one package of ``deis_jax.experiments`` (its cells and report beside it) with
+``validate(config) -> plan`` (every check of the config, before any work; a bad value raises
+``ConfigError`` naming the field and what is allowed; the plan holds what validation built:
+the schedule, the cells, ...), ``check_inputs(config, workdir, plan)`` (the files it will
+read are there and fit, before any network is built) and ``run(config, workdir, plan=None)``
+(``plan=None`` validates first). Modes never import each other; what two modes share lives
+in the library. :func:`run_mode` runs one holding the workdir's lock (one run per workdir).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 from types import ModuleType
 
 from deis_jax.common.checks import ConfigError
+from deis_jax.experiments import compare, fit, sample, sweep, table, train
 from deis_jax.experiments.workdir_lock import workdir_lock
-from deis_jax.modes import compare, fit, sample, sweep, table, train
 
 MODES: dict[str, ModuleType] = {
     "compare": compare,

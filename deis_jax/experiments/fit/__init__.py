@@ -43,8 +43,9 @@ import jax
 
 from deis_jax.common import checks as cv
 from deis_jax.common.identity import fingerprint
-from deis_jax.experiments import fitting, gmm, validation
+from deis_jax.experiments import gmm, validation
 from deis_jax.experiments.engine import Cell, Progress, run_cells
+from deis_jax.experiments.fit import cells as fitting
 from deis_jax.fitting.amed import LOSSES as AMED_LOSSES
 from deis_jax.fitting.gits import METRICS as GITS_METRICS
 from deis_jax.fitting.ld3 import LOSSES as LD3_LOSSES
@@ -183,6 +184,25 @@ def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitt
         schedule, config.seed + 1000, shape, int(fit_cfg.num_fit), int(fit_cfg.num_heldout)
     )
     return fitting.FitProblem(name, eps_fn, model_id, x_fit, x_heldout)
+
+
+def check_inputs(config, workdir: str, plan: Plan) -> None:
+    """For an image model: the checkpoint (unless ``fit.params='random'``; its structure
+    too: ``verify_sampling_params``) and, when the fit is scored by a feature distance
+    (``fit.fd``), ``config.eval`` and the FID reference."""
+    if config.data.name == "gmm":
+        return
+    from deis_jax.evaluation import features
+    from deis_jax.experiments.scoring import check_reference
+    from deis_jax.models.loading import verify_sampling_params
+
+    scored = bool(config.fit.get("fd"))
+    if scored:  # the fit's own validation does not read config.eval
+        features.validate_eval(config)
+    if config.fit.params == "checkpoint":
+        verify_sampling_params(config, workdir)
+    if scored:
+        check_reference(config, workdir)
 
 
 def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:

@@ -44,6 +44,7 @@ from deis_jax.common.files import atomic_write_text, sha256_file
 from deis_jax.common.identity import fingerprint
 from deis_jax.common.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.experiments import build
+from deis_jax.experiments.build import grid_path
 from deis_jax.experiments.engine import FAILED
 from deis_jax.fitting.amed import amed_teacher, fit_amed
 from deis_jax.fitting.optimize import endpoint_distances, optimize_grid
@@ -124,13 +125,6 @@ def teachers(
         problem.x_heldout, substeps=int(fit_cfg.heldout_substeps), keep_states=False, **common,
     )  # fmt: skip
     return Teachers(fit, heldout)
-
-
-def grid_path(workdir: str, problem: str, label: str, nfe: int, variant: str) -> str:
-    """Where a fitted cell's file goes (``label``: the method label)."""
-    name = f"{label.replace(':', '_').replace(',', '_').replace('=', '-')}"
-    variant = variant.replace(":", "_")
-    return os.path.join(workdir, "grids", problem, f"{name}_nfe{nfe}_{variant}.json")
 
 
 def compute_cell(

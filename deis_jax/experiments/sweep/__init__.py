@@ -33,8 +33,8 @@ from absl import logging
 
 from deis_jax.common import checks as cv
 from deis_jax.common import parallel
-from deis_jax.experiments import sweep as sw
 from deis_jax.experiments.engine import FAILED, Cell, Progress, run_cells
+from deis_jax.experiments.sweep import cells as sw
 
 
 class Plan(NamedTuple):
@@ -68,6 +68,10 @@ def validate(config) -> Plan:
         for key, point in zip(keys, points, strict=True)
     ]
     return Plan(points, evaluator, x, cells, sw.sweep_fingerprint(config))
+
+
+def check_inputs(config, workdir: str, plan: Plan) -> None:
+    """The files this mode reads: none (the problem is analytic)."""
 
 
 def run(config, workdir: str, plan: Plan | None = None, *, progress: bool = True) -> list[dict]:

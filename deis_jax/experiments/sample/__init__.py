@@ -52,6 +52,7 @@ from deis_jax.models.loading import (
     image_shape,
     load_model,
     validate_model_and_data,
+    verify_sampling_params,
 )
 from deis_jax.sampling import solvers
 from deis_jax.sampling.sampler import Sampler
@@ -152,6 +153,13 @@ def check_fitted_model(config, schedule: NoiseSchedule, model: LoadedModel) -> N
         FittedSampler.load(path, schedule, model_id=fingerprint(model.identity))
     except ValueError as err:
         raise ConfigError(f"config.sampler.fitted_file is invalid: {err}") from None
+
+
+def check_inputs(config, workdir: str, plan: Plan) -> None:
+    """The checkpoint is there and holds this network (``verify_sampling_params``: its
+    structure against ``jax.eval_shape`` of the network, before any network is built)."""
+    if config.data.name != "gmm":
+        verify_sampling_params(config, workdir)
 
 
 def run(

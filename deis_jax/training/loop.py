@@ -14,7 +14,7 @@ Checkpoints are integrity-checked Orbax checkpoints (``deis_jax.common.checkpoin
 :func:`trim_metrics` keeps ``metrics.jsonl`` at one record per logged step across restarts.
 
 The network of a config is built by ``deis_jax.models.loading.build_model``; ``--mode=train``
-(``deis_jax.modes.train``) puts the pieces together.
+(``deis_jax.experiments.train``) puts the pieces together.
 """
 
 from __future__ import annotations
