@@ -1,10 +1,13 @@
 """Score a sampler on a network: draw samples, featurise them, compare with a reference.
 
-    scorer = SampleScorer(config, schedule, model, extractor, reference)
+    scorer = SampleScorer(ScoreSettings(num_samples=1000, batch_size=250, seed=0), schedule,
+                          model, extractor, reference, image_shape=(32, 32, 3), centered=True)
+    scorer = SampleScorer.from_config(config, schedule, model, extractor, reference)  # or
     record = scorer.score(sampler)   # {"value": FD, "num_samples", "is_mean", "rmse", ...}
 
-Every call draws ``config.eval.num_samples`` images through the one sharded generation path
-(``deis_jax.sampling.sharded.make_generate_fn`` with ``sharded.sample_keys(config.eval.seed)``):
+Every call draws ``num_samples`` images (:class:`ScoreSettings`, ``config.eval``'s fields)
+through the one sharded generation path
+(``deis_jax.sampling.sharded.make_generate_fn`` with ``sharded.sample_keys(seed)``):
 sample ``i`` starts from ``x_T = prior(fold_in(prior_key, i))`` and a stochastic sampler's noise is
 keyed by ``i`` too (a class-conditional network's class as well: ``config.sampling.labels``
 with seed ``config.eval.seed``), so every sampler sees the same x_T and calls differ only by
@@ -54,35 +57,105 @@ from deis_jax.evaluation.reference import reference_solve
 from deis_jax.experiments.engine import SHOWN, nonfinite_reason
 from deis_jax.models.loading import LoadedModel, class_labels_of, image_shape
 from deis_jax.sampling import sharded
+from deis_jax.sampling.class_labels import ClassLabels
 from deis_jax.sampling.diagnostics import nonfinite_samples
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings:
+    """What :class:`SampleScorer` draws and measures (``config.eval``'s fields, as plain
+    values): ``num_samples`` images in batches of ``batch_size`` keyed by ``seed``; the
+    Inception Score in ``is_splits`` splits, KID with ``kid_subsets`` subsets of
+    ``kid_subset_size``, and the RMSE of the first ``rmse_num_samples`` samples against an
+    RK4 reference solve of ``rmse_reference_steps`` steps, each when switched on."""
+
+    num_samples: int
+    batch_size: int
+    seed: int
+    inception_score: bool = False
+    is_splits: int = 0
+    kid: bool = False
+    kid_subsets: int = 0
+    kid_subset_size: int = 0
+    rmse: bool = False
+    rmse_num_samples: int = 0
+    rmse_reference_steps: int = 0
+
+    @classmethod
+    def from_eval(cls, ev) -> ScoreSettings:
+        """The settings of a ``config.eval`` block (fields of a metric that is off are not
+        read)."""
+        return cls(
+            num_samples=int(ev.num_samples),
+            batch_size=int(ev.batch_size),
+            seed=int(ev.seed),
+            inception_score=bool(ev.inception_score),
+            is_splits=int(ev.is_splits) if ev.inception_score else 0,
+            kid=bool(ev.kid),
+            kid_subsets=int(ev.kid_subsets) if ev.kid else 0,
+            kid_subset_size=int(ev.kid_subset_size) if ev.kid else 0,
+            rmse=bool(ev.rmse),
+            rmse_num_samples=int(ev.rmse_num_samples) if ev.rmse else 0,
+            rmse_reference_steps=int(ev.rmse_reference_steps) if ev.rmse else 0,
+        )
+
+
 class SampleScorer:
-    """Samples, featurises and scores samplers (see the module docstring)."""
+    """Samples, featurises and scores samplers (see the module docstring).
+
+    ``image_shape`` is ``(H, W, C)``; ``centered``: the network's data are in [-1, 1] (else
+    [0, 1]); ``t0`` / ``t1`` the interval of the RMSE reference solve (None: the schedule's);
+    ``labels`` the classes of a class-conditional network's samples (None: unconditional).
+    :meth:`from_config` reads all of these from an experiment config."""
 
     def __init__(
         self,
+        settings: ScoreSettings,
+        schedule: NoiseSchedule,
+        model: LoadedModel,
+        extractor: fid.FeatureExtractor,
+        reference: Reference,
+        *,
+        image_shape: tuple[int, int, int],
+        centered: bool,
+        t0: float | None = None,
+        t1: float | None = None,
+        labels: ClassLabels | None = None,
+    ):
+        self.settings, self.schedule, self.model = settings, schedule, model
+        self.extractor, self.reference = extractor, reference
+        self.centered, self.t0, self.t1 = centered, t0, t1
+        self.mesh = parallel.make_mesh(jax.local_devices())
+        self.n = settings.num_samples
+        self.batch = math.ceil(settings.batch_size / self.mesh.size) * self.mesh.size
+        self.shape = tuple(image_shape)
+        self.keys = sharded.sample_keys(settings.seed)
+        self.labels = labels  # a class-conditional network: the class of sample i
+        self._params = parallel.replicate(model.params, self.mesh)  # once, not per sampler
+        self._keys = parallel.replicate(self.keys, self.mesh)
+        self._rmse_ref: ReferenceSolve | None = None
+
+    @classmethod
+    def from_config(
+        cls,
         config,
         schedule: NoiseSchedule,
         model: LoadedModel,
         extractor: fid.FeatureExtractor,
         reference: Reference,
-    ):
-        self.config, self.schedule, self.model = config, schedule, model
-        self.extractor, self.reference = extractor, reference
-        self.mesh = parallel.make_mesh(jax.local_devices())
-        ev = config.eval
-        self.n = int(ev.num_samples)
-        self.batch = math.ceil(int(ev.batch_size) / self.mesh.size) * self.mesh.size
-        self.shape = image_shape(config)
-        self.keys = sharded.sample_keys(int(ev.seed))
-        # a class-conditional network: the class of sample i, keyed like its x_T
-        self.labels = class_labels_of(config, model, int(ev.seed))
-        self._params = parallel.replicate(model.params, self.mesh)  # once, not per sampler
-        self._keys = parallel.replicate(self.keys, self.mesh)
-        self._rmse_ref: ReferenceSolve | None = None
+    ) -> SampleScorer:
+        """The scorer of an experiment config: ``config.eval`` (:class:`ScoreSettings`),
+        ``config.data`` (shape, centring), ``config.sampler.t0`` / ``t1`` and, for a
+        class-conditional network, ``config.sampling.labels`` keyed by ``eval.seed``."""
+        settings = ScoreSettings.from_eval(config.eval)
+        return cls(
+            settings, schedule, model, extractor, reference,
+            image_shape=image_shape(config), centered=bool(config.data.centered),
+            t0=config.sampler.t0, t1=config.sampler.t1,
+            labels=class_labels_of(config, model, settings.seed),
+        )  # fmt: skip
 
     def batches(self) -> list[int]:
         """Offsets of this process's batches (strided over processes)."""
@@ -92,16 +165,16 @@ class SampleScorer:
     def rmse_reference(self) -> ReferenceSolve:
         """Reference-solve endpoints of the first ``rmse_num_samples`` x_T (solved once)."""
         if self._rmse_ref is None:
-            ev = self.config.eval
-            t0, t1 = self.schedule.interval(self.config.sampler.t0, self.config.sampler.t1)
+            ev = self.settings
+            t0, t1 = self.schedule.interval(self.t0, self.t1)
             x_T = sharded.prior_draws(
                 lambda key: self.schedule.prior_sample(key, self.shape),
                 self.keys[0],
-                jnp.arange(int(ev.rmse_num_samples)),
+                jnp.arange(ev.rmse_num_samples),
             )
             self._rmse_ref = reference_solve(
                 self.schedule, self.model.eps_fn(self._labels_of(len(x_T))), x_T, t0=t0, t1=t1,
-                steps=int(ev.rmse_reference_steps),
+                steps=ev.rmse_reference_steps,
             )  # fmt: skip
             logging.info(
                 "reference solve: %d NFE, error estimate %.2e",
@@ -116,7 +189,7 @@ class SampleScorer:
     def score(self, sampler: Sampler, advance: Callable[[float], None] | None = None) -> dict:
         """The record of ``sampler`` (see the module docstring); ``advance(k)`` is called
         with the NFE x samples of every finished batch."""
-        ev, config = self.config.eval, self.config
+        ev = self.settings
         start = time.perf_counter()
         generate = sharded.make_generate_fn(
             sampler, self.mesh, self.shape, bind=self.model.bind, labels=self.labels
@@ -125,9 +198,9 @@ class SampleScorer:
         stats = fid.FeatureStats.empty(self.extractor.feature_dim)
         is_stats = None
         if ev.inception_score:
-            is_stats = fid.ISStats.empty(self.extractor.num_classes, self.n, int(ev.is_splits))
+            is_stats = fid.ISStats.empty(self.extractor.num_classes, self.n, ev.is_splits)
         feats, rmse_out = [], []
-        m = int(ev.rmse_num_samples) if (ev.rmse and not sampler.stochastic) else 0
+        m = ev.rmse_num_samples if (ev.rmse and not sampler.stochastic) else 0
         nonfinite: list[int] = []  # global indices of non-finite samples (this process)
         for offset in self.batches():
             indices = np.arange(offset, offset + self.batch, dtype=np.int32)
@@ -137,7 +210,7 @@ class SampleScorer:
             nonfinite += [offset + int(i) for i in nonfinite_samples(x)]
             if offset < m:
                 rmse_out.append(x[: m - offset].astype(np.float64))
-            images = image_grid.to_uint8(data.postprocess(np.nan_to_num(x), config.data.centered))
+            images = image_grid.to_uint8(data.postprocess(np.nan_to_num(x), self.centered))
             f, logits = self.extractor.features_and_logits(images)
             f = np.asarray(jax.device_get(f), np.float64)
             stats.update(f)
@@ -165,9 +238,9 @@ class SampleScorer:
             record["kid_mean"], record["kid_std"] = fid.kernel_inception_distance(
                 np.concatenate(feats),
                 reference["features"],
-                int(ev.kid_subsets),
-                int(ev.kid_subset_size),
-                seed=int(ev.seed),
+                ev.kid_subsets,
+                ev.kid_subset_size,
+                seed=ev.seed,
             )
         if m:
             ref = self.rmse_reference()

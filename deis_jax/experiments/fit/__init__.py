@@ -262,4 +262,4 @@ def fd_scorer(config, workdir: str, schedule: NoiseSchedule, model):
 
     extractor = features.extractor_from_config(config)
     reference = features.Reference(config, workdir, extractor)
-    return SampleScorer(config, schedule, model, extractor, reference)
+    return SampleScorer.from_config(config, schedule, model, extractor, reference)

@@ -198,7 +198,7 @@ def run(config, workdir: str, plan: Plan | None = None, *, model=None, extractor
     extractor = features.extractor_from_config(config) if extractor is None else extractor
     fingerprint = identity.fingerprint(tb.fingerprint_payload(config, model.identity, extractor))
     reference = features.Reference(config, workdir, extractor)
-    scorer = SampleScorer(config, plan.schedule, model, extractor, reference)
+    scorer = SampleScorer.from_config(config, plan.schedule, model, extractor, reference)
     logging.info(
         "table %s: %d cells (%d samples each, metric %s)",
         spec.name, len(plan.cells), ev.num_samples, ev.metric,
