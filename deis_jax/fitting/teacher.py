@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 
 from deis_jax.common.files import atomic_write_bytes
-from deis_jax.common.identity import array_digest, describe_object
+from deis_jax.common.identity import array_digest, describe_differences, describe_object
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power, time_grid, validate_grid
@@ -341,22 +341,6 @@ def load_teacher(path: str, *, states: bool = True) -> Teacher:
     return Teacher(ts, x_T, x0, st, eps, settings, error_estimate)
 
 
-def settings_differences(cached: dict, requested: dict) -> list[str]:
-    """The settings keys whose values differ. A cached teacher with states also serves a
-    request without them (``keep_states``: True cached, False requested is not a
-    difference)."""
-    keys = sorted(set(cached) | set(requested))
-    diff = [k for k in keys if cached.get(k) != requested.get(k)]
-    if "keep_states" in diff and cached.get("keep_states") and not requested.get("keep_states"):
-        diff.remove("keep_states")
-    return diff
-
-
-def _describe(key: str, value) -> str:
-    text = repr(value)
-    return text[:19] + "..." if key.endswith("sha256") and len(text) > 22 else text
-
-
 def load_or_solve_teacher(
     path: str,
     schedule: NoiseSchedule,
@@ -380,16 +364,18 @@ def load_or_solve_teacher(
         logging.warning("teacher cache %s is unreadable (%s: %s); recomputing",
                         path, type(err).__name__, err)  # fmt: skip
     else:
-        diff = settings_differences(cached.settings, requested)
-        if not diff:
+        # a cached teacher with states also serves a request without them
+        served = {**requested, "keep_states": cached.settings.get("keep_states")}
+        if requested["keep_states"] or not cached.settings.get("keep_states"):
+            served = requested
+        diffs = describe_differences(cached.settings, served, labels=("cached", "requested"))
+        if not diffs:
             logging.info("teacher cache %s: reusing", path)
             if cached.settings["keep_states"] != requested["keep_states"]:
                 cached = dataclasses.replace(cached, settings=requested)
             return cached
-        for key in diff:
-            logging.info("teacher cache %s: %s differs (cached %s, requested %s); recomputing",
-                         path, key, _describe(key, cached.settings.get(key)),
-                         _describe(key, requested.get(key)))  # fmt: skip
+        for diff in diffs:
+            logging.info("teacher cache %s: %s; recomputing", path, diff)
     teacher = solve_teacher(schedule, eps_fn, x_T, model_id=model_id, batch_size=batch_size,
                             **settings)  # fmt: skip
     save_teacher(path, teacher)
