@@ -17,7 +17,7 @@ import pytest
 
 from deis_jax.common.checks import ConfigError
 from deis_jax.evaluation.analytic import GaussianMixture
-from deis_jax.evaluation.reference import Reference, reference_solve
+from deis_jax.evaluation.reference import ReferenceSolve, reference_solve
 from deis_jax.experiments import compare, fit, gmm
 from deis_jax.experiments import sweep as sweep_mode
 from deis_jax.experiments.modes import run_mode
@@ -63,7 +63,7 @@ def nan_eps_above(monkeypatch):
         monkeypatch.setattr(GaussianMixture, "eps_fn", eps_fn)
 
     def finite_reference(schedule, eps_fn, x_T, *, t0, t1, steps):
-        return Reference(np.zeros(x_T.shape), 0.0, 2 * steps, 8 * steps)
+        return ReferenceSolve(np.zeros(x_T.shape), 0.0, 2 * steps, 8 * steps)
 
     monkeypatch.setattr(gmm, "reference_solve", finite_reference)
     return set_threshold

@@ -5,7 +5,7 @@ analytic score or a trained network -- so a deterministic sampler's error is mea
 without data: run it and a high-accuracy solve from the same ``x_T`` and take the RMS
 difference (over samples and dimensions). The reference is
 ``deis_jax.evaluation.reference.reference_solve`` (RK4 in rho on a log-SNR grid, validated by
-step doubling: ``Reference.error_estimate``); it is trustworthy when that estimate is far below
+step doubling: ``ReferenceSolve.error_estimate``); it is trustworthy when that estimate is far below
 the errors it measures -- ``DiscretizationResult.reference_ok`` checks a factor of 10.
 
 When a sampler ends with the Tweedie denoising step (``final_denoise``), the same step is
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from deis_jax.evaluation.metrics import rmse
-from deis_jax.evaluation.reference import Reference, reference_solve
+from deis_jax.evaluation.reference import ReferenceSolve, reference_solve
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sampler import Sampler, get_sampler, run_table
 from deis_jax.sampling.sde import NoiseSchedule
@@ -35,7 +35,7 @@ from deis_jax.sampling.wrappers import EpsFn
 @dataclasses.dataclass
 class DiscretizationResult:
     records: list[dict[str, Any]]
-    reference: Reference
+    reference: ReferenceSolve
 
     @property
     def reference_ok(self) -> bool:
@@ -44,7 +44,7 @@ class DiscretizationResult:
         return not errors or self.reference.error_estimate < 0.1 * min(errors)
 
 
-def reference_output(sampler: Sampler, reference: Reference) -> np.ndarray:
+def reference_output(sampler: Sampler, reference: ReferenceSolve) -> np.ndarray:
     """The reference endpoint, passed through the sampler's final denoise step if it has one."""
     if sampler.final_table is None:
         return reference.x0
@@ -53,7 +53,7 @@ def reference_output(sampler: Sampler, reference: Reference) -> np.ndarray:
     return np.asarray(out, np.float64)
 
 
-def sampler_rmse(sampler: Sampler, x_T, reference: Reference, output=None) -> float | None:
+def sampler_rmse(sampler: Sampler, x_T, reference: ReferenceSolve, output=None) -> float | None:
     """RMSE of ``sampler(x_T)`` (or of a given ``output`` for the same ``x_T``) against the
     reference; None for stochastic samplers (they do not solve the ODE)."""
     if sampler.stochastic:
@@ -72,7 +72,7 @@ def discretization_errors(
     t0: float | None = None,
     t1: float | None = None,
     reference_steps: int = 250,
-    reference: Reference | None = None,
+    reference: ReferenceSolve | None = None,
     **sampler_kwargs: Any,
 ) -> DiscretizationResult:
     """RMSE vs the reference solve for every method spec x NFE (deterministic methods).

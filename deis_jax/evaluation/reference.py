@@ -24,7 +24,7 @@ from deis_jax.sampling.timesteps import time_grid
 from deis_jax.sampling.wrappers import EpsFn, model_argument
 
 
-class Reference(NamedTuple):
+class ReferenceSolve(NamedTuple):
     x0: np.ndarray
     error_estimate: float  # RMS, Richardson estimate for the returned (fine) solve
     steps: int
@@ -40,7 +40,7 @@ def reference_solve(
     t1: float,
     steps: int = 500,
     grid: str = "log_snr",
-) -> Reference:
+) -> ReferenceSolve:
     """Solve from ``t1`` to ``t0`` with RK4 at ``steps`` and ``2 steps``; return the fine one.
 
     ``eps_fn`` is an argument of the compiled solve (:func:`model_argument`): the parameters of
@@ -55,4 +55,4 @@ def reference_solve(
     coarse, _ = solve(steps)
     fine, nfe = solve(2 * steps)
     estimate = float(np.sqrt(np.mean((fine - coarse) ** 2)) / 15.0)
-    return Reference(fine, estimate, 2 * steps, nfe)
+    return ReferenceSolve(fine, estimate, 2 * steps, nfe)

@@ -49,7 +49,7 @@ from deis_jax.common.reporting import (
 )
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.evaluation.metrics import nll_gap, rmse
-from deis_jax.evaluation.reference import Reference, reference_solve
+from deis_jax.evaluation.reference import ReferenceSolve, reference_solve
 from deis_jax.experiments import build, validation
 from deis_jax.experiments.engine import FAILED, nonfinite_reason
 from deis_jax.sampling import sharded
@@ -100,7 +100,7 @@ class GmmProblem(NamedTuple):
     x_T: jax.Array
     noise_key: jax.Array
     data: np.ndarray
-    reference: Reference
+    reference: ReferenceSolve
 
 
 SCATTERED = "scattered"  # problem names scattered<dim>: GaussianMixture.scattered

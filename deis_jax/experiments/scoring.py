@@ -52,8 +52,7 @@ from deis_jax.evaluation import features, fid
 from deis_jax.evaluation.discretization import reference_output
 from deis_jax.evaluation.features import Reference
 from deis_jax.evaluation.metrics import rmse
-from deis_jax.evaluation.reference import Reference as ReferenceSolve
-from deis_jax.evaluation.reference import reference_solve
+from deis_jax.evaluation.reference import ReferenceSolve, reference_solve
 from deis_jax.experiments.engine import SHOWN, nonfinite_reason
 from deis_jax.models.loading import LoadedModel, class_labels_of, image_shape
 from deis_jax.sampling import sharded
