@@ -26,6 +26,7 @@ def get_config():
     fit.methods = (AMED_SOLVER, AMED_PLUGIN, "ipndm3", "tab3")
     fit.nfes = (3, 5, 7)
     fit.variants = ("ld3", "amed")
+    fit.recipes = ()  # fit_sampler's cells: configs/fit_digits.py
     fit.num_fit = 64
     fit.amed.steps = 120
     fit.amed.batch_size = 8

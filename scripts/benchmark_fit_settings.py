@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deis_jax as deis  # noqa: E402
 from configs import fit_gmm  # noqa: E402
-from deis_jax.common.reporting import write_results  # noqa: E402
+from deis_jax.common.reporting import write_csv, write_results  # noqa: E402
 from deis_jax.fitting import ld3  # noqa: E402
 from deis_jax.fitting.optimize import endpoint_distances  # noqa: E402
 from deis_jax.fitting.teacher import solve_teacher  # noqa: E402
@@ -41,6 +41,12 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=list(ld3.LOSSES), choices=ld3.LOSSES)
     parser.add_argument("--max-deltas", type=float, nargs="+", default=[ld3.DEFAULT_MAX_DELTA])
     parser.add_argument("--num-heldout", type=int, default=256)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="fits per setting, each on other fitting points and minibatches",
+    )
     parser.add_argument("--out", default="results/benchmark_fit_losses")
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)
@@ -53,46 +59,63 @@ def main() -> None:
     )
     eps_fn = mixture.eps_fn(schedule)
     key_fit, key_heldout = jax.random.split(jax.random.PRNGKey(0))
-    x_fit = np.asarray(schedule.prior_sample(key_fit, (fit.num_fit, args.dim), np.float64))
     x_held = np.asarray(schedule.prior_sample(key_heldout, (args.num_heldout, args.dim),
                                               np.float64))  # fmt: skip
     solve = dict(t0=1e-3, t1=1.0, num_points=fit.teacher_points, substeps=fit.teacher_substeps,
                  keep_states=False)  # fmt: skip
-    teacher = solve_teacher(schedule, eps_fn, x_fit, **solve)
     reference = solve_teacher(schedule, eps_fn, x_held, **solve)
-    rows = []
+    fits = []  # (x_fit, teacher) of each repeat
+    for repeat in range(args.repeats):
+        key = jax.random.fold_in(key_fit, repeat) if repeat else key_fit
+        x_fit = np.asarray(schedule.prior_sample(key, (fit.num_fit, args.dim), np.float64))
+        fits.append((x_fit, solve_teacher(schedule, eps_fn, x_fit, **solve)))
+    rows, runs = [], []
 
-    def measure(label, nfe, plan, seconds=None, updates=None):
-        d = endpoint_distances(plan, eps_fn, x_held, reference.x0)
-        rows.append({"nfe": nfe, "sampler": label, "median": float(np.median(d)),
-                     "mean": float(np.mean(d)), "sqrt_mean_sq": float(np.sqrt(np.mean(d**2))),
-                     "max": float(np.max(d)), "fit_cpu_seconds": seconds,
-                     "updates": updates})  # fmt: skip
+    def measure(label, nfe, plans, seconds=None, updates=None):
+        """One row: the measures averaged over the repeats' plans (each run in ``runs``)."""
+        measures = []
+        for repeat, plan in enumerate(plans):
+            d = endpoint_distances(plan, eps_fn, x_held, reference.x0)
+            measures.append({"median": float(np.median(d)), "mean": float(np.mean(d)),
+                             "sqrt_mean_sq": float(np.sqrt(np.mean(d**2))),
+                             "max": float(np.max(d))})  # fmt: skip
+            runs.append({"nfe": nfe, "sampler": label, "repeat": repeat, **measures[-1]})
+        rows.append({"nfe": nfe, "sampler": label, "repeats": len(plans),
+                     **{k: float(np.mean([m[k] for m in measures])) for k in measures[0]},
+                     "fit_cpu_seconds": seconds, "updates": updates})  # fmt: skip
         print(rows[-1], flush=True)
 
     for nfe in args.nfes:
         for afs in (False, True):
             plan = deis.make_plan(schedule, method="ipndm", order=3, nfe=nfe, afs=afs, t0=1e-3,
                                   t1=1.0)  # fmt: skip
-            measure(f"iPNDM-3{' + AFS' if afs else ''} (untrained)", nfe, plan)
+            measure(f"iPNDM-3{' + AFS' if afs else ''} (untrained)", nfe, [plan])
         for loss in args.losses:
             for max_delta in args.max_deltas:
-                start = time.process_time()
-                grid = deis.optimize_grid(
-                    schedule, eps_fn, x_fit, method="ipndm", order=3, nfe=nfe, afs=True,
-                    t0=1e-3, t1=1.0, teacher=teacher, learn_table=True, max_delta=max_delta,
-                    loss=loss, ld3_settings=dict(fit.ld3.to_dict()), fit_dtype=fit.fit_dtype,
-                )  # fmt: skip
+                plans, seconds, updates = [], 0.0, 0
+                for repeat, (x_fit, teacher) in enumerate(fits):
+                    start = time.process_time()
+                    grid = deis.optimize_grid(
+                        schedule, eps_fn, x_fit, method="ipndm", order=3, nfe=nfe, afs=True,
+                        t0=1e-3, t1=1.0, teacher=teacher, learn_table=True,
+                        max_delta=max_delta, loss=loss, fit_dtype=fit.fit_dtype,
+                        ld3_settings={**fit.ld3.to_dict(), "seed": repeat},
+                    )  # fmt: skip
+                    seconds += time.process_time() - start
+                    updates += grid.provenance["fit"]["steps_run"]
+                    plans.append(grid.plan(schedule))
                 label = f"iPNDM-3 + LD3 + table + AFS, loss={loss}, max_delta={max_delta:g}"
-                measure(label, nfe, grid.plan(schedule), time.process_time() - start,
-                        grid.provenance["fit"]["steps_run"])  # fmt: skip
+                measure(label, nfe, plans, seconds / len(fits), updates / len(fits))
     header = (
         f"# LD3 settings on the {args.dim}-D {args.mixture} mixture\n\n"
         f"Command: `python scripts/benchmark_fit_settings.py {' '.join(sys.argv[1:])}`. "
         f"Per-sample RMS distance d to a fine RK4 reference on {args.num_heldout} held-out "
-        f"starting points (its error estimate {reference.error_estimate:.1e}); fits on "
-        f"{fit.num_fit} others with the settings of configs/fit_gmm.py.\n\n"
+        f"starting points (its error estimate {reference.error_estimate:.1e}); each fit on "
+        f"{fit.num_fit} others with the settings of configs/fit_gmm.py, {args.repeats} "
+        f"fit(s) per setting on other fitting points and minibatches, their measures averaged "
+        f"(each fit's in {args.out}_runs.csv).\n\n"
     )
+    write_csv(args.out + "_runs.csv", runs, list(runs[0]))
     print(write_results(args.out, rows, header))
 
 

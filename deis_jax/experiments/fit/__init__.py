@@ -3,7 +3,7 @@
     python main.py --config=configs/fit_gmm.py --workdir=runs/fit_gmm
     python main.py --config=configs/fit_gmm.py:digits --workdir=runs/digits --mode=fit
 
-The cells and the report are :mod:`deis_jax.experiments.fitting`: every method of
+The cells and the report are :mod:`deis_jax.experiments.fit.cells`: every method of
 ``fit.methods`` at every NFE of ``fit.nfes`` on its default grid, on each fixed grid kind of
 ``fit.fixed_grids``, and with each fitted variant of ``fit.variants`` (``gits``, ``ld3``,
 ``ld3+table``), all measured by the RMSE against a fine reference solve on held-out starting

@@ -5,7 +5,7 @@
 A sweep file is an ordinary config file with a ``config.sweep`` block: the axes (dotted config
 paths, combined as a product or zipped; ``sampler.spec`` takes method specs), the evaluator
 (what a point computes, e.g. ``"gmm"``), the x axis and the metrics of the summary. The format
-is described in :mod:`deis_jax.experiments.sweep`.
+is described in :mod:`deis_jax.experiments.sweep.cells`.
 
 Every point is validated at start-up (a bad value names the point and the field). Each point
 is a cell of the experiment engine (:mod:`deis_jax.experiments.engine`, lines sealed and
