@@ -57,6 +57,7 @@ from deis_jax.common.files import (
     sha256_bytes,
     sha256_file,
 )
+from deis_jax.common.identity import describe_differences
 
 FORMAT_VERSION = 2  # 2: per-shard sha256 sidecars and the identity inside every shard
 SPEC_FILE = "spec.json"
@@ -231,7 +232,7 @@ def scan_shards(
             skipped.append(k)
             continue
         if check.state == "foreign":
-            lines = identity.describe_differences(check.identity, identity)
+            lines = describe_differences(check.identity, identity)
             raise DifferentRunError(
                 f"{path} was written by a different generation run; what differs:\n  "
                 + "\n  ".join(lines or [check.detail])
