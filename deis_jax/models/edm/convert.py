@@ -39,7 +39,13 @@ from deis_jax.models.edm.precond import (
     precond_attrs,
 )
 
-__all__ = ["SOURCE", "check_precond_attrs", "convert_state_dict", "load_edm_checkpoint"]
+__all__ = [
+    "SOURCE",
+    "check_precond_attrs",
+    "convert_state_dict",
+    "load_edm_checkpoint",
+    "load_params_of",
+]
 
 SOURCE = "edm"
 
@@ -127,6 +133,12 @@ def load_edm_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndar
             f"{meta.get('source')!r}); convert one with scripts/convert_edm_checkpoint.py"
         )
     net = edm_network_from_kwargs(meta["precond_class"], meta["constructor_kwargs"])
+    return net, load_params_of(net, path)
+
+
+def load_params_of(net, path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The parameters of the converted checkpoint ``path``, checked against ``net``'s tree
+    (``ValueError`` naming the first leaf that differs)."""
     params = checkpoints.load_params(path)
     checkpoints.check_params_tree(params, abstract_params(net), f"'{path}'")
-    return net, params
+    return params

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from deis_jax.common.checks import ConfigError
 from deis_jax.models import checkpoints
-from deis_jax.models.edm.convert import SOURCE
+from deis_jax.models.edm.convert import SOURCE, load_params_of
 from deis_jax.models.edm.precond import PRECOND_CLASSES, abstract_params, edm_network_from_kwargs
 from deis_jax.models.features import apply_with_features
 from deis_jax.models.registry import ModelFn
@@ -214,9 +214,7 @@ class EdmFamily:
 
     def load_checkpoint(self, config, path: str, net: nn.Module) -> Any:
         check_edm_checkpoint(config)
-        params = checkpoints.load_params(path)
-        checkpoints.check_params_tree(params, abstract_params(net), f"'{path}'")
-        return params
+        return load_params_of(net, path)
 
     def model_fn(self, config, net: nn.Module, params: Any, labels: jax.Array | None) -> ModelFn:
         guidance = config.sampling.get("guidance_scale") or 1.0
