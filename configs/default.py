@@ -26,8 +26,8 @@ Not a runnable experiment by itself; every ``configs/{vpsde,vesde}_*.py`` starts
 import ml_collections
 from ml_collections import FieldReference
 
-from deis_jax.models.loading import INFO_FIELDS
 from deis_jax.models.score_sde import DATA_FIELDS_OF_MODEL, get_model_config
+from deis_jax.models.score_sde.family import INFO_FIELDS
 
 
 def model_block(known_name: str, **overrides) -> ml_collections.ConfigDict:

@@ -16,7 +16,8 @@ Every question about the network goes to the family of ``config.model.name``
   latest training checkpoint under ``<workdir>/checkpoints``. :func:`check_sampling_params`
   is its cheap part, run by ``main.py`` before any network is built: a missing checkpoint is
   a :class:`CheckpointNotFoundError` whose one line says how to get one for this config
-  (train the digits model; convert the published score_sde model of :func:`published_model`),
+  (train the digits model; or what the model's family offers, e.g. a published score_sde
+  network to convert),
   an unreadable one a ``CheckpointError`` naming it. :func:`verify_sampling_params` adds
   what reading the file's structure tells -- garbage, every training checkpoint damaged,
   another network's parameters (compared with ``jax.eval_shape`` of the network's init) --
@@ -53,16 +54,12 @@ from deis_jax.common.checks import (
 from deis_jax.common.identity import tree_digest
 from deis_jax.models import checkpoints, family_of
 from deis_jax.models.checkpoints import CheckpointNotFoundError
-from deis_jax.models.score_sde import KNOWN_MODEL_CONFIGS, get_model_config
-from deis_jax.models.score_sde.family import model_config
 from deis_jax.sampling import class_labels
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import EpsFn, eps_fn_from_model
 
 PARAMS_SOURCES = ("checkpoint", "random")
 BOOL = (True, False)
-# Fields of a published model config that say where it comes from, not what the network is.
-INFO_FIELDS = ("sde", "continuous", "score_sde_config", "checkpoint_dir", "ema_rate")
 
 
 def build_model(config) -> nn.Module:
@@ -137,21 +134,9 @@ def class_labels_of(config, model: LoadedModel, seed: int) -> class_labels.Class
 # --- parameters ---------------------------------------------------------------------------
 
 
-def published_model(config) -> str | None:
-    """The name of the published score_sde model (``KNOWN_MODEL_CONFIGS``) whose network is
-    the one ``config`` describes (same values of every field but :data:`INFO_FIELDS`), or
-    None."""
-    values = model_config(config)
-    for name in KNOWN_MODEL_CONFIGS:
-        known = get_model_config(name).to_dict()
-        if all(values.get(k) == v for k, v in known.items() if k not in INFO_FIELDS):
-            return name
-    return None
-
-
 def _missing_training_checkpoint(config, directory: str) -> CheckpointNotFoundError:
     """What to do without a training checkpoint, for this config: the digits model trains in
-    minutes; a published score_sde network can be converted instead of trained."""
+    minutes; the family says what else can be had (e.g. a published network to convert)."""
     workdir = os.path.dirname(directory)
     if config.data.name == "digits":
         train = (
@@ -163,20 +148,7 @@ def _missing_training_checkpoint(config, directory: str) -> CheckpointNotFoundEr
             f"train one first: python main.py --config=<this config> --workdir={workdir} "
             f"--mode=train"
         )
-    name = published_model(config)
-    if name is None:
-        other = "or set config.sampling.checkpoint to a checkpoint of this model"
-    else:
-        folder = get_model_config(name).checkpoint_dir
-        out = f"checkpoints/converted/{name}_<N>"
-        other = (
-            f"or sample from the published score_sde model: download {folder}/checkpoint_<N> "
-            f"from the 'Pretrained checkpoints' of {checkpoints.SCORE_SDE_URL} into "
-            f"checkpoints/{folder}/, convert it with python scripts/"
-            f"convert_score_sde_checkpoint.py --checkpoint checkpoints/{folder}/checkpoint_<N> "
-            f"--model_config {name} --out {out} and set "
-            f"--config.sampling.checkpoint={out}"
-        )
+    other = family_of(config).without_checkpoint(config)
     return CheckpointNotFoundError(f"no training checkpoint in '{directory}': {train}; {other}.")
 
 

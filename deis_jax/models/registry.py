@@ -61,6 +61,10 @@ class ModelFamily(Protocol):
     def load_checkpoint(self, config, path: str, net: nn.Module) -> Any:
         """The parameters of ``net`` stored at ``path``, checked against its tree."""
 
+    def without_checkpoint(self, config) -> str:
+        """What else can be had when neither ``config.sampling.checkpoint`` nor a training
+        checkpoint is there (one clause, starting ``or ...``, of the error message)."""
+
     def model_fn(self, config, net: nn.Module, params: Any, labels: jax.Array | None) -> ModelFn:
         """``net`` with ``params`` (and the batch's int class ``labels``, None for none) as
         ``model_fn(x, cond, *, features=False)``: a ``jax.tree_util.Partial`` whose leaves

@@ -216,6 +216,10 @@ class EdmFamily:
         check_edm_checkpoint(config)
         return load_params_of(net, path)
 
+    def without_checkpoint(self, config) -> str:
+        """EDM's networks are converted, not trained here."""
+        return CONVERT_HINT
+
     def model_fn(self, config, net: nn.Module, params: Any, labels: jax.Array | None) -> ModelFn:
         guidance = config.sampling.get("guidance_scale") or 1.0
         apply = functools.partial(apply_edm, net, float(guidance))

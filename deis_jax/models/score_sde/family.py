@@ -18,7 +18,14 @@ from deis_jax.common.checks import ConfigError, require_choice
 from deis_jax.models import checkpoints
 from deis_jax.models.features import apply_with_features
 from deis_jax.models.registry import ModelFn
-from deis_jax.models.score_sde import DATA_FIELDS_OF_MODEL, MODEL_NAMES, abstract_params, get_model
+from deis_jax.models.score_sde import (
+    DATA_FIELDS_OF_MODEL,
+    KNOWN_MODEL_CONFIGS,
+    MODEL_NAMES,
+    abstract_params,
+    get_model,
+    get_model_config,
+)
 from deis_jax.sampling.wrappers import PREDICTIONS
 
 
@@ -28,6 +35,22 @@ def model_config(config) -> dict:
     values = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
     values.update({k: config.data[k] for k in DATA_FIELDS_OF_MODEL})
     return values
+
+
+# Fields of a published model config that say where it comes from, not what the network is.
+INFO_FIELDS = ("sde", "continuous", "score_sde_config", "checkpoint_dir", "ema_rate")
+
+
+def published_model(config) -> str | None:
+    """The name of the published score_sde model (``KNOWN_MODEL_CONFIGS``) whose network is
+    the one ``config`` describes (same values of every field but :data:`INFO_FIELDS`), or
+    None."""
+    values = model_config(config)
+    for name in KNOWN_MODEL_CONFIGS:
+        known = get_model_config(name).to_dict()
+        if all(values.get(k) == v for k, v in known.items() if k not in INFO_FIELDS):
+            return name
+    return None
 
 
 def apply_for_sampling(
@@ -107,6 +130,22 @@ class ScoreSdeFamily:
             return checkpoints.load_score_sde_params(path, model_config(config))
         logging.info("loading converted parameters from %s", path)
         return checkpoints.load_params(path, model_config(config))
+
+    def without_checkpoint(self, config) -> str:
+        """The published score_sde model to convert, when ``config`` describes one."""
+        name = published_model(config)
+        if name is None:
+            return "or set config.sampling.checkpoint to a checkpoint of this model"
+        folder = get_model_config(name).checkpoint_dir
+        out = f"checkpoints/converted/{name}_<N>"
+        return (
+            f"or sample from the published score_sde model: download {folder}/checkpoint_<N> "
+            f"from the 'Pretrained checkpoints' of {checkpoints.SCORE_SDE_URL} into "
+            f"checkpoints/{folder}/, convert it with python scripts/"
+            f"convert_score_sde_checkpoint.py --checkpoint checkpoints/{folder}/checkpoint_<N> "
+            f"--model_config {name} --out {out} and set "
+            f"--config.sampling.checkpoint={out}"
+        )
 
     def model_fn(self, config, net: nn.Module, params: Any, labels: jax.Array | None) -> ModelFn:
         if labels is not None:
