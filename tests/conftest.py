@@ -40,7 +40,32 @@ Session setup:
 import os
 
 import jax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 jax.config.update("jax_enable_x64", True)
 if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shared_compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this test run, shared by its xdist workers: a
+    program compiled once (by a mode's first run, by another test, by the other worker) is
+    loaded, not compiled again. The cache key holds the HLO, the compile options (the
+    optimisation setting included), the XLA flags and the jax version, so a hit is the same
+    compiled code: no result changes, and a bit-identity claim between two runs of one program
+    still compares one executable with itself. A fresh folder per run: nothing is shared
+    between the two passes of the README command or with earlier runs."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    flags = ("jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_dir")
+    previous = {k: jax.config.values[k] for k in flags}
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    compilation_cache.set_cache_dir(str(root / "compilation_cache"))
+    yield
+    compilation_cache.reset_cache()
+    for key, value in previous.items():
+        jax.config.update(key, value)
