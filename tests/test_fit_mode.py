@@ -10,8 +10,9 @@ from configs import fit_gmm
 from deis_jax.config_validation import ConfigError, validate_sampler
 from deis_jax.fitting.grid_file import OptimizedGrid
 from deis_jax.fitting.recipes import FittedSampler
-from deis_jax.modes import get_mode, run_mode
+from deis_jax.modes import fit, get_mode, run_mode
 from deis_jax.sampling.sde import VPSDE
+from deis_jax.sampling.solvers.registry import MAX_NFE
 
 SDE = VPSDE.linear()
 
@@ -90,3 +91,13 @@ def test_bad_fit_fields_are_refused_by_name(field, value, message):
     config[section][key] = value
     with pytest.raises(ConfigError, match=message):
         get_mode("fit").validate(config)
+
+
+TOO_MANY = f"must be <= {MAX_NFE}, got 20000"
+
+
+def test_fit_nfes_checked_by_the_methods_rule():
+    config = fit_gmm.get_config()
+    config.fit.nfes = (4, 20000)
+    with pytest.raises(ConfigError, match=f"config.fit.nfes entry 20000: {TOO_MANY}"):
+        fit.validate(config)

@@ -9,26 +9,20 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from deis_jax.config_validation import ConfigError
 from deis_jax.evaluation import gmm
 from deis_jax.experiments import sweep
 from deis_jax.modes import sweep as sweep_mode
+from deis_jax.sampling.solvers.registry import MAX_NFE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FILE = os.path.join(ROOT, "configs", "sweeps", "gmm_methods.py")
+TOO_MANY = f"must be <= {MAX_NFE}, got 20000"
 
 # Tiny versions of the example sweep: 1 dimension, few samples, a short reference solve.
 TINY = {"data.dims": (2,), "compare.num_samples": 32, "compare.reference_steps": 10}
-
-
-@pytest.fixture
-def keep_x64():
-    value = jax.config.jax_enable_x64
-    yield
-    jax.config.update("jax_enable_x64", value)
 
 
 def tiny_config(axes):
@@ -141,3 +135,37 @@ def test_main_runs_the_example_sweep_file(tmp_path):
     assert all(r["nll_gap"] is not None and r["nfe"] == 4 for r in records)
     for name in ("sweep.csv", "sweep.md", "sweep.png"):
         assert (tmp_path / name).exists()
+
+
+def test_sweep_stochastic_nan_point_reads_failed(tmp_path, nan_eps_above, keep_x64):
+    """sddim has no RMSE; a point whose samples are NaN must still be a failure, not an empty
+    cell (before, its record had no non-finite number and passed as a result)."""
+    nan_eps_above(0.9)  # the point with t1 = 1.0 fails, the one with t1 = 0.8 does not
+    config = sweep.load_config_file(os.path.join(ROOT, "configs", "sweeps", "gmm_methods.py"))
+    config.data.dims = (2,)
+    config.compare.update(num_samples=8, reference_steps=10, x64=False)
+    config.sampler.nfe = 3
+    config.sweep.axes = (("sampler.spec", ("sddim",)), ("sampler.t1", (0.8, 1.0)))
+    config.sweep.x = "sampler.t1"
+    rows = sweep_mode.run(config, str(tmp_path), progress=False)
+    by_t1 = {r["sampler.t1"]: r for r in rows}
+    assert by_t1[1.0]["failed"].startswith("8 of 8 samples non-finite")
+    assert by_t1[1.0]["nll_gap"] is None and by_t1[0.8]["nll_gap"] is not None
+    assert "failed" not in by_t1[0.8]
+    table = (tmp_path / "sweep.md").read_text()
+    nll = table.split("## nll_gap, dim 2")[1]
+    assert nll.splitlines()[4].startswith("| sddim |") and "| failed |" in nll, nll
+    csv_rows = {r["sampler.t1"]: r for r in csv.DictReader(open(tmp_path / "sweep.csv"))}
+    assert csv_rows["1.0"]["failed"].startswith("8 of 8") and csv_rows["1.0"]["nll_gap"] == ""
+    assert csv_rows["0.8"]["failed"] == "" and float(csv_rows["0.8"]["nll_gap"]) == pytest.approx(
+        by_t1[0.8]["nll_gap"]
+    )
+
+
+def test_sweep_nfe_axis_checked_by_the_methods_rule():
+    config = sweep.load_config_file(os.path.join(ROOT, "configs", "sweeps", "gmm_methods.py"))
+    config.sweep.axes = (("sampler.spec", ("ddim",)), ("sampler.nfe", (3, 20000)))
+    point = '{"sampler.nfe": 20000, "sampler.spec": "ddim"}'
+    with pytest.raises(ConfigError) as err:
+        sweep_mode.validate(config)
+    assert str(err.value).startswith(f"sweep point {point}: config.sampler.nfe {TOO_MANY}")
