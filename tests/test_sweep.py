@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from damage import Killed, csv_rows, flip_digit, truncate
 
 from deis_jax.config_validation import ConfigError
 from deis_jax.evaluation import gmm
 from deis_jax.experiments import sweep
+from deis_jax.experiments.sealed_cells import FAILED
 from deis_jax.modes import sweep as sweep_mode
 from deis_jax.sampling.solvers.registry import MAX_NFE
 
@@ -169,3 +173,85 @@ def test_sweep_nfe_axis_checked_by_the_methods_rule():
     with pytest.raises(ConfigError) as err:
         sweep_mode.validate(config)
     assert str(err.value).startswith(f"sweep point {point}: config.sampler.nfe {TOO_MANY}")
+
+
+# --- killed, failed, damaged and swapped runs ----------------------------------------------
+
+
+def sweep_config(evaluator):
+    config = sweep.load_config_file(os.path.join(ROOT, "configs", "sweeps", "gmm_methods.py"))
+    config.data.dims = (2,)
+    config.sweep.axes = (("sampler.spec", ("ddim", "tab2")), ("sampler.nfe", (3, 4)))
+    config.sweep.evaluator = evaluator
+    return config
+
+
+@pytest.fixture
+def evaluator():
+    """A registered sweep evaluator ``"fake"`` (no sampling: the sweep's files are the point)
+    whose records list their fields out of order; ``calls`` records the points evaluated,
+    ``mode["nan"]`` makes tAB2 at NFE 4 non-finite, ``mode["kill_at"]`` kills a point."""
+    calls, mode = [], {"nan": False, "kill_at": None}
+
+    def evaluate(config, context):
+        point = (config.sampler.method, config.sampler.nfe)
+        if point == mode["kill_at"]:
+            raise Killed
+        calls.append(point)
+        rmse = 1.0 / (config.sampler.nfe + config.sampler.order)
+        if mode["nan"] and point == ("tab", 4):
+            rmse = float("nan")
+        return [{"seconds": 0.5, "rmse": rmse, "nfe": config.sampler.nfe, "dim": 2,
+                 "zeta": "z", "nll_gap": 2 * rmse}]  # fmt: skip
+
+    sweep.register_evaluator("fake", gmm.validate_problem, evaluate)
+    yield calls, mode
+    sweep.EVALUATORS.pop("fake", None)
+
+
+def test_sweep_kill_nan_damage_swap_and_csv_columns(tmp_path, evaluator, caplog):
+    calls, mode = evaluator
+    workdir, config = str(tmp_path), sweep_config("fake")
+    mode.update(kill_at=("tab", 3))
+    with pytest.raises(Killed):
+        sweep_mode.run(config, workdir, progress=False)
+    mode.update(kill_at=None, nan=True)
+    rows = sweep_mode.run(config, workdir, progress=False)
+    assert calls == [("ddim", 3), ("ddim", 4), ("tab", 3), ("tab", 4)]
+    assert rows[3][FAILED] == "dim 2: non-finite rmse, nll_gap" and rows[3]["rmse"] is None
+    assert "| tab2 | 0.2 | failed |" in open(os.path.join(workdir, "sweep.md")).read()
+    header = open(os.path.join(workdir, "sweep.csv")).readline().strip()
+    assert header == "sampler.spec,sampler.nfe,dim,nfe,rmse,nll_gap,failed,seconds,zeta"
+
+    mode.update(nan=False)
+    calls.clear()
+    rows = sweep_mode.run(config, workdir, progress=False)
+    assert calls == [("tab", 4)]  # the failed point, nothing else
+    resumed_csv = csv_rows(os.path.join(workdir, "sweep.csv"))
+    # cached records read back with sorted keys: the columns must not follow them
+    assert open(os.path.join(workdir, "sweep.csv")).readline().strip() == (
+        "sampler.spec,sampler.nfe,dim,nfe,rmse,nll_gap,seconds,zeta"
+    )
+
+    cache = os.path.join(workdir, sweep.RESULTS_FILE)
+    flip_digit(cache, "rmse", line=0)
+    os.remove(os.path.join(workdir, "sweep.csv"))
+    truncate(os.path.join(workdir, "sweep.md"))
+    calls.clear()
+    with caplog.at_level(logging.WARNING):
+        sweep_mode.run(config, workdir, progress=False)
+    assert calls == [("ddim", 3)] and f"{cache} line 1" in caplog.text
+    assert csv_rows(os.path.join(workdir, "sweep.csv")) == resumed_csv
+    assert (
+        "| rmse (dim 2) \\ sampler.nfe | 3 | 4 |" in open(os.path.join(workdir, "sweep.md")).read()
+    )
+
+    other = str(tmp_path / "other")  # another sweep's finished cache swapped in
+    config_b = sweep_config("fake")
+    config_b.seed = 7
+    sweep_mode.run(config_b, other, progress=False)
+    shutil.copy(os.path.join(other, sweep.RESULTS_FILE), cache)
+    calls.clear()
+    sweep_mode.run(config, workdir, progress=False)
+    assert len(calls) == 4  # nothing of the other sweep used
+    assert csv_rows(os.path.join(workdir, "sweep.csv")) == resumed_csv
