@@ -40,7 +40,48 @@ Session setup:
 import os
 
 import jax
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
+def keep_x64():
+    value = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", value)
+
+
+@pytest.fixture
+def nan_eps_above(monkeypatch):
+    """``set(t_nan)``: every mixture's eps is NaN at times ``t > t_nan``, and the reference
+    solve is replaced by a finite stand-in (only the samplers' cells may fail). Used by the
+    failed-cell tests of compare (test_main_compare.py) and sweep (test_sweep.py)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from deis_jax.evaluation.analytic import GaussianMixture
+    from deis_jax.evaluation.reference import ReferenceSolve
+    from deis_jax.experiments import gmm
+
+    exact = GaussianMixture.eps_fn
+
+    def set_threshold(t_nan: float) -> None:
+        def eps_fn(self, schedule):
+            f = exact(self, schedule)
+
+            def nan_above(x, t):
+                t = jnp.reshape(jnp.asarray(t), (-1,) + (1,) * (x.ndim - 1))
+                return jnp.where(t > t_nan, jnp.nan, f(x, t))
+
+            return nan_above
+
+        monkeypatch.setattr(GaussianMixture, "eps_fn", eps_fn)
+
+    def finite_reference(schedule, eps_fn, x_T, *, t0, t1, steps):
+        return ReferenceSolve(np.zeros(x_T.shape), 0.0, 2 * steps, 8 * steps)
+
+    monkeypatch.setattr(gmm, "reference_solve", finite_reference)
+    return set_threshold

@@ -1,5 +1,7 @@
 """AMED training by distillation: the teacher, the loss, the predictor file, the fit mode."""
 
+import json
+import logging
 import os
 
 import jax
@@ -7,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import amed_gmm
+from configs import amed_gmm, gmm_vpsde
 from deis_jax.common.checks import ConfigError
 from deis_jax.experiments import gmm
 from deis_jax.experiments.modes import get_mode, run_mode
@@ -272,3 +274,57 @@ def test_sharded_sampling_uses_the_predictor():
     want = sample(plan, eps_fn, x, rule_params=params)
     np.testing.assert_allclose(fn(x), want, rtol=1e-13, atol=1e-14)
     assert np.max(np.abs(want - sample(plan, eps_fn, x))) > 1e-3  # the predictor mattered
+
+
+def _predictor_file(path: str) -> AmedPredictorFile:
+    plan = make_plan(SDE, method="amed", nfe=5, afs=True, predictor="stepwise")
+    params = {"r_logit": jnp.full(plan.num_steps, 0.3), "c_logit": jnp.zeros(plan.num_steps)}
+    predictor = AmedPredictorFile.from_plan(plan, params)
+    predictor.save(path)
+    return predictor
+
+
+def test_amed_predictor_file_is_sealed(tmp_path):
+    path = str(tmp_path / "p.json")
+    saved = _predictor_file(path)
+    text = open(path).read()
+    assert len(json.loads(text)["sha256"]) == 64
+    np.testing.assert_array_equal(AmedPredictorFile.load(path).params["r_logit"],
+                                  saved.params["r_logit"])  # fmt: skip
+    start = text.index('"r_logit": [') + len('"r_logit": [')
+    digit = next(i for i in range(start, len(text)) if text[i].isdigit() and text[i] != "0")
+    flipped = text[:digit] + chr(ord(text[digit]) ^ 1) + text[digit + 1 :]  # one bit: 3 -> 2
+    assert json.loads(flipped)["params"] != json.loads(text)["params"]
+    with open(path, "w") as f:
+        f.write(flipped)
+    with pytest.raises(ValueError, match=f"{path} does not match the sha256 recorded in it"):
+        AmedPredictorFile.load(path)
+    record = json.loads(flipped)
+    del record["sha256"]  # a file without the entry (by hand, older deis_jax): read unchecked
+    with open(path, "w") as f:
+        json.dump(record, f)
+    assert AmedPredictorFile.load(path).params["r_logit"][0] != saved.params["r_logit"][0]
+
+
+def test_amed_resume_state_bit_flip_is_ignored_and_refit(tmp_path, caplog):
+    with jax.enable_x64(True):
+        config = gmm_vpsde.get_config()
+        eps_fn = gmm.mixture_for_dim(config, 4).eps_fn(SDE)
+        plan = make_plan(SDE, method="amed", nfe=3, afs=True, predictor="stepwise")
+        x_fit = SDE.prior_sample(jax.random.PRNGKey(4), (12, 4), jnp.float64)
+        teacher = amed_teacher(plan, eps_fn, x_fit, path=str(tmp_path / "t.npz"), model_id="m",
+                               num_points=4, substeps=1)  # fmt: skip
+        kwargs = dict(steps=4, learning_rate=0.05, batch_size=None)
+        state = str(tmp_path / "amed_state" / "dim4_nfe3.state")
+        full = fit_amed(plan, eps_fn, teacher, state_path=state, **kwargs)
+        assert fit_amed(plan, eps_fn, teacher, state_path=state, **kwargs).loop.resumed_step == 4
+        data = open(state, "rb").read()
+        with open(state, "wb") as f:
+            f.write(data[:-20] + bytes([data[-20] ^ 1]) + data[-19:])
+        with caplog.at_level(logging.WARNING):
+            again = fit_amed(plan, eps_fn, teacher, state_path=state, **kwargs)
+    assert f"ignoring the unreadable training state {state}" in caplog.text
+    assert "checksum mismatch" in caplog.text
+    assert again.loop.resumed_step == 0
+    for key in full.params.params:
+        np.testing.assert_array_equal(again.params.params[key], full.params.params[key])

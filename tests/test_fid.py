@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from damage import truncate
 
 from deis_jax.evaluation import fid
 
@@ -210,3 +212,11 @@ def test_digits_classifier_is_pinned_and_accurate(tmp_path):
     tampered.write_bytes(open(dc.WEIGHTS_PATH, "rb").read() + b"\0")
     with pytest.raises(ValueError, match="WEIGHTS_SHA256"):
         dc.DigitsClassifier.load(str(tampered))
+
+
+def test_a_damaged_user_statistics_file_is_refused_by_name(tmp_path):
+    path = str(tmp_path / "cifar10_stats.npz")
+    fid.save_stats(path, fid.FeatureStats.from_features(np.eye(4)))
+    truncate(path)
+    with pytest.raises(fid.StatsFileError, match=re.escape(f"statistics file {path!r} is damaged")):
+        fid.load_stats(path)

@@ -1,18 +1,25 @@
-"""``--mode=fit`` end to end, in process, on a tiny mixture: grid files, report, resume."""
+"""``--mode=fit`` end to end, in process, on a tiny mixture: grid files, report, resume; killed,
+damaged and swapped runs repaired, failed cells reported."""
 
 import json
+import logging
 import os
 
 import numpy as np
 import pytest
+from damage import Killed, csv_rows, flip_bit, without
 
 from configs import fit_gmm
 from deis_jax.common.checks import ConfigError
+from deis_jax.experiments import fit
+from deis_jax.experiments.engine import FAILED
+from deis_jax.experiments.fit import cells as fitting
 from deis_jax.experiments.modes import get_mode, run_mode
 from deis_jax.experiments.validation import validate_sampler
 from deis_jax.fitting.grid_file import OptimizedGrid
 from deis_jax.fitting.recipes import FittedSampler
 from deis_jax.sampling.sde import VPSDE
+from deis_jax.sampling.solvers.registry import MAX_NFE
 
 SDE = VPSDE.linear()
 
@@ -91,3 +98,86 @@ def test_bad_fit_fields_are_refused_by_name(field, value, message):
     config[section][key] = value
     with pytest.raises(ConfigError, match=message):
         get_mode("fit").validate(config)
+
+
+TOO_MANY = f"must be <= {MAX_NFE}, got 20000"
+
+
+def test_fit_nfes_checked_by_the_methods_rule():
+    config = fit_gmm.get_config()
+    config.fit.nfes = (4, 20000)
+    with pytest.raises(ConfigError, match=f"config.fit.nfes entry 20000: {TOO_MANY}"):
+        fit.validate(config)
+
+
+# --- killed, failed, damaged and swapped runs ----------------------------------------------
+
+
+def tiny_fit_config():
+    config = fit_gmm.get_config()
+    config.data.dims = (4,)
+    config.data.scattered.dims = ()
+    config.fit.update(methods=("ipndm3",), nfes=(4,), fixed_grids=(), variants=("gits",),
+                      recipes=(),
+                      num_fit=16, num_heldout=16, teacher_points=9, teacher_substeps=1,
+                      heldout_substeps=1, plot_nfe=4)  # fmt: skip
+    return config
+
+
+def test_fit_kill_damage_swap_and_restart(tmp_path, monkeypatch, caplog):
+    workdir, calls = str(tmp_path), []
+    compute_cell = fitting.compute_cell
+
+    def counted(config, schedule, problem, teach, choice, nfe, variant, *args, **kwargs):
+        if variant == "gits" and kill[0]:
+            raise Killed
+        calls.append(variant)
+        return compute_cell(config, schedule, problem, teach, choice, nfe, variant, *args, **kwargs)
+
+    kill = [True]
+    monkeypatch.setattr(fitting, "compute_cell", counted)
+    with pytest.raises(Killed):
+        fit.run(tiny_fit_config(), workdir)
+    kill[0] = False
+    resumed = fit.run(tiny_fit_config(), workdir)
+    assert calls == ["default", "gits"]
+    grid_path = os.path.join(workdir, resumed[1]["grid_file"])
+    grid_text = open(grid_path).read()
+
+    flip_bit(os.path.join(workdir, "teachers", "dim4_heldout.npz"))
+    os.remove(grid_path)
+    os.remove(os.path.join(workdir, "results.csv"))
+    calls.clear()
+    with caplog.at_level(logging.WARNING):
+        repaired = fit.run(tiny_fit_config(), workdir)
+    assert (
+        f"teacher cache {os.path.join(workdir, 'teachers', 'dim4_heldout.npz')} is unreadable"
+        in caplog.text
+    )
+    assert f"(cell dim4|ipndm3|4|gits): its file {grid_path} is missing" in caplog.text
+    timing = ("fit_seconds", "grid_sha256")  # the grid file's provenance holds the fit time
+    assert calls == ["gits"] and without(repaired, *timing) == without(resumed, *timing)
+
+    # a grid file of another fit swapped in: its cell is computed again, the file rewritten
+    foreign = OptimizedGrid.load(grid_path)
+    OptimizedGrid(foreign.ts * np.r_[1.0, 0.9, 0.9, 0.9, 1.0], "ipndm", 3, 4, {}, foreign.schedule,
+                  "gits").save(grid_path)  # fmt: skip
+    calls.clear()
+    with caplog.at_level(logging.WARNING):
+        fit.run(tiny_fit_config(), workdir)
+    assert calls == ["gits"] and "is not the one the cell wrote" in caplog.text
+    assert np.array_equal(OptimizedGrid.load(grid_path).ts, json.loads(grid_text)["ts"])
+
+
+def test_fit_report_shows_failed_cells(tmp_path):
+    records = [
+        {"problem": "dim4", "method": "ipndm3", "variant": v, "nfe_budget": 4, "nfe": 4,
+         "heldout_rmse": r, "reference_error": 1e-6, "ts": [1.0, 0.5, 0.1, 0.01, 0.001],
+         **({} if r else {FAILED: "held-out samples non-finite (their RMSE is not finite)"})}
+        for v, r in (("default", 0.3), ("gits", None))
+    ]  # fmt: skip
+    fitting.write_report(str(tmp_path), records, ["default", "gits"], [4], 4)
+    md = (tmp_path / "results.md").read_text()
+    assert "| ipndm3 | gits | failed |" in md and "| ipndm3 | default | 0.3 |" in md
+    (_, gits) = csv_rows(tmp_path / "results.csv")
+    assert gits["heldout_rmse"] == "" and "non-finite" in gits[FAILED]

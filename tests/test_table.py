@@ -1,14 +1,19 @@
-"""``--mode=table``: every cell written, resume without recomputing, the paper column filled."""
+"""``--mode=table``: every cell written, resume without recomputing, the paper column filled;
+killed, damaged and swapped runs repaired, non-finite cells failed."""
 
 from __future__ import annotations
 
 import csv
+import glob
+import logging
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from damage import Killed, csv_rows, damaged_copies, flip_bit, flip_digit, without
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -18,8 +23,10 @@ from configs import tables  # noqa: E402
 from deis_jax.common.checks import ConfigError  # noqa: E402
 from deis_jax.common.data import digits_images  # noqa: E402
 from deis_jax.common.files import read_jsonl  # noqa: E402
+from deis_jax.evaluation import fid  # noqa: E402
 from deis_jax.evaluation.analytic import GaussianMixture  # noqa: E402
 from deis_jax.experiments import build  # noqa: E402
+from deis_jax.experiments.engine import FAILED  # noqa: E402
 from deis_jax.experiments.modes import run_mode, table  # noqa: E402
 from deis_jax.experiments.scoring import SampleScorer  # noqa: E402
 from deis_jax.models.loading import LoadedModel  # noqa: E402
@@ -172,3 +179,76 @@ def test_discretization_errors_against_the_exact_flow():
     assert err[("sddim", 5)] is None  # stochastic: no ODE error
     assert err[("tab3", 10)] < err[("tab3", 5)] < err[("ddim", 5)]
     assert err[("tab3", 10)] < err[("ddim", 10)] < err[("ddim", 5)]
+
+
+# --- killed, failed, damaged and swapped runs ----------------------------------------------
+
+
+def tiny_table_config():
+    config = tiny_config()
+    ev = config.eval
+    ev.update(num_samples=8, batch_size=8, inception_score=False, rmse=False,
+              methods=("tAB1",), nfes=(3, 4), reference_max_images=16)  # fmt: skip
+    return config
+
+
+def test_table_kill_damage_swap_and_restart(tmp_path, monkeypatch, caplog):
+    config, workdir = tiny_table_config(), str(tmp_path)
+    model = digits_mixture_model(config)
+    plan = table.validate(config)
+    calls, score = [], SampleScorer.score
+
+    def counted(scorer, sampler, advance=None):
+        if len(calls) == 1 and kill[0]:
+            raise Killed  # between the two cells
+        calls.append(sampler.nfe)
+        return score(scorer, sampler, advance)
+
+    kill = [True]
+    monkeypatch.setattr(SampleScorer, "score", counted)
+    with pytest.raises(Killed):
+        table.run(config, workdir, plan, model=model)
+    kill[0] = False
+    resumed = table.run(config, workdir, plan, model=model)
+    assert calls == [3, 4]
+    out = os.path.join(workdir, "tables", "deis_cifar10")
+    resumed_csv = csv_rows(os.path.join(out, "table.csv"), "seconds")
+
+    cache = os.path.join(out, "cells.jsonl")
+    (reference,) = glob.glob(os.path.join(workdir, "tables", "reference_*.npz"))
+    flip_digit(cache, "value", line=0)
+    flip_bit(reference)  # the zip's CRC-32 catches it
+    os.remove(os.path.join(out, "table.md"))
+    calls.clear()
+    with caplog.at_level(logging.WARNING):
+        repaired = table.run(config, workdir, plan, model=model)
+    assert f"{cache} line 1 (cell tAB1|tab1|{{}}|3)" in caplog.text
+    assert f"statistics file {reference!r} is damaged" in caplog.text
+    assert damaged_copies(reference) and damaged_copies(cache)
+    assert calls == [3] and without(repaired, "seconds") == without(resumed, "seconds")
+    assert csv_rows(os.path.join(out, "table.csv"), "seconds") == resumed_csv
+    assert "| tAB1 |" in open(os.path.join(out, "table.md")).read()
+
+    # statistics of another dataset swapped into the cache: not used, computed again
+    other = fid.FeatureStats.from_features(np.random.default_rng(0).normal(size=(8, 64)))
+    fid.save_stats(reference, other, extractor="digits_classifier", dataset="other")
+    os.remove(cache)  # and the cells deleted: everything computed again, uninterrupted
+    calls.clear()
+    fresh = table.run(config, workdir, plan, model=model)
+    assert calls == [3, 4] and without(fresh, "seconds") == without(resumed, "seconds")
+
+
+def test_table_cell_with_nonfinite_samples_is_failed_not_a_number(tmp_path):
+    config = tiny_table_config()
+    config.eval.nfes = (3,)
+    mixture = digits_mixture_model(config)
+    model = LoadedModel(lambda p: (lambda x, t: jnp.nan * mixture.bind(p)(x, t)), None,
+                        {"model": "NaN"})  # fmt: skip
+    (record,) = table.run(config, str(tmp_path), model=model)
+    assert record["value"] is None
+    assert record[FAILED] == "8 of 8 samples non-finite (e.g. #0, #1, #2, #3, #4)"
+    out = os.path.join(str(tmp_path), "tables", "deis_cifar10")
+    md = open(os.path.join(out, "table.md")).read()
+    assert "| tAB1 | failed |" in md and "## Failed cells" in md
+    (row,) = csv_rows(os.path.join(out, "table.csv"))
+    assert row["value"] == "" and "samples non-finite" in row[FAILED]

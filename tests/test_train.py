@@ -8,7 +8,9 @@ this file prints the per-step losses of a short run (used for the multi-device c
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from damage import Killed, damaged_copies, flip_bit, largest_file, truncate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from deis_jax.common import data  # noqa: E402
+from deis_jax.common import checkpoint_store, data  # noqa: E402
 from deis_jax.experiments import train as train_mode  # noqa: E402
 from deis_jax.sampling import sde  # noqa: E402
 from deis_jax.sampling.wrappers import eps_fn_from_model  # noqa: E402
@@ -210,3 +213,159 @@ if __name__ == "__main__":  # one short run; prints {"devices": n, "losses": [..
     cfg.training.checkpoint_every = 100
     got, _ = run_losses(cfg, sys.argv[1])
     print(json.dumps({"devices": jax.device_count(), "losses": [got[s] for s in sorted(got)]}))
+
+
+# --- killed, damaged and refused runs and checkpoints ---------------------------------------
+
+
+def tiny_train_config():
+    config = tiny_config(n_iters=4)
+    config.training.checkpoint_every = 2  # checkpoints 2 and 4, a record every step
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An uninterrupted 4-step run: (workdir, final state, metrics records)."""
+    workdir = str(tmp_path_factory.mktemp("train") / "uninterrupted")
+    state, history = train_mode.run(tiny_train_config(), workdir, model=TinyNet())
+    return workdir, state, history
+
+
+def logged(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, f)]
+
+
+def test_train_killed_mid_run_resumes_to_the_uninterrupted_result(trained, tmp_path):
+    """Killed in step 4, after the record of step 3 and the checkpoint at step 2: the restart
+    drops that record, redoes steps 3 and 4, and ends where the uninterrupted run ended."""
+    reference, ref_state, _ = trained
+    workdir = str(tmp_path / "killed")
+
+    def kill(step, metrics):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_mode.run(tiny_train_config(), workdir, model=TinyNet(), callback=kill)
+    assert [s for s, _, _ in logged(workdir)] == [1, 2, 3]
+    state, _ = train_mode.run(tiny_train_config(), workdir, model=TinyNet())
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert logged(workdir) == logged(reference)
+
+
+def test_train_resumes_from_the_newest_intact_checkpoint(trained, tmp_path, caplog):
+    """A bit flip in the newest checkpoint (orbax would restore it silently): it is moved
+    aside, training resumes from step 2, logs steps 3 and 4 once, and ends bit for bit where
+    the uninterrupted run ended."""
+    reference, ref_state, _ = trained
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(reference, workdir)
+    newest = os.path.join(workdir, "checkpoints", "4")
+    flip_bit(largest_file(os.path.join(newest, "default")))
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "lo')  # and a record torn by the kill
+    with caplog.at_level(logging.WARNING):
+        state, history = train_mode.run(tiny_train_config(), workdir, model=TinyNet())
+    assert f"checkpoint step 4 ({newest}) is damaged" in caplog.text
+    assert "does not match its recorded sha256" in caplog.text
+    assert [h["step"] for h in history] == [3, 4] and damaged_copies(newest)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert logged(workdir) == logged(reference)  # one record per step, the same values
+
+
+def test_training_stops_at_a_nonfinite_loss_before_logging_or_checkpointing_it(tmp_path):
+    def step_fn(state, batch):  # the loss turns NaN at the third step
+        return state, {"loss": jnp.where(batch >= 2, jnp.nan, 1.0), "grad_norm": jnp.ones(())}
+
+    state = training.TrainState(jnp.zeros((), jnp.int32), None, None, None)
+    metrics = str(tmp_path / "metrics.jsonl")
+    with pytest.raises(
+        training.TrainingDivergedError, match="training diverged: mean .*'loss': nan.* step 4"
+    ):
+        training.train_loop(state, step_fn, iter(jnp.arange(6)), num_steps=6, log_every=2,
+                            metrics_path=metrics)  # fmt: skip
+    assert [json.loads(x)["step"] for x in open(metrics)] == [2]  # no NaN record
+
+
+def _abstract_state(config):
+    tx = training.optimizer_from_config(config.training)
+    return jax.eval_shape(lambda: training.init_state(TinyNet(), tx, jax.random.PRNGKey(0),
+                                                      (8, 8, 1)))  # fmt: skip
+
+
+def _data_file(step_dir):
+    return largest_file(os.path.join(step_dir, "default"))
+
+
+CHECKPOINT_DAMAGE = {
+    "truncated": (lambda d: truncate(_data_file(d)), "does not match its recorded sha256"),
+    "deleted": (lambda d: os.remove(_data_file(d)), "is missing"),
+    "torn_record": (
+        lambda d: truncate(os.path.join(d, checkpoint_store.INTEGRITY_FILE)),
+        "unreadable",
+    ),
+    "no_record": (  # no digests to check against: orbax's own error decides (a truncated
+        # data file may go unnoticed by orbax: it can hold superseded blocks)
+        lambda d: (
+            os.remove(os.path.join(d, checkpoint_store.INTEGRITY_FILE)),
+            truncate(os.path.join(d, "default", "_METADATA")),
+        ),
+        "restoring it failed (JSONDecodeError",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINT_DAMAGE))
+def test_damaged_checkpoint_falls_back_with_a_warning(trained, tmp_path, caplog, name):
+    reference = os.path.join(trained[0], "checkpoints")
+    directory = str(tmp_path / "checkpoints")
+    shutil.copytree(reference, directory)
+    damage, message = CHECKPOINT_DAMAGE[name]
+    damage(os.path.join(directory, "4"))
+    target = _abstract_state(tiny_train_config())
+    with caplog.at_level(logging.WARNING):
+        mngr = checkpoint_store.checkpoint_manager(directory)
+        try:
+            state = checkpoint_store.restore_state(mngr, target)
+            assert mngr.all_steps() == [2]
+        finally:
+            mngr.close()
+    assert int(state.step) == 2
+    assert f"checkpoint step 4 ({os.path.join(directory, '4')}) is damaged" in caplog.text
+    assert message in caplog.text
+    pristine = checkpoint_store.checkpoint_manager(reference)
+    try:
+        expected = checkpoint_store.restore_state(pristine, target, step=2)
+    finally:
+        pristine.close()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_intact_checkpoint_or_another_runs_checkpoint_is_refused(trained, tmp_path):
+    config = tiny_train_config()
+    directory = str(tmp_path / "checkpoints")
+    shutil.copytree(os.path.join(trained[0], "checkpoints"), directory)
+    target = _abstract_state(config)
+    other = tiny_train_config()
+    other.seed = 1  # the checkpoints of another run
+    mngr = checkpoint_store.checkpoint_manager(directory)
+    try:
+        with pytest.raises(
+            checkpoint_store.CheckpointError, match=r"another run \(seed: 0 \(on disk\) vs 1"
+        ):
+            checkpoint_store.restore_state(mngr, target, identity=train_mode.identity(other))
+        for step in ("2", "4"):
+            flip_bit(_data_file(os.path.join(directory, step)))
+        with pytest.raises(checkpoint_store.CheckpointError) as info:
+            checkpoint_store.restore_state(mngr, target, identity=train_mode.identity(config))
+    finally:
+        mngr.close()
+    message = str(info.value)
+    assert f"no checkpoint in {directory} can be restored" in message
+    assert "step 4: file" in message and "step 2: file" in message
+    assert sorted(os.listdir(directory)) == ["2", "4"]  # nothing moved: nothing to fall back to
