@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 from configs import amed_gmm, gmm_vpsde
 from deis_jax.common.checks import ConfigError
 from deis_jax.experiments import gmm
-from deis_jax.experiments.modes import get_mode, run_mode
+from deis_jax.experiments.modes import get_mode
 from deis_jax.experiments.validation import validate_sampler
 from deis_jax.fitting.amed import (
     AmedPredictorFile,
@@ -184,6 +183,8 @@ def test_predictor_file_refused_for_other_settings(tmp_path):
         validate_sampler(config)
 
 
+# the fit mode's AMED cells (layout, predictor file, report): tests/test_fit_mode.py's
+# end-to-end run, which has an AMED method among its methods
 def tiny_amed_config():
     config = amed_gmm.get_config()
     config.data.dims = (4,)
@@ -198,21 +199,6 @@ def tiny_amed_config():
     config.fit.amed.steps = 30
     config.fit.amed.batch_size = 8
     return config
-
-
-def test_fit_mode_trains_amed_cells(tmp_path):
-    workdir = str(tmp_path)
-    records = run_mode("fit", tiny_amed_config(), workdir)
-    cells = {(r["method"], r["variant"]) for r in records}
-    # amed only for AMED methods, grid fits only for the others
-    assert cells == {("amed:afs=True,predictor=stepwise", "default"),
-                     ("amed:afs=True,predictor=stepwise", "amed"),
-                     ("ipndm3", "default"), ("ipndm3", "ld3")}  # fmt: skip
-    amed = next(r for r in records if r["variant"] == "amed")
-    assert amed["nfe"] == 5 and amed["val_loss_fitted"] <= amed["val_loss_init"]
-    learned = AmedPredictorFile.load(os.path.join(workdir, amed["grid_file"]))
-    assert learned.method == "amed" and learned.afs and learned.nfe == 5
-    assert os.path.getsize(os.path.join(workdir, "results.md")) > 0
 
 
 def test_amed_variant_needs_an_amed_method():
