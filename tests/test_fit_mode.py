@@ -25,10 +25,10 @@ from deis_jax.sampling.solvers.registry import MAX_NFE
 SDE = VPSDE.linear()
 
 
-# AMED-Solver with a trained stepwise predictor (variant ``amed``); without AFS, which spends
-# odd budgets only (the fit run is at NFE 4)
-AMED = "amed:afs=false,predictor=stepwise"
-AMED_METHOD = "amed:afs=False,predictor=stepwise"  # as the records name it
+# AMED-Solver with AFS and a trained stepwise predictor (variant ``amed``): it spends odd
+# budgets only, so its cells at the run's NFE 4 spend 5 (fit_gmm's nfe_rounding "up")
+AMED = "amed:afs=true,predictor=stepwise"
+AMED_METHOD = "amed:afs=True,predictor=stepwise"  # as the records name it
 
 
 def tiny_config():
@@ -72,9 +72,10 @@ def test_fit_mode_writes_grids_report_and_resumes(tmp_path):
     assert grid.learned_table and grid.nfe == 4 and grid.method == "ipndm"
     np.testing.assert_array_equal(grid.ts, fitted["ts"])
     amed = cells[(AMED_METHOD, "amed")]
-    assert amed["nfe"] == 4 and amed["val_loss_fitted"] <= amed["val_loss_init"]
+    assert amed["nfe_budget"] == 4 and amed["nfe"] == 5
+    assert amed["val_loss_fitted"] <= amed["val_loss_init"]
     learned = AmedPredictorFile.load(os.path.join(workdir, amed["grid_file"]))
-    assert learned.method == "amed" and not learned.afs and learned.nfe == 4
+    assert learned.method == "amed" and learned.afs and learned.nfe == 5
     for name in ("results.md", "results.csv", "rmse_vs_nfe.png", "grids.png", "loss_curves.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     # a second run computes nothing and returns the same records
