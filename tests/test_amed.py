@@ -284,12 +284,17 @@ def test_bottleneck_predictor_through_the_loop():
     params = init_params(plan, eps_fn, x)
     # 16 features (the 4x4 bottleneck): 72 + (16*128 + 128) + (128*4 + 4) + 3 heads * 21
     assert sum(p.size for p in jax.tree.leaves(params)) == 72 + 2176 + 516 + 63
-    run = jax.jit(lambda p, x: sample(plan, eps_fn, x, rule_params=RuleParams.for_plan(plan, p)))
+
+    def loss(p):
+        out = sample(plan, eps_fn, x, rule_params=RuleParams.for_plan(plan, p))
+        return jnp.mean(out**2), out
+
+    # one compiled program gives the samples and the gradients, at zero and random weights
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
     base = sample(plan, eps_fn, x)
     zero = jax.tree.map(jnp.zeros_like, params)
-    np.testing.assert_allclose(run(zero, x), base, rtol=1e-5, atol=1e-5)
-    out = run(params, x)
+    np.testing.assert_allclose(run(zero)[0][1], base, rtol=1e-5, atol=1e-5)
+    (_, out), grads = run(params)
     assert np.all(np.isfinite(out)) and np.max(np.abs(out - base)) > 1e-4
-    grads = jax.grad(lambda p: jnp.mean(run(p, x) ** 2))(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert np.any(grads["feat_hidden"]["kernel"] != 0)  # the feature reaches the loss
