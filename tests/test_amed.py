@@ -268,7 +268,9 @@ def test_bottleneck_predictor_through_the_loop():
     from deis_jax.sampling.wrappers import eps_fn_from_model
 
     config = get_model_config("vp_cifar10_ddpmpp_continuous")
-    config.update(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8)
+    # no attention in the down/up levels (the middle block keeps its own): the predictor reads
+    # the 4x4 bottleneck all the same, and the gradient program compiles ~15% faster
+    config.update(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=8)
     model = get_model(config)
     x = jax.random.normal(jax.random.PRNGKey(5), (3, 8, 8, 3), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.ones(3)))["params"]
@@ -282,12 +284,17 @@ def test_bottleneck_predictor_through_the_loop():
     params = init_params(plan, eps_fn, x)
     # 16 features (the 4x4 bottleneck): 72 + (16*128 + 128) + (128*4 + 4) + 3 heads * 21
     assert sum(p.size for p in jax.tree.leaves(params)) == 72 + 2176 + 516 + 63
-    run = jax.jit(lambda p, x: sample(plan, eps_fn, x, rule_params=RuleParams.for_plan(plan, p)))
+
+    def loss(p):
+        out = sample(plan, eps_fn, x, rule_params=RuleParams.for_plan(plan, p))
+        return jnp.mean(out**2), out
+
+    # one compiled program gives the samples and the gradients, at zero and random weights
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
     base = sample(plan, eps_fn, x)
     zero = jax.tree.map(jnp.zeros_like, params)
-    np.testing.assert_allclose(run(zero, x), base, rtol=1e-5, atol=1e-5)
-    out = run(params, x)
+    np.testing.assert_allclose(run(zero)[0][1], base, rtol=1e-5, atol=1e-5)
+    (_, out), grads = run(params)
     assert np.all(np.isfinite(out)) and np.max(np.abs(out - base)) > 1e-4
-    grads = jax.grad(lambda p: jnp.mean(run(p, x) ** 2))(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert np.any(grads["feat_hidden"]["kernel"] != 0)  # the feature reaches the loss

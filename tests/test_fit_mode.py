@@ -16,6 +16,7 @@ from deis_jax.experiments.engine import FAILED
 from deis_jax.experiments.fit import cells as fitting
 from deis_jax.experiments.modes import get_mode, run_mode
 from deis_jax.experiments.validation import validate_sampler
+from deis_jax.fitting.amed import AmedPredictorFile
 from deis_jax.fitting.grid_file import OptimizedGrid
 from deis_jax.fitting.recipes import FittedSampler
 from deis_jax.sampling.sde import VPSDE
@@ -24,15 +25,22 @@ from deis_jax.sampling.solvers.registry import MAX_NFE
 SDE = VPSDE.linear()
 
 
+# AMED-Solver with AFS and a trained stepwise predictor (variant ``amed``): it spends odd
+# budgets only, so its cells at the run's NFE 4 spend 5 (fit_gmm's nfe_rounding "up")
+AMED = "amed:afs=true,predictor=stepwise"
+AMED_METHOD = "amed:afs=True,predictor=stepwise"  # as the records name it
+
+
 def tiny_config():
     config = fit_gmm.get_config()
     config.data.dims = (4,)
     config.data.scattered.dims = ()
     config.fit.recipes = ("ipndm3+ld3+table+afs",)  # one recipe: a fit_sampler cell
-    config.fit.methods = ("ipndm3",)
+    config.fit.methods = (AMED, "ipndm3")
     config.fit.nfes = (4,)
     config.fit.fixed_grids = ("quadratic",)
-    config.fit.variants = ("gits", "ld3+table")
+    config.fit.variants = ("gits", "ld3", "ld3+table", "amed")
+    config.fit.amed.update(steps=30, batch_size=8, learning_rate=0.05)  # configs/amed_gmm.py's
     config.fit.num_fit = 24
     config.fit.num_heldout = 32
     config.fit.teacher_points = 13
@@ -44,16 +52,30 @@ def tiny_config():
 
 
 def test_fit_mode_writes_grids_report_and_resumes(tmp_path):
+    """One run of every kind of cell (an AMED method and a grid method): the cells laid out,
+    the grid and predictor files, the report; a second run computes nothing; the files drive
+    sampler configs."""
     workdir = str(tmp_path)
     records = run_mode("fit", tiny_config(), workdir)
-    by_variant = {r["variant"]: r for r in records}
+    cells = {(r["method"], r["variant"]): r for r in records}
     recipe = "recipe:ipndm3+ld3+table+afs"
-    assert set(by_variant) == {"default", "fixed:quadratic", "gits", "ld3+table", recipe}
+    # amed only for AMED methods, grid fits only for the others; the recipe cell on its own
+    assert set(cells) == {
+        (AMED_METHOD, "default"), (AMED_METHOD, "fixed:quadratic"), (AMED_METHOD, "amed"),
+        ("ipndm3", "default"), ("ipndm3", "fixed:quadratic"), ("ipndm3", "gits"),
+        ("ipndm3", "ld3"), ("ipndm3", "ld3+table"), ("fit_sampler", recipe),
+    }  # fmt: skip
+    by_variant = {v: r for (m, v), r in cells.items() if m in ("ipndm3", "fit_sampler")}
     fitted = by_variant["ld3+table"]
     assert fitted["val_loss_fitted"] < fitted["val_loss_init"]
     grid = OptimizedGrid.load(os.path.join(workdir, fitted["grid_file"]))
     assert grid.learned_table and grid.nfe == 4 and grid.method == "ipndm"
     np.testing.assert_array_equal(grid.ts, fitted["ts"])
+    amed = cells[(AMED_METHOD, "amed")]
+    assert amed["nfe_budget"] == 4 and amed["nfe"] == 5
+    assert amed["val_loss_fitted"] <= amed["val_loss_init"]
+    learned = AmedPredictorFile.load(os.path.join(workdir, amed["grid_file"]))
+    assert learned.method == "amed" and learned.afs and learned.nfe == 5
     for name in ("results.md", "results.csv", "rmse_vs_nfe.png", "grids.png", "loss_curves.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     # a second run computes nothing and returns the same records
