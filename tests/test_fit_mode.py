@@ -150,11 +150,12 @@ def test_fit_kill_damage_swap_and_restart(tmp_path, monkeypatch, caplog):
     workdir, calls = str(tmp_path), []
     compute_cell = fitting.compute_cell
 
-    def counted(config, schedule, problem, teach, choice, nfe, variant, *args, **kwargs):
+    def counted(settings, schedule, problem, teach, choice, nfe, variant, *args, **kwargs):
         if variant == "gits" and kill[0]:
             raise Killed
         calls.append(variant)
-        return compute_cell(config, schedule, problem, teach, choice, nfe, variant, *args, **kwargs)
+        return compute_cell(settings, schedule, problem, teach, choice, nfe, variant, *args,
+                            **kwargs)  # fmt: skip
 
     kill = [True]
     monkeypatch.setattr(fitting, "compute_cell", counted)

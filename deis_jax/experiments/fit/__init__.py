@@ -221,6 +221,7 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
     # the cells' identity includes the models' (a resumed run never mixes two checkpoints)
     identity = fingerprint([plan.fingerprint] + [p.model_id for p in problems.values()])
     teachers: dict[str, fitting.Teachers] = {}
+    settings = fitting.FitSettings.from_config(config)
     scorer = None
     if config.fit.get("fd") and model is not None:
         scorer = fd_scorer(config, workdir, plan.schedule, model)
@@ -230,10 +231,10 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
         if name not in teachers:  # the 61-point fitting teacher only if a cell fits a grid
             with_fit = any(v in fitting.GRID_VARIANTS or v.startswith(fitting.RECIPE_PREFIX)
                            for v in plan.variants)  # fmt: skip
-            teachers[name] = fitting.teachers(config.fit, problems[name], plan.schedule, t0, t1,
+            teachers[name] = fitting.teachers(settings, problems[name], plan.schedule, t0, t1,
                                               os.path.join(workdir, "teachers"),
                                               with_fit)  # fmt: skip
-        record = fitting.compute_cell(config, plan.schedule, problems[name], teachers[name],
+        record = fitting.compute_cell(settings, plan.schedule, problems[name], teachers[name],
                                       choice, nfe, variant, workdir, scorer=scorer)  # fmt: skip
         jax.clear_caches()  # every fit compiles its own programs: keep memory flat over cells
         return record

@@ -91,6 +91,44 @@ class Teachers(NamedTuple):
     heldout: Teacher
 
 
+class FitSettings(NamedTuple):
+    """What the cells need of ``config.fit`` and ``config.sampler``, as plain values
+    (:meth:`from_config`): the cells can be run from a notebook without a config."""
+
+    sampler: dict[str, Any]  # the sampler fields every cell shares (grid, t0, t1, options, ...)
+    teacher_points: int
+    teacher_grid: str
+    teacher_substeps: int
+    heldout_substeps: int
+    validation_fraction: float
+    max_delta: float
+    loss: str
+    fit_dtype: str
+    gits_metric: str
+    gits_gamma: float
+    ld3: dict[str, Any]  # optimize_grid's ld3_settings
+    amed: dict[str, Any]  # loss, steps, learning_rate, batch_size, patience, seed
+
+    @classmethod
+    def from_config(cls, config) -> FitSettings:
+        fit = config.fit
+        return cls(
+            sampler=config.sampler.to_dict(),
+            teacher_points=int(fit.teacher_points),
+            teacher_grid=fit.teacher_grid,
+            teacher_substeps=int(fit.teacher_substeps),
+            heldout_substeps=int(fit.heldout_substeps),
+            validation_fraction=float(fit.validation_fraction),
+            max_delta=float(fit.max_delta),
+            loss=fit.loss,
+            fit_dtype=fit.fit_dtype,
+            gits_metric=fit.gits_metric,
+            gits_gamma=float(fit.gits_gamma),
+            ld3=dict(fit.ld3.to_dict()),
+            amed=dict(fit.amed.to_dict()),
+        )
+
+
 def draw_starting_points(
     schedule: NoiseSchedule, seed: int, shape: tuple[int, ...], num_fit: int, num_heldout: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +141,7 @@ def draw_starting_points(
 
 
 def teachers(
-    fit_cfg,
+    settings: FitSettings,
     problem: FitProblem,
     schedule: NoiseSchedule,
     t0: float,
@@ -113,22 +151,22 @@ def teachers(
 ) -> Teachers:
     """The fitting teacher (states kept, for GITS; only ``with_fit``) and the held-out
     reference, both cached in ``directory`` with the model's identity."""
-    common = dict(t0=t0, t1=t1, num_points=int(fit_cfg.teacher_points),
-                  grid=fit_cfg.teacher_grid, model_id=problem.model_id)  # fmt: skip
+    common = dict(t0=t0, t1=t1, num_points=settings.teacher_points,
+                  grid=settings.teacher_grid, model_id=problem.model_id)  # fmt: skip
     os.makedirs(directory, exist_ok=True)
     fit = None if not with_fit else load_or_solve_teacher(
         os.path.join(directory, f"{problem.name}_fit.npz"), schedule, problem.eps_fn,
-        problem.x_fit, substeps=int(fit_cfg.teacher_substeps), keep_states=True, **common,
+        problem.x_fit, substeps=settings.teacher_substeps, keep_states=True, **common,
     )  # fmt: skip
     heldout = load_or_solve_teacher(
         os.path.join(directory, f"{problem.name}_heldout.npz"), schedule, problem.eps_fn,
-        problem.x_heldout, substeps=int(fit_cfg.heldout_substeps), keep_states=False, **common,
+        problem.x_heldout, substeps=settings.heldout_substeps, keep_states=False, **common,
     )  # fmt: skip
     return Teachers(fit, heldout)
 
 
 def compute_cell(
-    config,
+    settings: FitSettings,
     schedule: NoiseSchedule,
     problem: FitProblem,
     teach: Teachers,
@@ -142,27 +180,27 @@ def compute_cell(
     """One cell's record: held-out RMSE of the variant (and the fit's numbers for fitted
     variants, whose grid file is written to :func:`grid_path` under ``workdir``); with a
     ``scorer`` (``deis_jax.experiments.scoring.SampleScorer``) also ``fd``, its distance."""
-    fit_cfg, sampler_cfg = config.fit, config.sampler
+    sampler = settings.sampler
     label = FIT_SAMPLER if choice is None else choice.label
     record: dict[str, Any] = {"problem": problem.name, "method": label,
                               "nfe_budget": nfe, "variant": variant}  # fmt: skip
     if variant.startswith(RECIPE_PREFIX):
-        plan, rule_params = _fit_sampler(config, schedule, problem, teach, nfe, variant, workdir,
-                                         record)  # fmt: skip
+        plan, rule_params = _fit_sampler(settings, schedule, problem, teach, nfe, variant,
+                                         workdir, record)  # fmt: skip
     elif variant == "amed":
-        plan, rule_params = _train_amed(config, schedule, problem, choice, nfe, workdir, record)
+        plan, rule_params = _train_amed(settings, schedule, problem, choice, nfe, workdir, record)
     elif variant in FITTED_VARIANTS:
         rule_params = None
         grid = optimize_grid(
             schedule, problem.eps_fn, problem.x_fit, method=choice.method, order=choice.order,
             nfe=nfe, objective="gits" if variant == "gits" else "ld3",
-            grid=sampler_cfg.grid, t0=sampler_cfg.t0, t1=sampler_cfg.t1,
+            grid=sampler["grid"], t0=sampler["t0"], t1=sampler["t1"],
             options=choice.options, teacher=teach.fit,
-            validation_fraction=float(fit_cfg.validation_fraction), model_id=problem.model_id,
-            learn_table=variant == "ld3+table", max_delta=float(fit_cfg.max_delta),
-            loss=fit_cfg.loss, gits_metric=fit_cfg.gits_metric,
-            gits_gamma=float(fit_cfg.gits_gamma), ld3_settings=dict(fit_cfg.ld3.to_dict()),
-            fit_dtype=fit_cfg.fit_dtype, callback=callback,
+            validation_fraction=settings.validation_fraction, model_id=problem.model_id,
+            learn_table=variant == "ld3+table", max_delta=settings.max_delta,
+            loss=settings.loss, gits_metric=settings.gits_metric,
+            gits_gamma=settings.gits_gamma, ld3_settings=dict(settings.ld3),
+            fit_dtype=settings.fit_dtype, callback=callback,
         )  # fmt: skip
         path = grid_path(workdir, problem.name, label, nfe, variant)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -176,7 +214,7 @@ def compute_cell(
     else:
         rule_params = None
         kind = None if variant == "default" else variant.split(":", 1)[1]
-        plan = _fixed_plan(sampler_cfg, schedule, problem, choice, nfe, kind)
+        plan = _fixed_plan(sampler, schedule, problem, choice, nfe, kind)
     dist = endpoint_distances(plan, problem.eps_fn, problem.x_heldout, teach.heldout.x0,
                               rule_params=rule_params)  # fmt: skip
     finite = bool(np.all(np.isfinite(dist)))
@@ -187,7 +225,7 @@ def compute_cell(
                   reference_error=teach.heldout.error_estimate)  # fmt: skip
     if record["heldout_rmse"] is None:
         record[FAILED] = "held-out samples non-finite (their RMSE is not finite)"
-    if scorer is not None:  # e.g. FD-digits on config.eval.num_samples images
+    if scorer is not None:  # e.g. FD-digits (experiments.scoring.SampleScorer)
         scored = scorer.score(Sampler(plan, problem.eps_fn, rule_params))
         record["fd"] = scored["value"]
         if scored.get(FAILED):
@@ -208,37 +246,37 @@ def artifact_problem(workdir: str, record: dict) -> str | None:
     return None
 
 
-def _fixed_plan(sampler_cfg, schedule, problem: FitProblem, choice: MethodChoice, nfe: int,
-                kind: str | None):  # fmt: skip
+def _fixed_plan(sampler: dict[str, Any], schedule, problem: FitProblem,
+                choice: MethodChoice, nfe: int, kind: str | None):  # fmt: skip
     """The method's plan on its default grid (``kind`` None) or on grid kind ``kind``."""
     return build.sampler_from_config(
-        sampler_cfg, schedule, problem.eps_fn, method=choice.method, order=choice.order,
+        sampler, schedule, problem.eps_fn, method=choice.method, order=choice.order,
         nfe=nfe, options=choice.options, predictor_file=None, fitted_file=None,
         **({"grid": kind} if kind else {}),
     ).plan  # fmt: skip
 
 
-def _train_amed(config, schedule, problem: FitProblem, choice: MethodChoice, nfe: int,
-                workdir: str, record: dict):  # fmt: skip
+def _train_amed(settings: FitSettings, schedule, problem: FitProblem, choice: MethodChoice,
+                nfe: int, workdir: str, record: dict):  # fmt: skip
     """Train the cell's AMED predictor (teacher cached under ``teachers/``, resumable state
     under ``amed_state/``), write its file; returns ``(plan, params)`` and fills ``record``."""
-    amed_cfg = config.fit.amed
-    plan = _fixed_plan(config.sampler, schedule, problem, choice, nfe, None)
+    amed = settings.amed
+    plan = _fixed_plan(settings.sampler, schedule, problem, choice, nfe, None)
     name = f"{problem.name}_{fingerprint([choice.label, [float(t) for t in plan.ts]])}"
     os.makedirs(os.path.join(workdir, "teachers"), exist_ok=True)
     teacher = amed_teacher(
         plan, problem.eps_fn, problem.x_fit, path=os.path.join(workdir, "teachers",
                                                                f"amed_{name}.npz"),
-        model_id=problem.model_id, num_points=int(config.fit.teacher_points),
-        substeps=int(config.fit.teacher_substeps),
+        model_id=problem.model_id, num_points=settings.teacher_points,
+        substeps=settings.teacher_substeps,
     )  # fmt: skip
     path = grid_path(workdir, problem.name, choice.label, nfe, "amed")
     fit = fit_amed(
-        plan, problem.eps_fn, teacher, loss=amed_cfg.loss,
-        validation_fraction=float(config.fit.validation_fraction),
-        steps=int(amed_cfg.steps), learning_rate=float(amed_cfg.learning_rate),
-        batch_size=amed_cfg.batch_size, patience=int(amed_cfg.patience),
-        seed=int(amed_cfg.seed), model_id=problem.model_id,
+        plan, problem.eps_fn, teacher, loss=amed["loss"],
+        validation_fraction=settings.validation_fraction,
+        steps=int(amed["steps"]), learning_rate=float(amed["learning_rate"]),
+        batch_size=amed["batch_size"], patience=int(amed["patience"]),
+        seed=int(amed["seed"]), model_id=problem.model_id,
         state_path=os.path.join(workdir, "amed_state", f"{name}_nfe{nfe}.state"),
     )  # fmt: skip
     fit.predictor.save(path)
@@ -251,20 +289,19 @@ def _train_amed(config, schedule, problem: FitProblem, choice: MethodChoice, nfe
     return plan, fit.params
 
 
-def _fit_sampler(config, schedule, problem: FitProblem, teach: Teachers, nfe: int, variant: str,
-                 workdir: str, record: dict):  # fmt: skip
+def _fit_sampler(settings: FitSettings, schedule, problem: FitProblem, teach: Teachers,
+                 nfe: int, variant: str, workdir: str, record: dict):  # fmt: skip
     """A ``recipe:<name>`` cell: ``fit_sampler`` on the fitting starting points (with the
     fitting teacher), its file written; returns ``(plan, rule_params)`` and fills
     ``record``."""
-    fit_cfg, sampler_cfg = config.fit, config.sampler
-    amed = {k: fit_cfg.amed[k] for k in ("steps", "learning_rate", "batch_size", "patience",
-                                         "seed")}  # fmt: skip
+    amed = {k: settings.amed[k] for k in ("steps", "learning_rate", "batch_size", "patience",
+                                          "seed")}  # fmt: skip
     fitted = fit_sampler(
         schedule, problem.eps_fn, problem.x_fit, nfe=nfe, recipe=variant[len(RECIPE_PREFIX):],
-        model_id=problem.model_id, t0=sampler_cfg.t0, t1=sampler_cfg.t1, loss=fit_cfg.loss,
-        validation_fraction=float(fit_cfg.validation_fraction), teacher=teach.fit,
-        ld3_settings=dict(fit_cfg.ld3.to_dict()), amed_settings=amed,
-        max_delta=float(fit_cfg.max_delta), fit_dtype=fit_cfg.fit_dtype,
+        model_id=problem.model_id, t0=settings.sampler["t0"], t1=settings.sampler["t1"],
+        loss=settings.loss, validation_fraction=settings.validation_fraction,
+        teacher=teach.fit, ld3_settings=dict(settings.ld3), amed_settings=amed,
+        max_delta=settings.max_delta, fit_dtype=settings.fit_dtype,
     )  # fmt: skip
     path = grid_path(workdir, problem.name, FIT_SAMPLER, nfe, variant)
     os.makedirs(os.path.dirname(path), exist_ok=True)
