@@ -12,7 +12,7 @@ blocks as in ``tests/fixtures/score_sde/*.json``). The file is read as score_sde
 to today's ``(C,)`` and counted in the metadata's ``converted_leaves``. The parameters
 (``params_ema`` unless ``--use_target``) are checked against the model's parameter tree
 before anything is written; load the result with
-``deis_jax.models.checkpoints.load_params(out, model_config)``.
+``deis_jax.models.score_sde.published.load_converted_params(out, model_config)``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ import ml_collections  # noqa: E402
 
 from deis_jax.common.files import sha256_file  # noqa: E402
 from deis_jax.models import checkpoints  # noqa: E402
-from deis_jax.models.score_sde import KNOWN_MODEL_CONFIGS, get_model_config  # noqa: E402
+from deis_jax.models.score_sde import (  # noqa: E402
+    KNOWN_MODEL_CONFIGS,
+    get_model_config,
+    published,
+)
 
 
 def load_model_config(spec: str) -> tuple[str, ml_collections.ConfigDict]:
@@ -66,13 +70,13 @@ def convert(
     """Convert ``checkpoint`` and write it to ``out``; returns the stored metadata.
 
     Besides the model config and the source file (path, sha256), the metadata holds what
-    :func:`deis_jax.models.checkpoints.import_score_sde_params` reports: ``source_params``,
+    :func:`deis_jax.models.score_sde.published.import_score_sde_params` reports: ``source_params``,
     ``source_step``, ``source_ema_rate`` and ``converted_leaves`` (e.g.
     ``{"old_groupnorm_layout": 326}`` for the deep VP model as published, whose GroupNorm
     parameters flax 0.3 stored as ``(1, 1, 1, C)``; ``{}`` when nothing needed converting).
     """
     name, config = load_model_config(model_config)
-    params, provenance = checkpoints.import_score_sde_params(checkpoint, config, use_ema=use_ema)
+    params, provenance = published.import_score_sde_params(checkpoint, config, use_ema=use_ema)
     metadata = {
         "model_config_name": name,
         "model_config": config.to_dict(),

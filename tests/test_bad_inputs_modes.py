@@ -34,7 +34,7 @@ from deis_jax.common.checks import MAX_SEED, ConfigError  # noqa: E402
 from deis_jax.experiments.modes import get_mode  # noqa: E402
 from deis_jax.experiments.table import cells as tables  # noqa: E402
 from deis_jax.models import checkpoints, loading  # noqa: E402
-from deis_jax.models.score_sde import abstract_params  # noqa: E402
+from deis_jax.models.score_sde import abstract_params, published  # noqa: E402
 from deis_jax.models.score_sde.family import model_config  # noqa: E402
 from deis_jax.training import loop as training  # noqa: E402
 
@@ -93,8 +93,8 @@ def early(monkeypatch):
     monkeypatch.setattr(training, "init_state", guard(training.init_state))  # train; restoring
     monkeypatch.setattr(nn.Module, "init", guard(nn.Module.init))  # an untrained network
     monkeypatch.setattr(checkpoints, "load_params", guard(checkpoints.load_params))
-    monkeypatch.setattr(checkpoints, "load_score_sde_params",
-                        guard(checkpoints.load_score_sde_params))  # fmt: skip
+    for name in ("load_converted_params", "load_score_sde_params"):
+        monkeypatch.setattr(published, name, guard(getattr(published, name)))
 
 
 def parse(*args: str) -> None:

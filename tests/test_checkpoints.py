@@ -1,4 +1,5 @@
-"""score_sde checkpoint import, the conversion script and the converted (Orbax) format."""
+"""score_sde checkpoint import (``models/score_sde/published.py``), the conversion script and
+the converted (Orbax) format (``models/checkpoints.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tolerances import SCORE_SDE_FIXTURE_RTOL
 from deis_jax.common.files import sha256_file
 from deis_jax.models import checkpoints
 from deis_jax.models.checkpoints import flatten_tree
-from deis_jax.models.score_sde import get_model
+from deis_jax.models.score_sde import get_model, published
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "score_sde"
 SMALL = "vp_cifar10_ddpmpp_continuous_small"
@@ -89,9 +90,9 @@ def _load_script():
 
 # ------------------------------------------------------------------------ score_sde import
 def test_load_score_sde_params_takes_params_ema(score_sde_checkpoint, small_params):
-    params = checkpoints.load_score_sde_params(score_sde_checkpoint, _small_config())
+    params = published.load_score_sde_params(score_sde_checkpoint, _small_config())
     _assert_trees_equal(params, small_params)
-    target = checkpoints.load_score_sde_params(score_sde_checkpoint, _small_config(), use_ema=False)
+    target = published.load_score_sde_params(score_sde_checkpoint, _small_config(), use_ema=False)
     _assert_trees_equal(target, jax.tree.map(lambda x: x + np.float32(1.0), small_params))
 
 
@@ -102,7 +103,7 @@ def test_convert_script_roundtrip(tmp_path, score_sde_checkpoint, small_params, 
     argv = ["--checkpoint", str(score_sde_checkpoint), "--model_config", config_json]
     assert script.main([*argv, "--out", str(out)]) == 0
     assert "wrote 317,699 parameters (params_ema)" in capsys.readouterr().out
-    reloaded = checkpoints.load_params(out, _small_config())
+    reloaded = published.load_converted_params(out, _small_config())
     _assert_trees_equal(reloaded, small_params)
 
     meta = checkpoints.load_params_metadata(out)
@@ -145,7 +146,7 @@ def test_renamed_leaf_is_reported_by_path(tmp_path, small_params):
     )
     path = _write_checkpoint(tmp_path / "checkpoint_1", _score_sde_state(bad, small_params))
     with pytest.raises(ValueError) as err:
-        checkpoints.load_score_sde_params(path, _small_config())
+        published.load_score_sde_params(path, _small_config())
     msg = str(err.value)
     # the renamed leaf is the cause named, not the missing one that sorts first
     assert "unexpected parameter 'ResnetBlockBigGANpp_3/Conv_0/weight'" in msg
@@ -160,7 +161,7 @@ def test_reshaped_leaf_is_reported_with_both_shapes(tmp_path, small_params):
     bad["AttnBlockpp_0"]["NIN_0"]["W"] = np.zeros((32, 16), np.float32)
     path = _write_checkpoint(tmp_path / "checkpoint_1", _score_sde_state(bad, small_params))
     with pytest.raises(ValueError) as err:
-        checkpoints.load_score_sde_params(path, _small_config())
+        published.load_score_sde_params(path, _small_config())
     msg = str(err.value)
     assert "shape mismatch at 'AttnBlockpp_0/NIN_0/W'" in msg
     assert "has (32, 16), the model expects (32, 32)" in msg
@@ -169,18 +170,18 @@ def test_reshaped_leaf_is_reported_with_both_shapes(tmp_path, small_params):
 
 def test_wrong_model_config_name_fails_clearly(score_sde_checkpoint):
     with pytest.raises(ValueError, match="shape mismatch at '") as err:
-        checkpoints.load_score_sde_params(score_sde_checkpoint, "vp_cifar10_ddpmpp_continuous")
+        published.load_score_sde_params(score_sde_checkpoint, "vp_cifar10_ddpmpp_continuous")
     assert "is the model config the one the checkpoint was trained with?" in str(err.value)
 
 
 def test_not_a_score_sde_state(tmp_path, small_params):
     path = _write_checkpoint(tmp_path / "checkpoint_2", {"params": small_params})
     with pytest.raises(ValueError, match="params_ema"):
-        checkpoints.load_score_sde_params(path, _small_config())
+        published.load_score_sde_params(path, _small_config())
     path = tmp_path / "garbage"
     path.write_bytes(b"\x00not msgpack")
     with pytest.raises(ValueError, match="not a readable score_sde checkpoint"):
-        checkpoints.load_score_sde_params(path, _small_config())
+        published.load_score_sde_params(path, _small_config())
 
 
 def test_converted_tree_is_checked_on_load(tmp_path, small_params):
@@ -189,13 +190,13 @@ def test_converted_tree_is_checked_on_load(tmp_path, small_params):
     checkpoints.save_params(tmp_path / "p", bad)
     assert checkpoints.load_params(tmp_path / "p")["Dense_0"]["bias"].shape == (64,)
     with pytest.raises(ValueError, match="missing parameter 'Dense_1/bias'"):
-        checkpoints.load_params(tmp_path / "p", _small_config())
+        published.load_converted_params(tmp_path / "p", _small_config())
 
 
 # ---------------------------------------------------------------------------- missing files
 def test_missing_score_sde_checkpoint_says_what_to_download(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
-        checkpoints.load_score_sde_params(
+        published.load_score_sde_params(
             tmp_path / "checkpoint_8", "vp_cifar10_ddpmpp_deep_continuous"
         )
     msg = str(err.value)
@@ -205,7 +206,7 @@ def test_missing_score_sde_checkpoint_says_what_to_download(tmp_path):
 def test_directory_instead_of_file_lists_candidates(tmp_path):
     (tmp_path / "checkpoint_8").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="checkpoint_8"):
-        checkpoints.load_score_sde_state(tmp_path)
+        published.load_score_sde_state(tmp_path)
 
 
 def test_missing_converted_params_point_to_the_script(tmp_path):
@@ -254,8 +255,8 @@ def _assert_reproduces_golden(name, params_list):
 
 def test_published_state_is_written_as_flax_0_3_did(tmp_path):
     path, ema, _ = _published_checkpoint(tmp_path)
-    state = checkpoints.load_score_sde_state(path)
-    assert sorted(state) == sorted(checkpoints.SCORE_SDE_LAYOUT)
+    state = published.load_score_sde_state(path)
+    assert sorted(state) == sorted(published.SCORE_SDE_LAYOUT)
     assert type(state["lr"]) is float and type(state["ema_rate"]) is float
     assert state["model_state"] == {} and state["step"].dtype == np.int32
     optimizer = state["optimizer"]
@@ -272,7 +273,7 @@ def test_published_state_is_written_as_flax_0_3_did(tmp_path):
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_published_file_loads_and_reproduces_golden_outputs(tmp_path, name, capsys):
     path, ema, _ = _published_checkpoint(tmp_path, name)
-    params = checkpoints.load_score_sde_params(path, _small_config(name))
+    params = published.load_score_sde_params(path, _small_config(name))
     _assert_trees_equal(params, ema)
 
     out = tmp_path / "converted"
@@ -284,7 +285,7 @@ def test_published_file_loads_and_reproduces_golden_outputs(tmp_path, name, caps
     )
     n = _num_norm_leaves(ema)
     assert f"; converted {n} leaves (old_groupnorm_layout)" in capsys.readouterr().out
-    converted = checkpoints.load_params(out, _small_config(name))
+    converted = published.load_converted_params(out, _small_config(name))
     _assert_trees_equal(converted, ema)
     _assert_reproduces_golden(name, [params, converted])
 
@@ -296,9 +297,9 @@ def test_published_file_loads_and_reproduces_golden_outputs(tmp_path, name, caps
 
 def test_published_file_target_parameters(tmp_path):
     path, ema, target = _published_checkpoint(tmp_path)
-    loaded = checkpoints.load_score_sde_params(path, _small_config(), use_ema=False)
+    loaded = published.load_score_sde_params(path, _small_config(), use_ema=False)
     _assert_trees_equal(loaded, target)
-    params, provenance = checkpoints.import_score_sde_params(path, _small_config(), use_ema=False)
+    params, provenance = published.import_score_sde_params(path, _small_config(), use_ema=False)
     _assert_trees_equal(params, target)
     assert provenance["source_params"] == "optimizer.target"
 
@@ -316,7 +317,7 @@ def test_really_wrong_leaf_shape_names_the_leaf_and_the_layout(tmp_path):
     ema["ResnetBlockBigGANpp_2"]["GroupNorm_1"]["scale"] = np.ones((1, 32, 1, 1), np.float32)
     path = _write_checkpoint(tmp_path / "checkpoint_3", _score_sde_state(ema, ema))
     with pytest.raises(ValueError) as err:
-        checkpoints.load_score_sde_params(path, _small_config())
+        published.load_score_sde_params(path, _small_config())
     msg = str(err.value)
     assert (
         "shape mismatch at 'ResnetBlockBigGANpp_2/GroupNorm_1/scale': score_sde params_ema "
@@ -331,7 +332,7 @@ def test_published_file_with_another_model_config(tmp_path):
     config = _small_config()
     config.nf = 32
     with pytest.raises(ValueError) as err:
-        checkpoints.load_score_sde_params(path, config)
+        published.load_score_sde_params(path, config)
     msg = str(err.value)
     assert (
         "shape mismatch at 'AttnBlockpp_0/GroupNorm_0/bias': score_sde params_ema has "
@@ -345,7 +346,7 @@ def test_unknown_top_level_names_the_missing_parameter_set(tmp_path, small_param
     del state["optimizer"]
     path = _write_checkpoint(tmp_path / "checkpoint_4", state)
     with pytest.raises(ValueError) as err:
-        checkpoints.load_score_sde_params(path, _small_config(), use_ema=False)
+        published.load_score_sde_params(path, _small_config(), use_ema=False)
     msg = str(err.value)
     assert f"'{path}' has no 'optimizer.target'" in msg
     assert "top-level keys: ema_rate, lr, model_state, params_ema, rng, step;" in msg
@@ -353,7 +354,7 @@ def test_unknown_top_level_names_the_missing_parameter_set(tmp_path, small_param
 
     bare = _write_checkpoint(tmp_path / "checkpoint_5", _old_layout(small_params))
     with pytest.raises(ValueError) as err:
-        checkpoints.load_score_sde_params(bare, _small_config())
+        published.load_score_sde_params(bare, _small_config())
     msg = str(err.value)
     assert "has no 'params_ema'" in msg and "(23 in all)" in msg
     assert "its top level holds the model's modules: it is a bare parameter tree" in msg
@@ -362,7 +363,7 @@ def test_unknown_top_level_names_the_missing_parameter_set(tmp_path, small_param
 def test_converted_params_in_the_old_layout_point_to_the_import(tmp_path, small_params):
     checkpoints.save_params(tmp_path / "p", _old_layout(small_params))
     with pytest.raises(ValueError) as err:
-        checkpoints.load_params(tmp_path / "p", _small_config())
+        published.load_converted_params(tmp_path / "p", _small_config())
     msg = str(err.value)
     assert "shape mismatch at 'AttnBlockpp_0/GroupNorm_0/bias'" in msg
     assert "flax 0.3's GroupNorm parameters" in msg and "load_score_sde_params" in msg

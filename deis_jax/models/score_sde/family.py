@@ -25,6 +25,7 @@ from deis_jax.models.score_sde import (
     abstract_params,
     get_model,
     get_model_config,
+    published,
 )
 from deis_jax.sampling.wrappers import PREDICTIONS
 
@@ -120,16 +121,16 @@ class ScoreSdeFamily:
 
     def verify_checkpoint(self, config, path: str, net: nn.Module) -> None:
         if os.path.isfile(path):
-            checkpoints.check_score_sde_params(path, model_config(config))
+            published.check_score_sde_params(path, model_config(config))
         else:
             checkpoints.check_converted_params(path, self.abstract_params(config, net))
 
     def load_checkpoint(self, config, path: str, net: nn.Module) -> Any:
         if os.path.isfile(path):
             logging.info("loading score_sde checkpoint %s (params_ema)", path)
-            return checkpoints.load_score_sde_params(path, model_config(config))
+            return published.load_score_sde_params(path, model_config(config))
         logging.info("loading converted parameters from %s", path)
-        return checkpoints.load_params(path, model_config(config))
+        return published.load_converted_params(path, model_config(config))
 
     def without_checkpoint(self, config) -> str:
         """The published score_sde model to convert, when ``config`` describes one."""
@@ -140,7 +141,7 @@ class ScoreSdeFamily:
         out = f"checkpoints/converted/{name}_<N>"
         return (
             f"or sample from the published score_sde model: download {folder}/checkpoint_<N> "
-            f"from the 'Pretrained checkpoints' of {checkpoints.SCORE_SDE_URL} into "
+            f"from the 'Pretrained checkpoints' of {published.SCORE_SDE_URL} into "
             f"checkpoints/{folder}/, convert it with python scripts/"
             f"convert_score_sde_checkpoint.py --checkpoint checkpoints/{folder}/checkpoint_<N> "
             f"--model_config {name} --out {out} and set "
