@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from deis_jax.common.parallel import simulated_device_flags  # noqa: E402
+
 
 def child(args) -> None:
     from deis_jax.common import parallel
@@ -98,7 +100,7 @@ def _run(args, devices: int | None, processes: int = 1) -> dict:
     env = dict(os.environ)
     if devices is not None:
         env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = simulated_device_flags(os.environ.get("XLA_FLAGS"), devices)
     cmd = [
         sys.executable, os.path.abspath(__file__), "--child", f"--dim={args.dim}",
         f"--nfe={args.nfe}", f"--per_device_batch={args.per_device_batch}",

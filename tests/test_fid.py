@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from damage import truncate
 
+from deis_jax.common.parallel import simulated_device_flags
 from deis_jax.evaluation import fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +124,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_stats_on_8_devices_equal_unsharded():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=simulated_device_flags(os.environ.get("XLA_FLAGS"), 8))
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(
         [sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True, text=True,

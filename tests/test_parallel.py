@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from deis_jax.common.parallel import simulated_device_flags  # noqa: E402
+
 NUM_SAMPLES = 24
 SHARD = 5
 PER_DEVICE = 2
@@ -124,7 +126,7 @@ def sharded_calls(sampler) -> dict[str, np.ndarray]:
 
 def _env(devices: int, extra: dict | None = None) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = simulated_device_flags(os.environ.get("XLA_FLAGS"), devices)
     for k in ("JAX_ENABLE_X64", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
     env.update(extra or {})
@@ -261,6 +263,17 @@ def test_two_processes_with_jax_distributed_match_single_process(device_runs, tm
     for name, x in together.items():
         np.testing.assert_array_equal(x, device_runs[2][name], err_msg=name)
         np.testing.assert_array_equal(x, device_runs[1][name], err_msg=name)
+
+
+def test_simulated_device_flags_keep_the_other_xla_flags():
+    """A child simulating N devices runs under its parent's floating-point flags (the numerics
+    pass's ``--xla_cpu_max_isa``), with exactly one device-count flag."""
+    numerics = "--xla_cpu_max_isa=AVX --xla_force_host_platform_device_count=2"
+    assert simulated_device_flags(numerics, 8) == (
+        "--xla_cpu_max_isa=AVX --xla_force_host_platform_device_count=8"
+    )
+    assert simulated_device_flags(numerics, None) == "--xla_cpu_max_isa=AVX"
+    assert simulated_device_flags(None, 1) == "--xla_force_host_platform_device_count=1"
 
 
 def test_process_range_partitions_indices():

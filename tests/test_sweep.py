@@ -15,6 +15,7 @@ import pytest
 from damage import Killed, csv_rows, flip_digit, truncate
 
 from deis_jax.common.checks import ConfigError
+from deis_jax.common.parallel import simulated_device_flags
 from deis_jax.experiments import gmm
 from deis_jax.experiments import sweep as sweep_mode
 from deis_jax.experiments.engine import FAILED
@@ -120,7 +121,7 @@ def test_sweep_resumes_after_a_kill(tmp_path, keep_x64):
 
 def test_main_runs_the_example_sweep_file(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = simulated_device_flags(os.environ.get("XLA_FLAGS"), None)
     args = [
         sys.executable, "main.py", f"--config={SWEEP_FILE}", f"--workdir={tmp_path}",
         "--config.data.dims=(2,)", "--config.compare.num_samples=16",

@@ -26,6 +26,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from deis_jax.common import checkpoint_store, data  # noqa: E402
+from deis_jax.common.parallel import simulated_device_flags  # noqa: E402
 from deis_jax.experiments import train as train_mode  # noqa: E402
 from deis_jax.sampling import sde  # noqa: E402
 from deis_jax.sampling.wrappers import eps_fn_from_model  # noqa: E402
@@ -184,7 +185,7 @@ def test_resume_after_a_kill_continues_identically(tmp_path):
 
 def _losses_on_devices(n: int, workdir) -> list[float]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    env["XLA_FLAGS"] = simulated_device_flags(os.environ.get("XLA_FLAGS"), n)
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     out = subprocess.run(

@@ -12,6 +12,8 @@ Sampling is embarrassingly parallel over samples, so the whole story is data par
 * :func:`maybe_initialize_distributed` -- ``jax.distributed.initialize()`` when the
   environment describes several processes, a no-op on one machine.
 * :func:`process_range` -- the contiguous slice of a global index range that one process owns.
+* :func:`simulated_device_flags` -- ``XLA_FLAGS`` for a child process that simulates N CPU
+  devices, keeping the caller's other XLA flags.
 
 Determinism (DESIGN principle 4): ``x_T`` of sample ``i`` is drawn from
 ``fold_in(prior_key, i)`` and the sampler's noise at step ``k`` from
@@ -191,6 +193,20 @@ class DistributedPlan:
     initialize: bool
     kwargs: dict
     reason: str
+
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def simulated_device_flags(flags: str | None, devices: int | None) -> str:
+    """``flags`` (an ``XLA_FLAGS`` value, ``None`` for unset) with ``devices`` simulated host
+    devices: any earlier device-count flag is dropped, every other flag kept (so a child
+    process runs under the same floating-point configuration as its parent, e.g. the
+    ``--xla_cpu_max_isa`` of the test suite's numerics pass); ``devices=None`` only drops it."""
+    kept = [f for f in (flags or "").split() if not f.startswith(DEVICE_COUNT_FLAG + "=")]
+    if devices is not None:
+        kept.append(f"{DEVICE_COUNT_FLAG}={int(devices)}")
+    return " ".join(kept)
 
 
 def _int_env(environ: Mapping[str, str], name: str) -> int | None:
