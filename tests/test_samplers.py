@@ -209,6 +209,13 @@ def test_budget_message_names_what_amed_can_spend():
         deis.make_plan(VP, method="amed_ipndm", nfe=3)
 
 
+def test_budget_message_names_the_option_that_sets_the_cost():
+    """rhoRK's cost per step comes from its tableau when one is given, not from ``order``."""
+    with pytest.raises(deis.MethodArgumentError, match=(
+            r"budget that rhork tableau='rk4' spends exactly \(4 per step\).*got 10")):  # fmt: skip
+        deis.make_plan(VP, method="rhork", nfe=10, tableau="rk4")
+
+
 @pytest.mark.numerics
 def test_final_denoise_is_tweedie():
     eps_fn = mixture_eps(VP)

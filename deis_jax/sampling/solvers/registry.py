@@ -174,12 +174,12 @@ class MethodSpec:
         if per_step * steps + offset < 1:  # e.g. one AFS step of a one-stage method: 0 NFE
             steps += 1
         if rounding == "exact" and per_step * steps + offset != nfe:
-            raise MethodArgumentError("nfe", self._budget_problem(nfe, order, per_step, offset,
-                                                                  afs, final_denoise))  # fmt: skip
+            raise MethodArgumentError("nfe", self._budget_problem(nfe, order, options, per_step,
+                                                                  offset, afs, final_denoise))  # fmt: skip
         return steps
 
-    def _budget_problem(self, nfe: int, order: int, per_step: int, offset: int, afs: bool,
-                        final_denoise: bool) -> str:  # fmt: skip
+    def _budget_problem(self, nfe: int, order: int, options: Mapping[str, Any], per_step: int,
+                        offset: int, afs: bool, final_denoise: bool) -> str:  # fmt: skip
         """Why ``nfe`` cannot be spent: the budgets that can, and the nearest two."""
         spendable = [per_step * n + offset for n in range(1, 64)]
         spendable = [b for b in spendable if b >= 1]
@@ -195,6 +195,8 @@ class MethodSpec:
             kind = "odd " if spendable[0] % 2 else "even "
         with_ = [w for w, on in (("afs", afs), ("final_denoise", final_denoise)) if on]
         name = self.name + (f" order {order}" if len(self.orders) > 1 else "")
+        if per_step != self.nfe_per_step(order, {}):  # the options set the cost (rhork's tableau)
+            name = self.name + " " + ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
         name += f" with {' and '.join(with_)}" if with_ else ""
         other = ""
         if per_step == 2 and not final_denoise:
