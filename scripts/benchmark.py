@@ -174,7 +174,7 @@ def machine_description() -> str:
             f"jax {jax.__version__}, python {platform.python_version()}")  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=3072)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -184,7 +184,8 @@ def main() -> None:
     parser.add_argument("--eps", nargs="+", default=list(EPS_KINDS), choices=EPS_KINDS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--out", default="results/benchmark", help="path prefix for .md/.csv")
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)  # the mixture rows; the MLP stays float32
     rows = benchmark(args)
     header = (
@@ -192,7 +193,7 @@ def main() -> None:
         f"eps_fn: `mlp` = MLP {args.dim}→{args.hidden}→{args.dim} (tanh), float32; "
         f"`mixture` = exact eps of an 8-component Gaussian mixture in R^{args.dim}, float64. "
         f"Batch {args.batch}. "
-        f"Command: `python scripts/benchmark.py {' '.join(sys.argv[1:])}`.\n"
+        f"Command: `python scripts/benchmark.py {' '.join(argv)}`.\n"
         "Ratio: sampler time over a bare `lax.scan` of the same NFE eps_fn calls (target for "
         "multistep methods: <= 1.05 with the MLP, <= 1.15 with the mixture). "
         "Memory: XLA's compiled-program buffers (arguments + outputs + temporaries).\n\n"
