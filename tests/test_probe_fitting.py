@@ -94,3 +94,25 @@ def test_probe_file_refused_for_other_settings(tmp_path):
     record["params"]["r"] = record["params"]["r"][:-1]
     with pytest.raises(ValueError, match="params.r has shape"):
         AmedPredictorFile.from_record(record, "edited")
+
+
+def test_fit_config_counts_parallel_budgets():
+    """``configs/epd_gmm.py`` validates with its budgets read as parallel NFE (an EPD plan
+    of parallel NFE 5 spends 8 evaluations); a budget EPD cannot spend and an unknown
+    ``fit.budget`` are refused at start-up, naming the field."""
+    from configs import epd_gmm
+    from deis_jax.experiments.modes import get_mode
+
+    mode = get_mode("fit")
+    plan = mode.validate(epd_gmm.get_config())
+    trained = {(c.payload[1].method, c.payload[2]) for c in plan.cells if c.payload[3] == "amed"}
+    assert {("epd", 9), ("epd_ipndm", 3), ("adasde", 5), ("amed_ipndm", 7)} <= trained
+    config = epd_gmm.get_config()
+    config.sampler.nfe_rounding = "exact"  # the mixtures' configs round budgets up
+    config.fit.nfes = (4,)
+    with pytest.raises(ConfigError, match="fit.nfes entry 4: must be a budget"):
+        mode.validate(config)
+    config = epd_gmm.get_config()
+    config.fit.budget = "rounds"
+    with pytest.raises(ConfigError, match="config.fit.budget must be one of"):
+        mode.validate(config)
