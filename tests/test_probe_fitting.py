@@ -116,3 +116,40 @@ def test_fit_config_counts_parallel_budgets():
     config.fit.budget = "rounds"
     with pytest.raises(ConfigError, match="config.fit.budget must be one of"):
         mode.validate(config)
+
+
+def test_epd_paper_table_rows(tmp_path):
+    """``--mode=table --config.table=epd_cifar10``: the EPD rows spend the table's NFE as
+    parallel NFE (8 real evaluations at 5), AdaSDE and iPNDM as evaluations; each learned row
+    reads its file (named as --mode=fit writes it) and shows the paper's number."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_table import tiny_config
+
+    from deis_jax.experiments import build, table
+    from deis_jax.experiments.table import cells as tb
+
+    config = tiny_config()
+    config.table = "epd_cifar10"
+    config.eval.methods = ("iPNDM", "EPD-Solver", "EPD-Plugin", "AdaSDE")
+    config.eval.nfes = (3, 5)
+    spec = tb.TABLES["epd_cifar10"]
+    directory = tmp_path / "grids"
+    schedule = build.schedule_from_config(config.sde)
+    for row in spec.select(("EPD-Solver", "EPD-Plugin", "AdaSDE")):
+        for nfe in (3, 5):
+            plan = row.sampler(config.sampler, schedule, nfe).plan
+            AmedPredictorFile.from_plan(plan, plan.rule.init_params()).save(
+                row.predictor_path(str(directory), nfe)
+            )
+    config.eval.amed_predictors = str(directory)
+    plan = table.validate(config)
+    spent = {(c.payload[0].label, c.payload[1]): c.payload[2] for c in plan.cells}
+    assert (spent["EPD-Solver", 5].nfe, spent["EPD-Solver", 5].parallel_nfe) == (8, 5)
+    assert (spent["EPD-Plugin", 3].nfe, spent["EPD-Plugin", 3].parallel_nfe) == (5, 3)
+    assert spent["AdaSDE", 5].nfe == spent["iPNDM", 5].nfe == 5
+    assert all(s.rule_params is not None for (label, _), s in spent.items() if label != "iPNDM")
+    assert spec.select("EPD-Solver")[0].paper_value(5).value == 4.33
+    assert spec.select("AdaSDE")[0].paper_value(5).value == 4.18
