@@ -413,7 +413,7 @@ def _value(record: dict | None, metric: str):
 
 def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: int) -> None:
     """``results.{md,csv}``, ``rmse_vs_nfe.png``, ``grids.png``, ``loss_curves.png``."""
-    fields = ["problem", "method", "variant", "nfe_budget", "nfe", "heldout_rmse",
+    fields = ["problem", "method", "variant", "nfe_budget", "nfe", "parallel_nfe", "heldout_rmse",
               "heldout_mean", "heldout_median", "fd", "recipe", "val_loss_init",
               "val_loss_fitted", "fit_seconds", "reference_error", "grid_file",
               "failed"]  # fmt: skip
