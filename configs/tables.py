@@ -13,7 +13,8 @@ experiment config after the colon (``--config=configs/tables.py:vpsde_digits``).
         --config.eval.inception_weights=checkpoints/inception/pt_inception-2015-12-05.npz
 
 Fields (``config.table`` names the table: ``deis_cifar10`` | ``ipndm_ersde_dpmpp`` |
-``amed_cifar10`` | ``amed_imagenet64`` | ``ersde_imagenet64``; see
+``amed_cifar10`` | ``amed_imagenet64`` | ``ersde_imagenet64`` | ``epd_cifar10`` |
+``epd_imagenet64``; see
 ``deis_jax.experiments.table.cells``), ``config.eval``:
 
 * ``metric``             ``fid`` (Inception, needs ``inception_weights``) | ``fd_digits``

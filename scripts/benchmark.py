@@ -18,11 +18,21 @@ with the MLP and <= 1.15 with the mixture. Compile time and the compiled program
 (target: flat in NFE -- one scan body whatever the steps).
 
 Timings are the best of ``--repeats`` alternating runs after a warm-up.
+
+``--epd-step`` instead times one EPD step with K = 2 probes (``epd``, neutral tables as rule
+params: the device-side rule included) against one iPNDM-3 step, over ``--epd-steps`` steps
+with the networks of ``scripts/benchmark_amed.py`` (``mlp``: the MLP above, float32;
+``ddpmpp``: the digits DDPM++, random weights) and writes ``<out>_epd.{md,csv}``. An EPD step
+is one call on the batch and one on the 2 B probes; its ratio to a bare loop of the same
+3 calls per step (``epd_over_bare``, target <= 1.1) is what batching the probes costs or
+saves: about 1 on a CPU (a 2 B call costs two B calls), below 1 where the accelerator has
+idle width.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -162,6 +172,55 @@ def benchmark(args) -> list[dict]:
     return rows
 
 
+def _benchmark_amed():
+    """``scripts/benchmark_amed.py`` as a module (its networks and timing helpers)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_amed.py")
+    spec = importlib.util.spec_from_file_location("benchmark_amed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def epd_step_rows(args) -> list[dict]:
+    """``--epd-step`` (module docstring): per network, medians of interleaved runs of EPD
+    (K = 2), iPNDM-3 and the bare loops of their network calls, on the same number of steps."""
+    amed = _benchmark_amed()
+    rows = []
+    for name in args.epd_networks:
+        net_args = argparse.Namespace(batch=args.batch, dim=args.dim, hidden=args.hidden,
+                                      init="normal")  # fmt: skip
+        schedule, eps_fn, x, description = amed.network(name, net_args)
+        eps_fn = deis.per_sample_time(eps_fn) if name == "mlp" else eps_fn  # takes t (B,)
+        steps = args.epd_steps
+        epd = deis.make_plan(schedule, method="epd", nfe=3 * steps, probes=2)
+        ipndm = deis.make_plan(schedule, method="ipndm", order=3, nfe=steps)
+        params = epd.rule.init_params()
+        calls = [
+            (amed.rule_sampler(epd, eps_fn), (x, params)),
+            (amed.base_sampler(ipndm, eps_fn), (x,)),
+            (bare_loop(eps_fn, epd.nfe), (x,)),
+            (bare_loop(eps_fn, ipndm.nfe), (x,)),
+        ]
+        epd_s, ipndm_s, bare_epd_s, bare_ipndm_s = amed.interleaved_medians(calls, args.repeats)
+        row = {
+            "network": description,
+            "batch": args.batch,
+            "steps": steps,
+            "epd_nfe": epd.nfe,
+            "epd_parallel_nfe": epd.parallel_nfe,
+            "epd_ms_per_step": 1e3 * epd_s / steps,
+            "ipndm_ms_per_step": 1e3 * ipndm_s / steps,
+            "epd_step_over_ipndm_step": epd_s / ipndm_s,
+            "epd_over_bare": epd_s / bare_epd_s,
+            "ipndm_over_bare": ipndm_s / bare_ipndm_s,
+            "meets_target": epd_s / bare_epd_s <= 1.1,
+        }  # fmt: skip
+        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()), flush=True)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
 def machine_description() -> str:
     dev = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
@@ -184,8 +243,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eps", nargs="+", default=list(EPS_KINDS), choices=EPS_KINDS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--out", default="results/benchmark", help="path prefix for .md/.csv")
+    parser.add_argument(
+        "--epd-step",
+        action="store_true",
+        help="time one EPD step (K = 2) against one iPNDM step instead",
+    )
+    parser.add_argument(
+        "--epd-networks", nargs="+", default=["mlp", "ddpmpp"], choices=["mlp", "ddpmpp"]
+    )
+    parser.add_argument("--epd-steps", type=int, default=4)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.epd_step:
+        rows = epd_step_rows(args)
+        header = (
+            f"# One EPD step (K = 2) against one iPNDM-3 step\n\nMachine: "
+            f"{machine_description()}.\n\nfloat32, batch {args.batch}, {args.epd_steps} steps; "
+            f"medians of {args.repeats} interleaved runs. Command: `python scripts/benchmark.py "
+            f"{' '.join(argv)}`.\n`epd_over_bare`: EPD over a bare `lax.scan` of its "
+            "3 network calls per step (target <= 1.1); `ipndm_over_bare` likewise with 1.\n\n"
+        )  # fmt: skip
+        print(write_results(f"{args.out}_epd", rows, header))
+        return
     jax.config.update("jax_enable_x64", True)  # the mixture rows; the MLP stays float32
     rows = benchmark(args)
     header = (

@@ -37,6 +37,15 @@ Sources
     3.45 FID at 20 NFE and 2.24 at 50 (VE form, x0 prediction, EDM rho=7 grid on [0.002, 80]
     plus a final 0, phi_7 noise scale; specs/amed_ersde.md section 4.4). The other cells of the
     paper's ImageNet-64 table could not be retrieved.
+``epd_cifar10``, ``epd_imagenet64``
+    EPD-Solver / EPD-Plugin (Zhu et al., ICCV 2025), the README's ``assets/fid.png``
+    (specs/epd_adasde.md section 1.7), with that figure's AMED / iPNDM rows. The NFE is the
+    *parallel* NFE (sequential rounds: K = 2 probes are one round), 2(N-1) - 1 with AFS; the
+    real evaluations are 5 / 8 / 11 / 14. Model: EDM's networks, as ``amed_cifar10``.
+``adasde_cifar10``, ``adasde_imagenet64``
+    AdaSDE (Wang et al., NeurIPS 2025), the README's ``assets/fid.png`` and table
+    (specs/epd_adasde.md section 2.6); K = 1, so its NFE is the real count. Its baselines
+    differ from the EPD paper's (e.g. DPM-Solver-2): only its own AMED-Solver row is kept.
 """
 
 from __future__ import annotations
@@ -196,6 +205,61 @@ ERSDE_IMAGENET64 = PaperTable(
     rows={"ER-SDE-Solver-3": _row((20, 50), (3.45, 2.24))},
 )
 
+EPD_CIFAR10 = PaperTable(
+    key="epd_cifar10",
+    title="EPD-Solver main figure, CIFAR-10 32x32 (FID, parallel NFE)",
+    source="EPD (Zhu et al., ICCV 2025), BeierZhu/EPD assets/fid.png; specs/epd_adasde.md §1.7",
+    model="EDM unconditional CIFAR-10 (not score_sde)",
+    metric="FID",
+    rows={
+        "EPD-Solver": _row(_AMED_NFES, (10.40, 4.33, 2.82, 2.49)),
+        "EPD-Plugin (iPNDM)": _row(_AMED_NFES, (10.54, 4.47, 3.27, 2.42)),
+        "AMED-Solver": _row(_AMED_NFES, (18.49, 7.59, 4.36, 3.67)),
+        "AMED-Plugin (iPNDM)": _row(_AMED_NFES, (10.81, 6.61, 3.65, 2.63)),
+        "iPNDM": _row(_AMED_NFES, (47.98, 13.59, 5.08, 3.17)),
+    },
+)
+
+EPD_IMAGENET64 = PaperTable(
+    key="epd_imagenet64",
+    title="EPD-Solver main figure, ImageNet 64x64 conditional (FID, parallel NFE)",
+    source="EPD (Zhu et al., ICCV 2025), BeierZhu/EPD assets/fid.png; specs/epd_adasde.md §1.7",
+    model="EDM edm-imagenet-64x64-cond-adm",
+    metric="FID",
+    rows={
+        "EPD-Solver": _row(_AMED_NFES, (18.28, 6.35, 5.26, 4.27)),
+        "EPD-Plugin (iPNDM)": _row(_AMED_NFES, (19.89, 8.17, 4.81, 4.02)),
+        "AMED-Solver": _row(_AMED_NFES, (38.10, 10.74, 6.66, 5.44)),
+        "AMED-Plugin (iPNDM)": _row(_AMED_NFES, (28.06, 13.83, 7.81, 5.60)),
+    },
+)
+
+ADASDE_CIFAR10 = PaperTable(
+    key="adasde_cifar10",
+    title="AdaSDE main figure, CIFAR-10 32x32 (FID)",
+    source="AdaSDE (Wang et al., NeurIPS 2025), Westlake-AGI-Lab/AdaSDE assets/fid.png; "
+    "specs/epd_adasde.md §2.6",
+    model="EDM unconditional CIFAR-10 (not score_sde)",
+    metric="FID",
+    rows={
+        "AdaSDE": _row(_AMED_NFES, (12.62, 4.18, 2.88, 2.56)),
+        "AMED-Solver": _row(_AMED_NFES, (18.49, 7.59, 4.36, 3.67)),
+    },
+)
+
+ADASDE_IMAGENET64 = PaperTable(
+    key="adasde_imagenet64",
+    title="AdaSDE main figure, ImageNet 64x64 conditional (FID)",
+    source="AdaSDE (Wang et al., NeurIPS 2025), Westlake-AGI-Lab/AdaSDE assets/fid.png; "
+    "specs/epd_adasde.md §2.6",
+    model="EDM edm-imagenet-64x64-cond-adm",
+    metric="FID",
+    rows={
+        "AdaSDE": _row(_AMED_NFES, (18.51, 6.90, 5.26, 4.59)),
+        "AMED-Solver": _row(_AMED_NFES, (38.10, 10.74, 6.66, 5.44)),
+    },
+)
+
 PAPER_TABLES: dict[str, PaperTable] = {
     t.key: t
     for t in (
@@ -206,5 +270,9 @@ PAPER_TABLES: dict[str, PaperTable] = {
         AMED_IMAGENET64,
         DEIS_TAB3_IMAGENET64_DIFFSOLVERS,
         ERSDE_IMAGENET64,
+        EPD_CIFAR10,
+        EPD_IMAGENET64,
+        ADASDE_CIFAR10,
+        ADASDE_IMAGENET64,
     )
 }

@@ -91,7 +91,15 @@ def _fitted_sampler(fitted, fields, options, schedule, eps_fn, rule_params=None)
     a ``ValueError`` naming every setting unless the config asks for what it was fitted for."""
     spec = solvers.get_method(fields["method"])
     order = spec.check(fields["order"], options)
-    fitted.check_compatible(schedule, method=fields["method"], order=order, nfe=fields["nfe"],
+    nfe = fields["nfe"]
+    if fields.get("parallel_nfe") is not None:  # the evaluations of a parallel_nfe budget
+        own = {k: v for k, v in options.items() if k != "afs"}
+        afs, final = bool(options.get("afs", False)), fields["final_denoise"]
+        steps = spec.num_steps(fields["parallel_nfe"], order, own, afs=afs, final_denoise=final,
+                               rounding=fields["nfe_rounding"], parallel=True)  # fmt: skip
+        per_step, offset = spec.budget(order, own, afs=afs, final_denoise=final)
+        nfe = per_step * steps + offset
+    fitted.check_compatible(schedule, method=fields["method"], order=order, nfe=nfe,
                             options=options, t0=fields["t0"], t1=fields["t1"])  # fmt: skip
     return Sampler(fitted.plan(schedule), eps_fn, rule_params=rule_params)
 

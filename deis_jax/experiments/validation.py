@@ -41,22 +41,29 @@ def nfe_rounding(config, path: str = "sampler") -> str:
     return require_choice(config, f"{path}.nfe_rounding", NFE_ROUNDINGS)
 
 
-def check_budget(config, path: str, nfe: Any, choice: MethodChoice, rounding: str) -> None:
+def check_budget(
+    config, path: str, nfe: Any, choice: MethodChoice, rounding: str, parallel: bool = False
+) -> None:
     """``nfe`` (from ``config.<path>``) is a budget ``choice`` accepts: an integer in
     ``[1, MAX_NFE]`` that it spends exactly (``MethodSpec.num_steps``) unless ``rounding`` is
-    ``"up"``. ``ConfigError`` naming the field, the budget and the method. O(1)."""
+    ``"up"``; ``parallel``: counted in sequential rounds (``parallel_nfe``). ``ConfigError``
+    naming the field, the budget and the method. O(1)."""
     spec = solvers.get_method(choice.method)
     options = dict(choice.options)
     afs = bool(options.pop("afs", False))
     try:
         spec.check_nfe(nfe, choice.order)
-        spec.num_steps(nfe, choice.order, options, afs=afs, rounding=rounding)
+        spec.num_steps(nfe, choice.order, options, afs=afs, rounding=rounding, parallel=parallel)
     except solvers.MethodArgumentError as err:
         raise ConfigError(f"config.{path} entry {nfe!r}: {err.problem}") from None
 
 
 def require_nfe_list(
-    config, path: str, methods: Iterable[MethodChoice], rounding: str | None = None
+    config,
+    path: str,
+    methods: Iterable[MethodChoice],
+    rounding: str | None = None,
+    parallel: bool = False,
 ) -> list[int]:
     """``config.<path>`` as a non-empty list of NFE budgets, each checked for every method of
     ``methods`` by the method's own rule (:func:`check_budget`: an integer in ``[1, MAX_NFE]``
@@ -68,7 +75,7 @@ def require_nfe_list(
     rounding = nfe_rounding(config) if rounding is None else rounding
     for choice in methods:
         for nfe in values:
-            check_budget(config, path, nfe, choice, rounding)
+            check_budget(config, path, nfe, choice, rounding, parallel)
     return values
 
 

@@ -65,14 +65,31 @@ from deis_jax.sampling.rule_params import RuleParams, signature
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, run_table
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.solvers.amed import AMED_METHODS, amed_options
+from deis_jax.sampling.solvers.probe import INITS, PROBE_METHODS, probe_options
 from deis_jax.sampling.timesteps import time_grid
 from deis_jax.sampling.wrappers import EpsFn, eps_with_features, model_argument
 
+LEARNED_METHODS = AMED_METHODS + PROBE_METHODS
+
 
 def check_amed_plan(plan: SamplingPlan) -> None:
-    if plan.method not in AMED_METHODS or plan.rule is None:
-        raise ValueError(f"an AMED predictor needs an AMED method {AMED_METHODS}, got "
+    """A plan whose rule this module trains: AMED's predictor or the probe tables of EPD /
+    EPD-Plugin / AdaSDE (``deis_jax.sampling.solvers.probe``)."""
+    if plan.method not in LEARNED_METHODS or plan.rule is None:
+        raise ValueError(f"a learned rule needs one of the methods {LEARNED_METHODS}, got "
                          f"{plan.method!r}")  # fmt: skip
+
+
+def rule_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of ``method`` with its rule's defaults filled in."""
+    opts = {k: v for k, v in options.items() if k != "afs"}
+    return probe_options(method, opts) if method in PROBE_METHODS else amed_options(opts)
+
+
+def rule_settings(rule) -> dict[str, Any]:
+    """What a rule's parameter shapes depend on: AMED's ``predictor_settings`` or the probe
+    tables' ``settings()`` (kind ``probe``)."""
+    return rule.settings() if hasattr(rule, "settings") else predictor_settings(rule.predictor)
 
 
 # --- the teacher ----------------------------------------------------------------------------
@@ -140,10 +157,19 @@ def resolve_loss(plan: SamplingPlan, loss: str) -> str:
 
 
 def per_sample_loss(
-    plan: SamplingPlan, params, eps_fn: EpsFn, x_T, targets, loss: str = "auto"
+    plan: SamplingPlan,
+    params,
+    eps_fn: EpsFn,
+    x_T,
+    targets,
+    loss: str = "auto",
+    key: jax.Array | None = None,
+    sample_index: jax.Array | None = None,
 ) -> jax.Array:
     """The distillation loss per sample (B,) (module docstring): ``|x^student - x^teacher|^2
-    / D`` at the steps' ends, teacher-forced, along the rollout or at its end."""
+    / D`` at the steps' ends, teacher-forced, along the rollout or at its end. A stochastic
+    student (AdaSDE) takes ``key`` and the rows' global ``sample_index``: its noise is the
+    sampler's per-sample noise, so each training start keeps its noise across updates."""
     loss = resolve_loss(plan, loss)
     dtype = x_T.dtype
     targets = jnp.asarray(targets, dtype)
@@ -153,7 +179,8 @@ def per_sample_loss(
         return jnp.mean((a - b).reshape(a.shape[0], -1) ** 2, axis=1)
 
     run = functools.partial(run_table, eps_fn, structure=plan.structure, rule=plan.rule,
-                            rule_params=params, first_eps_scale=plan.first_eps_scale)  # fmt: skip
+                            rule_params=params, first_eps_scale=plan.first_eps_scale,
+                            key=key, sample_index=sample_index)  # fmt: skip
     if loss == "endpoint":
         return err(run(plan.table, x_T), targets[:, -1])
     if loss == "trajectory":
@@ -167,19 +194,27 @@ def per_sample_loss(
     return total
 
 
-def _mean_loss(plan, loss, params, eps_fn, x_T, targets):
-    return jnp.mean(per_sample_loss(plan, params, eps_fn, x_T, targets, loss))
+def _mean_loss(plan, loss, params, eps_fn, x_T, targets, key=None, sample_index=None):
+    return jnp.mean(per_sample_loss(plan, params, eps_fn, x_T, targets, loss, key, sample_index))
 
 
 _loss_and_grad = jax.jit(jax.value_and_grad(_mean_loss, argnums=2), static_argnums=(0, 1))
 _loss = jax.jit(_mean_loss, static_argnums=(0, 1))
 
 
-def init_params(plan: SamplingPlan, eps_fn: EpsFn, x_T, seed: int = 0):
+def init_params(plan: SamplingPlan, eps_fn: EpsFn, x_T, seed: int = 0, init: str = "neutral"):
     """Fresh predictor parameters: zero logits (``r = 1/2``, ``c = a = 1``) for the stepwise
     predictor; AMED's initialisation for the bottleneck one, its input width read off the
-    network's feature (``eps_with_features``) without running it."""
+    network's feature (``eps_with_features``) without running it; the probe tables'
+    ``init`` (``neutral``: the base step; ``normal``: the papers' N(0, 1) draw)."""
     check_amed_plan(plan)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if hasattr(plan.rule, "init_params"):
+        return plan.rule.init_params(seed, init)
+    if init != "neutral":
+        raise ValueError(f"init={init!r} is for the probe methods {PROBE_METHODS}; AMED "
+                         "predictors start from their own initialisation ('neutral')")  # fmt: skip
     key = jax.random.PRNGKey(seed)
     if not plan.rule.needs_features:
         return init_predictor(plan.rule.predictor, key)
@@ -232,8 +267,8 @@ class AmedPredictorFile(FittedFile):
     def from_plan(cls, plan: SamplingPlan, params, provenance: dict | None = None):
         check_amed_plan(plan)
         return cls(np.asarray(plan.ts, np.float64), plan.method, plan.order, plan.nfe, plan.afs,
-                   amed_options(plan.options), describe_object(plan.schedule),
-                   predictor_settings(plan.rule.predictor),
+                   rule_options(plan.method, plan.options), describe_object(plan.schedule),
+                   rule_settings(plan.rule),
                    jax.tree.map(np.asarray, params), dict(provenance or {}))  # fmt: skip
 
     def settings(self) -> dict[str, Any]:
@@ -250,7 +285,8 @@ class AmedPredictorFile(FittedFile):
         afs = bool(options.pop("afs", False))
         t0, t1 = schedule.interval(t0, t1)
         wanted = {"method": method, "order": order, "nfe": nfe, "afs": afs,
-                  "options": amed_options(options), "schedule": describe_object(schedule),
+                  "options": rule_options(method, options),
+                  "schedule": describe_object(schedule),
                   "t0": t0, "t1": t1}  # fmt: skip
         self.refuse_other(wanted)
 
@@ -260,11 +296,11 @@ class AmedPredictorFile(FittedFile):
                              f"not {schedule}")  # fmt: skip
         plan = make_plan(schedule, self.ts, method=self.method, order=self.order, afs=self.afs,
                          **self.options)  # fmt: skip
-        if plan.nfe != self.nfe or predictor_settings(plan.rule.predictor) != self.predictor:
+        if plan.nfe != self.nfe or rule_settings(plan.rule) != self.predictor:
             raise ValueError(
                 "the AMED predictor file does not match its own settings "
                 f"(NFE {plan.nfe} vs {self.nfe}, predictor "
-                f"{predictor_settings(plan.rule.predictor)} vs {self.predictor})"
+                f"{rule_settings(plan.rule)} vs {self.predictor})"
             )
         return plan
 
@@ -291,11 +327,22 @@ class AmedPredictorFile(FittedFile):
         dtype = np.dtype(record["params_dtype"])
         params = jax.tree.map(lambda v: np.asarray(v, dtype), record["params"],
                               is_leaf=lambda v: isinstance(v, list))  # fmt: skip
-        predictor_from_settings(record["predictor"])
+        if record["predictor"].get("kind") == "probe":
+            _check_probe_tables(record["predictor"], params)
+        else:
+            predictor_from_settings(record["predictor"])
         return cls(np.asarray(record["ts"], np.float64), record["method"],
                    int(record["order"]), int(record["nfe"]), bool(record["afs"]),
                    dict(record["options"]), dict(record["schedule"]),
                    dict(record["predictor"]), params, dict(record["provenance"]))  # fmt: skip
+
+
+def _check_probe_tables(settings: dict[str, Any], params) -> None:
+    """Probe tables are ``[num_steps, probes]`` arrays (``ValueError`` naming one that is not)."""
+    shape = (int(settings["num_steps"]), int(settings["probes"]))
+    for name, value in params.items():
+        if np.shape(value) != shape:
+            raise ValueError(f"params.{name} has shape {np.shape(value)}, not {shape}")
 
 
 # --- training -------------------------------------------------------------------------------
@@ -331,6 +378,7 @@ def fit_amed(
     model_id: str = "",
     callback: Callable[[int, float, float | None], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    init: str = "neutral",
 ) -> AmedFit:
     """Train ``plan``'s predictor on ``teacher`` with ``loss`` (``LOSSES``, module
     docstring). The teacher's last ``validation_fraction`` of its starting points are held out
@@ -340,7 +388,11 @@ def fit_amed(
     the grid fitter's); the others need its states at the student's grid points
     (:func:`amed_teacher`). ``state_path`` makes the fit resumable (a killed fit continues
     from its last checkpoint, written every ``checkpoint_every`` updates, and ends with the
-    same predictor as an uninterrupted fit); ``model_id`` names the network in its identity."""
+    same predictor as an uninterrupted fit); ``model_id`` names the network in its identity.
+    ``init``: the probe tables' start (:func:`init_params`). A stochastic student (AdaSDE)
+    draws its noise from ``PRNGKey(seed)`` by global row (training rows ``0..``, validation
+    rows after them): the same noise for a row at every update (common random numbers, so
+    the validation loss is a deterministic function of the parameters)."""
     check_amed_plan(plan)
     loss = resolve_loss(plan, loss)
     if not 0 < validation_fraction < 1:
@@ -356,16 +408,20 @@ def fit_amed(
     val_x, val_y = jnp.asarray(x_T[num_train:]), jnp.asarray(targets[num_train:])
     train_x, train_y = jnp.asarray(x_T[:num_train]), jnp.asarray(targets[:num_train])
     f = model_argument(eps_fn)
-    params = init_params(plan, eps_fn, x_T, seed)
+    params = init_params(plan, eps_fn, x_T, seed, init)
+    key = jax.random.PRNGKey(seed) if plan.stochastic else None
+    val_index = jnp.arange(num_train, len(x_T)) if plan.stochastic else None
 
     def loss_and_grads(p, idx):
-        value, grads = _loss_and_grad(plan, loss, p, f, train_x[idx], train_y[idx])
+        index = jnp.asarray(idx) if plan.stochastic else None
+        value, grads = _loss_and_grad(plan, loss, p, f, train_x[idx], train_y[idx], key, index)
         return value, None, grads
 
     def val_loss(p) -> float:
-        return float(_loss(plan, loss, p, f, val_x, val_y))
+        return float(_loss(plan, loss, p, f, val_x, val_y, key, val_index))
 
     identity = json.dumps({"model": model_id, "plan": _plan_identity(plan), "loss": loss,
+                           "init": init,
                            "teacher": teacher.settings.get("x_T_sha256"),
                            "targets": array_digest(targets[:, -1])}, sort_keys=True)  # fmt: skip
     loop = fit_adam(loss_and_grads, val_loss, params, len(train_x), steps=steps,
@@ -381,7 +437,7 @@ def fit_amed(
         "num_train": len(train_x), "num_val": num_val, "steps_run": len(loop.train_loss),
         "best_step": loop.best_step, "val_loss_init": loop.init_val_loss,
         "val_loss_fitted": loop.best_val_loss, "seconds": time.perf_counter() - start,
-        "settings": {"learning_rate": learning_rate, "batch_size": batch_size,
+        "settings": {"learning_rate": learning_rate, "batch_size": batch_size, "init": init,
                      "patience": patience, "clip_norm": clip_norm, "seed": seed,
                      "validation_fraction": validation_fraction},
         "val_loss_curve": [float(v) for v in loop.val_loss],

@@ -52,15 +52,20 @@ def endpoint_distances(
     x0: np.ndarray,
     batch_size: int = 256,
     rule_params=None,
+    key: jax.Array | None = None,
 ) -> np.ndarray:
     """Per sample, the RMS distance per dimension ``|Psi(x_T^b) - x0^b| / sqrt(D)`` between
     ``plan``'s endpoint and ``x0`` (float64, shape ``(B,)``; ``rule_params``: a learned
-    rule's parameters, e.g. an AMED predictor's ``RuleParams``)."""
-    run = jax.jit(lambda plan, f, x, p: sample(plan, f, x, rule_params=p), static_argnums=0)
+    rule's parameters, e.g. an AMED predictor's ``RuleParams``; ``key``: a stochastic plan's,
+    the noise of row b keyed by its index in ``x_T``, whatever ``batch_size``)."""
+    run = jax.jit(lambda plan, f, x, p, k, offset: sample(plan, f, x, k, index_offset=offset,
+                                                          rule_params=p),
+                  static_argnums=0)  # fmt: skip
     f = model_argument(eps_fn)
     out = []
     for start in range(0, len(x_T), batch_size):
-        got = np.asarray(run(plan, f, x_T[start : start + batch_size], rule_params), np.float64)
+        x = x_T[start : start + batch_size]
+        got = np.asarray(run(plan, f, x, rule_params, key, start), np.float64)
         diff = (got - np.asarray(x0[start : start + batch_size], np.float64)).reshape(len(got), -1)
         out.append(np.sqrt(np.mean(diff**2, axis=1)))
     return np.concatenate(out)

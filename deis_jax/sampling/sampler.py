@@ -57,8 +57,12 @@ class TableStructure(NamedTuple):
 
     ``converts``: some stage combines data predictions (``pred_x != 0`` or ``pred_eps != 1``);
     ``noisy``: some step adds noise; ``stage_history``: some stage input reads the history
-    (``stage_hist != 0``). Tables with the same structure run through the same compiled loop,
-    whatever their values (e.g. a table traced from a grid being fitted).
+    (``stage_hist != 0``); ``churn``: some stage input adds the step's noise or the first stage
+    rescales ``x_k`` (``stage_noise != 0``, ``stage_x[:, 0] != 1``; AdaSDE);
+    ``parallel``: the stages after the first read only the first stage and the history, and
+    are evaluated by one network call on their concatenated inputs (EPD's probes). Tables with
+    the same structure run through the same compiled loop, whatever their values (e.g. a
+    table traced from a grid being fitted).
     """
 
     num_stages: int
@@ -66,19 +70,38 @@ class TableStructure(NamedTuple):
     converts: bool
     noisy: bool
     stage_history: bool = False
+    churn: bool = False
+    parallel: bool = False
 
 
-def table_structure(table: StepTable) -> TableStructure:
-    """The :class:`TableStructure` of a concrete (host) table."""
-    pred_x, pred_eps, out_noise, stage_hist = (
-        np.asarray(a) for a in (table.pred_x, table.pred_eps, table.out_noise, table.stage_hist)
+def table_structure(table: StepTable, rule: StepRule | None = None) -> TableStructure:
+    """The :class:`TableStructure` of a concrete (host) table, widened by what ``rule`` (the
+    plan's :class:`StepRule`, if any) may put in its rows (``rule.stochastic``: noise and
+    churn; ``rule.parallel``: parallel stages, checked against the table)."""
+    pred_x, pred_eps, out_noise, stage_hist, stage_noise, stage_x, stage_k = (
+        np.asarray(a)
+        for a in (
+            table.pred_x,
+            table.pred_eps,
+            table.out_noise,
+            table.stage_hist,
+            table.stage_noise,
+            table.stage_x,
+            table.stage_k,
+        )  # fmt: skip
     )
+    stochastic = bool(getattr(rule, "stochastic", False))
+    parallel = bool(getattr(rule, "parallel", False))
+    if parallel and np.any(stage_k[:, :, 1:] != 0):
+        raise ValueError("a parallel rule's stages may read only the first stage's output")
     return TableStructure(
         num_stages=table.num_stages,
         history=table.history,
         converts=bool(np.any(pred_x != 0) or np.any(pred_eps != 1)),
-        noisy=bool(np.any(out_noise != 0)),
+        noisy=stochastic or bool(np.any(out_noise != 0) or np.any(stage_noise != 0)),
         stage_history=bool(np.any(stage_hist != 0)),
+        churn=stochastic or bool(np.any(stage_noise != 0) or np.any(stage_x[:, 0] != 1)),
+        parallel=parallel,
     )
 
 
@@ -96,6 +119,12 @@ class StepRule(Protocol):
     per-step noise or parallel directions would be another, running through the same loop.
     ``options``: the method's options with the rule's defaults filled in (part of what learned
     parameters are trained for, ``deis_jax.sampling.rule_params``).
+
+    A rule that needs no features is called *before* the step's first stage, so its row may
+    also change that stage (its time, ``stage_x[0]``, ``stage_noise``). Optional attributes
+    widen the loop's :class:`TableStructure`: ``stochastic`` (its rows may add noise, so the
+    sampler takes a key) and ``parallel`` (the stages after the first are evaluated in one
+    network call, ``deis_jax.sampling.solvers.probe``).
     """
 
     needs_features: bool
@@ -240,33 +269,65 @@ def run_table(
 
         return jax.lax.cond(step == 0, analytic, call)
 
+    def stage_input(row, s, x_k, ks, ring, first_out, z, reads):
+        """``X_s`` from ``x_k``, the outputs ``ks`` of stages ``< reads`` and the history."""
+        if s == 0:
+            x_s = _scaled(row.stage_x[0], x_k) if structure.churn else x_k
+        else:
+            x_s = _scaled(row.stage_x[s], x_k)
+            if ring_size and structure.stage_history:
+                unused = jnp.zeros((num_stages - reads,) + row.stage_hist.shape[2:], x_k.dtype)
+                lagged = jnp.concatenate([row.stage_k[s, :reads][::-1], row.stage_hist[s], unused])
+                x_s = x_s + _ring_sum(ring, lagged, first_out + reads - 1)
+            else:
+                for l_ in range(reads):
+                    x_s = x_s + _scaled(row.stage_k[s, l_], ks[l_])
+        if structure.churn:
+            x_s = x_s + _scaled(row.stage_noise[s], z)
+        return x_s
+
+    def parallel_call(row, inputs):
+        """eps of every stage after the first, one network call on their concatenation."""
+        batch = inputs[0].shape[0]
+        times = [jnp.broadcast_to(row.t[s], (batch,)) for s in range(1, num_stages)]
+        eps, _ = network(jnp.concatenate(inputs), jnp.concatenate(times))
+        return jnp.split(eps, num_stages - 1)
+
     def body(carry, row_and_step):
         x_k, ring = carry
         row, step = row_and_step
         first_out = step * num_stages  # number of this step's first stage output
+        z = None
+        if structure.noisy:
+            z = per_sample_normal(key, sample_index, step, x_k.shape, x_k.dtype)
+        early_rule = active_rule is not None and not active_rule.needs_features
+        if early_rule:
+            row = active_rule(rule_params, row, step, x_k, None)
         ks = []
-        for s in range(num_stages):
-            x_s = x_k
-            if s > 0:
-                x_s = _scaled(row.stage_x[s], x_k)
-                if ring_size and structure.stage_history:
-                    unused = jnp.zeros((num_stages - s,) + row.stage_hist.shape[2:], x_k.dtype)
-                    lagged = jnp.concatenate([row.stage_k[s, :s][::-1], row.stage_hist[s], unused])
-                    x_s = x_s + _ring_sum(ring, lagged, first_out + s - 1)
-                else:
-                    for l_ in range(s):
-                        x_s = x_s + _scaled(row.stage_k[s, l_], ks[l_])
-            if s == 0:
-                eps, feats = first_call(x_s, row.t[0], step)
-                if active_rule is not None:
-                    row = active_rule(rule_params, row, step, x_k, feats)
-            else:
-                eps, _ = network(x_s, row.t[s])
+
+        def keep_stage(s, x_s, eps, ring):
             k_s = _scaled(row.pred_x[s], x_s) + _scaled(row.pred_eps[s], eps) if converts else eps
             ks.append(k_s)
             if ring_size:
                 ring = jax.lax.dynamic_update_index_in_dim(ring, k_s, (first_out + s) % ring_size,
                                                            axis=0)  # fmt: skip
+            return ring
+
+        x_0 = stage_input(row, 0, x_k, ks, ring, first_out, z, 0)
+        eps, feats = first_call(x_0, row.t[0], step)
+        if active_rule is not None and not early_rule:
+            row = active_rule(rule_params, row, step, x_k, feats)
+        ring = keep_stage(0, x_0, eps, ring)
+        if structure.parallel and num_stages > 1:
+            inputs = [stage_input(row, s, x_k, ks, ring, first_out, z, 1)
+                      for s in range(1, num_stages)]  # fmt: skip
+            for s, (x_s, eps) in enumerate(zip(inputs, parallel_call(row, inputs), strict=True), 1):
+                ring = keep_stage(s, x_s, eps, ring)
+        else:
+            for s in range(1, num_stages):
+                x_s = stage_input(row, s, x_k, ks, ring, first_out, z, s)
+                eps, _ = network(x_s, row.t[s])
+                ring = keep_stage(s, x_s, eps, ring)
         x_next = _scaled(row.out_x, x_k)
         if ring_size:
             lagged = jnp.concatenate([row.out_k[::-1], row.out_hist])
@@ -275,7 +336,6 @@ def run_table(
             for s in range(num_stages):
                 x_next = x_next + _scaled(row.out_k[s], ks[s])
         if structure.noisy:
-            z = per_sample_normal(key, sample_index, step, x_k.shape, x_k.dtype)
             x_next = x_next + _scaled(row.out_noise, z)
         return (x_next, ring), (None if keep is None else keep(x_next))
 
@@ -317,6 +377,16 @@ class SamplingPlan:
         return self.table.nfe - int(self.afs) + final
 
     @property
+    def parallel_nfe(self) -> int:
+        """Sequential rounds of network calls per sample: :attr:`nfe` for every method but
+        those whose stages after the first run as one call (EPD: 2 per step, however many
+        probes), the latency on an accelerator that batches a call at no extra cost."""
+        if not self.structure.parallel or self.table.num_stages == 1:
+            return self.nfe
+        final = self.final_table.nfe if self.final_table is not None else 0
+        return 2 * self.table.num_steps - int(self.afs) + final
+
+    @property
     def first_eps_scale(self) -> float | None:
         """AFS: ``eps = scale * x_T`` with ``scale = 1 / sqrt(alpha^2 + sigma^2)`` at ``ts[0]``
         (the eps of standard normal data: x_T / sigma for VE at large sigma, x_T for VP)."""
@@ -332,7 +402,7 @@ class SamplingPlan:
 
     @property
     def structure(self) -> TableStructure:
-        return table_structure(self.table)
+        return table_structure(self.table, self.rule)
 
     @property
     def stochastic(self) -> bool:
@@ -491,6 +561,7 @@ def make_plan(
     final_denoise: bool = False,
     afs: bool = False,
     nfe_rounding: str = "exact",
+    parallel_nfe: int | None = None,
     **options,
 ) -> SamplingPlan:
     """Build a :class:`SamplingPlan`.
@@ -513,6 +584,10 @@ def make_plan(
     spend at least ``nfe`` -- the convention of the DEIS paper's tables for Runge-Kutta
     rows, used by the experiment modes that sweep one budget list over many methods; the
     plan's :attr:`SamplingPlan.nfe` always says what it spends.
+
+    ``parallel_nfe`` instead of ``nfe`` states the budget in sequential rounds of network
+    calls (:attr:`SamplingPlan.parallel_nfe`; EPD's papers count so, its K probes one round);
+    giving both is refused: the name says which count a budget is.
     """
     check_schedule(schedule)
     spec = solvers.get_method(method)
@@ -537,10 +612,20 @@ def make_plan(
                 f"[ts[-1], ts[0]]): give either ts or {'/'.join(grid_args)}, not both "
                 f"(got ts and {', '.join(ignored)})",
             )
+    if nfe is not None and parallel_nfe is not None:
+        raise solvers.MethodArgumentError(
+            "parallel_nfe", f"conflicts with nfe: state the budget once, as nfe (network "
+            f"evaluations per sample) or parallel_nfe (sequential rounds), got both "
+            f"(nfe={nfe!r}, parallel_nfe={parallel_nfe!r})")  # fmt: skip
+    if ts is not None and parallel_nfe is not None:
+        raise solvers.MethodArgumentError(
+            "parallel_nfe", "conflicts with the explicit grid ts: give either ts or a budget"
+        )
     if ts is None:
-        nfe = spec.check_nfe(nfe, order)
+        parallel = parallel_nfe is not None
+        nfe = spec.check_nfe(parallel_nfe if parallel else nfe, order)
         num_steps = spec.num_steps(nfe, order, options, afs=afs, final_denoise=final_denoise,
-                                   rounding=nfe_rounding)  # fmt: skip
+                                   rounding=nfe_rounding, parallel=parallel)  # fmt: skip
         grid = spec.default_grid if grid is None else grid
         ts = time_grid(schedule, num_steps, grid, power=grid_power, t0=t0, t1=t1)
     else:
@@ -579,6 +664,7 @@ class Sampler:
     final_table = _plan_field("final_table")
     options = _plan_field("options")
     nfe = _plan_field("nfe")
+    parallel_nfe = _plan_field("parallel_nfe")
     num_steps = _plan_field("num_steps")
     stochastic = _plan_field("stochastic")
 

@@ -19,6 +19,8 @@ a damaged teacher cache is solved again. A cell whose held-out samples are not f
 reported as failed and computed again by the next run.
 
 Fields of ``config.fit``: ``methods`` (method specs, e.g. ``tab3``, ``dpmpp2``), ``nfes``,
+``budget`` (how ``nfes`` count: ``nfe``, network evaluations per sample, the default, or
+``parallel_nfe``, sequential rounds, EPD's count; the same for every sequential method),
 ``variants``, ``fixed_grids``, ``num_fit`` (train + validation starting points),
 ``recipes`` (``fit_sampler`` cells: ``auto`` or names of ``deis_jax.fitting.RECIPES``; one cell
 per problem and NFE, its file a ``FittedSampler``), ``loss`` and ``fit_dtype`` (the objective
@@ -26,7 +28,8 @@ and loop precision of every LD3 fit, ``deis_jax.fitting.ld3``), ``validation_fra
 ``num_heldout``,
 ``teacher_points``, ``teacher_grid``,
 ``teacher_substeps`` / ``heldout_substeps`` (RK4 steps per teacher interval), ``amed``
-(variant ``amed``: ``loss``, ``steps``, ``learning_rate``, ``batch_size``, ``patience`` and
+(variant ``amed``, for AMED and the probe methods EPD/EPD-Plugin/AdaSDE: ``loss``,
+``steps``, ``learning_rate``, ``batch_size``, ``patience`` and
 ``seed``; its teacher is the grid fitter's, ``teacher_points`` and ``teacher_substeps``, with the
 student's grid points added), ``max_delta``
 (bound of the learned corrections, relative), ``gits_metric``, ``gits_gamma``, ``ld3`` (the
@@ -46,15 +49,16 @@ from deis_jax.common.identity import fingerprint
 from deis_jax.experiments import gmm, validation
 from deis_jax.experiments.engine import Cell, Progress, run_cells
 from deis_jax.experiments.fit import cells as fitting
+from deis_jax.fitting.amed import LEARNED_METHODS
 from deis_jax.fitting.amed import LOSSES as AMED_LOSSES
 from deis_jax.fitting.gits import METRICS as GITS_METRICS
 from deis_jax.fitting.ld3 import LOSSES as LD3_LOSSES
 from deis_jax.fitting.recipes import resolve_recipes
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sde import NoiseSchedule
-from deis_jax.sampling.solvers.amed import AMED_METHODS
 from deis_jax.sampling.timesteps import GRID_KINDS
 
+BUDGETS = ("nfe", "parallel_nfe")  # config.fit.budget: how config.fit.nfes count
 VARIANT_COST = {"gits": 2, "ld3": 20, "ld3+table": 20, "amed": 20}  # bar weights (fixed: 1)
 
 
@@ -94,7 +98,11 @@ def validate(config) -> Plan:
         if choice.method in ("sddim", "ersde"):
             raise cv.ConfigError(f"config.fit.methods: {text!r} is stochastic (no ODE grid to fit)")
         choices.append(choice)
-    nfes = validation.require_nfe_list(config, "fit.nfes", choices)
+    budget = config.fit.get("budget") or "nfe"
+    if budget not in BUDGETS:
+        raise cv.ConfigError(f"config.fit.budget must be one of {BUDGETS}, got {budget!r}")
+    nfes = validation.require_nfe_list(config, "fit.nfes", choices,
+                                       parallel=budget == "parallel_nfe")  # fmt: skip
     cv.require_number(config, "fit.plot_nfe", integer=True, minimum=1)
     allowed = ("default",) + tuple(f"fixed:{k}" for k in GRID_KINDS if k != "custom")
     allowed += fitting.FITTED_VARIANTS
@@ -118,9 +126,9 @@ def validate(config) -> Plan:
     cv.require_choice(config, "fit.loss", LD3_LOSSES)
     cv.require_choice(config, "fit.fit_dtype", ("float32", "float64"))
     if "amed" in variants:
-        if not any(c.method in AMED_METHODS for c in choices):
+        if not any(c.method in LEARNED_METHODS for c in choices):
             raise cv.ConfigError(f"config.fit.variants has 'amed' but config.fit.methods has no "
-                                 f"AMED method {AMED_METHODS}")  # fmt: skip
+                                 f"learned-rule method {LEARNED_METHODS}")  # fmt: skip
         for field in ("steps", "patience", "seed"):
             cv.require_number(config, f"fit.amed.{field}", integer=True,
                               minimum=0 if field in ("steps", "seed") else 1)  # fmt: skip

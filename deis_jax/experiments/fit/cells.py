@@ -46,14 +46,13 @@ from deis_jax.common.reporting import markdown_table, plot_metric_vs_nfe, write_
 from deis_jax.experiments import build
 from deis_jax.experiments.build import grid_path
 from deis_jax.experiments.engine import FAILED
-from deis_jax.fitting.amed import amed_teacher, fit_amed
+from deis_jax.fitting.amed import LEARNED_METHODS, amed_teacher, fit_amed
 from deis_jax.fitting.optimize import endpoint_distances, optimize_grid
 from deis_jax.fitting.recipes import fit_sampler
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
 from deis_jax.sampling.method_spec import MethodChoice
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
-from deis_jax.sampling.solvers.amed import AMED_METHODS
 from deis_jax.sampling.wrappers import EpsFn
 
 FITTED_VARIANTS = ("gits", "ld3", "ld3+table", "amed")
@@ -68,9 +67,10 @@ def is_fitted(variant: str) -> bool:
 
 
 def applies(choice: MethodChoice, variant: str) -> bool:
-    """Whether ``variant`` is a cell of ``choice``: ``amed`` for AMED methods only, the grid
-    fits for the other methods only; default and fixed grids for all."""
-    is_amed = choice.method in AMED_METHODS
+    """Whether ``variant`` is a cell of ``choice``: ``amed`` (a trained rule) for AMED and the
+    probe methods (EPD, EPD-Plugin, AdaSDE) only, the grid fits for the other methods only;
+    default and fixed grids for all."""
+    is_amed = choice.method in LEARNED_METHODS
     if variant == "amed":
         return is_amed
     return not (is_amed and variant in GRID_VARIANTS)
@@ -108,6 +108,7 @@ class FitSettings(NamedTuple):
     gits_gamma: float
     ld3: dict[str, Any]  # optimize_grid's ld3_settings
     amed: dict[str, Any]  # loss, steps, learning_rate, batch_size, patience, seed
+    budget: str = "nfe"  # how fit.nfes count: "nfe" (evaluations) or "parallel_nfe" (rounds)
 
     @classmethod
     def from_config(cls, config) -> FitSettings:
@@ -126,6 +127,7 @@ class FitSettings(NamedTuple):
             gits_gamma=float(fit.gits_gamma),
             ld3=dict(fit.ld3.to_dict()),
             amed=dict(fit.amed.to_dict()),
+            budget=fit.get("budget") or "nfe",
         )
 
 
@@ -214,11 +216,12 @@ def compute_cell(
     else:
         rule_params = None
         kind = None if variant == "default" else variant.split(":", 1)[1]
-        plan = _fixed_plan(sampler, schedule, problem, choice, nfe, kind)
+        plan = _fixed_plan(sampler, schedule, problem, choice, nfe, kind, settings.budget)
+    key = jax.random.PRNGKey(int(settings.amed["seed"])) if plan.stochastic else None
     dist = endpoint_distances(plan, problem.eps_fn, problem.x_heldout, teach.heldout.x0,
-                              rule_params=rule_params)  # fmt: skip
+                              rule_params=rule_params, key=key)  # fmt: skip
     finite = bool(np.all(np.isfinite(dist)))
-    record.update(nfe=plan.nfe, ts=[float(t) for t in plan.ts],
+    record.update(nfe=plan.nfe, parallel_nfe=plan.parallel_nfe, ts=[float(t) for t in plan.ts],
                   heldout_rmse=float(np.sqrt(np.mean(dist**2))) if finite else None,
                   heldout_mean=float(np.mean(dist)) if finite else None,
                   heldout_median=float(np.median(dist)) if finite else None,
@@ -246,12 +249,14 @@ def artifact_problem(workdir: str, record: dict) -> str | None:
     return None
 
 
-def _fixed_plan(sampler: dict[str, Any], schedule, problem: FitProblem,
-                choice: MethodChoice, nfe: int, kind: str | None):  # fmt: skip
-    """The method's plan on its default grid (``kind`` None) or on grid kind ``kind``."""
+def _fixed_plan(sampler: dict[str, Any], schedule, problem: FitProblem, choice: MethodChoice,
+                nfe: int, kind: str | None, budget: str = "nfe"):  # fmt: skip
+    """The method's plan on its default grid (``kind`` None) or on grid kind ``kind``, for
+    the budget ``nfe`` counted as ``budget`` (``nfe`` or ``parallel_nfe``)."""
+    spent = {"nfe": None, "parallel_nfe": nfe} if budget == "parallel_nfe" else {"nfe": nfe}
     return build.sampler_from_config(
         sampler, schedule, problem.eps_fn, method=choice.method, order=choice.order,
-        nfe=nfe, options=choice.options, predictor_file=None, fitted_file=None,
+        **spent, options=choice.options, predictor_file=None, fitted_file=None,
         **({"grid": kind} if kind else {}),
     ).plan  # fmt: skip
 
@@ -261,7 +266,7 @@ def _train_amed(settings: FitSettings, schedule, problem: FitProblem, choice: Me
     """Train the cell's AMED predictor (teacher cached under ``teachers/``, resumable state
     under ``amed_state/``), write its file; returns ``(plan, params)`` and fills ``record``."""
     amed = settings.amed
-    plan = _fixed_plan(settings.sampler, schedule, problem, choice, nfe, None)
+    plan = _fixed_plan(settings.sampler, schedule, problem, choice, nfe, None, settings.budget)
     name = f"{problem.name}_{fingerprint([choice.label, [float(t) for t in plan.ts]])}"
     os.makedirs(os.path.join(workdir, "teachers"), exist_ok=True)
     teacher = amed_teacher(
@@ -408,7 +413,7 @@ def _value(record: dict | None, metric: str):
 
 def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: int) -> None:
     """``results.{md,csv}``, ``rmse_vs_nfe.png``, ``grids.png``, ``loss_curves.png``."""
-    fields = ["problem", "method", "variant", "nfe_budget", "nfe", "heldout_rmse",
+    fields = ["problem", "method", "variant", "nfe_budget", "nfe", "parallel_nfe", "heldout_rmse",
               "heldout_mean", "heldout_median", "fd", "recipe", "val_loss_init",
               "val_loss_fitted", "fit_seconds", "reference_error", "grid_file",
               "failed"]  # fmt: skip

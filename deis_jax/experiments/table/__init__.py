@@ -134,8 +134,10 @@ def validate(config) -> Plan:
     rows = _rows(config, spec)
     nfes = spec.nfes
     if cv.get_field(config, "eval.nfes") is not None:
-        nfes = validation.require_nfe_list(config, "eval.nfes", [row.choice for row in rows],
-                                   rounding=tb.NFE_ROUNDING)  # fmt: skip
+        for budget in sorted({row.budget for row in rows}):
+            nfes = validation.require_nfe_list(
+                config, "eval.nfes", [row.choice for row in rows if row.budget == budget],
+                rounding=tb.NFE_ROUNDING, parallel=budget == "parallel_nfe")  # fmt: skip
     directory = _predictor_dir(config)
     amed_rows = [row.label for row in rows if row.needs_predictor]
     grids = ", ".join(f"{r.label} {r.grid(config.sampler)!r}" for r in rows if r.needs_predictor)

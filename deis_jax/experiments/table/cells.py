@@ -23,6 +23,11 @@ Registered tables:
                        writes); without it they are not run.
 ``amed_imagenet64``    The same rows against the AMED paper's ImageNet-64 panel (EDM's
                        class-conditional ADM, ``configs/edm_imagenet64_cond.py``).
+``epd_cifar10``        EPD-Solver and EPD-Plugin (K = 2 probes, NFE counted as the papers'
+                       parallel NFE) and AdaSDE next to iPNDM, AMED-Solver and AMED-Plugin at
+                       NFE 3, 5, 7, 9, with the EPD and AdaSDE papers' numbers; the learned
+                       rows read their files as the AMED rows (``configs/epd_cifar10.py``).
+``epd_imagenet64``     The same rows against the papers' ImageNet-64 panels.
 ``ersde_imagenet64``   ER-SDE-Solver-3 on EDM's ImageNet-64 network at NFE 10, 20, 50 (the
                        paper's 3.45 / 2.24 FID at 20 / 50), with ER-SDE-Solver-1/2, the AMED
                        panel's training-free peers and DEIS-tAB3 at the same budgets.
@@ -53,12 +58,12 @@ from deis_jax.evaluation.paper_numbers import PAPER_TABLES, PaperValue, with_ext
 from deis_jax.experiments import build
 from deis_jax.experiments.build import grid_path
 from deis_jax.experiments.engine import FAILED
+from deis_jax.fitting.amed import LEARNED_METHODS
 from deis_jax.models.loading import num_classes
 from deis_jax.sampling import solvers
 from deis_jax.sampling.method_spec import MethodChoice, parse_method_spec
 from deis_jax.sampling.sampler import EpsFn, Sampler
 from deis_jax.sampling.sde import NoiseSchedule
-from deis_jax.sampling.solvers.amed import AMED_METHODS
 
 # --------------------------------------------------------------------------------------------
 # registry
@@ -68,12 +73,15 @@ from deis_jax.sampling.solvers.amed import AMED_METHODS
 class TableRow:
     """One method of a table: ``spec`` (``deis_jax.sampling.method_spec``), ``overrides`` of
     ``config.sampler`` fields (``grid``, ``grid_power``, ``final_denoise``, ``options``) and
-    the published row it is compared with, ``paper = (paper table key, row name)``."""
+    the published row it is compared with, ``paper = (paper table key, row name)``;
+    ``budget``: how the table's NFE counts for this row, ``nfe`` (network evaluations) or
+    ``parallel_nfe`` (sequential rounds: EPD's papers, whose K probes are one round)."""
 
     label: str
     spec: str
     overrides: dict = dataclasses.field(default_factory=dict)
     paper: tuple[str, str] | None = None
+    budget: str = "nfe"
 
     @property
     def choice(self) -> MethodChoice:
@@ -96,8 +104,9 @@ class TableRow:
 
     @property
     def needs_predictor(self) -> bool:
-        """Whether the row is an AMED method, sampled with a trained predictor file."""
-        return self.choice.method in AMED_METHODS
+        """Whether the row is a learned rule (AMED, EPD, AdaSDE), sampled with a trained
+        predictor file."""
+        return self.choice.method in LEARNED_METHODS
 
     def predictor_path(self, directory: str, nfe: int) -> str:
         """The predictor file of this row at NFE ``nfe`` in ``directory``: the name
@@ -132,7 +141,11 @@ class TableRow:
                 (lambda x, t: x) if eps_fn is None else eps_fn,
                 method=choice.method,
                 order=choice.order,
-                nfe=nfe,
+                **(
+                    {"nfe": None, "parallel_nfe": nfe}
+                    if self.budget == "parallel_nfe"
+                    else {"nfe": nfe}
+                ),
                 nfe_rounding=NFE_ROUNDING,
                 options=options,
                 predictor_file=path,
@@ -169,6 +182,7 @@ def cell_key(row: TableRow, nfe: int, predictor_sha256: str | None = None) -> st
     """The cache key of a (row, NFE budget) cell; a cell sampled with a predictor file has the
     file's content (``predictor_sha256``) in its key."""
     key = f"{row.label}|{row.spec}|{json.dumps(row.overrides, sort_keys=True)}|{nfe}"
+    key += "" if row.budget == "nfe" else f"|{row.budget}"
     return key if predictor_sha256 is None else f"{key}|predictor={predictor_sha256}"
 
 
@@ -350,6 +364,57 @@ register_table(
             "(configs/edm_imagenet64_cond.py), one random class per sample. Rows and "
             "settings as amed_cifar10; the AMED rows need predictors trained on this network."
         ),
+    )
+)
+
+
+def _epd_rows(paper: str, adasde_paper: str, epd_scale_time: float) -> tuple[TableRow, ...]:
+    """EPD-Solver / EPD-Plugin (K = 2, parallel NFE) and AdaSDE (K = 1) with the released
+    runs' settings (specs/epd_adasde.md §1.5, §2.4), the solvers on the time-uniform grid,
+    the plugin on EDM's rho = 7 grid (as AMED-Plugin, and the authors' launch.sh), and the
+    figure's iPNDM / AMED rows."""
+    linear, par = {"grid": "linear"}, "parallel_nfe"
+    return (
+        TableRow("iPNDM", "ipndm3", _KARRAS, (paper, "iPNDM")),
+        TableRow("AMED-Solver", "amed:afs=true", linear, (paper, "AMED-Solver")),
+        TableRow("AMED-Plugin", "amed_ipndm3:afs=true,scale_time=0.2", _KARRAS,
+                 (paper, "AMED-Plugin (iPNDM)")),
+        TableRow("EPD-Solver", f"epd:afs=true,scale_dir=0.05,scale_time={epd_scale_time}",
+                 linear, (paper, "EPD-Solver"), par),
+        TableRow("EPD-Plugin", "epd_ipndm2:afs=true,scale_dir=0.05,scale_time=0.2", _KARRAS,
+                 (paper, "EPD-Plugin (iPNDM)"), par),
+        TableRow("AdaSDE", "adasde:afs=true,gamma_max=0.01,scale_dir=0.05,scale_time=0.2",
+                 linear, (adasde_paper, "AdaSDE")),
+    )  # fmt: skip
+
+
+_EPD_NOTES = (
+    "NFE is the papers' count: EPD rows spend it in sequential rounds (parallel_nfe; their "
+    "K = 2 probes are one batched call, so 5 / 8 / 11 / 14 real evaluations at 3 / 5 / 7 / 9), "
+    "every other row in network evaluations. Published numbers are on EDM's networks; the "
+    "AdaSDE row is compared with the AdaSDE paper, the others with the EPD paper's figure. "
+    "The learned rows sample with the trained files of config.eval.amed_predictors "
+    "(--mode=fit, variant amed, with config.fit.budget='parallel_nfe')."
+)
+
+register_table(
+    TableSpec(
+        name="epd_cifar10",
+        title="EPD-Solver / EPD-Plugin / AdaSDE and their peers (EPD, AdaSDE papers, CIFAR-10)",
+        rows=_epd_rows("epd_cifar10", "adasde_cifar10", 0.05),
+        nfes=(3, 5, 7, 9),
+        notes=_EPD_NOTES,
+    )
+)
+
+register_table(
+    TableSpec(
+        name="epd_imagenet64",
+        title="EPD-Solver / EPD-Plugin / AdaSDE and their peers (EPD, AdaSDE papers, ImageNet-64)",
+        rows=_epd_rows("epd_imagenet64", "adasde_imagenet64", 0.1),
+        nfes=(3, 5, 7, 9),
+        notes=_EPD_NOTES + " EDM's class-conditional ImageNet-64 ADM, one random class per "
+        "sample (configs/edm_imagenet64_cond.py).",
     )
 )
 

@@ -24,4 +24,7 @@ __all__ = [
 ]
 
 # Registered last: the registry's order is the order messages list the methods in.
-from deis_jax.sampling.solvers import amed  # noqa: E402, F401  (amed, amed_ddim, amed_dpm, ...)
+from deis_jax.sampling.solvers import (  # noqa: E402
+    amed,  # noqa: F401  (amed, amed_ddim, amed_dpm, amed_ipndm)
+    probe,  # noqa: F401  (epd, epd_ipndm, adasde)
+)

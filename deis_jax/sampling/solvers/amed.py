@@ -147,6 +147,7 @@ def step_coefficients(
         out_hist=rows([alpha_x * v for v in hist]),
         out_noise=zero,
         stage_hist=xp.stack([rows([zero] * num_hist), rows(stage_w[1:])]),
+        stage_noise=rows([zero, zero]),
     )
 
 

@@ -82,6 +82,7 @@ def build_rhork(schedule, ts, order: int = 2, tableau: str | None = None) -> Ste
         out_hist=xp.zeros((n, 0)),
         out_noise=xp.zeros(n),
         stage_hist=xp.zeros((n, s, 0)),
+        stage_noise=xp.zeros((n, s)),
     )
     return finish_table(table, xp)
 

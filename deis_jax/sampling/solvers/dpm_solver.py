@@ -362,6 +362,7 @@ def build_dpm2(schedule, ts, order: int = 2) -> StepTable:
         out_hist=xp.zeros((n, 0)),
         out_noise=zeros,
         stage_hist=xp.zeros((n, 2, 0)),
+        stage_noise=xp.zeros((n, 2)),
     )  # fmt: skip
     return finish_table(table, xp)
 

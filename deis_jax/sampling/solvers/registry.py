@@ -85,9 +85,16 @@ class MethodSpec:
     options: tuple[str, ...] = ()
     options_check: OptionsCheck | None = None
     rule: Callable[..., Any] | None = None
+    rounds: Callable[[int, Mapping[str, Any]], int] | None = None
 
-    def nfe_per_step(self, order: int, options: Mapping[str, Any]) -> int:
-        """Network evaluations per step for ``order`` and ``options``."""
+    def nfe_per_step(
+        self, order: int, options: Mapping[str, Any], *, parallel: bool = False
+    ) -> int:
+        """Network evaluations per step for ``order`` and ``options``; ``parallel=True``: the
+        sequential rounds of network calls per step (``rounds``; the stages unless some are
+        evaluated together, as EPD's probes)."""
+        if parallel and self.rounds is not None:
+            return self.rounds(order, options)
         return self.stages(order, options)
 
     def check(
@@ -148,38 +155,45 @@ class MethodSpec:
 
     def budget(
         self, order: int, options: Mapping[str, Any], *, afs: bool = False,
-        final_denoise: bool = False,
+        final_denoise: bool = False, parallel: bool = False,
     ) -> tuple[int, int]:  # fmt: skip
         """``(per_step, offset)``: N steps spend ``per_step * N + offset`` NFE (AFS saves the
-        first network call, ``offset -1``; the final denoising step costs one, ``+1``)."""
-        return self.nfe_per_step(order, options), int(final_denoise) - int(afs)
+        first network call, ``offset -1``; the final denoising step costs one, ``+1``);
+        ``parallel=True`` counts sequential rounds (``parallel_nfe``) instead."""
+        per_step = self.nfe_per_step(order, options, parallel=parallel)
+        return per_step, int(final_denoise) - int(afs)
 
     def num_steps(
         self, nfe: int, order: int, options: Mapping[str, Any], *, afs: bool = False,
-        final_denoise: bool = False, rounding: str = "exact",
+        final_denoise: bool = False, rounding: str = "exact", parallel: bool = False,
     ) -> int:  # fmt: skip
         """The number of steps that spend the budget ``nfe`` (checked by :meth:`check_nfe`).
 
         ``rounding="exact"``: a budget this method cannot spend is refused, naming the
         budgets it can (``MethodArgumentError`` for ``nfe``); ``"up"``: the fewest steps
         spending at least ``nfe`` (the DEIS paper's tables, whose Runge-Kutta rows spend
-        ``s * ceil(NFE / s)``; the plan's ``nfe`` says what it spends).
+        ``s * ceil(NFE / s)``; the plan's ``nfe`` says what it spends). ``parallel=True``:
+        ``nfe`` is a ``parallel_nfe`` budget, sequential rounds of network calls (errors
+        name ``parallel_nfe``).
         """
         if rounding not in NFE_ROUNDINGS:
             raise MethodArgumentError(
                 "nfe_rounding", f"must be one of {NFE_ROUNDINGS}, got {rounding!r}"
             )
-        per_step, offset = self.budget(order, options, afs=afs, final_denoise=final_denoise)
+        per_step, offset = self.budget(order, options, afs=afs, final_denoise=final_denoise,
+                                       parallel=parallel)  # fmt: skip
         steps = max(1, math.ceil((nfe - offset) / per_step))
         if per_step * steps + offset < 1:  # e.g. one AFS step of a one-stage method: 0 NFE
             steps += 1
         if rounding == "exact" and per_step * steps + offset != nfe:
-            raise MethodArgumentError("nfe", self._budget_problem(nfe, order, options, per_step,
-                                                                  offset, afs, final_denoise))  # fmt: skip
+            problem = self._budget_problem(nfe, order, options, per_step, offset, afs,
+                                           final_denoise, parallel)  # fmt: skip
+            raise MethodArgumentError("parallel_nfe" if parallel else "nfe", problem)
         return steps
 
     def _budget_problem(self, nfe: int, order: int, options: Mapping[str, Any], per_step: int,
-                        offset: int, afs: bool, final_denoise: bool) -> str:  # fmt: skip
+                        offset: int, afs: bool, final_denoise: bool,
+                        parallel: bool) -> str:  # fmt: skip
         """Why ``nfe`` cannot be spent: the budgets that can, and the nearest two."""
         spendable = [per_step * n + offset for n in range(1, 64)]
         spendable = [b for b in spendable if b >= 1]
@@ -195,7 +209,8 @@ class MethodSpec:
             kind = "odd " if spendable[0] % 2 else "even "
         with_ = [w for w, on in (("afs", afs), ("final_denoise", final_denoise)) if on]
         name = self.name + (f" order {order}" if len(self.orders) > 1 else "")
-        if per_step != self.nfe_per_step(order, {}):  # the options set the cost (rhork's tableau)
+        if per_step != self.nfe_per_step(order, {}, parallel=parallel):  # options set the cost
+            # (rhork's tableau, EPD's probes): name them, not the order
             name = self.name + " " + ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
         name += f" with {' and '.join(with_)}" if with_ else ""
         other = ""

@@ -3,7 +3,7 @@
 One step ``k`` of any sampler in this package is
 
     X_s     = stage_x[k,s] * x_k + sum_{l<s} stage_k[k,s,l] * K_l
-              + sum_j stage_hist[k,s,j] * E_{k,j}                               (s = 0..S-1)
+              + sum_j stage_hist[k,s,j] * E_{k,j} + stage_noise[k,s] * z_k      (s = 0..S-1)
     K_s     = pred_x[k,s] * X_s + pred_eps[k,s] * eps(X_s, t[k,s])          (one NFE each)
     x_{k+1} = out_x[k] * x_k + sum_s out_k[k,s] * K_s
               + sum_j out_hist[k,j] * E_{k,j} + out_noise[k] * z_k
@@ -11,7 +11,9 @@ One step ``k`` of any sampler in this package is
 where ``E_{k,j}`` is the (j+1)-th most recent stage output *before* step k, counting every
 stage of every earlier step (the multistep history: for single-stage methods
 ``E_{k,j} = K_0^{(k-1-j)}``; a two-stage method with history, such as AMED-Plugin on iPNDM,
-also remembers its intermediate evaluations), and ``z_k`` is standard normal noise.
+also remembers its intermediate evaluations), and ``z_k`` is standard normal noise, drawn once
+per step (``stage_noise``: noise injected before the step's evaluations, AdaSDE's churn; the
+first stage reads ``x_k`` itself unless a table scales it or adds noise there).
 ``pred_x``/``pred_eps`` choose what the linear combinations act on: eps itself (``0, 1``) or
 the data prediction ``x0 = (X - sigma eps) / alpha`` (``1/alpha, -sigma/alpha``). Multistep
 methods have S = 1 and a history; Runge-Kutta methods have S stages and no history;
@@ -48,6 +50,7 @@ class StepTable(NamedTuple):
     out_hist: Array  # (N, H)
     out_noise: Array  # (N,)
     stage_hist: Array  # (N, S, H); row s = 0 is zero (the first stage reads x_k only)
+    stage_noise: Array  # (N, S) coefficient of the step's noise z_k in each stage input
 
     @property
     def num_steps(self) -> int:
@@ -128,6 +131,7 @@ def multistep_table(
         out_hist=coefs[:, 1:],
         out_noise=xp.zeros(n) if out_noise is None else as_float(out_noise, xp),
         stage_hist=xp.zeros((n, 1, coefs.shape[1] - 1)),
+        stage_noise=xp.zeros((n, 1)),
     )
     return finish_table(table, xp)
 
