@@ -36,6 +36,7 @@ def model_block(known_name: str, **overrides) -> ml_collections.ConfigDict:
     values = get_model_config(known_name).to_dict()
     for key in DATA_FIELDS_OF_MODEL + INFO_FIELDS:
         values.pop(key, None)
+    values["dtype"] = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
     values.update(overrides)
     return ml_collections.ConfigDict(values)
 

@@ -65,6 +65,11 @@ def validate(config) -> NoiseSchedule:
             "trained here (their preconditioning and log-normal noise distribution are not "
             "implemented in the training loss); use --mode=sample, table or fit"
         )
+    if config.model.get("dtype") == "float16":
+        raise ConfigError(
+            "config.model.dtype='float16' is not trainable here (float16 gradients need loss "
+            "scaling, which the training loop does not do): use 'bfloat16' or 'float32'"
+        )
     t = "training"
     require_number(config, f"{t}.batch_size", integer=True, minimum=1)
     require_number(config, f"{t}.n_iters", integer=True, minimum=1)
