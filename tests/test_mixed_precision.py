@@ -224,3 +224,13 @@ def test_configs_take_the_dtype_from_the_command_line():
     config = vpsde_digits.get_config()
     assert config.model.dtype == "float32"
     assert isinstance(config.model, ml_collections.ConfigDict)
+
+
+def test_float32_runs_keep_the_identities_they_had_before_the_dtype_field():
+    """Checkpoints and cached cells record ``config.model``: float32 (the default) is left
+    out so that they still match; a low precision is recorded (it changes the results)."""
+    config = vpsde_digits.get_config()
+    recorded = train_mode.identity(config)["model"]
+    assert "dtype" not in recorded and recorded["nf"] == config.model.nf
+    config.model.dtype = "bfloat16"
+    assert train_mode.identity(config)["model"]["dtype"] == "bfloat16"

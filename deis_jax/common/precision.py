@@ -83,3 +83,13 @@ def check_state_dtype(dtype: Any) -> None:
             "ulp; keep x_T in float32 and set config.model.dtype to run the network in "
             f"{jnp.dtype(dtype)}"
         )
+
+
+def model_identity(model: dict) -> dict:
+    """``config.model`` (a plain dict) as run identities record it: without ``dtype`` when it
+    is float32, so that identities (checkpoints, cached cells) made before the field existed
+    still match; a low-precision dtype is part of the identity (it changes every result)."""
+    model = dict(model)
+    if model.get("dtype") == DEFAULT_DTYPE:
+        del model["dtype"]
+    return model

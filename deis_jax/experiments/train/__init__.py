@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from deis_jax.common import checkpoint_store, data, parallel
 from deis_jax.common.checks import ConfigError, require_choice, require_number
 from deis_jax.common.files import atomic_write_text
+from deis_jax.common.precision import model_identity
 from deis_jax.experiments.validation import validate_sde
 from deis_jax.models import family_of
 from deis_jax.models.loading import (
@@ -50,7 +51,7 @@ def identity(config) -> dict:
     data = config.data.to_dict()
     data.pop("data_dir", None)
     tcfg = {k: v for k, v in config.training.to_dict().items() if k not in RESUMABLE}
-    return {"seed": config.seed, "data": data, "model": config.model.to_dict(),
+    return {"seed": config.seed, "data": data, "model": model_identity(config.model.to_dict()),
             "sde": config.sde.to_dict(), "training": tcfg}  # fmt: skip
 
 
