@@ -234,3 +234,16 @@ def test_float32_runs_keep_the_identities_they_had_before_the_dtype_field():
     assert "dtype" not in recorded and recorded["nf"] == config.model.nf
     config.model.dtype = "bfloat16"
     assert train_mode.identity(config)["model"]["dtype"] == "bfloat16"
+
+
+def test_conversion_records_edm_compute_dtype(tmp_path):
+    """Converted EDM checkpoints store float32 parameters and the compute dtype of EDM's
+    ``use_fp16``."""
+    from deis_jax.models.edm.convert import convert_state_dict, load_params_of
+
+    m = small_model("cifar10_uncond_vp")
+    kwargs = dict(m.meta["constructor_kwargs"], use_fp16=True)
+    meta = convert_state_dict(m.meta["precond_class"], kwargs, {}, m.state_dict, tmp_path / "c")
+    assert meta["compute_dtype"] == "float16"
+    params = load_params_of(m.net, tmp_path / "c")
+    assert {np.asarray(a).dtype for a in jax.tree.leaves(params)} == {np.dtype(np.float32)}
