@@ -14,7 +14,7 @@ import pytest
 from edm_fixture_models import small_model, small_params
 
 import deis_jax as deis
-from configs import edm_cifar10_vp, edm_imagenet64_cond, vpsde_digits
+from configs import edm_cifar10_vp, edm_imagenet64_cond, vpsde_cifar10, vpsde_digits
 from deis_jax.common.checks import ConfigError
 from deis_jax.common.precision import cast_params, check_state_dtype
 from deis_jax.experiments import train as train_mode
@@ -219,10 +219,13 @@ def test_float16_training_is_refused():
     train_mode.validate(config)
 
 
-def test_configs_take_the_dtype_from_the_command_line():
-    config = vpsde_digits.get_config()
-    assert config.model.dtype == "float32"
-    assert isinstance(config.model, ml_collections.ConfigDict)
+def test_configs_declare_the_dtype_field_float32_by_default():
+    """Every image config has ``model.dtype`` (so that ``--config.model.dtype=bfloat16``
+    overrides it), float32 unless the network is EDM's ``use_fp16`` one."""
+    for module in (vpsde_digits, vpsde_cifar10, edm_cifar10_vp):
+        config = module.get_config()
+        assert isinstance(config.model, ml_collections.ConfigDict)
+        assert config.model.dtype == "float32"
 
 
 def test_float32_runs_keep_the_identities_they_had_before_the_dtype_field():
