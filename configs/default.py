@@ -8,7 +8,9 @@ Not a runnable experiment by itself; every ``configs/{vpsde,vesde}_*.py`` starts
   schedule's defaults (1e-3 / 1 for VP, 1e-5 / 1 for VE) when None.
 * ``model``     -- score_sde's ``config.model`` fields (``image_size``, ``num_channels`` and
   ``centered`` are taken from ``config.data``); ``model.prediction`` may override what the
-  network outputs (default: ``'score'`` if ``scale_by_sigma`` else ``'eps'``).
+  network outputs (default: ``'score'`` if ``scale_by_sigma`` else ``'eps'``);
+  ``model.dtype`` is its compute dtype (float32 | bfloat16 | float16; parameters, output and
+  sampler state stay float32: docs/mixed_precision.md).
 * ``data``      -- ``name`` (cifar10 | celeb_a | downsampled_imagenet/32x32 |
   imagenet_resized/32x32 | digits), ``data_dir`` (tfds data dir; None = $TFDS_DATA_DIR or
   ~/tensorflow_datasets), ``image_size``, ``num_channels``, ``centered`` ([-1, 1] inputs),
@@ -36,6 +38,7 @@ def model_block(known_name: str, **overrides) -> ml_collections.ConfigDict:
     values = get_model_config(known_name).to_dict()
     for key in DATA_FIELDS_OF_MODEL + INFO_FIELDS:
         values.pop(key, None)
+    values["dtype"] = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
     values.update(overrides)
     return ml_collections.ConfigDict(values)
 

@@ -51,9 +51,11 @@ CIFAR10_UNCOND_VP = dict(
 
 
 def edm_block(precond_class: str, kwargs: dict) -> ml_collections.ConfigDict:
-    """``config.model`` of an EDM network (``deis_jax.models.edm.family``)."""
+    """``config.model`` of an EDM network (``deis_jax.models.edm.family``); its compute
+    ``dtype`` is float16 when EDM's ``use_fp16`` is set (as EDM samples it), else float32."""
+    dtype = "float16" if kwargs.get("use_fp16") else "float32"
     return ml_collections.ConfigDict(
-        {"name": "edm", "precond_class": precond_class, "kwargs": dict(kwargs)}
+        {"name": "edm", "precond_class": precond_class, "kwargs": dict(kwargs), "dtype": dtype}
     )
 
 

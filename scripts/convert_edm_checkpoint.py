@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
         source_file=source,
         overwrite=args.overwrite,
     )
-    print(f"wrote {args.out}: {meta['precond_class']}, {meta['num_params']} parameters")
+    print(
+        f"wrote {args.out}: {meta['precond_class']}, {meta['num_params']} float32 parameters, "
+        f"compute dtype {meta['compute_dtype']} (EDM's use_fp16; config.model.dtype)"
+    )
     return meta
 
 

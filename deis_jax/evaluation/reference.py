@@ -44,12 +44,15 @@ def reference_solve(
     """Solve from ``t1`` to ``t0`` with RK4 at ``steps`` and ``2 steps``; return the fine one.
 
     ``eps_fn`` is an argument of the compiled solve (:func:`model_argument`): the parameters of
-    an ``eps_fn_from_model(Partial(apply, params), ...)`` are not baked into it."""
+    an ``eps_fn_from_model(Partial(apply, params), ...)`` are not baked into it. Runs under
+    ``jax.default_matmul_precision("highest")``."""
 
     def solve(num_steps):
         ts = time_grid(schedule, num_steps, grid, t0=t0, t1=t1)
         plan = make_plan(schedule, ts, method="rhork", order=4)
-        x0 = jax.jit(sample, static_argnums=0)(plan, model_argument(eps_fn), x_T)
+        # full float32 matmuls (GPUs default to TF32 for them); the same numbers on a CPU
+        with jax.default_matmul_precision("highest"):
+            x0 = jax.jit(sample, static_argnums=0)(plan, model_argument(eps_fn), x_T)
         return np.asarray(x0, np.float64), plan.nfe
 
     coarse, _ = solve(steps)

@@ -286,17 +286,18 @@ def solve_teacher(
         keep = tuple(substeps * position[float(t)] for t in state_ts)
         ts = np.asarray(state_ts, np.float64)
 
-    x0, states, eps = _batched(
-        lambda x: _solve_batch(plan, eps_arg, x, keep, state_ts is None), x_T, batch_size
-    )
-
     num_check = x_T.shape[0] if error_samples is None else min(error_samples, x_T.shape[0])
     coarse_plan = teacher_plan(schedule, halve_grid(refined))
-    (coarse,) = _batched(
-        lambda x: (_solve_batch(coarse_plan, eps_arg, x, None, False)[0],),
-        x_T[:num_check],
-        batch_size,
-    )
+    # full float32 matmuls (GPUs default to TF32 for them); the same numbers on a CPU
+    with jax.default_matmul_precision("highest"):
+        x0, states, eps = _batched(
+            lambda x: _solve_batch(plan, eps_arg, x, keep, state_ts is None), x_T, batch_size
+        )
+        (coarse,) = _batched(
+            lambda x: (_solve_batch(coarse_plan, eps_arg, x, None, False)[0],),
+            x_T[:num_check],
+            batch_size,
+        )
     diff = np.asarray(x0[:num_check], np.float64) - np.asarray(coarse, np.float64)
     error_estimate = float(np.sqrt(np.mean(diff**2)) / 15.0)
     return Teacher(ts, x_T, x0, states, eps, settings, error_estimate)

@@ -52,6 +52,7 @@ from deis_jax.common.checks import (
     require_seed,
 )
 from deis_jax.common.identity import tree_digest
+from deis_jax.common.precision import model_identity
 from deis_jax.models import checkpoints, family_of
 from deis_jax.models.checkpoints import CheckpointNotFoundError
 from deis_jax.sampling import class_labels
@@ -293,7 +294,7 @@ def load_model(
         ckpt = config.sampling.get("checkpoint")
         identity = {"checkpoint": ckpt} if ckpt else {"workdir_step": latest_step(workdir)}
         identity["params_sha256"] = tree_digest(values)
-    identity["model"] = config.model.to_dict()
+    identity["model"] = model_identity(config.model.to_dict())
     prediction = family.prediction(config)
 
     def bind(p, labels: jax.Array | None = None) -> EpsFn:

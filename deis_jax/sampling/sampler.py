@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deis_jax.common.precision import check_state_dtype
 from deis_jax.sampling import solvers
 from deis_jax.sampling.diagnostics import (
     NonFiniteSamplesError,
@@ -154,13 +155,15 @@ def _ring_sum(ring: jax.Array, lagged: jax.Array, newest: jax.Array) -> jax.Arra
 
 
 def _check_state(x: jax.Array) -> None:
-    """The sampled state must be a floating array with a leading batch axis (its dtype is the
-    working precision: coefficients and eps are cast to it)."""
+    """The sampled state must be a floating array with a leading batch axis, float32 or wider
+    (its dtype is the working precision: coefficients and eps are cast to it; a bfloat16 /
+    float16 network runs in a float32 state, ``deis_jax.common.precision``)."""
     if jnp.ndim(x) < 1 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(
             "x_T must be a floating array with a leading batch axis, got shape "
             f"{jnp.shape(x)} and dtype {jnp.result_type(x)}"
         )
+    check_state_dtype(jnp.result_type(x))
 
 
 def _checked_eps(eps: jax.Array, x: jax.Array) -> jax.Array:

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 from deis_jax.common.checkpoint_store import save_checkpoint
 from deis_jax.common.files import atomic_write_bytes
 from deis_jax.common.parallel import make_mesh  # noqa: F401  (re-exported: the one mesh helper)
+from deis_jax.common.precision import DEFAULT_DTYPE, cast_params
 from deis_jax.common.progress import Rate
 from deis_jax.sampling import wrappers
 from deis_jax.sampling.sde import NoiseSchedule
@@ -79,11 +80,16 @@ def init_state(model: nn.Module, tx, key: jax.Array, input_shape: tuple[int, ...
 
 
 def apply_fn(model: nn.Module, params, *, train: bool) -> Callable:
-    """``f(x, labels, key)`` calling the Flax model; ``key`` feeds dropout when training."""
+    """``f(x, labels, key)`` calling the Flax model; ``key`` feeds dropout when training.
+
+    ``params`` are the float32 master weights; the forward pass uses their copy in the
+    model's compute dtype (``deis_jax.common.precision.cast_params``), so the gradients, the
+    optimiser state and the EMA stay float32 (the cast's gradient is the widening one)."""
+    compute = cast_params(params, getattr(model, "dtype", DEFAULT_DTYPE))
 
     def f(x, labels, key=None):
         rngs = {"dropout": key} if (train and key is not None) else None
-        return model.apply({"params": params}, x, labels, train=train, rngs=rngs)
+        return model.apply({"params": compute}, x, labels, train=train, rngs=rngs)
 
     return f
 

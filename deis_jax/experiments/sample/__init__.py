@@ -43,6 +43,7 @@ from deis_jax.common import data, image_grid, parallel
 from deis_jax.common.checks import ConfigError, require_number
 from deis_jax.common.files import NPZ_ERRORS, atomic_output, atomic_write_bytes, sha256_file
 from deis_jax.common.identity import fingerprint
+from deis_jax.common.precision import model_identity
 from deis_jax.experiments import generation
 from deis_jax.experiments.validation import validate_sampler, validate_sde
 from deis_jax.fitting.recipes import FittedSampler
@@ -182,6 +183,8 @@ def run(
     shape = image_shape(config)
     grid = config.sampler.grid or solvers.get_method(sampler.method).default_grid
     tag = f"{sampler.method}{sampler.order}_nfe{sampler.nfe}_{grid}"
+    dtype = model_identity(config.model.to_dict()).get("dtype")
+    tag += f"_{dtype}" if dtype else ""  # a low-precision network's samples apart
     out_dir = os.path.join(workdir, "samples", tag)
     shard_dir = os.path.join(out_dir, "shards")
     logging.info(

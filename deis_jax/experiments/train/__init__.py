@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from deis_jax.common import checkpoint_store, data, parallel
 from deis_jax.common.checks import ConfigError, require_choice, require_number
 from deis_jax.common.files import atomic_write_text
+from deis_jax.common.precision import model_identity
 from deis_jax.experiments.validation import validate_sde
 from deis_jax.models import family_of
 from deis_jax.models.loading import (
@@ -50,7 +51,7 @@ def identity(config) -> dict:
     data = config.data.to_dict()
     data.pop("data_dir", None)
     tcfg = {k: v for k, v in config.training.to_dict().items() if k not in RESUMABLE}
-    return {"seed": config.seed, "data": data, "model": config.model.to_dict(),
+    return {"seed": config.seed, "data": data, "model": model_identity(config.model.to_dict()),
             "sde": config.sde.to_dict(), "training": tcfg}  # fmt: skip
 
 
@@ -64,6 +65,11 @@ def validate(config) -> NoiseSchedule:
             "from the published pickles (scripts/convert_edm_checkpoint.py) and sampled, not "
             "trained here (their preconditioning and log-normal noise distribution are not "
             "implemented in the training loss); use --mode=sample, table or fit"
+        )
+    if config.model.get("dtype") == "float16":
+        raise ConfigError(
+            "config.model.dtype='float16' is not trainable here (float16 gradients need loss "
+            "scaling, which the training loop does not do): use 'bfloat16' or 'float32'"
         )
     t = "training"
     require_number(config, f"{t}.batch_size", integer=True, minimum=1)

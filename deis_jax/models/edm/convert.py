@@ -111,6 +111,9 @@ def convert_state_dict(
         "precond_class": precond_class,
         "constructor_kwargs": dict(kwargs),
         "precond_attrs": precond_attrs(net),
+        # the parameters are stored in float32 whatever EDM's use_fp16; this is the compute
+        # dtype EDM samples the network in (config.model.dtype's default for it)
+        "compute_dtype": "float16" if kwargs.get("use_fp16") else "float32",
     }
     if source_file is not None:
         metadata["source_file"] = os.path.abspath(os.fspath(source_file))

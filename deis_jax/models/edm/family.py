@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from deis_jax.common.checks import ConfigError
+from deis_jax.common.precision import COMPUTE_DTYPES, cast_params
 from deis_jax.models import checkpoints
 from deis_jax.models.edm.convert import SOURCE, load_params_of
 from deis_jax.models.edm.precond import PRECOND_CLASSES, abstract_params, edm_network_from_kwargs
@@ -89,6 +90,20 @@ def validate_edm_model(config) -> None:
             )
     if config.data.centered is not True:
         raise ConfigError("config.data.centered must be True for EDM networks (data in [-1, 1])")
+    compute_dtype(config)
+
+
+def compute_dtype(config) -> str:
+    """``config.model.dtype``; when unset, EDM's ``use_fp16`` rule: ``'float16'`` if the
+    constructor kwargs set it, else ``'float32'`` (``ConfigError`` for another value)."""
+    dtype = config.model.get("dtype")
+    if dtype is None:
+        dtype = "float16" if _kwargs(config).get("use_fp16") else "float32"
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(
+            f"config.model.dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}"
+        )
+    return dtype
 
 
 def label_dim(config) -> int:
@@ -223,4 +238,5 @@ class EdmFamily:
     def model_fn(self, config, net: nn.Module, params: Any, labels: jax.Array | None) -> ModelFn:
         guidance = config.sampling.get("guidance_scale") or 1.0
         apply = functools.partial(apply_edm, net, float(guidance))
-        return jax.tree_util.Partial(apply, params, labels)
+        compute = cast_params(params, compute_dtype(config))  # once, outside the sampling loop
+        return jax.tree_util.Partial(apply, compute, labels)

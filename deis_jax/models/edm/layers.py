@@ -3,7 +3,9 @@
 Every module names its parameters like the PyTorch original (``weight``, ``bias``) so that a
 Flax parameter path is the PyTorch ``state_dict`` name split on ``'.'``; the leaves are in
 Flax layout: conv kernels HWIO (torch OIHW), linear weights ``(in, out)`` (torch
-``(out, in)``). Everything is computed in float32, whatever the input dtype.
+``(out, in)``). Linear and convolution layers compute in their weights' dtype (float32, or a
+low-precision copy from ``deis_jax.common.precision.cast_params``, EDM's ``use_fp16`` path);
+GroupNorm and the attention softmax in float32 whatever the dtypes.
 
 * :class:`Linear` -- ``y = x W + b``.
 * :class:`Conv2d` -- a k x k convolution (k in {0, 1, 3}) with optional 2x up/down resampling
@@ -41,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from deis_jax.common.precision import at_least_float32, float32_unless_low, is_low_precision
+
 __all__ = [
     "Conv2d",
     "FourierEmbedding",
@@ -71,7 +75,7 @@ def _depthwise(x: jax.Array, kernel: np.ndarray, stride: int, pad: int, dilation
     pixels (a stride-``dilation`` transposed convolution); ``pad`` zeros on every side.
     """
     c = x.shape[-1]
-    k = jnp.asarray(np.tile(kernel[:, :, None, None], (1, 1, 1, c)), jnp.float32)
+    k = jnp.asarray(np.tile(kernel[:, :, None, None], (1, 1, 1, c)), x.dtype)
     return lax.conv_general_dilated(
         x,
         k,
@@ -97,9 +101,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32)
-        w = self.param("weight", _weight_init, (x.shape[-1], self.features), jnp.float32)
-        y = x @ w
+        w = self.param("weight", _weight_init, (jnp.shape(x)[-1], self.features), jnp.float32)
+        y = jnp.asarray(x, w.dtype) @ w
         if self.bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return y
@@ -135,7 +138,7 @@ class Conv2d(nn.Module):
                 f"Conv2d '{self.name}': fused_resample with up is not supported (no published "
                 "EDM model uses it)"
             )
-        x = jnp.asarray(x, jnp.float32)
+        x = float32_unless_low(x)
         cin = x.shape[-1]
         if self.kernel == 0 and self.out_channels != cin:
             raise ValueError(
@@ -146,6 +149,7 @@ class Conv2d(nn.Module):
         if self.kernel:
             shape = (self.kernel, self.kernel, cin, self.out_channels)
             weight = self.param("weight", _weight_init, shape, jnp.float32)
+            x = x.astype(weight.dtype)
         f = resample_filter_2d(self.resample_filter)
         w_pad, f_pad = self.kernel // 2, (f.shape[0] - 1) // 2
         if self.fused_resample and self.down and weight is not None:
@@ -173,6 +177,7 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.result_type(x)
         x = jnp.asarray(x, jnp.float32)
         c = x.shape[-1]
         groups = min(32, c // 4)
@@ -183,7 +188,8 @@ class GroupNorm(nn.Module):
         y = ((xg - mean) * lax.rsqrt(var + jnp.float32(self.eps))).reshape(x.shape)
         weight = self.param("weight", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        return y * weight + bias
+        out = y * at_least_float32(weight) + at_least_float32(bias)
+        return out.astype(dtype) if is_low_precision(dtype) else out
 
 
 class PositionalEmbedding(nn.Module):
@@ -239,7 +245,7 @@ def multi_head_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
     t = qkv.reshape(b, h * w, num_heads, d, 3)
     q, k, v = t[..., 0], t[..., 1], t[..., 2]
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / jnp.float32(math.sqrt(d)))
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     a = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
     return a.reshape(b, h, w, num_heads * d)
 
@@ -282,7 +288,7 @@ class UNetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32)
+        x = float32_unless_low(x)
         cin, cout = x.shape[-1], self.out_channels
         resample = dict(up=self.up, down=self.down, resample_filter=self.resample_filter)
         h = Conv2d(cout, 3, name="conv0", **resample)(nn.silu(GroupNorm(self.eps, name="norm0")(x)))
@@ -297,9 +303,9 @@ class UNetBlock(nn.Module):
         if cin != cout or self.up or self.down:
             kernel = 1 if self.resample_proj or cin != cout else 0
             x = Conv2d(cout, kernel, name="skip", **resample)(x)
-        h = (h + x) * jnp.float32(self.skip_scale)
+        h = (h + x) * float(self.skip_scale)
         if self.num_heads:
             qkv = Conv2d(3 * cout, 1, name="qkv")(GroupNorm(self.eps, name="norm2")(h))
             a = multi_head_attention(qkv, self.num_heads)
-            h = (Conv2d(cout, 1, name="proj")(a) + h) * jnp.float32(self.skip_scale)
+            h = (Conv2d(cout, 1, name="proj")(a) + h) * float(self.skip_scale)
         return h

@@ -29,7 +29,11 @@ i.e. a pickle's ``type(net).__name__`` and ``net.init_kwargs``)::
 ``augment_labels=None`` means zeros. The U-Net shares the preconditioner's parameter scope,
 so ``params`` is the U-Net's tree (torch names after ``model.``) and
 ``deis_jax.models.features.apply_with_features(net, params, x, sigma)`` returns ``(D, features)``.
-EDM's ``use_fp16`` is recorded but ignored: the port always computes in float32.
+The U-Net computes in its parameters' dtype: float32 parameters (the stored ones) give EDM's
+float32 path; a bfloat16 / float16 copy (``deis_jax.common.precision.cast_params``, which the
+EDM family makes for ``config.model.dtype``, float16 by default when EDM's ``use_fp16`` is set)
+gives EDM's ``use_fp16`` path: ``c_in x`` and the coefficients in float32, the U-Net in the low
+precision, its output cast to float32 before ``c_skip x + c_out F``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deis_jax.common.precision import at_least_float32
 from deis_jax.models.edm.unets import DhariwalUNet, SongUNet
 
 __all__ = [
@@ -91,7 +96,7 @@ class _Precond(nn.Module):
             class_labels = jnp.zeros((1, self.label_dim), jnp.float32)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         f = self.model(c_in * x, c_noise.reshape(-1), class_labels, augment_labels, train=train)
-        return c_skip * x + c_out * f
+        return c_skip * x + c_out * at_least_float32(f)
 
     def coefficients(self, sigma: jax.Array) -> Coefficients:
         """``(c_skip, c_out, c_in, c_noise)`` for float32 ``sigma`` (any shape)."""

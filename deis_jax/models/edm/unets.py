@@ -95,7 +95,7 @@ class _Encoder(nn.Module):
                     fused_resample=True,
                     name=e.name,
                 )
-                x = (x + conv(aux)) / jnp.float32(math.sqrt(2))
+                x = (x + conv(aux)) / math.sqrt(2)
                 skips[-1] = aux = x
                 continue
             if e.kind == "conv":

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deis_jax.common.precision import COMPUTE_DTYPES
 from deis_jax.models.score_sde.configs import KNOWN_MODEL_CONFIGS, get_model_config
 from deis_jax.models.score_sde.ddpm import DDPM
 from deis_jax.models.score_sde.layers import NONLINEARITIES
@@ -80,6 +81,7 @@ _CHOICES = {
     "embedding_type": EMBEDDING_TYPES,
     "attention_type": ("ddpm",),
     "normalization": ("GroupNorm",),
+    "dtype": COMPUTE_DTYPES,
 }
 
 

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deis_jax.common.precision import at_least_float32, to_compute
 from deis_jax.models.score_sde.blocks import ResnetBlockDDPM
 from deis_jax.models.score_sde.layers import (
     AttnBlock,
@@ -56,6 +57,9 @@ class DDPM(nn.Module):
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     num_scales: int = 1000
+    #: compute dtype (``deis_jax.common.precision``): pass its params through
+    #: ``cast_params(params, dtype)``; the output is float32 whatever it is
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
@@ -68,12 +72,12 @@ class DDPM(nn.Module):
 
         if self.conditional:
             temb = timestep_embedding(labels, self.nf)
-            temb = dense(temb, self.nf * 4)
+            temb = dense(to_compute(temb, self.dtype), self.nf * 4)
             temb = dense(act(temb), self.nf * 4)
         else:
             temb = None
 
-        h = x if self.centered else 2.0 * x - 1.0
+        h = to_compute(x if self.centered else 2.0 * x - 1.0, self.dtype)
         hs = [conv3x3(h, self.nf)]
         for i_level in range(num_resolutions):
             for _ in range(self.num_res_blocks):
@@ -104,7 +108,7 @@ class DDPM(nn.Module):
         assert not hs, "internal error: unused skip connections"
 
         h = act(group_norm(h))
-        h = conv3x3(h, x.shape[-1], init_scale=0.0)
+        h = at_least_float32(conv3x3(h, x.shape[-1], init_scale=0.0))
         if self.scale_by_sigma:
             table = jnp.asarray(discrete_sigmas(self.sigma_min, self.sigma_max, self.num_scales))
             sigmas = table[labels.astype(jnp.int32)]

@@ -15,6 +15,7 @@ import jax
 from absl import logging
 
 from deis_jax.common.checks import ConfigError, require_choice
+from deis_jax.common.precision import cast_params
 from deis_jax.models import checkpoints
 from deis_jax.models.features import apply_with_features
 from deis_jax.models.registry import ModelFn
@@ -151,4 +152,5 @@ class ScoreSdeFamily:
     def model_fn(self, config, net: nn.Module, params: Any, labels: jax.Array | None) -> ModelFn:
         if labels is not None:
             raise ValueError(f"{type(net).__name__} is not class-conditional: pass no labels")
-        return jax.tree_util.Partial(functools.partial(apply_for_sampling, net), params)
+        compute = cast_params(params, net.dtype)  # once, outside the sampling loop
+        return jax.tree_util.Partial(functools.partial(apply_for_sampling, net), compute)

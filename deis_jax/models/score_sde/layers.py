@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deis_jax.common.precision import at_least_float32
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -55,9 +57,12 @@ def get_act(name: str) -> Callable[[jax.Array], jax.Array]:
 def group_norm(x: jax.Array) -> jax.Array:
     """GroupNorm with ``min(C // 4, 32)`` groups (the score_sde rule), as a ``GroupNorm_k``.
 
-    Must be called from inside a compact ``__call__``: the module is created in the caller.
+    Computed in float32 and returned in ``x``'s dtype (a no-op pair of casts unless ``x`` is
+    bfloat16 / float16). Must be called from inside a compact ``__call__``: the module is
+    created in the caller.
     """
-    return nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32))(x)
+    out = nn.GroupNorm(num_groups=min(x.shape[-1] // 4, 32))(at_least_float32(x))
+    return out.astype(x.dtype)
 
 
 def conv(
@@ -112,7 +117,8 @@ class NIN(nn.Module):
 
 
 def _self_attention(h: jax.Array, q_k_v_out: tuple[NIN, NIN, NIN, NIN]) -> jax.Array:
-    """Single-head softmax attention over all H*W positions with NIN projections."""
+    """Single-head softmax attention over all H*W positions with NIN projections (the softmax
+    in float32 whatever the compute dtype)."""
     b, height, width, c = h.shape
     nin_q, nin_k, nin_v, nin_out = q_k_v_out
     q, k, v = nin_q(h), nin_k(h), nin_v(h)
@@ -120,7 +126,7 @@ def _self_attention(h: jax.Array, q_k_v_out: tuple[NIN, NIN, NIN, NIN]) -> jax.A
     k = k.reshape(b, height * width, c)
     v = v.reshape(b, height * width, c)
     logits = jnp.einsum("bic,bjc->bij", q, k) * (c**-0.5)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jax.nn.softmax(at_least_float32(logits), axis=-1).astype(v.dtype)
     out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, height, width, c)
     return nin_out(out)
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deis_jax.common.precision import at_least_float32, to_compute
 from deis_jax.models.score_sde.blocks import ResnetBlockBigGANpp, ResnetBlockDDPMpp
 from deis_jax.models.score_sde.layers import (
     AttnBlockpp,
@@ -111,6 +112,9 @@ class NCSNpp(nn.Module):
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     num_scales: int = 1000
+    #: compute dtype (``deis_jax.common.precision``): pass its params through
+    #: ``cast_params(params, dtype)``; the output is float32 whatever it is
+    dtype: str = "float32"
 
     # ----------------------------------------------------------------------------- helpers
     def _resblock(self, **kwargs) -> nn.Module:
@@ -174,13 +178,14 @@ class NCSNpp(nn.Module):
 
         temb, used_sigmas = self._embed(labels)
         if self.conditional:
-            temb = dense(temb, self.nf * 4)
+            temb = dense(to_compute(temb, self.dtype), self.nf * 4)
             temb = dense(act(temb), self.nf * 4)
         else:
             temb = None
 
         if not self.centered:
             x = 2.0 * x - 1.0
+        x = to_compute(x, self.dtype)
 
         # ---------------------------------------------------------------- downsampling
         input_pyramid = x if self.progressive_input != "none" else None
@@ -251,6 +256,7 @@ class NCSNpp(nn.Module):
             h = act(group_norm(h))
             h = conv3x3(h, out_channels, init_scale=self.init_scale)
 
+        h = at_least_float32(h)
         if self.scale_by_sigma:
             if used_sigmas is None:
                 raise ValueError("scale_by_sigma needs sigmas; use embedding_type='fourier'")
