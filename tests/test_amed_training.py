@@ -204,7 +204,7 @@ def tiny_amed_config():
 def test_amed_variant_needs_an_amed_method():
     config = tiny_amed_config()
     config.fit.methods = ("ipndm3",)
-    with pytest.raises(ConfigError, match="has no AMED method"):
+    with pytest.raises(ConfigError, match="config.fit.methods has no learned-rule method"):
         get_mode("fit").validate(config)
 
 
