@@ -44,6 +44,7 @@ from benchmark import machine_description, paired_times  # noqa: E402
 
 from configs import default as default_configs  # noqa: E402
 from configs import edm_cifar10_vp  # noqa: E402
+from deis_jax.common import parallel  # noqa: E402
 from deis_jax.common.progress import progress_bar  # noqa: E402
 from deis_jax.experiments.build import schedule_from_config  # noqa: E402
 from deis_jax.fitting import amed, ld3  # noqa: E402
@@ -61,7 +62,7 @@ METHODS = (
     ("tAB-3", dict(method="tab", order=3)),
     ("iPNDM-3", dict(method="ipndm", order=3)),
     ("DPM-Solver++(2M)", dict(method="dpmpp", order=2)),
-    ("AMED-Plugin", dict(method="amed", afs=True, predictor="stepwise")),
+    ("AMED-Plugin", dict(method="amed_ipndm", afs=True, predictor="stepwise")),
 )
 TINY_SCORE_SDE = dict(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(4,))
 TINY_EDM = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[4])
@@ -190,7 +191,7 @@ def fit_step_rows(name: str, config, batch: int, nfe: int, remat: bool) -> list[
         return jax.checkpoint(model) if remat else model
 
     ld3_plan = make_plan(schedule, method="ipndm", order=3, nfe=nfe)
-    amed_plan = make_plan(schedule, method="amed", afs=True, predictor="stepwise", nfe=nfe,
+    amed_plan = make_plan(schedule, method="amed_ipndm", afs=True, predictor="stepwise", nfe=nfe,
                           nfe_rounding="up")  # fmt: skip
 
     def ld3_step(theta, model, x_T, x0):
@@ -242,21 +243,13 @@ def two_device_check(tiny: bool) -> str:
     if jax.device_count() < 2:
         return f"2-device check: skipped ({jax.device_count()} device)"
     config = network_configs(tiny)["SongUNet (EDM VP)"]
-    family = family_of(config)
-    net = family.build(config)
-    params = random_params(config, net)
-    schedule = schedule_from_config(config.sde)
-    eps_fn = eps_fn_from_model(
-        family.model_fn(config, net, params, None), schedule, family.prediction(config)
-    )
-    plan = make_plan(schedule, method="tab", order=3, nfe=10)
-    res, ch = config.data.image_size, config.data.num_channels
-    x = jax.random.normal(jax.random.PRNGKey(1), (8, res, res, ch), jnp.float32)
+    eps_fn, _, shape = network(config)
+    plan = make_plan(schedule_from_config(config.sde), method="tab", order=3, nfe=10)
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, *shape), jnp.float32)
     run = jax.jit(sample, static_argnums=0)
     one = run(plan, model_argument(eps_fn), x)
-    mesh = jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2])
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-    two = run(plan, model_argument(eps_fn), jax.device_put(x, sharding))
+    mesh = parallel.make_mesh(jax.devices()[:2])  # the project's mesh (automatic axes)
+    two = run(plan, model_argument(eps_fn), parallel.shard_batch(x, mesh))
     diff = float(jnp.max(jnp.abs(one - two)) / jnp.max(jnp.abs(one)))
     return (
         f"2-device check: batch 8 sharded over 2 devices vs 1, max relative difference {diff:.3g}"
