@@ -11,6 +11,7 @@ from damage import Killed, csv_rows, flip_bit, without
 
 from configs import fit_gmm
 from deis_jax.common.checks import ConfigError
+from deis_jax.evaluation.metrics import nll_gap
 from deis_jax.experiments import fit
 from deis_jax.experiments.engine import FAILED
 from deis_jax.experiments.fit import cells as fitting
@@ -18,6 +19,7 @@ from deis_jax.experiments.modes import get_mode, run_mode
 from deis_jax.experiments.validation import validate_sampler
 from deis_jax.fitting.amed import AmedPredictorFile
 from deis_jax.fitting.grid_file import OptimizedGrid
+from deis_jax.fitting.optimize import endpoint_samples
 from deis_jax.fitting.recipes import FittedSampler
 from deis_jax.sampling.sde import VPSDE
 from deis_jax.sampling.solvers.registry import MAX_NFE
@@ -83,6 +85,22 @@ def test_fit_mode_writes_grids_report_and_resumes(tmp_path):
     again = run_mode("fit", tiny_config(), workdir)
     assert open(os.path.join(workdir, "results.jsonl")).read().splitlines() == lines
     assert json.dumps(again, sort_keys=True) == json.dumps(records, sort_keys=True)
+
+    # the mixtures' NLL gap: every cell has it, and one recomputed directly agrees (the same
+    # samples from the same compiled sampler, host float64 sums: rounding only)
+    assert all(np.isfinite(r["nll_gap"]) and np.isfinite(r["reference_nll_gap"]) for r in records)
+    config = tiny_config()
+    config.sampler.update(method="ipndm", order=3, nfe=4)
+    problem = fit.make_problem(config, SDE, "dim4")
+    samples = endpoint_samples(validate_sampler(config).plan, problem.eps_fn, problem.x_heldout)
+    data = problem.density.data_log_prob
+    got = nll_gap(problem.density.log_prob, samples, data)
+    np.testing.assert_allclose(got, cells[("ipndm3", "default")]["nll_gap"], rtol=1e-12)
+    assert "NLL gap of the held-out samples" in open(os.path.join(workdir, "results.md")).read()
+    # ... and a record from before the metric is recomputed, not reused
+    old = without([cells[("ipndm3", "default")]], "nll_gap")[0]
+    assert "no nll_gap" in fitting.artifact_problem(workdir, old, problem)
+    assert fitting.artifact_problem(workdir, cells[("ipndm3", "default")], problem) is None
 
     # the fitted file drives a sampler config; another NFE is refused by name
     config = tiny_config()

@@ -45,6 +45,35 @@ from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import EpsFn, model_argument
 
 
+def endpoint_samples(
+    plan: SamplingPlan,
+    eps_fn: EpsFn,
+    x_T: np.ndarray,
+    batch_size: int = 256,
+    rule_params=None,
+    key: jax.Array | None = None,
+) -> np.ndarray:
+    """``plan``'s endpoints ``Psi(x_T^b)`` (float64 on the host), in batches of ``batch_size``
+    (``rule_params``: a learned rule's parameters, e.g. an AMED predictor's ``RuleParams``;
+    ``key``: a stochastic plan's, the noise of row b keyed by its index in ``x_T``, so the
+    samples do not depend on ``batch_size``)."""
+    run = jax.jit(lambda plan, f, x, p, k, offset: sample(plan, f, x, k, index_offset=offset,
+                                                          rule_params=p),
+                  static_argnums=0)  # fmt: skip
+    f = model_argument(eps_fn)
+    out = [np.asarray(run(plan, f, x_T[start : start + batch_size], rule_params, key, start),
+                      np.float64)
+           for start in range(0, len(x_T), batch_size)]  # fmt: skip
+    return np.concatenate(out)
+
+
+def sample_distances(samples: np.ndarray, x0: np.ndarray) -> np.ndarray:
+    """Per sample, the RMS distance per dimension ``|samples^b - x0^b| / sqrt(D)`` (float64,
+    shape ``(B,)``)."""
+    diff = (np.asarray(samples, np.float64) - np.asarray(x0, np.float64)).reshape(len(samples), -1)
+    return np.sqrt(np.mean(diff**2, axis=1))
+
+
 def endpoint_distances(
     plan: SamplingPlan,
     eps_fn: EpsFn,
@@ -55,20 +84,10 @@ def endpoint_distances(
     key: jax.Array | None = None,
 ) -> np.ndarray:
     """Per sample, the RMS distance per dimension ``|Psi(x_T^b) - x0^b| / sqrt(D)`` between
-    ``plan``'s endpoint and ``x0`` (float64, shape ``(B,)``; ``rule_params``: a learned
-    rule's parameters, e.g. an AMED predictor's ``RuleParams``; ``key``: a stochastic plan's,
-    the noise of row b keyed by its index in ``x_T``, whatever ``batch_size``)."""
-    run = jax.jit(lambda plan, f, x, p, k, offset: sample(plan, f, x, k, index_offset=offset,
-                                                          rule_params=p),
-                  static_argnums=0)  # fmt: skip
-    f = model_argument(eps_fn)
-    out = []
-    for start in range(0, len(x_T), batch_size):
-        x = x_T[start : start + batch_size]
-        got = np.asarray(run(plan, f, x, rule_params, key, start), np.float64)
-        diff = (got - np.asarray(x0[start : start + batch_size], np.float64)).reshape(len(got), -1)
-        out.append(np.sqrt(np.mean(diff**2, axis=1)))
-    return np.concatenate(out)
+    ``plan``'s endpoint and ``x0`` (float64, shape ``(B,)``; the other arguments as
+    :func:`endpoint_samples`)."""
+    samples = endpoint_samples(plan, eps_fn, x_T, batch_size, rule_params, key)
+    return sample_distances(samples, x0)
 
 
 def objective_value(distances: np.ndarray, loss: str, trim: float = ld3.DEFAULT_TRIM) -> float:

@@ -46,6 +46,7 @@ import jax
 
 from deis_jax.common import checks as cv
 from deis_jax.common.identity import fingerprint
+from deis_jax.evaluation.metrics import mean_log_prob
 from deis_jax.experiments import gmm, validation
 from deis_jax.experiments.engine import Cell, Progress, run_cells
 from deis_jax.experiments.fit import cells as fitting
@@ -175,15 +176,23 @@ def _recipes(config, nfes) -> list[str]:
     return [f"{fitting.RECIPE_PREFIX}{name}" for name in names]
 
 
+# the mixtures' NLL gap: exact data draws from their own key (not the starting points' split)
+NLL_DATA_DRAWS = 4096
+DATA_SEED_OFFSET = 1001
+
+
 def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitting.FitProblem:
     """The mixture of ``dim<d>``, or the image ``model`` (a ``LoadedModel``), with its
     starting points."""
     fit_cfg = config.fit
+    density = None
     if model is None:
         mixture = gmm.mixture_for_problem(config, name)
         eps_fn, dim = mixture.eps_fn(schedule), mixture.dim
         model_id = gmm.mixture_model_id(config, name)
         shape: tuple[int, ...] = (dim,)
+        data = mixture.sample(jax.random.PRNGKey(config.seed + DATA_SEED_OFFSET), NLL_DATA_DRAWS)
+        density = fitting.Density(mixture.log_prob, mean_log_prob(mixture.log_prob, data))
     else:
         from deis_jax.models.loading import image_shape
 
@@ -191,7 +200,7 @@ def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitt
     x_fit, x_heldout = fitting.draw_starting_points(
         schedule, config.seed + 1000, shape, int(fit_cfg.num_fit), int(fit_cfg.num_heldout)
     )
-    return fitting.FitProblem(name, eps_fn, model_id, x_fit, x_heldout)
+    return fitting.FitProblem(name, eps_fn, model_id, x_fit, x_heldout, density)
 
 
 def check_inputs(config, workdir: str, plan: Plan) -> None:
@@ -252,7 +261,8 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
         run_cells(
             plan.cells, compute, cache_path=os.path.join(workdir, "results.jsonl"),
             fingerprint=identity, desc="fit",
-            verify=lambda record: fitting.artifact_problem(workdir, record),
+            verify=lambda record: fitting.artifact_problem(workdir, record,
+                                                           problems[record["problem"]]),
         ).values()
     )  # fmt: skip
     if jax.process_index() == 0:

@@ -24,6 +24,11 @@ own error estimate is reported), by each sample's RMS distance ``d_b``: their RM
 samples ending in another mixture component do not move. The fitting starting points (train
 + validation) and the held-out ones are drawn from disjoint keys.
 
+On the mixtures, whose density is known, each cell also gets the held-out samples' NLL gap
+(``nll_gap``: excess negative log-likelihood per dimension against exact data draws, the
+main job's metric; the reference's own as ``reference_nll_gap``), the measure of the
+stochastic samplers (AdaSDE) whose noise the RMSE counts as error.
+
 The report (:func:`write_report`): ``results.md`` (held-out RMSE per method x variant x NFE;
 per NFE the best fixed against the best fitted configuration and their ratio; the
 ``fit_sampler`` cells against the best fixed configuration in mean and RMSE and against the
@@ -35,6 +40,7 @@ untrained iPNDM-3 in the median), ``results.csv``,
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -43,11 +49,12 @@ import numpy as np
 from deis_jax.common.files import atomic_write_text, sha256_file
 from deis_jax.common.identity import fingerprint
 from deis_jax.common.reporting import markdown_table, plot_metric_vs_nfe, write_csv
+from deis_jax.evaluation.metrics import nll_gap
 from deis_jax.experiments import build
 from deis_jax.experiments.build import grid_path
 from deis_jax.experiments.engine import FAILED
 from deis_jax.fitting.amed import LEARNED_METHODS, amed_teacher, fit_amed
-from deis_jax.fitting.optimize import endpoint_distances, optimize_grid
+from deis_jax.fitting.optimize import endpoint_samples, optimize_grid, sample_distances
 from deis_jax.fitting.recipes import fit_sampler
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
 from deis_jax.sampling.method_spec import MethodChoice
@@ -76,14 +83,23 @@ def applies(choice: MethodChoice, variant: str) -> bool:
     return not (is_amed and variant in GRID_VARIANTS)
 
 
+class Density(NamedTuple):
+    """A problem's exact data density (the mixtures'), for the held-out samples' NLL gap."""
+
+    log_prob: Callable[[np.ndarray], np.ndarray]  # log p_0 of (B, D) float64 rows
+    data_log_prob: float  # mean log p_0 of exact data draws (metrics.mean_log_prob)
+
+
 class FitProblem(NamedTuple):
-    """A model to fit to: its eps, identity and the two sets of starting points."""
+    """A model to fit to: its eps, identity and the two sets of starting points (and, when
+    known, its data density)."""
 
     name: str
     eps_fn: EpsFn
     model_id: str
     x_fit: np.ndarray  # train + validation starting points
     x_heldout: np.ndarray  # never fitted on
+    density: Density | None = None
 
 
 class Teachers(NamedTuple):
@@ -218,9 +234,16 @@ def compute_cell(
         kind = None if variant == "default" else variant.split(":", 1)[1]
         plan = _fixed_plan(sampler, schedule, problem, choice, nfe, kind, settings.budget)
     key = jax.random.PRNGKey(int(settings.amed["seed"])) if plan.stochastic else None
-    dist = endpoint_distances(plan, problem.eps_fn, problem.x_heldout, teach.heldout.x0,
-                              rule_params=rule_params, key=key)  # fmt: skip
+    samples = endpoint_samples(plan, problem.eps_fn, problem.x_heldout, rule_params=rule_params,
+                               key=key)  # fmt: skip
+    dist = sample_distances(samples, teach.heldout.x0)
     finite = bool(np.all(np.isfinite(dist)))
+    if problem.density is not None and finite:
+        log_prob, data_log_prob = problem.density
+        record.update(
+            nll_gap=nll_gap(log_prob, samples, data_log_prob),
+            reference_nll_gap=nll_gap(log_prob, teach.heldout.x0, data_log_prob),
+        )
     record.update(nfe=plan.nfe, parallel_nfe=plan.parallel_nfe, ts=[float(t) for t in plan.ts],
                   heldout_rmse=float(np.sqrt(np.mean(dist**2))) if finite else None,
                   heldout_mean=float(np.mean(dist)) if finite else None,
@@ -236,9 +259,13 @@ def compute_cell(
     return record
 
 
-def artifact_problem(workdir: str, record: dict) -> str | None:
+def artifact_problem(workdir: str, record: dict, problem: FitProblem | None = None) -> str | None:
     """Why a cached cell ``record`` cannot be reused: the grid (or predictor) file it wrote is
-    missing or is not the file it wrote (sha256); None when it can."""
+    missing or is not the file it wrote (sha256), or it lacks the NLL gap its ``problem``'s
+    density gives (a record from before that metric); None when it can."""
+    if (problem is not None and problem.density is not None and not record.get(FAILED)
+            and "nll_gap" not in record):  # fmt: skip
+        return "it has no nll_gap (recorded before the metric was added)"
     if "grid_file" not in record:
         return None
     path = os.path.join(workdir, record["grid_file"])
@@ -414,8 +441,8 @@ def _value(record: dict | None, metric: str):
 def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: int) -> None:
     """``results.{md,csv}``, ``rmse_vs_nfe.png``, ``grids.png``, ``loss_curves.png``."""
     fields = ["problem", "method", "variant", "nfe_budget", "nfe", "parallel_nfe", "heldout_rmse",
-              "heldout_mean", "heldout_median", "fd", "recipe", "val_loss_init",
-              "val_loss_fitted", "fit_seconds", "reference_error", "grid_file",
+              "heldout_mean", "heldout_median", "nll_gap", "reference_nll_gap", "fd", "recipe",
+              "val_loss_init", "val_loss_fitted", "fit_seconds", "reference_error", "grid_file",
               "failed"]  # fmt: skip
     write_csv(os.path.join(workdir, "results.csv"), records, fields)
     lines = ["# Fitted grids and tables: held-out RMSE against the reference\n"]
@@ -450,6 +477,21 @@ def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: in
         lines.append(f"\n## {problem}\n\nReference error estimate: {err:.2e}.\n")
         lines.append(markdown_table(["method", "grid"] + [f"NFE {n}" for n in nfes], rows))
         panels.append((problem, series))
+        gaps = [r["reference_nll_gap"] for r in records
+                if r["problem"] == problem and "reference_nll_gap" in r]  # fmt: skip
+        if gaps:
+            lines.append(
+                f"\n### {problem}: NLL gap of the held-out samples (nats/dim)\n\n"
+                "Excess negative log-likelihood per dimension under the true density, against "
+                f"exact data draws; the reference solve's own samples: {gaps[0]:.3e} (the "
+                "Monte-Carlo floor of this metric on these starting points).\n"
+            )
+            lines.append(
+                markdown_table(
+                    ["method", "grid"] + [f"NFE {n}" for n in nfes],
+                    metric_rows(records, problem, variants, nfes, "nll_gap"),
+                )
+            )
         if any("fd" in r for r in records if r["problem"] == problem):
             lines.append(f"\n### {problem}: Frechet distance (config.eval's metric)\n")
             lines.append(

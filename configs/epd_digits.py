@@ -1,0 +1,27 @@
+"""EPD-Solver, EPD-Plugin and AdaSDE on the digits model (``--mode=fit``): FD-digits at NFE 3, 5, 7.
+
+    python main.py --config=configs/vpsde_digits.py --workdir=runs/digits --mode=train
+    python main.py --config=configs/epd_digits.py --workdir=runs/digits
+
+Uses the digits model trained in the workdir (its EMA parameters, as ``--mode=sample``).
+EPD-Solver and EPD-Plugin on iPNDM (K = 2), AdaSDE (K = 1) and AMED-Plugin, each with AFS and
+a table fitted from its neutral start (variant ``amed``) next to its untrained rule
+(``default``), and the base solvers iPNDM-3 and tAB-3 on their default grids, at (parallel)
+NFE 3, 5 and 7 (``fit.budget = "parallel_nfe"``; ``results.csv`` keeps both counts). Every
+cell is measured by FD-digits on ``eval.num_samples`` images and by the RMSE against a fine RK4
+solve on 32 held-out starting points. The fitting settings are ``configs/amed_digits.py``'s
+(120 Adam updates on batches of 8, 48 + 16 starting points), the same for every learned
+method. About 1.5 hours on 2 CPU cores. Details: ``docs/epd_adasde.md``.
+"""
+
+from configs import amed_digits, epd_gmm
+
+
+def get_config():
+    config = amed_digits.get_config()
+    fit = config.fit
+    fit.methods = (epd_gmm.EPD, epd_gmm.EPD_PLUGIN, epd_gmm.ADASDE, amed_digits.AMED_PLUGIN,
+                   "ipndm3", "tab3")  # fmt: skip
+    fit.budget = "parallel_nfe"
+    fit.variants = ("amed",)
+    return config
