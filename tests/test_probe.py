@@ -12,7 +12,7 @@ from deis_jax.sampling import solvers
 from deis_jax.sampling.coefficients import ADAMS_BASHFORTH
 from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import make_plan, per_sample_normal, sample
-from deis_jax.sampling.sde import VPSDE
+from deis_jax.sampling.sde import VPSDE, DiscreteVPSDE
 from deis_jax.sampling.solvers.probe import constrained
 from deis_jax.sampling.wrappers import per_sample_time
 
@@ -31,16 +31,19 @@ def x_T(batch=5, dim=3, seed=0):
     return jax.random.normal(jax.random.PRNGKey(seed), (batch, dim))
 
 
-def reference(plan, raw, x, key=None):
+def reference(plan, raw, x, key=None, sde=SDE, eps=EPS):
     """The spec's update (epd_adasde.md 1.3, 1.4, 2.2) in v = x/alpha, rho = sigma/alpha,
-    one network call per probe, an explicit list of first-stage directions: no table."""
+    one network call per probe, an explicit list of first-stage directions: no table. The
+    network's levels are capped at ``sde.rho_limit`` (spec §4: a <- min(a, limit / tau),
+    gamma_bar <- min(gamma_bar, limit / rho_n - 1))."""
     method, opts, ts = plan.method, plan.rule.options, plan.ts
-    rho = np.asarray(SDE.rho(ts))
-    alpha = np.exp(np.asarray(SDE.log_alpha(ts)))
+    rho = np.asarray(sde.rho(ts))
+    alpha = np.exp(np.asarray(sde.log_alpha(ts)))
+    limit = sde.rho_limit
 
     def d(v, rho_net):
-        t = SDE.t_from_rho(jnp.asarray(rho_net))
-        return EPS(jnp.exp(SDE.log_alpha(t)) * v, t)
+        t = sde.t_from_rho(jnp.asarray(rho_net))
+        return eps(jnp.exp(sde.log_alpha(t)) * v, t)
 
     r, w, c, a, gamma = (None if v is None else np.asarray(v)
                          for v in constrained(method, opts, raw))  # fmt: skip
@@ -49,7 +52,7 @@ def reference(plan, raw, x, key=None):
     for n in range(len(ts) - 1):
         rho_hat = rho[n]
         if gamma is not None and n > 0:
-            rho_hat = (1 + np.sum(w[n] * gamma[n])) * rho[n]
+            rho_hat = min(1 + np.sum(w[n] * gamma[n]), max(limit / rho[n], 1.0)) * rho[n]
             z = per_sample_normal(key, index, n, x.shape, x.dtype)
             v = v + np.sqrt(rho_hat**2 - rho[n] ** 2) * z
         d_hat = v / np.sqrt(1 + rho_hat**2) if (plan.afs and n == 0) else d(v, rho_hat)
@@ -59,7 +62,8 @@ def reference(plan, raw, x, key=None):
         step = 0.0
         for k in range(r.shape[1]):
             tau = rho_hat ** (1 - r[n, k]) * rho[n + 1] ** r[n, k]
-            g = a[n, k] * d(v + (tau - rho_hat) * pred, a[n, k] * tau)
+            scale = min(a[n, k], max(limit / tau, 1.0))
+            g = scale * d(v + (tau - rho_hat) * pred, scale * tau)
             step = step + w[n, k] * c[n, k] * g
         v = v + (rho[n + 1] - rho_hat) * step
     return alpha[-1] * v
@@ -80,6 +84,38 @@ def test_rule_matches_reference(method, options, order):
     key = KEY if plan.stochastic else None
     got = sample(plan, EPS, x, key, rule_params=RuleParams.for_plan(plan, raw))
     want = reference(plan, {k: np.asarray(v, np.float64) for k, v in raw.items()}, x, key)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sde", [VPSDE.cosine(), DiscreteVPSDE.linear()], ids=["cosine", "ddpm"])
+@pytest.mark.parametrize("method", ["epd", "adasde"])
+def test_levels_capped_where_the_schedule_ends(sde, method):
+    """Where t(rho) ends (the cosine schedule, a DDPM table), probes with a > 1 at the grid's
+    start and AdaSDE's churn are capped at ``rho_limit``: the network never gets a time past
+    t_max, and the update (with the capped scale) equals the spec's (float64, 1e-10 after 3
+    steps). Uncapped, the step-0 probes would ask for up to 1.5 rho_limit."""
+    eps, times = mixture_eps(sde), []
+
+    @per_sample_time
+    def eps_fn(x, t):
+        jax.debug.callback(lambda t: times.append(np.max(t)), t)  # t is traced in the scan
+        return eps(x, t)
+
+    churn = {"gamma_max": 0.5} if method == "adasde" else {}
+    plan = make_plan(
+        sde, method=method, parallel_nfe=6, scale_time=0.5, probes=2, t1=sde.t_max, **churn
+    )
+    raw = {k: np.asarray(v, np.float64) for k, v in plan.rule.init_params().items()}
+    raw["a"] = np.full_like(raw["a"], 50.0)  # a = 1 + scale_time: the bound, at every probe
+    raw["r"][0] = -8.0  # step 0's probes at tau ~ rho_0 = rho_limit (the grid starts at t_max)
+    if method == "adasde":
+        raw["gamma"] = np.full_like(raw["gamma"], 50.0)  # gamma = gamma_max
+    assert plan.ts[0] == pytest.approx(sde.t_max) and np.isfinite(sde.rho_limit)
+    x, key = x_T(), KEY if plan.stochastic else None
+    got = sample(plan, eps_fn, x, key, rule_params=RuleParams.for_plan(plan, raw))
+    jax.effects_barrier()
+    assert max(times) <= sde.t_max * (1 + 1e-12)
+    want = reference(plan, raw, x, key, sde, eps)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 

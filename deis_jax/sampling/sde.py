@@ -71,6 +71,15 @@ class NoiseSchedule:
     is_discrete: bool = False
     domain_note: str = ""
 
+    @property
+    def rho_limit(self) -> float:
+        """The largest noise level ``rho`` a network may be asked for (a learned probe time
+        ``a tau`` or AdaSDE's churn ``(1 + gamma) rho`` can exceed the grid's start): ``inf``
+        where ``t(rho)`` goes on past ``t_max`` in closed form (the linear VP and sub-VP
+        schedules, VE, EDM); ``rho(t_max)`` where it cannot (:class:`DiscreteVPSDE`'s table,
+        the cosine schedule's end)."""
+        return math.inf
+
     # --- primitives -------------------------------------------------------------------
     def log_alpha(self, t: Array) -> Array:
         """log of the mean coefficient."""
@@ -226,6 +235,12 @@ class VPSDE(NoiseSchedule):
                                  f"({self.domain_note}), got {self.t_max}")  # fmt: skip
             if self.default_t1 == 1.0:
                 object.__setattr__(self, "default_t1", 0.9946)
+
+    @property
+    def rho_limit(self) -> float:
+        if self.schedule == "cosine":  # the domain ends (alpha -> 0): t(rho) saturates
+            return float(self.rho(np.float64(self.t_max)))
+        return math.inf
 
     @staticmethod
     def cosine_t_end(s: float) -> float:
@@ -451,6 +466,10 @@ class DiscreteVPSDE(NoiseSchedule):
     @property
     def default_t1(self) -> float:  # type: ignore[override]
         return float(self.num_steps - 1)
+
+    @property
+    def rho_limit(self) -> float:  # t(rho) clamps at the table's last index
+        return float(self.rho(np.float64(self.t_max)))
 
     def log_alpha(self, t):
         xp = array_namespace(t)

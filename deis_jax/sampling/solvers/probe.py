@@ -19,8 +19,13 @@ iPNDM's Adams-Bashforth combination of the first-stage directions d_n, d_{n-1}, 
 1; (3, -1)/2; (23, -16, 5)/12; (55, -59, 37, -9)/24 at order ``min(order, n)``, the probes
 never enter it): the multistep formula only places the probes, the step is EPD's. ``g``
 divides by the *unscaled* tau, so in eps form it is ``a eps(., a tau)``; the network sees
-``a tau``. The churn noise ``z_n`` is the sampler's per-sample noise
-``fold_in(fold_in(key, i), n)``, so samples do not depend on the batch size or devices.
+``a tau``. Where the schedule's ``t(rho)`` ends (``NoiseSchedule.rho_limit``: a discrete
+DDPM table, the cosine schedule) the network's levels are capped there, ``a <- min(a,
+max(rho_limit / tau, 1))`` and ``gamma_bar <- min(gamma_bar, rho_limit / rho_n - 1)``, so a
+learned ``a > 1`` near the grid's start never asks for a time past ``t_max`` (spec §4); on
+the other schedules the closed forms go on and nothing is capped. The churn noise ``z_n`` is
+the sampler's per-sample noise ``fold_in(fold_in(key, i), n)``, so samples do not depend on
+the batch size or devices.
 
 **Parameters** are raw ``[N, K]`` tables (N steps) mapped inside the jitted step, so sampling
 and fitting run the same code: ``r = sigmoid``, ``w = softmax`` over the probes,
@@ -154,14 +159,19 @@ def probe_row(
     (``(q + 1,)``); host (numpy float64) or device (``jax.numpy``) alike."""
     xp = array_namespace(r, w, c, a, ab)
     k = r.shape[0]
+    limit = schedule.rho_limit  # the network's noise levels are capped there (docstring)
     if gamma_bar is None:
         rho_hat, t_hat, alpha_hat, spread = rho_c, t_c, alpha_c, 0.0 * rho_c
     else:
+        if math.isfinite(limit):
+            gamma_bar = xp.minimum(gamma_bar, xp.maximum(limit / rho_c - 1.0, 0.0))
         rho_hat = (1.0 + gamma_bar) * rho_c
         t_hat = xp.where(gamma_bar == 0, t_c, schedule.t_from_rho(rho_hat))
         alpha_hat = xp.exp(schedule.log_alpha(t_hat))
         spread = rho_c * xp.sqrt(gamma_bar * (2.0 + gamma_bar))  # sqrt(rho_hat^2 - rho_c^2)
     tau = xp.exp((1.0 - r) * xp.log(rho_hat) + r * xp.log(rho_x))
+    if math.isfinite(limit):
+        a = xp.minimum(a, xp.maximum(limit / tau, 1.0))
     t_net = schedule.t_from_rho(a * tau)
     alpha_net = xp.exp(schedule.log_alpha(t_net))
     lead = alpha_net * (tau - rho_hat)  # (K,): the probes' coefficient of P_n
