@@ -312,7 +312,11 @@ def test_amed_resume_state_bit_flip_is_ignored_and_refit(tmp_path, caplog):
         kwargs = dict(steps=4, learning_rate=0.05, batch_size=None)
         state = str(tmp_path / "amed_state" / "dim4_nfe3.state")
         full = fit_amed(plan, eps_fn, teacher, state_path=state, **kwargs)
-        assert fit_amed(plan, eps_fn, teacher, state_path=state, **kwargs).loop.resumed_step == 4
+        resumed = fit_amed(plan, eps_fn, teacher, state_path=state, **kwargs)
+        assert resumed.loop.resumed_step == 4
+        # a finished fit read back reports the training time it took, not the read's
+        seconds = [f.predictor.provenance["seconds"] for f in (full, resumed)]
+        assert seconds[1] >= resumed.loop.seconds >= full.loop.seconds > 0
         data = open(state, "rb").read()
         with open(state, "wb") as f:
             f.write(data[:-20] + bytes([data[-20] ^ 1]) + data[-19:])

@@ -424,6 +424,7 @@ def fit_amed(
                            "init": init,
                            "teacher": teacher.settings.get("x_T_sha256"),
                            "targets": array_digest(targets[:, -1])}, sort_keys=True)  # fmt: skip
+    setup_seconds = time.perf_counter() - start  # this call's; the loop's are summed over runs
     loop = fit_adam(loss_and_grads, val_loss, params, len(train_x), steps=steps,
                     learning_rate=learning_rate, batch_size=batch_size, patience=patience,
                     clip_norm=clip_norm, eval_every=eval_every, seed=seed, callback=callback,
@@ -436,7 +437,7 @@ def fit_amed(
         "teacher_error_estimate": teacher.error_estimate,
         "num_train": len(train_x), "num_val": num_val, "steps_run": len(loop.train_loss),
         "best_step": loop.best_step, "val_loss_init": loop.init_val_loss,
-        "val_loss_fitted": loop.best_val_loss, "seconds": time.perf_counter() - start,
+        "val_loss_fitted": loop.best_val_loss, "seconds": setup_seconds + loop.seconds,
         "settings": {"learning_rate": learning_rate, "batch_size": batch_size, "init": init,
                      "patience": patience, "clip_norm": clip_norm, "seed": seed,
                      "validation_fraction": validation_fraction},
