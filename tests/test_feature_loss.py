@@ -11,20 +11,18 @@ import numpy as np
 import pytest
 
 from configs import amed_digits, amed_gmm
-from deis_jax.common import data
+from deis_jax.common import data, image_grid
 from deis_jax.common.checks import ConfigError
 from deis_jax.evaluation import features, fid
 from deis_jax.evaluation import inception as inc
 from deis_jax.evaluation.analytic import GaussianMixture
 from deis_jax.evaluation.digits_classifier import DigitsClassifier
 from deis_jax.experiments import gmm
+from deis_jax.experiments.fit import cells
 from deis_jax.experiments.modes import get_mode
-from deis_jax.fitting.amed import (
-    amed_teacher,
-    fit_amed,
-    per_sample_loss,
-    student_targets,
-)
+from deis_jax.experiments.validation import validate_sde
+from deis_jax.fitting.amed import AmedPredictorFile, amed_teacher, fit_amed, per_sample_loss
+from deis_jax.sampling.method_spec import parse_method_spec
 from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import make_plan, sample
 from deis_jax.sampling.sde import VPSDE
@@ -133,11 +131,11 @@ def test_resumed_state_is_refused_for_another_loss_or_feature_network(tmp_path, 
     assert "features" not in other.predictor.provenance
 
 
-def _digit_mixture():
+def _digit_mixture(schedule):
     """16x16x1 data: a mixture around 4 real digits (centred, [-1, 1]) with std 0.1, its
     exact eps on images; the digits classifier's features on the centred scale."""
     means = data.digits_images(16)[:4].reshape(4, -1).astype(np.float64) / 127.5 - 1.0
-    eps_flat = GaussianMixture(means, np.full(4, 0.1), np.ones(4)).eps_fn(SDE)
+    eps_flat = GaussianMixture(means, np.full(4, 0.1), np.ones(4)).eps_fn(schedule)
 
     def eps_fn(x, t):
         return eps_flat(x.reshape(x.shape[0], -1), t).reshape(x.shape)
@@ -145,30 +143,34 @@ def _digit_mixture():
     return eps_fn
 
 
-def test_fitting_with_the_digits_feature_loss_lowers_the_validation_loss(tmp_path):
-    """AMED-Solver at NFE 5 on a mixture of digit images, trained on ``features`` with the
-    digits classifier (float32, 24 starting points, 15 Adam steps): the validation loss
-    falls by a margin (a broken gradient through the classifier would not lower it 20%)."""
-    eps_fn = _digit_mixture()
-    phi = features.sample_features(DigitsClassifier.load(), centered=True)
-    plan = make_plan(SDE, method="amed", nfe=5, afs=True, predictor="stepwise")
-    x_fit = SDE.prior_sample(jax.random.PRNGKey(2), (24, 16, 16, 1), jnp.float32)
-    teacher = amed_teacher(plan, eps_fn, x_fit, path=str(tmp_path / "t.npz"), model_id="m",
-                           num_points=13, substeps=2)  # fmt: skip
-    fit = fit_amed(plan, eps_fn, teacher, loss="features", feature_fn=phi.fn,
-                   feature_id=phi.identity, steps=15, learning_rate=0.1,
-                   batch_size=6)  # fmt: skip
-    assert fit.loop.best_val_loss < 0.8 * fit.loop.init_val_loss, fit.loop.val_loss
-    # the validation loss is the formula's, with the classifier on the unrounded pixels
-    n, val = plan.num_steps, slice(18, 24)
-    _, states = sample(plan, eps_fn, jnp.asarray(x_fit[val]), trajectory=True,
-                       rule_params=fit.params)  # fmt: skip
-    y = student_targets(plan, teacher)[val]
-    want = sum(np.mean((np.asarray(states[k + 1]) - y[:, k]) ** 2, axis=(1, 2, 3))
-               for k in range(n - 1))  # fmt: skip
-    want += 10.0 * np.mean((phi.fn(states[n]) - phi.fn(jnp.asarray(y[:, -1]))) ** 2, axis=1)
-    # float32 through a 5-step rollout and the classifier: relative rounding ~1e-6, 1e-4 slack
-    np.testing.assert_allclose(fit.loop.best_val_loss, np.mean(want), rtol=1e-4)
+def test_fit_cell_trains_on_the_digits_classifier_features(tmp_path):
+    """``--mode=fit``'s amed cell with ``config.fit.amed.loss='features'`` and
+    ``config.eval``'s extractor (the digits classifier), on a mixture of digit images:
+    AMED-Solver at NFE 5 on the log-SNR grid (float32, 18 + 6 starting points, 15 Adam
+    steps at lr 0.1) lowers the
+    validation loss by a margin (a broken gradient through the classifier would not lower it
+    20%); the predictor file names the feature network; without it the cell is refused."""
+    config = _digits_fit_config("features")
+    config.fit.amed.update(steps=15, batch_size=6, learning_rate=0.1)
+    config.fit.update(teacher_points=13, teacher_substeps=2, heldout_substeps=1)
+    config.sampler.grid = "log_snr"  # (AMED's linear grid at NFE 5 leaves little to learn)
+    settings = cells.FitSettings.from_config(config)
+    schedule = validate_sde(config)
+    eps_fn = _digit_mixture(schedule)
+    x_fit, x_held = cells.draw_starting_points(schedule, 0, (16, 16, 1), 24, 4)
+    problem = cells.FitProblem("digits", eps_fn, "mixture", x_fit, x_held)
+    t0, t1 = schedule.interval(config.sampler.t0, config.sampler.t1)
+    teach = cells.teachers(settings, problem, schedule, t0, t1, str(tmp_path), with_fit=False)
+    choice = parse_method_spec("amed:afs=true,predictor=stepwise")
+    args = (settings, schedule, problem, teach, choice, 5, "amed", str(tmp_path))
+    with pytest.raises(ValueError, match="loss='features' needs the feature network"):
+        cells.compute_cell(*args)
+    phi = features.sample_features_from_config(config)
+    record = cells.compute_cell(*args, features=phi)
+    assert record["val_loss_fitted"] < 0.8 * record["val_loss_init"], record["val_loss_curve"]
+    provenance = AmedPredictorFile.load(str(tmp_path / record["grid_file"])).provenance
+    assert (provenance["loss"], provenance["features"]) == ("features", phi.identity)
+    assert "digits_classifier" in phi.identity
 
 
 def test_sample_features_are_the_metrics_features_on_unrounded_pixels():
@@ -183,6 +185,12 @@ def test_sample_features_are_the_metrics_features_on_unrounded_pixels():
     # float32 pixels within ~3e-5 of the levels, through a 4-layer net of O(1) weights
     np.testing.assert_allclose(phi.fn(x), clf.features_and_logits(fid.sample_images(x, True))[0],
                                rtol=1e-4, atol=1e-4)  # fmt: skip
+    noisy = np.random.default_rng(1).normal(size=(4, 16, 16, 1)) * 1.5  # some clipped
+    noisy[0, 0, 0, 0] = np.nan
+    np.testing.assert_array_equal(  # the metric's images are what they were before
+        fid.sample_images(noisy, True),
+        image_grid.to_uint8(data.postprocess(np.nan_to_num(noisy), True)),
+    )
     x = x.at[0, 0, 0, 0].set(1.5)  # clipped: no gradient there
     grad = jax.grad(lambda x: jnp.sum(phi.fn(x) ** 2))(x)
     assert grad[0, 0, 0, 0] == 0 and np.count_nonzero(np.asarray(grad)) > 0.9 * grad.size
