@@ -53,6 +53,9 @@ def amed_block() -> ml_collections.ConfigDict:
     """``config.fit.amed``: training of AMED predictors (variant ``amed``)."""
     amed = ml_collections.ConfigDict()
     amed.loss = "auto"  # teacher-forced (one-step students) / endpoint (multistep): fitting/amed.py
+    # "features" / "features_endpoint" (image models): the final state in config.eval's
+    # feature network (FID Inception / digits classifier), weighted by feature_weight
+    amed.feature_weight = 10.0  # the papers' alpha (EPD 10; AdaSDE 20-50)
     amed.steps = 300  # Adam updates (AMED: about 80 batches of 128 per step on CIFAR-10)
     amed.learning_rate = 5e-3  # AMED's
     amed.batch_size = ml_collections.FieldReference(32, field_type=int)  # None: all

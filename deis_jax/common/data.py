@@ -209,12 +209,16 @@ def _process(example, rng: np.random.Generator, *, data_config, train: bool) -> 
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def postprocess(x: np.ndarray, centered: bool) -> np.ndarray:
-    """Model space back to float images in [0, 1] (the inverse of the centring)."""
-    x = np.asarray(x, np.float32)
+def postprocess(x, centered: bool):
+    """Model space back to float32 images in [0, 1] (the inverse of the centring, clipped).
+
+    A numpy array (or anything ``np.asarray`` takes) gives a numpy array; a jax array, also a
+    traced one, gives a jax array by the same array methods -- differentiable, with zero
+    gradient where clipped (the feature loss, ``deis_jax.evaluation.fid.sample_pixels``)."""
+    x = (x if hasattr(x, "clip") else np.asarray(x)).astype(np.float32)
     if centered:
         x = (x + 1.0) / 2.0
-    return np.clip(x, 0.0, 1.0)
+    return x.clip(0.0, 1.0)
 
 
 # --- pipelines ----------------------------------------------------------------------------

@@ -72,8 +72,16 @@ def preprocess(images) -> jax.Array:
     return x / 127.5 - 1.0
 
 
+def features(params, images) -> jax.Array:
+    """The 64-d features of (B, 16, 16, 1) ``images`` in [0, 255] (:func:`preprocess`, then
+    the network), not jitted. Float images need not be quantised, so the features are
+    differentiable in them (the feature loss of the learned samplers)."""
+    return DigitsNet().apply({"params": params}, preprocess(images))[0]
+
+
 class DigitsClassifier:
-    """Feature extractor (``deis_jax.evaluation.fid.FeatureExtractor``) for digits images."""
+    """Feature extractor (``deis_jax.evaluation.fid.FeatureExtractor``) for digits images;
+    ``feature_fn()``: its features as a differentiable function."""
 
     name = "digits_classifier"
     feature_dim = FEATURE_DIM
@@ -107,6 +115,11 @@ class DigitsClassifier:
     def features_and_logits(self, images):
         """``(features, logits)`` of uint8 / [0, 255] digits images."""
         return self._apply(self.params, images)
+
+    def feature_fn(self) -> jax.tree_util.Partial:
+        """``images -> features`` (:func:`features`) with the weights bound as the pytree
+        leaves of a ``jax.tree_util.Partial`` (an argument of a jitted caller)."""
+        return jax.tree_util.Partial(features, self.params)
 
     def predict(self, images) -> np.ndarray:
         """Predicted class of each image."""

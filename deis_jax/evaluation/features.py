@@ -6,6 +6,10 @@ asks for.
 * :func:`extractor_from_config` -- ``eval.metric='fid'``: the Inception network from the local
   weights file ``eval.inception_weights`` (never downloaded; optionally checked against
   ``eval.inception_sha256``); ``'fd_digits'``: the bundled digits classifier.
+* :func:`sample_features` / :func:`sample_features_from_config` -- the same extractor as a
+  differentiable function of model-space samples (``fid.sample_pixels``, unrounded, then the
+  network with its own preprocessing): the feature space of the learned samplers' feature
+  loss (``deis_jax.fitting.amed``, ``loss='features'``), with an identity for its fits.
 * :class:`Reference` -- the statistics the samples are compared with: a stats file
   ``eval.reference_stats`` (pytorch-fid ``mu``/``sigma`` or score_sde ``pool_3``), or those of
   ``config.data`` split ``eval.reference_split`` (at most ``eval.reference_max_images``
@@ -15,8 +19,13 @@ asks for.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
 
 from deis_jax.common import checks as cv
 from deis_jax.evaluation import digits_classifier, fid, inception
@@ -95,6 +104,49 @@ def extractor_from_config(config) -> fid.FeatureExtractor:
     return InceptionExtractor.from_file(
         config.eval.inception_weights, config.eval.get("inception_sha256")
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnSamples:
+    """``(*weights, x) -> network(*weights, fid.sample_pixels(x, centered))``: a value object,
+    so that two feature functions of one extractor share their compiled programs."""
+
+    network: Callable
+    centered: bool
+
+    def __call__(self, *args):
+        *weights, x = args
+        return self.network(*weights, fid.sample_pixels(x, self.centered))
+
+
+class SampleFeatures(NamedTuple):
+    """An extractor's features as a function of model-space samples: ``fn(x)`` (a
+    ``jax.tree_util.Partial`` whose leaves are the network's weights, so a jitted caller takes
+    them as arguments) and ``identity``, what names it in a fit's resumable state (the
+    extractor, its weights' sha256 and the pixel mapping)."""
+
+    fn: jax.tree_util.Partial
+    identity: str
+
+
+def sample_features(extractor, centered: bool) -> SampleFeatures:
+    """``x -> extractor features`` of model-space samples ``x`` (NHWC, the data as the model
+    sees it; ``centered``: ``config.data.centered``): the pixels the metric scores
+    (``fid.sample_pixels``) without the rounding to uint8, through the network and its own
+    preprocessing (``extractor.feature_fn()``), differentiable in ``x`` (zero gradient where
+    the pixels are clipped)."""
+    network = extractor.feature_fn()
+    identity = json.dumps({"extractor": extractor.name, "weights_sha256": extractor.weights_sha256,
+                           "pixels": "fid.sample_pixels", "centered": bool(centered)},
+                          sort_keys=True)  # fmt: skip
+    fn = jax.tree_util.Partial(_OnSamples(network.func, bool(centered)), *network.args)
+    return SampleFeatures(fn, identity)
+
+
+def sample_features_from_config(config) -> SampleFeatures:
+    """:func:`sample_features` of ``config.eval.metric``'s extractor (the one FD / FID uses,
+    :func:`extractor_from_config`) on ``config.data``'s centring."""
+    return sample_features(extractor_from_config(config), bool(config.data.centered))
 
 
 def reference_from_config(

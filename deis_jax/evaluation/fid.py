@@ -8,7 +8,11 @@ Everything here is extractor-agnostic: a *feature extractor* is any object with
     num_classes: int          # logits width, e.g. 1008 (Inception), 10 (digits)
     features_and_logits(images) -> (features (B, feature_dim), logits (B, num_classes))
 
-taking NHWC images with values in [0, 255] (uint8, or float already quantised). FID is
+taking NHWC images with values in [0, 255] (uint8, or float already quantised). A sampler's
+model-space output becomes those images in one place, :func:`sample_pixels` (the data's
+centring undone, clipped, times 255), which the metric rounds to uint8 (:func:`sample_images`)
+and the feature loss of the learned samplers (``deis_jax.evaluation.features.sample_features``)
+feeds unrounded, so that it is differentiable. FID is
 ``frechet_distance`` of the statistics of the Inception extractor
 (``deis_jax.evaluation.inception``); "FD-digits" is the same code with the digits classifier
 (``deis_jax.evaluation.digits_classifier``).
@@ -432,6 +436,22 @@ def load_feature_stats(path: str) -> FeatureStats | None:
             return FeatureStats(int(f["n"]), np.array(f["sum"]), np.array(f["sum_outer"]))
     except Exception as err:
         raise StatsFileError(f"statistics file {path!r} is damaged ({type(err).__name__})") from err
+
+
+def sample_pixels(x, centered: bool):
+    """Model-space samples (NHWC) -> pixel values in [0, 255], unrounded floats: the data's
+    centring undone and clipped to [0, 1] (``deis_jax.common.data.postprocess``), times 255.
+    numpy in, numpy out; a jax array (also traced) in, a jax array out, differentiable (zero
+    gradient where clipped). Every extractor takes these pixels: rounded by the metric
+    (:func:`sample_images`), as they are by the feature loss."""
+    return data.postprocess(x, centered) * 255.0
+
+
+def sample_images(x, centered: bool) -> np.ndarray:
+    """The uint8 images the metric scores of model-space samples ``x`` (host arrays):
+    :func:`sample_pixels` rounded to the nearest level (non-finite values read as 0)."""
+    pixels = sample_pixels(np.nan_to_num(np.asarray(x)), centered)
+    return np.round(pixels).astype(np.uint8)
 
 
 def stats_of_images(

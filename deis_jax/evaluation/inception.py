@@ -479,8 +479,16 @@ def load_inception_variables(path: str | None, sha256: str | None = None) -> dic
 # the extractor
 
 
+def pool_features(variables, images, *, resize: int | None = INPUT_SIZE) -> jax.Array:
+    """pool_3 features (B, 2048) of NHWC ``images`` in [0, 255]: the network and its own
+    preprocessing (:class:`InceptionV3`), not jitted. Float images need not be quantised, so
+    the features are differentiable in them (the feature loss of the learned samplers)."""
+    return InceptionV3(resize=resize).apply(variables, images)[0]
+
+
 class InceptionExtractor:
-    """``features_and_logits(images)``: pool_3 (B, 2048) and logits (B, 1008), jitted.
+    """``features_and_logits(images)``: pool_3 (B, 2048) and logits (B, 1008), jitted;
+    ``feature_fn()``: the pool_3 features as a differentiable function.
 
     ``images``: NHWC, values in [0, 255] (uint8 or float), any size (resized to 299), 1 or 3
     channels. ``weights_sha256`` identifies the weights in statistics caches.
@@ -493,6 +501,7 @@ class InceptionExtractor:
     def __init__(self, variables, weights_sha256: str, resize: int | None = INPUT_SIZE):
         self.variables = jax.tree.map(jnp.asarray, variables)
         self.weights_sha256 = weights_sha256
+        self.resize = resize
         module = InceptionV3(resize=resize)
         self._apply = jax.jit(lambda v, x: module.apply(v, x))
 
@@ -505,6 +514,14 @@ class InceptionExtractor:
     def features_and_logits(self, images):
         """``(pool features (B, 2048), logits)`` of images in [0, 255]."""
         return self._apply(self.variables, jnp.asarray(images))
+
+    def feature_fn(self) -> jax.tree_util.Partial:
+        """``images -> pool_3 features`` (:func:`pool_features`) with the weights bound as the
+        pytree leaves of a ``jax.tree_util.Partial``: an argument of a jitted caller, never
+        constants baked into its program."""
+        return jax.tree_util.Partial(
+            functools.partial(pool_features, resize=self.resize), self.variables
+        )
 
 
 def _main(argv: list[str]) -> int:

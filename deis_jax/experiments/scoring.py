@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from deis_jax.common import data, image_grid, parallel
+from deis_jax.common import data, parallel
 from deis_jax.evaluation import features, fid
 from deis_jax.evaluation.discretization import reference_output
 from deis_jax.evaluation.features import Reference
@@ -209,7 +209,7 @@ class SampleScorer:
             nonfinite += [offset + int(i) for i in nonfinite_samples(x)]
             if offset < m:
                 rmse_out.append(x[: m - offset].astype(np.float64))
-            images = image_grid.to_uint8(data.postprocess(np.nan_to_num(x), self.centered))
+            images = fid.sample_images(x, self.centered)
             f, logits = self.extractor.features_and_logits(images)
             f = np.asarray(jax.device_get(f), np.float64)
             stats.update(f)

@@ -23,6 +23,25 @@ one :func:`deis_jax.fitting.fit_sampler` shares between every recipe.
 * ``trajectory`` (AMED's loss for multistep students): the student rolls out its own
   trajectory (history carried) and is compared at every grid point, summed;
 * ``endpoint``: the rollout compared at its final point only (LD3's objective);
+* ``features`` (the EPD / AdaSDE papers' loss, specs/epd_adasde.md section 0, 1.5, 2.4): the
+  rollout compared with the teacher's states in L2 at every grid point but the last, and its
+  final state in the feature space of a differentiable network ``phi``
+  (``feature_fn``, model-space samples -> features), weighted by ``feature_weight`` (the
+  papers' alpha: 10 for EPD, 20-50 for AdaSDE)::
+
+      loss_b = sum_{k<N} |x_k - y_k|^2 / D  +  alpha * |phi(x_N) - phi(y_N)|^2 / F
+
+  (x_k the student's state at grid point k of N, y_k the teacher's, D the state's and F the
+  feature's size; phi(y_N) is a constant). For images ``phi`` is ``config.eval``'s extractor
+  on the pixels the metric scores, unrounded (``deis_jax.evaluation.features``): the FID
+  Inception's pool_3, or the digits classifier. The papers' L2 is a sum over pixels and
+  their final term ``alpha * |.|^2 / F`` broadcast over every pixel, i.e. both are ``D``
+  times these terms: the same ratio;
+* ``features_endpoint``: the final term alone, ``alpha * |phi(x_N) - phi(y_N)|^2 / F``
+  (EPD-Solver's regime on pixel models at NFE 3 / 5 / 7, where only that term is
+  backpropagated; like ``endpoint`` it needs the teacher's endpoints only). With
+  ``phi`` the identity and ``alpha = 1`` it is ``endpoint`` (and ``features`` is
+  ``trajectory``);
 * ``auto`` (default): ``teacher_forced`` for one-step students, ``endpoint`` for the
   multistep ``amed_ipndm``. On the 64-D mixture at NFE 7 the iPNDM plugin trained on
   ``trajectory`` reached a held-out RMSE of 0.030-0.044 (worse than plain iPNDM's 0.021: the
@@ -140,7 +159,27 @@ def student_targets(plan: SamplingPlan, teacher: Teacher) -> np.ndarray:
 # --- the loss -------------------------------------------------------------------------------
 
 
-LOSSES = ("auto", "teacher_forced", "trajectory", "endpoint")
+L2_LOSSES = ("auto", "teacher_forced", "trajectory", "endpoint")
+FEATURE_LOSSES = ("features", "features_endpoint")  # need feature_fn
+LOSSES = L2_LOSSES + FEATURE_LOSSES
+DEFAULT_FEATURE_WEIGHT = 10.0  # EPD's alpha (specs/epd_adasde.md section 1.5)
+
+
+def check_feature_fn(loss: str, feature_fn, feature_weight: float = DEFAULT_FEATURE_WEIGHT):
+    """``ValueError`` unless ``feature_fn`` is given exactly for the feature losses (and
+    their ``feature_weight`` is a positive number)."""
+    if loss in FEATURE_LOSSES:
+        if feature_fn is None:
+            raise ValueError(
+                f"loss={loss!r} compares the final states in a feature space: pass feature_fn "
+                "(model-space samples -> features, e.g. "
+                "deis_jax.evaluation.features.sample_features(extractor, centered).fn)"
+            )
+        if not (np.isfinite(feature_weight) and feature_weight > 0):
+            raise ValueError(f"feature_weight must be a positive number, got {feature_weight!r}")
+    elif feature_fn is not None:
+        raise ValueError(f"feature_fn is for the losses {FEATURE_LOSSES}, not loss={loss!r} "
+                         "(an L2 loss has no feature space)")  # fmt: skip
 
 
 def resolve_loss(plan: SamplingPlan, loss: str) -> str:
@@ -165,12 +204,18 @@ def per_sample_loss(
     loss: str = "auto",
     key: jax.Array | None = None,
     sample_index: jax.Array | None = None,
+    *,
+    feature_fn: Callable[[jax.Array], jax.Array] | None = None,
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT,
 ) -> jax.Array:
     """The distillation loss per sample (B,) (module docstring): ``|x^student - x^teacher|^2
-    / D`` at the steps' ends, teacher-forced, along the rollout or at its end. A stochastic
+    / D`` at the steps' ends, teacher-forced, along the rollout or at its end; the feature
+    losses replace the last term by ``feature_weight * |phi(x^student) - phi(x^teacher)|^2
+    / F`` with ``phi = feature_fn`` (required for them, refused for the others). A stochastic
     student (AdaSDE) takes ``key`` and the rows' global ``sample_index``: its noise is the
     sampler's per-sample noise, so each training start keeps its noise across updates."""
     loss = resolve_loss(plan, loss)
+    check_feature_fn(loss, feature_fn, feature_weight)
     dtype = x_T.dtype
     targets = jnp.asarray(targets, dtype)
     n = plan.num_steps
@@ -178,14 +223,22 @@ def per_sample_loss(
     def err(a, b):
         return jnp.mean((a - b).reshape(a.shape[0], -1) ** 2, axis=1)
 
+    def feature_err(a, b):  # the teacher's features are constants
+        fa, fb = feature_fn(a), jax.lax.stop_gradient(feature_fn(b))
+        return (feature_weight * err(fa, fb)).astype(dtype)
+
     run = functools.partial(run_table, eps_fn, structure=plan.structure, rule=plan.rule,
                             rule_params=params, first_eps_scale=plan.first_eps_scale,
                             key=key, sample_index=sample_index)  # fmt: skip
     if loss == "endpoint":
         return err(run(plan.table, x_T), targets[:, -1])
-    if loss == "trajectory":
+    if loss == "features_endpoint":
+        return feature_err(run(plan.table, x_T), targets[:, -1])
+    if loss in ("trajectory", "features"):
         _, states = run(plan.table, x_T, trajectory=True)
-        return sum(err(states[k + 1], targets[:, k]) for k in range(n))
+        total = sum(err(states[k + 1], targets[:, k]) for k in range(n - 1))
+        last = err if loss == "trajectory" else feature_err
+        return total + last(states[n], targets[:, n - 1])
     starts = [x_T] + [targets[:, k] for k in range(n - 1)]
     total = 0.0
     for k in range(n):
@@ -194,12 +247,15 @@ def per_sample_loss(
     return total
 
 
-def _mean_loss(plan, loss, params, eps_fn, x_T, targets, key=None, sample_index=None):
-    return jnp.mean(per_sample_loss(plan, params, eps_fn, x_T, targets, loss, key, sample_index))
+def _mean_loss(plan, loss, feature_weight, params, eps_fn, x_T, targets, key=None,
+               sample_index=None, feature_fn=None):  # fmt: skip
+    return jnp.mean(per_sample_loss(plan, params, eps_fn, x_T, targets, loss, key, sample_index,
+                                    feature_fn=feature_fn,
+                                    feature_weight=feature_weight))  # fmt: skip
 
 
-_loss_and_grad = jax.jit(jax.value_and_grad(_mean_loss, argnums=2), static_argnums=(0, 1))
-_loss = jax.jit(_mean_loss, static_argnums=(0, 1))
+_loss_and_grad = jax.jit(jax.value_and_grad(_mean_loss, argnums=3), static_argnums=(0, 1, 2))
+_loss = jax.jit(_mean_loss, static_argnums=(0, 1, 2))
 
 
 def init_params(plan: SamplingPlan, eps_fn: EpsFn, x_T, seed: int = 0, init: str = "neutral"):
@@ -379,9 +435,17 @@ def fit_amed(
     callback: Callable[[int, float, float | None], None] | None = None,
     progress: Callable[[int], None] | None = None,
     init: str = "neutral",
+    feature_fn: Callable[[jax.Array], jax.Array] | None = None,
+    feature_id: str = "",
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT,
 ) -> AmedFit:
     """Train ``plan``'s predictor on ``teacher`` with ``loss`` (``LOSSES``, module
-    docstring). The teacher's last ``validation_fraction`` of its starting points are held out
+    docstring). The feature losses need ``feature_fn`` (model-space samples -> features; a
+    ``jax.tree_util.Partial`` keeps a network's weights arguments of the compiled step) and
+    its ``feature_weight``; a resumable fit of them (``state_path``) also ``feature_id``,
+    naming the feature network (and its weights) in the state's identity, so that a state
+    fitted with another loss or feature network is not resumed. ``feature_fn`` is refused for
+    the L2 losses. The teacher's last ``validation_fraction`` of its starting points are held out
     for early stopping (at least one; the same split as ``optimize_grid``), the rest drive
     Adam(``learning_rate``, AMED's 5e-3) in minibatches of ``batch_size`` (None: all). The
     ``endpoint`` loss needs only the teacher's endpoints (any teacher of these ``x_T``, e.g.
@@ -395,12 +459,21 @@ def fit_amed(
     the validation loss is a deterministic function of the parameters)."""
     check_amed_plan(plan)
     loss = resolve_loss(plan, loss)
+    check_feature_fn(loss, feature_fn, feature_weight)
+    with_features = loss in FEATURE_LOSSES
+    if with_features and state_path is not None and not feature_id:
+        raise ValueError(f"a resumable fit (state_path) with loss={loss!r} needs feature_id, "
+                         "naming the feature network and its weights in the state's "
+                         "identity")  # fmt: skip
+    feature_weight = float(feature_weight) if with_features else DEFAULT_FEATURE_WEIGHT
+    phi = model_argument(feature_fn) if with_features else None
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     start = time.perf_counter()
     x_T = np.asarray(teacher.x_T)
-    # the endpoint loss reads targets[:, -1] only: the teacher's x0
-    targets = teacher.x0[:, None] if loss == "endpoint" else student_targets(plan, teacher)
+    # the endpoint losses read targets[:, -1] only: the teacher's x0
+    endpoint_only = loss in ("endpoint", "features_endpoint")
+    targets = teacher.x0[:, None] if endpoint_only else student_targets(plan, teacher)
     num_val = max(1, int(round(validation_fraction * len(x_T))))
     if num_val >= len(x_T):
         raise ValueError(f"need at least 2 teacher trajectories, got {len(x_T)}")
@@ -414,16 +487,19 @@ def fit_amed(
 
     def loss_and_grads(p, idx):
         index = jnp.asarray(idx) if plan.stochastic else None
-        value, grads = _loss_and_grad(plan, loss, p, f, train_x[idx], train_y[idx], key, index)
+        value, grads = _loss_and_grad(plan, loss, feature_weight, p, f, train_x[idx],
+                                      train_y[idx], key, index, phi)  # fmt: skip
         return value, None, grads
 
     def val_loss(p) -> float:
-        return float(_loss(plan, loss, p, f, val_x, val_y, key, val_index))
+        return float(_loss(plan, loss, feature_weight, p, f, val_x, val_y, key, val_index, phi))
 
-    identity = json.dumps({"model": model_id, "plan": _plan_identity(plan), "loss": loss,
-                           "init": init,
-                           "teacher": teacher.settings.get("x_T_sha256"),
-                           "targets": array_digest(targets[:, -1])}, sort_keys=True)  # fmt: skip
+    identity = {"model": model_id, "plan": _plan_identity(plan), "loss": loss, "init": init,
+                "teacher": teacher.settings.get("x_T_sha256"),
+                "targets": array_digest(targets[:, -1])}  # fmt: skip
+    if with_features:  # (absent otherwise: the states of the L2 losses keep their identity)
+        identity.update(features=feature_id, feature_weight=feature_weight)
+    identity = json.dumps(identity, sort_keys=True)
     setup_seconds = time.perf_counter() - start  # this call's; the loop's are summed over runs
     loop = fit_adam(loss_and_grads, val_loss, params, len(train_x), steps=steps,
                     learning_rate=learning_rate, batch_size=batch_size, patience=patience,
@@ -433,6 +509,7 @@ def fit_amed(
                     name="amed")  # fmt: skip
     provenance = {
         "objective": "amed-distillation", "loss": loss, "model_id": model_id,
+        **({"features": feature_id, "feature_weight": feature_weight} if with_features else {}),
         "teacher": {k: teacher.settings.get(k) for k in ("solver", "substeps", "num_points")},
         "teacher_error_estimate": teacher.error_estimate,
         "num_train": len(train_x), "num_val": num_val, "steps_run": len(loop.train_loss),

@@ -29,8 +29,11 @@ and loop precision of every LD3 fit, ``deis_jax.fitting.ld3``), ``validation_fra
 ``teacher_points``, ``teacher_grid``,
 ``teacher_substeps`` / ``heldout_substeps`` (RK4 steps per teacher interval), ``amed``
 (variant ``amed``, for AMED and the probe methods EPD/EPD-Plugin/AdaSDE: ``loss``,
-``steps``, ``learning_rate``, ``batch_size``, ``patience`` and
-``seed``; its teacher is the grid fitter's, ``teacher_points`` and ``teacher_substeps``, with the
+``feature_weight``, ``steps``, ``learning_rate``, ``batch_size``, ``patience`` and
+``seed``; the feature losses ``features`` / ``features_endpoint`` are for image models: their
+feature network is ``config.eval``'s extractor, the one FD / FID uses, so ``config.eval``
+must be valid -- with the Inception weights file for ``fid`` -- and the mixtures refuse them;
+its teacher is the grid fitter's, ``teacher_points`` and ``teacher_substeps``, with the
 student's grid points added), ``max_delta``
 (bound of the learned corrections, relative), ``gits_metric``, ``gits_gamma``, ``ld3`` (the
 settings of ``deis_jax.fitting.ld3.fit_ld3``), ``plot_nfe``, ``x64``, ``params``, ``fd`` (image
@@ -50,7 +53,7 @@ from deis_jax.evaluation.metrics import mean_log_prob
 from deis_jax.experiments import gmm, validation
 from deis_jax.experiments.engine import Cell, Progress, run_cells
 from deis_jax.experiments.fit import cells as fitting
-from deis_jax.fitting.amed import LEARNED_METHODS
+from deis_jax.fitting.amed import FEATURE_LOSSES, L2_LOSSES, LEARNED_METHODS
 from deis_jax.fitting.amed import LOSSES as AMED_LOSSES
 from deis_jax.fitting.gits import METRICS as GITS_METRICS
 from deis_jax.fitting.ld3 import LOSSES as LD3_LOSSES
@@ -134,7 +137,16 @@ def validate(config) -> Plan:
             cv.require_number(config, f"fit.amed.{field}", integer=True,
                               minimum=0 if field in ("steps", "seed") else 1)  # fmt: skip
         cv.require_number(config, "fit.amed.learning_rate", minimum=0, exclusive_minimum=True)
-        cv.require_choice(config, "fit.amed.loss", AMED_LOSSES)
+        loss = cv.require_choice(config, "fit.amed.loss", AMED_LOSSES)
+        if loss in FEATURE_LOSSES:
+            if config.data.name == "gmm":
+                raise cv.ConfigError(
+                    f"config.fit.amed.loss={loss!r} compares final states in the feature space "
+                    "of config.eval's image network (FID Inception / digits classifier), which "
+                    f"the gmm mixtures do not have; use one of {L2_LOSSES}"
+                )
+            cv.require_number(config, "fit.amed.feature_weight", minimum=0,
+                              exclusive_minimum=True)  # fmt: skip
         batch = cv.get_field(config, "fit.amed.batch_size")
         if batch is not None:
             cv.require_number(config, "fit.amed.batch_size", integer=True, minimum=1)
@@ -205,7 +217,8 @@ def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitt
 
 def check_inputs(config, workdir: str, plan: Plan) -> None:
     """For an image model: the checkpoint (unless ``fit.params='random'``; its structure
-    too: ``verify_sampling_params``) and, when the fit is scored by a feature distance
+    too: ``verify_sampling_params``), ``config.eval`` (with the Inception weights file) when
+    an AMED fit uses a feature loss, and, when the fit is scored by a feature distance
     (``fit.fd``), ``config.eval`` and the FID reference."""
     if config.data.name == "gmm":
         return
@@ -214,7 +227,7 @@ def check_inputs(config, workdir: str, plan: Plan) -> None:
     from deis_jax.models.loading import verify_sampling_params
 
     scored = bool(config.fit.get("fd"))
-    if scored:  # the fit's own validation does not read config.eval
+    if scored or _feature_loss(config, plan):  # the fit's own validation does not read it
         features.validate_eval(config)
     if config.fit.params == "checkpoint":
         verify_sampling_params(config, workdir)
@@ -242,6 +255,11 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
     scorer = None
     if config.fit.get("fd") and model is not None:
         scorer = fd_scorer(config, workdir, plan.schedule, model)
+    sample_features = None  # the feature loss's network: config.eval's extractor
+    if _feature_loss(config, plan) and model is not None:
+        from deis_jax.evaluation import features
+
+        sample_features = features.sample_features_from_config(config)
 
     def compute(cell: Cell, advance: Progress) -> dict:
         name, choice, nfe, variant = cell.payload
@@ -252,7 +270,8 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
                                               os.path.join(workdir, "teachers"),
                                               with_fit)  # fmt: skip
         record = fitting.compute_cell(settings, plan.schedule, problems[name], teachers[name],
-                                      choice, nfe, variant, workdir, scorer=scorer)  # fmt: skip
+                                      choice, nfe, variant, workdir, scorer=scorer,
+                                      features=sample_features)  # fmt: skip
         jax.clear_caches()  # every fit compiles its own programs: keep memory flat over cells
         return record
 
@@ -272,6 +291,11 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
             print(f"{row[0]} NFE {row[1]}: best fixed {row[2]} {row[3]:.3e}, "
                   f"best fitted {row[4]} {row[5]:.3e} ({row[6]:.2f}x)")  # fmt: skip
     return records
+
+
+def _feature_loss(config, plan: Plan) -> bool:
+    """Whether the run's AMED fits use a feature loss (``config.fit.amed.loss``)."""
+    return "amed" in plan.variants and config.fit.amed.loss in FEATURE_LOSSES
 
 
 def fd_scorer(config, workdir: str, schedule: NoiseSchedule, model):

@@ -53,7 +53,7 @@ from deis_jax.evaluation.metrics import nll_gap
 from deis_jax.experiments import build
 from deis_jax.experiments.build import grid_path
 from deis_jax.experiments.engine import FAILED
-from deis_jax.fitting.amed import LEARNED_METHODS, amed_teacher, fit_amed
+from deis_jax.fitting.amed import FEATURE_LOSSES, LEARNED_METHODS, amed_teacher, fit_amed
 from deis_jax.fitting.optimize import endpoint_samples, optimize_grid, sample_distances
 from deis_jax.fitting.recipes import fit_sampler
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
@@ -123,7 +123,7 @@ class FitSettings(NamedTuple):
     gits_metric: str
     gits_gamma: float
     ld3: dict[str, Any]  # optimize_grid's ld3_settings
-    amed: dict[str, Any]  # loss, steps, learning_rate, batch_size, patience, seed
+    amed: dict[str, Any]  # loss, feature_weight, steps, learning_rate, batch_size, patience, seed
     budget: str = "nfe"  # how fit.nfes count: "nfe" (evaluations) or "parallel_nfe" (rounds)
 
     @classmethod
@@ -194,10 +194,13 @@ def compute_cell(
     workdir: str,
     callback=None,
     scorer=None,
+    features=None,
 ) -> dict[str, Any]:
     """One cell's record: held-out RMSE of the variant (and the fit's numbers for fitted
     variants, whose grid file is written to :func:`grid_path` under ``workdir``); with a
-    ``scorer`` (``deis_jax.experiments.scoring.SampleScorer``) also ``fd``, its distance."""
+    ``scorer`` (``deis_jax.experiments.scoring.SampleScorer``) also ``fd``, its distance.
+    ``features``: the feature network of ``settings.amed['loss']`` when it is a feature loss
+    (``deis_jax.evaluation.features.SampleFeatures``)."""
     sampler = settings.sampler
     label = FIT_SAMPLER if choice is None else choice.label
     record: dict[str, Any] = {"problem": problem.name, "method": label,
@@ -206,7 +209,8 @@ def compute_cell(
         plan, rule_params = _fit_sampler(settings, schedule, problem, teach, nfe, variant,
                                          workdir, record)  # fmt: skip
     elif variant == "amed":
-        plan, rule_params = _train_amed(settings, schedule, problem, choice, nfe, workdir, record)
+        plan, rule_params = _train_amed(settings, schedule, problem, choice, nfe, workdir,
+                                        record, features)  # fmt: skip
     elif variant in FITTED_VARIANTS:
         rule_params = None
         grid = optimize_grid(
@@ -289,10 +293,18 @@ def _fixed_plan(sampler: dict[str, Any], schedule, problem: FitProblem, choice: 
 
 
 def _train_amed(settings: FitSettings, schedule, problem: FitProblem, choice: MethodChoice,
-                nfe: int, workdir: str, record: dict):  # fmt: skip
+                nfe: int, workdir: str, record: dict, features=None):  # fmt: skip
     """Train the cell's AMED predictor (teacher cached under ``teachers/``, resumable state
-    under ``amed_state/``), write its file; returns ``(plan, params)`` and fills ``record``."""
+    under ``amed_state/``), write its file; returns ``(plan, params)`` and fills ``record``.
+    A feature loss needs ``features`` (``SampleFeatures``: its function and identity)."""
     amed = settings.amed
+    feature_args = {}
+    if amed["loss"] in FEATURE_LOSSES:
+        if features is None:
+            raise ValueError(f"config.fit.amed.loss={amed['loss']!r} needs the feature network "
+                             "(compute_cell(..., features=SampleFeatures))")  # fmt: skip
+        feature_args = dict(feature_fn=features.fn, feature_id=features.identity,
+                            feature_weight=float(amed["feature_weight"]))  # fmt: skip
     plan = _fixed_plan(settings.sampler, schedule, problem, choice, nfe, None, settings.budget)
     name = f"{problem.name}_{fingerprint([choice.label, [float(t) for t in plan.ts]])}"
     os.makedirs(os.path.join(workdir, "teachers"), exist_ok=True)
@@ -310,6 +322,7 @@ def _train_amed(settings: FitSettings, schedule, problem: FitProblem, choice: Me
         batch_size=amed["batch_size"], patience=int(amed["patience"]),
         seed=int(amed["seed"]), model_id=problem.model_id,
         state_path=os.path.join(workdir, "amed_state", f"{name}_nfe{nfe}.state"),
+        **feature_args,
     )  # fmt: skip
     fit.predictor.save(path)
     prov = fit.predictor.provenance
@@ -352,6 +365,10 @@ def experiment_fingerprint(config) -> str:
     identity = {k: config[k].to_dict() for k in ("sde", "data", "fit")}
     if "amed" not in config.fit.variants:  # AMED settings matter to amed cells only
         identity["fit"].pop("amed", None)
+    elif config.fit.amed.get("loss") in FEATURE_LOSSES:  # and the feature network
+        identity["feature_network"] = config.eval.metric
+    else:  # the weight matters to the feature losses only
+        identity["fit"]["amed"].pop("feature_weight", None)
     keys = ("grid", "grid_power", "t0", "t1", "options")  # (amed settings: inside config.fit)
     identity["sampler"] = {k: config.sampler.get(k) for k in keys}
     identity["seed"] = config.seed
