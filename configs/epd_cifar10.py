@@ -8,10 +8,9 @@
         --config.sampling.checkpoint=... --config.eval.inception_weights=...
 
 ``:edm`` is the papers' network (``configs/edm_cifar10_vp.py``), ``:score_sde`` this project's
-CIFAR-10 checkpoint. The ``epd_imagenet64`` table (``configs/edm_imagenet64_cond.py``
-``--mode=table --config.table=epd_imagenet64``) needs files fitted on EDM's class-conditional
-ImageNet-64 ADM, which ``--mode=fit`` does not support yet (a class per trajectory). The
-methods are the rows of the ``epd_cifar10`` table
+CIFAR-10 checkpoint. The ``epd_imagenet64`` table's files are fitted on EDM's
+class-conditional ImageNet-64 ADM by ``configs/epd_imagenet64.py`` (a class per trajectory).
+The methods are the rows of the ``epd_cifar10`` table
 (``deis_jax.experiments.table.cells``) with the released runs' settings (specs/epd_adasde.md
 §1.5, §2.4): K = 2 probes for EPD (``scale_dir`` 0.05, ``scale_time`` 0.05, 0.1 on
 ImageNet-64), the plugin on iPNDM with q_max = 3 (order 2, ``scale_time`` 0.2), AdaSDE with

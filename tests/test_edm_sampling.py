@@ -203,7 +203,9 @@ def test_table_runs_end_to_end_on_the_conditional_fixture_model(converted, tmp_p
     assert [r["value"] for r in again] != [r["value"] for r in records]
 
 
-def test_fit_mode_refuses_a_class_conditional_network(converted):
+def test_fit_mode_takes_a_class_conditional_network_and_checks_its_labels(converted):
+    """``--mode=fit`` validates a class-conditional network (each starting point gets a
+    class: tests/test_conditional_fit.py) and refuses a bad ``sampling.labels`` by name."""
     from configs import amed_cifar10
     from deis_jax.experiments.modes import get_mode
 
@@ -213,5 +215,7 @@ def test_fit_mode_refuses_a_class_conditional_network(converted):
     config.model.kwargs = ml_collections.ConfigDict(m.meta["constructor_kwargs"])
     config.data.image_size = 16
     config.sampling.checkpoint = converted
-    with pytest.raises(ConfigError, match="class-conditional network \\(10 classes\\)"):
+    assert get_mode("fit").validate(config).cells
+    config.sampling.labels = "all"
+    with pytest.raises(ConfigError, match="config.sampling.labels must be one of"):
         get_mode("fit").validate(config)

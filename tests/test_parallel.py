@@ -91,8 +91,8 @@ def conditional_run(out_dir: str, sampler, eps_fn) -> None:
     from deis_jax.experiments import generation
     from deis_jax.sampling.class_labels import ClassLabels
 
-    def bind(params, classes):
-        return lambda x, t: eps_fn(x + 0.1 * classes[:, None].astype(x.dtype), t)
+    def bind(params):  # a conditional eps takes the rows' classes with each call
+        return lambda x, t, labels: eps_fn(x + 0.1 * labels[:, None].astype(x.dtype), t)
 
     generation.generate_samples(
         out_dir, sampler, num_samples=NUM_SAMPLES, sample_shape=(16,), seed=7,

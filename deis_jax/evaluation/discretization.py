@@ -44,12 +44,15 @@ class DiscretizationResult:
         return not errors or self.reference.error_estimate < 0.1 * min(errors)
 
 
-def reference_output(sampler: Sampler, reference: ReferenceSolve) -> np.ndarray:
-    """The reference endpoint, passed through the sampler's final denoise step if it has one."""
+def reference_output(sampler: Sampler, reference: ReferenceSolve, labels=None) -> np.ndarray:
+    """The reference endpoint, passed through the sampler's final denoise step if it has one
+    (``labels``: the rows' classes, a class-conditional network)."""
     if sampler.final_table is None:
         return reference.x0
     x = jax.numpy.asarray(reference.x0)
-    out = jax.jit(lambda x: run_table(sampler.eps_fn, sampler.final_table, x))(x)
+    out = jax.jit(lambda x, c: run_table(sampler.eps_fn, sampler.final_table, x, labels=c))(
+        x, labels
+    )
     return np.asarray(out, np.float64)
 
 

@@ -244,7 +244,8 @@ class SampleScorer:
         if m:
             ref = self.rmse_reference()
             bound = dataclasses.replace(sampler, eps_fn=self.model.eps_fn())
-            record["rmse"] = rmse(np.concatenate(rmse_out)[:m], reference_output(bound, ref))
+            want = reference_output(bound, ref, self._labels_of(m))
+            record["rmse"] = rmse(np.concatenate(rmse_out)[:m], want)
             record["rmse_reference_error"] = ref.error_estimate
         record["seconds"] = time.perf_counter() - start
         return record

@@ -48,6 +48,11 @@ one :func:`deis_jax.fitting.fit_sampler` shares between every recipe.
   early, large-noise points dominate the sum) and 0.014 on ``endpoint``; for AMED-Solver
   the teacher-forced loss was as good or better (0.030 against 0.036 at NFE 7).
 
+**Class labels.** For a class-conditional network the teacher carries each trajectory's class
+(``amed_teacher(..., labels=...)``, ``Teacher.labels``); every loss evaluation passes the
+labels of its rows -- the minibatch's, indexed with its ``x_T`` -- to the student's network
+calls (``sample(..., labels=...)``).
+
 The paper takes one Adam step per interval and detaches the rollout between intervals; here
 one step on the whole loss is taken, gradients flowing through the rollout (the same
 stationary points for the teacher-forced students).
@@ -133,14 +138,16 @@ def amed_teacher(
     num_points: int = 61,
     substeps: int = 4,
     batch_size: int | None = None,
+    labels=None,
 ) -> Teacher:
     """The cached teacher of ``x_T`` for ``plan``'s student: the grid fitter's teacher
     (``num_points`` in log-SNR, ``substeps`` RK4 steps each) on :func:`teacher_grid`, with
-    its states kept at the student's grid points only."""
+    its states kept at the student's grid points only (``labels``: the class of every row of
+    ``x_T``, a class-conditional network)."""
     return load_or_solve_teacher(path, plan.schedule, eps_fn, x_T, model_id=model_id,
                                  ts=teacher_grid(plan, num_points), substeps=substeps,
                                  keep_states=True, state_ts=plan.ts,
-                                 batch_size=batch_size)  # fmt: skip
+                                 batch_size=batch_size, labels=labels)  # fmt: skip
 
 
 def student_targets(plan: SamplingPlan, teacher: Teacher) -> np.ndarray:
@@ -204,6 +211,7 @@ def per_sample_loss(
     loss: str = "auto",
     key: jax.Array | None = None,
     sample_index: jax.Array | None = None,
+    labels: jax.Array | None = None,
     *,
     feature_fn: Callable[[jax.Array], jax.Array] | None = None,
     feature_weight: float = DEFAULT_FEATURE_WEIGHT,
@@ -213,7 +221,8 @@ def per_sample_loss(
     losses replace the last term by ``feature_weight * |phi(x^student) - phi(x^teacher)|^2
     / F`` with ``phi = feature_fn`` (required for them, refused for the others). A stochastic
     student (AdaSDE) takes ``key`` and the rows' global ``sample_index``: its noise is the
-    sampler's per-sample noise, so each training start keeps its noise across updates."""
+    sampler's per-sample noise, so each training start keeps its noise across updates.
+    ``labels``: the rows' classes (a class-conditional network)."""
     loss = resolve_loss(plan, loss)
     check_feature_fn(loss, feature_fn, feature_weight)
     dtype = x_T.dtype
@@ -229,7 +238,7 @@ def per_sample_loss(
 
     run = functools.partial(run_table, eps_fn, structure=plan.structure, rule=plan.rule,
                             rule_params=params, first_eps_scale=plan.first_eps_scale,
-                            key=key, sample_index=sample_index)  # fmt: skip
+                            key=key, sample_index=sample_index, labels=labels)  # fmt: skip
     if loss == "endpoint":
         return err(run(plan.table, x_T), targets[:, -1])
     if loss == "features_endpoint":
@@ -248,9 +257,9 @@ def per_sample_loss(
 
 
 def _mean_loss(plan, loss, feature_weight, params, eps_fn, x_T, targets, key=None,
-               sample_index=None, feature_fn=None):  # fmt: skip
+               sample_index=None, labels=None, feature_fn=None):  # fmt: skip
     return jnp.mean(per_sample_loss(plan, params, eps_fn, x_T, targets, loss, key, sample_index,
-                                    feature_fn=feature_fn,
+                                    labels, feature_fn=feature_fn,
                                     feature_weight=feature_weight))  # fmt: skip
 
 
@@ -258,11 +267,13 @@ _loss_and_grad = jax.jit(jax.value_and_grad(_mean_loss, argnums=3), static_argnu
 _loss = jax.jit(_mean_loss, static_argnums=(0, 1, 2))
 
 
-def init_params(plan: SamplingPlan, eps_fn: EpsFn, x_T, seed: int = 0, init: str = "neutral"):
+def init_params(plan: SamplingPlan, eps_fn: EpsFn, x_T, seed: int = 0, init: str = "neutral",
+                labels=None):  # fmt: skip
     """Fresh predictor parameters: zero logits (``r = 1/2``, ``c = a = 1``) for the stepwise
     predictor; AMED's initialisation for the bottleneck one, its input width read off the
-    network's feature (``eps_with_features``) without running it; the probe tables'
-    ``init`` (``neutral``: the base step; ``normal``: the papers' N(0, 1) draw)."""
+    network's feature (``eps_with_features``, with the first row's class of ``labels`` for a
+    class-conditional network) without running it; the probe tables' ``init``
+    (``neutral``: the base step; ``normal``: the papers' N(0, 1) draw)."""
     check_amed_plan(plan)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -276,7 +287,8 @@ def init_params(plan: SamplingPlan, eps_fn: EpsFn, x_T, seed: int = 0, init: str
         return init_predictor(plan.rule.predictor, key)
     x = jnp.asarray(np.asarray(x_T)[:1])
     t = jnp.asarray(plan.ts[0], x.dtype)
-    shape = jax.eval_shape(lambda x: eps_with_features(eps_fn, x, t)[1], x).shape
+    first = None if labels is None else jnp.asarray(np.asarray(labels)[:1])
+    shape = jax.eval_shape(lambda x: eps_with_features(eps_fn, x, t, first)[1], x).shape
     return init_predictor(plan.rule.predictor, key, int(np.prod(shape[1:])))
 
 
@@ -456,7 +468,8 @@ def fit_amed(
     ``init``: the probe tables' start (:func:`init_params`). A stochastic student (AdaSDE)
     draws its noise from ``PRNGKey(seed)`` by global row (training rows ``0..``, validation
     rows after them): the same noise for a row at every update (common random numbers, so
-    the validation loss is a deterministic function of the parameters)."""
+    the validation loss is a deterministic function of the parameters). A class-conditional
+    network's classes are the teacher's ``labels``, indexed with its rows."""
     check_amed_plan(plan)
     loss = resolve_loss(plan, loss)
     check_feature_fn(loss, feature_fn, feature_weight)
@@ -480,25 +493,33 @@ def fit_amed(
     num_train = len(x_T) - num_val
     val_x, val_y = jnp.asarray(x_T[num_train:]), jnp.asarray(targets[num_train:])
     train_x, train_y = jnp.asarray(x_T[:num_train]), jnp.asarray(targets[:num_train])
+    labels = teacher.labels  # a class-conditional network: each trajectory's class
+    train_c = val_c = None
+    if labels is not None:
+        train_c, val_c = jnp.asarray(labels[:num_train]), jnp.asarray(labels[num_train:])
     f = model_argument(eps_fn)
-    params = init_params(plan, eps_fn, x_T, seed, init)
+    params = init_params(plan, eps_fn, x_T, seed, init, labels)
     key = jax.random.PRNGKey(seed) if plan.stochastic else None
     val_index = jnp.arange(num_train, len(x_T)) if plan.stochastic else None
 
     def loss_and_grads(p, idx):
         index = jnp.asarray(idx) if plan.stochastic else None
+        rows = None if train_c is None else train_c[idx]  # the minibatch's classes
         value, grads = _loss_and_grad(plan, loss, feature_weight, p, f, train_x[idx],
-                                      train_y[idx], key, index, phi)  # fmt: skip
+                                      train_y[idx], key, index, rows, phi)  # fmt: skip
         return value, None, grads
 
     def val_loss(p) -> float:
-        return float(_loss(plan, loss, feature_weight, p, f, val_x, val_y, key, val_index, phi))
+        return float(_loss(plan, loss, feature_weight, p, f, val_x, val_y, key, val_index, val_c,
+                           phi))  # fmt: skip
 
     identity = {"model": model_id, "plan": _plan_identity(plan), "loss": loss, "init": init,
                 "teacher": teacher.settings.get("x_T_sha256"),
                 "targets": array_digest(targets[:, -1])}  # fmt: skip
     if with_features:  # (absent otherwise: the states of the L2 losses keep their identity)
         identity.update(features=feature_id, feature_weight=feature_weight)
+    if labels is not None:  # (likewise for unconditional fits)
+        identity["labels"] = teacher.settings.get("labels_sha256")
     identity = json.dumps(identity, sort_keys=True)
     setup_seconds = time.perf_counter() - start  # this call's; the loop's are summed over runs
     loop = fit_adam(loss_and_grads, val_loss, params, len(train_x), steps=steps,

@@ -51,6 +51,10 @@ validation set. A fit that does not improve on its init says so: ``LD3Result.imp
 False and a :class:`NoFitWarning` names the plan. An update whose loss or gradient is not
 finite is skipped (and logged). With ``state_path`` the fit is resumable.
 
+**Class labels** (a class-conditional network): ``labels_train`` / ``labels_val`` give each
+starting point's class; every minibatch passes its rows' labels to the sampler
+(``sample(..., labels=...)``), indexed with its ``x_T`` and ``x0``.
+
 Precision: fit under ``jax_enable_x64`` with float64 ``x_T`` when the grid must be accurate;
 the returned grid is recomputed on the host in float64 from the best logits either way.
 """
@@ -181,10 +185,12 @@ def per_sample_loss(
     eps_fn: EpsFn,
     x_T: jax.Array,
     x0: jax.Array,
+    labels: jax.Array | None = None,
 ) -> jax.Array:
-    """``|Psi_params(x_T^b) - x0^b|^2 / D`` for every sample ``b`` (shape ``(B,)``)."""
+    """``|Psi_params(x_T^b) - x0^b|^2 / D`` for every sample ``b`` (shape ``(B,)``; the rows
+    of class ``labels``, a class-conditional network)."""
     table = fitted_table(plan, params, max_delta)
-    out = sample(plan, eps_fn, x_T, table=table)
+    out = sample(plan, eps_fn, x_T, table=table, labels=labels)
     err = (out - jnp.asarray(x0, out.dtype)).reshape(out.shape[0], -1)
     return jnp.mean(err**2, axis=1)
 
@@ -205,18 +211,19 @@ def reduce_losses(
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def _objective(plan, max_delta, loss, trim, params, eps_fn, x_T, x0):
-    losses = per_sample_loss(plan, max_delta, params, eps_fn, x_T, x0)
+def _objective(plan, max_delta, loss, trim, params, eps_fn, x_T, x0, labels=None):
+    losses = per_sample_loss(plan, max_delta, params, eps_fn, x_T, x0, labels)
     return reduce_losses(losses, loss, trim), losses
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _loss_and_grads(plan, max_delta, loss, trim, latent_grad, params, eps_fn, x_T, x0):
+def _loss_and_grads(plan, max_delta, loss, trim, latent_grad, params, eps_fn, x_T, x0,
+                    labels=None):  # fmt: skip
     """``((objective, per-sample squared distances), (d/dparams, d/dx_T or None))``; the
     latent gradient (for the soft teacher) only when ``latent_grad``."""
     argnums = (4, 6) if latent_grad else 4
     value, grads = jax.value_and_grad(_objective, argnums=argnums, has_aux=True)(
-        plan, max_delta, loss, trim, params, eps_fn, x_T, x0
+        plan, max_delta, loss, trim, params, eps_fn, x_T, x0, labels
     )
     return value, (grads if latent_grad else (grads, None))
 
@@ -235,6 +242,14 @@ def _check_inputs(x_T, x0, name: str) -> tuple[np.ndarray, np.ndarray]:
             f"got {x_T.shape} and {x0.shape}"
         )
     return x_T, x0
+
+
+def _check_labels(labels, n: int, name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels_{name} must be one int class per row of x_T_{name}, shape "
+                         f"({n},), got {labels.dtype}{list(labels.shape)}")  # fmt: skip
+    return labels
 
 
 def _project_to_ball(x: np.ndarray, center: np.ndarray, radius: float) -> np.ndarray:
@@ -297,6 +312,8 @@ def fit_ld3(
     callback: Callable[[int, float, float | None], None] | None = None,
     state_path: str | None = None,
     state_fingerprint: str = "",
+    labels_train=None,
+    labels_val=None,
 ) -> LD3Result:
     """Fit ``plan``'s grid (and with ``learn_table`` its coefficients) to teacher endpoints.
 
@@ -312,6 +329,9 @@ def fit_ld3(
     ``ball > 0`` turns on the soft teacher (module docstring; ``shift_lr`` default ``12/N``).
     ``callback(step, train_loss, val_loss)`` is called after every update (``val_loss`` None
     when the update was not evaluated). See the module docstring for the math.
+
+    ``labels_train`` / ``labels_val``: a class-conditional network's class of every training /
+    validation starting point (int, one per row; None: unconditional).
 
     ``state_path``: make the fit resumable (:func:`deis_jax.fitting.adam_loop.fit_adam`): a
     rerun with the same arguments continues from the state saved there and returns what an
@@ -337,6 +357,12 @@ def fit_ld3(
         raise ValueError(f"ball and max_delta must be >= 0, got {ball} and {max_delta}")
     x_T_train, x0_train = _check_inputs(x_T_train, x0_train, "train")
     x_T_val, x0_val = _check_inputs(x_T_val, x0_val, "val")
+    if (labels_train is None) != (labels_val is None):
+        raise ValueError("give labels_train and labels_val together (or neither)")
+    train_c = val_c = None
+    if labels_train is not None:
+        train_c = jnp.asarray(_check_labels(labels_train, len(x_T_train), "train"))
+        val_c = jnp.asarray(_check_labels(labels_val, len(x_T_val), "val"))
     # on the device once (the soft-teacher latents stay on the host: they are moved per batch)
     train_x, train_x0 = jnp.asarray(x_T_train), jnp.asarray(x0_train)
     val_x, val_x0 = jnp.asarray(x_T_val), jnp.asarray(x0_val)
@@ -349,7 +375,7 @@ def fit_ld3(
         params["raw"] = jnp.zeros(correction_mask(plan.table).shape)
 
     def val_loss_of(p: Params) -> float:
-        losses = _per_sample_loss_jit(plan, max_delta, p, f, val_x, val_x0)
+        losses = _per_sample_loss_jit(plan, max_delta, p, f, val_x, val_x0, val_c)
         return float(reduce_losses(losses, loss, trim))
 
     num_steps, num_train = plan.num_steps, len(x_T_train)
@@ -364,14 +390,18 @@ def fit_ld3(
         else:
             x_b = train_x if full else train_x[idx]
         x0_b = train_x0 if full else train_x0[idx]
+        c_b = train_c if full or train_c is None else train_c[idx]  # the rows' classes
         (value, losses), (g_params, g_x) = _loss_and_grads(
-            plan, max_delta, loss, trim, soft is not None, p, f, x_b, x0_b
+            plan, max_delta, loss, trim, soft is not None, p, f, x_b, x0_b, c_b
         )
-        return value, (losses, g_x, x0_b), g_params
+        return value, (losses, g_x, x0_b, c_b), g_params
 
     def soft_teacher_step(step: int, idx: np.ndarray, aux, new_params: Params) -> None:
-        losses, g_x, x0_b = aux
-        updated_loss = functools.partial(_per_sample_loss_jit, plan, max_delta, new_params, f)
+        losses, g_x, x0_b, c_b = aux
+
+        def updated_loss(x, x0):
+            return _per_sample_loss_jit(plan, max_delta, new_params, f, x, x0, c_b)
+
         soft.move(idx, losses, g_x, updated_loss, x0_b)
 
     extra = None
@@ -386,10 +416,12 @@ def fit_ld3(
         extra = ExtraState(get=lambda: {"moved": soft.moved, "lr": soft.lr}, set=set_soft)
     fingerprint = ""
     if state_path is not None:
+        data = (x_T_train, x0_train, x_T_val, x0_val)
+        if train_c is not None:  # (an unconditional fit's fingerprint is unchanged)
+            data += (np.asarray(train_c), np.asarray(val_c))
         fingerprint = _fingerprint(
-            state_fingerprint, plan, (learn_table, max_delta, loss, trim, ball, lr_shift),
-            (x_T_train, x0_train, x_T_val, x0_val),
-        )  # fmt: skip
+            state_fingerprint, plan, (learn_table, max_delta, loss, trim, ball, lr_shift), data
+        )
 
     loop_start = time.perf_counter()
     result = fit_adam(

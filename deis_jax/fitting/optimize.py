@@ -21,6 +21,9 @@ the probability-flow ODE from ``x_T`` on a fine grid over the sampler's interval
 For the common case -- which method, which fit, AFS or not -- use
 :func:`deis_jax.fitting.fit_sampler`, which tries the recipes that win and keeps the best.
 
+For a class-conditional network ``labels`` gives the class of every row of ``x_T``: the teacher
+is solved for them and every fit and measurement passes each row's class with it.
+
 The last ``validation_fraction`` of ``x_T`` is the validation split (LD3 stops on it; both
 objectives report the init and fitted loss on it). Held-out evaluation -- on ``x_T`` never used
 here -- is the caller's job (``--mode=fit`` does it).
@@ -39,7 +42,7 @@ import numpy as np
 from deis_jax.common.identity import describe_object
 from deis_jax.fitting import gits, ld3
 from deis_jax.fitting.grid_file import OBJECTIVES, OptimizedGrid
-from deis_jax.fitting.teacher import Teacher, solve_teacher
+from deis_jax.fitting.teacher import Teacher, check_labels, solve_teacher
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.wrappers import EpsFn, model_argument
@@ -52,18 +55,21 @@ def endpoint_samples(
     batch_size: int = 256,
     rule_params=None,
     key: jax.Array | None = None,
+    labels=None,
 ) -> np.ndarray:
     """``plan``'s endpoints ``Psi(x_T^b)`` (float64 on the host), in batches of ``batch_size``
     (``rule_params``: a learned rule's parameters, e.g. an AMED predictor's ``RuleParams``;
     ``key``: a stochastic plan's, the noise of row b keyed by its index in ``x_T``, so the
-    samples do not depend on ``batch_size``)."""
-    run = jax.jit(lambda plan, f, x, p, k, offset: sample(plan, f, x, k, index_offset=offset,
-                                                          rule_params=p),
-                  static_argnums=0)  # fmt: skip
+    samples do not depend on ``batch_size``; ``labels``: the class of every row of ``x_T``,
+    a class-conditional network)."""
+    run = jax.jit(lambda plan, f, x, p, k, offset, c: sample(
+        plan, f, x, k, index_offset=offset, rule_params=p, labels=c), static_argnums=0)  # fmt: skip
     f = model_argument(eps_fn)
-    out = [np.asarray(run(plan, f, x_T[start : start + batch_size], rule_params, key, start),
-                      np.float64)
-           for start in range(0, len(x_T), batch_size)]  # fmt: skip
+    out = []
+    for start in range(0, len(x_T), batch_size):
+        x = x_T[start : start + batch_size]
+        c = None if labels is None else jnp.asarray(labels[start : start + batch_size])
+        out.append(np.asarray(run(plan, f, x, rule_params, key, start, c), np.float64))
     return np.concatenate(out)
 
 
@@ -82,11 +88,12 @@ def endpoint_distances(
     batch_size: int = 256,
     rule_params=None,
     key: jax.Array | None = None,
+    labels=None,
 ) -> np.ndarray:
     """Per sample, the RMS distance per dimension ``|Psi(x_T^b) - x0^b| / sqrt(D)`` between
     ``plan``'s endpoint and ``x0`` (float64, shape ``(B,)``; the other arguments as
     :func:`endpoint_samples`)."""
-    samples = endpoint_samples(plan, eps_fn, x_T, batch_size, rule_params, key)
+    samples = endpoint_samples(plan, eps_fn, x_T, batch_size, rule_params, key, labels)
     return sample_distances(samples, x0)
 
 
@@ -126,8 +133,10 @@ def optimize_grid(
     ld3_settings: dict[str, Any] | None = None,
     fit_dtype: str | None = None,
     callback: Callable[[int, float, float], None] | None = None,
+    labels=None,
 ) -> OptimizedGrid:
-    """Fit the grid of ``method`` at ``nfe`` to ``eps_fn`` on the starting points ``x_T``.
+    """Fit the grid of ``method`` at ``nfe`` to ``eps_fn`` on the starting points ``x_T``
+    (``labels``: a class-conditional network's class of every row, int ``(n,)``).
 
     ``afs``: the analytical first step (``make_plan``): the fitted sampler skips the first
     network call and spends its ``nfe`` on one step more (often a large gain at 3-6 NFE).
@@ -171,6 +180,7 @@ def optimize_grid(
     if plan.stochastic:
         raise ValueError(f"method {method!r} is stochastic: only ODE samplers have a grid to fit")
     x_T = np.asarray(x_T)
+    labels = None if labels is None else check_labels(labels, len(x_T))
     num_val = max(1, int(round(validation_fraction * len(x_T))))
     if len(x_T) - num_val < 1:
         raise ValueError(f"x_T has {len(x_T)} samples: too few to split off a validation set")
@@ -179,14 +189,15 @@ def optimize_grid(
         teacher = solve_teacher(
             schedule, eps_fn, x_T, t0=float(plan.ts[-1]), t1=float(plan.ts[0]),
             num_points=teacher_points, substeps=teacher_substeps,
-            keep_states=objective == "gits", model_id=model_id,
+            keep_states=objective == "gits", model_id=model_id, labels=labels,
         )  # fmt: skip
-    elif teacher.x_T.shape != x_T.shape or not np.array_equal(teacher.x_T, x_T):
-        raise ValueError("teacher was solved from other x_T than the ones given")
+    else:
+        check_teacher(teacher, x_T, labels)
     train, val = slice(0, len(x_T) - num_val), slice(len(x_T) - num_val, None)
+    c_train, c_val = (None, None) if labels is None else (labels[train], labels[val])
     init_losses = {
         kind or "default": objective_value(
-            endpoint_distances(p, eps_fn, x_T[val], teacher.x0[val]), loss)
+            endpoint_distances(p, eps_fn, x_T[val], teacher.x0[val], labels=c_val), loss)
         for kind, p in plans.items()
     }  # fmt: skip
     init_kind = min(init_losses, key=init_losses.get)
@@ -200,7 +211,8 @@ def optimize_grid(
         fitted = make_plan(schedule, ts, method=method, order=plan.order, **options)
         fit.update(metric=gits_metric, gamma=gits_gamma)
         best_val = objective_value(endpoint_distances(fitted, eps_fn, x_T[val],
-                                                      teacher.x0[val]), loss)  # fmt: skip
+                                                      teacher.x0[val], labels=c_val),
+                                   loss)  # fmt: skip
     else:
         settings = dict(ld3_settings or {})
         dtype = x_T.dtype if fit_dtype is None else np.dtype(fit_dtype)
@@ -208,7 +220,7 @@ def optimize_grid(
         result = ld3.fit_ld3(
             plan, eps_fn, x_fit[train], x0_fit[train], x_fit[val], x0_fit[val],
             learn_table=learn_table, max_delta=max_delta, loss=loss, callback=callback,
-            **settings,
+            labels_train=c_train, labels_val=c_val, **settings,
         )  # fmt: skip
         ts, corrections = result.ts, result.raw
         best_val = float(result.best_val_loss)
@@ -247,9 +259,18 @@ def optimize_grid(
     if objective == "ld3" and fit["fit_dtype"] != str(x_T.dtype):
         # the fitted loss in the precision of the initial one (the loop ran in fit_dtype)
         provenance["val_loss_fitted"] = objective_value(
-            endpoint_distances(fitted.plan(schedule), eps_fn, x_T[val], teacher.x0[val]), loss
-        )
+            endpoint_distances(fitted.plan(schedule), eps_fn, x_T[val], teacher.x0[val],
+                               labels=c_val), loss)  # fmt: skip
     return fitted
+
+
+def check_teacher(teacher: Teacher, x_T: np.ndarray, labels) -> None:
+    """``ValueError`` unless ``teacher`` was solved from exactly ``x_T`` and ``labels``."""
+    if teacher.x_T.shape != x_T.shape or not np.array_equal(teacher.x_T, x_T):
+        raise ValueError("teacher was solved from other x_T than the ones given")
+    ours, theirs = labels is not None, teacher.labels is not None
+    if ours != theirs or (ours and not np.array_equal(teacher.labels, labels)):
+        raise ValueError("teacher was solved for other class labels than the ones given")
 
 
 def _initial_grids(grid: str | None) -> tuple[str | None, ...]:

@@ -33,6 +33,10 @@ and the report says why. The default sampler (``baseline``, iPNDM-3 on its defau
 candidate too, so the result is never worse than it on validation. The chosen candidate is the
 one with the lowest objective.
 
+**Class labels.** For a class-conditional network ``labels`` gives the class of every row of
+``x_T``: the teacher is solved for them, and every fit and every validation measurement passes
+each row's class with it (the fitted sampler itself is not tied to them).
+
 **The default loss** is ``rms`` (the mean of the per-sample distances, LD3's per-sample L2
 norm), chosen by measurement: on the outlier-prone 3072-D mixture
 (``GaussianMixture.scattered``) the squared loss (``mse``) bends the grid and table to chase
@@ -54,8 +58,13 @@ from deis_jax.common.identity import describe_object, settings_differences
 from deis_jax.fitting import ld3
 from deis_jax.fitting.amed import AmedPredictorFile, fit_amed
 from deis_jax.fitting.grid_file import OptimizedGrid
-from deis_jax.fitting.optimize import endpoint_distances, objective_value, optimize_grid
-from deis_jax.fitting.teacher import Teacher, solve_teacher
+from deis_jax.fitting.optimize import (
+    check_teacher,
+    endpoint_distances,
+    objective_value,
+    optimize_grid,
+)
+from deis_jax.fitting.teacher import Teacher, check_labels, solve_teacher
 from deis_jax.sampling.method_spec import parse_method_spec
 from deis_jax.sampling.rule_params import RuleParams
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
@@ -291,6 +300,7 @@ def fit_sampler(
     amed_settings: dict[str, Any] | None = None,
     max_delta: float = ld3.DEFAULT_MAX_DELTA,
     fit_dtype: str | None = "float32",
+    labels=None,
 ) -> FittedSampler:
     """Fit the recipes of ``recipe`` to ``eps_fn`` at the budget ``nfe`` on the starting
     points ``x_T`` and return the best candidate on the validation split (module docstring).
@@ -304,8 +314,9 @@ def fit_sampler(
     feature-free stepwise predictor at a rate of ``STEPWISE_AMED_LEARNING_RATE``).
     ``fit_dtype``: the precision of the LD3 loops (``optimize_grid``; float32 halves their time
     at image size; None: ``x_T``'s); the teacher and every measurement stay in ``x_T``'s
-    precision. Every fit is logged with its rate and ETA; the whole call with a
-    line per recipe.
+    precision. ``labels``: a class-conditional network's class of every row of ``x_T`` (int
+    ``(n,)``). Every fit is logged with its rate and ETA; the whole call with a line per
+    recipe.
     """
     check_schedule(schedule)
     recipes = resolve_recipes(recipe)
@@ -320,6 +331,7 @@ def fit_sampler(
     for r in recipes:  # every budget is checked before any work
         _base_plan(schedule, r, nfe, t0, t1, eps_fn)
     x_T = np.asarray(x_T)
+    labels = None if labels is None else check_labels(labels, len(x_T))
     num_val = max(1, int(round(validation_fraction * len(x_T))))
     if x_T.ndim < 2 or len(x_T) - num_val < 2:
         raise ValueError(f"x_T must be a batch (n, ...) with room for a training split and "
@@ -327,14 +339,16 @@ def fit_sampler(
     start = time.perf_counter()
     if teacher is None:
         teacher = solve_teacher(schedule, eps_fn, x_T, t0=t0, t1=t1, keep_states=False,
-                                model_id=model_id)  # fmt: skip
-    elif teacher.x_T.shape != x_T.shape or not np.array_equal(teacher.x_T, x_T):
-        raise ValueError("teacher was solved from other x_T than the ones given")
+                                model_id=model_id, labels=labels)  # fmt: skip
+    else:
+        check_teacher(teacher, x_T, labels)
     val = slice(len(x_T) - num_val, None)
+    c_val = None if labels is None else labels[val]
 
     def candidate(name, artifact, rule_params=None) -> _Candidate:
         plan = artifact.plan(schedule)
-        d = endpoint_distances(plan, eps_fn, x_T[val], teacher.x0[val], rule_params=rule_params)
+        d = endpoint_distances(plan, eps_fn, x_T[val], teacher.x0[val], rule_params=rule_params,
+                               labels=c_val)  # fmt: skip
         return _Candidate(name, artifact, d, loss)
 
     chosen = candidate(f"default ({baseline})", _fixed_grid(default, model_id))
@@ -437,5 +451,6 @@ def _fit_recipe(r: Recipe, schedule, eps_fn, x_T, teacher, nfe, t0, t1, loss,
                          afs=r.uses_afs(nfe), t0=t0, t1=t1, teacher=teacher,
                          validation_fraction=validation_fraction, model_id=model_id,
                          learn_table=r.table, max_delta=max_delta, loss=loss,
-                         ld3_settings=settings, fit_dtype=fit_dtype)  # fmt: skip
+                         ld3_settings=settings, fit_dtype=fit_dtype,
+                         labels=teacher.labels)  # fmt: skip
     return candidate(r.name, grid)

@@ -21,8 +21,14 @@ about 15 times the fine error.
 
 Teachers are cached as one ``.npz`` (written atomically) next to their settings: the solver,
 the fine grid, the schedule, the working dtype, the caller's ``model_id`` (e.g. a hash of the
-network parameters) and a sha256 of ``x_T``. :func:`load_or_solve_teacher` reuses a file only
-when all of these match, and recomputes (never crashes) on a torn or corrupt file.
+network parameters) and a sha256 of ``x_T`` (and, for a class-conditional network, of the
+rows' class ``labels``). :func:`load_or_solve_teacher` reuses a file only when all of these
+match, and recomputes (never crashes) on a torn or corrupt file.
+
+**Class labels.** A class-conditional network's trajectory ``i`` is solved for its class
+``labels[i]`` (every network call of the solve passes the rows' labels,
+``deis_jax.sampling.wrappers.eps_of``); the teacher keeps them (``Teacher.labels``), so a
+fitter reads each starting point's class with its ``x_T`` and indexes both alike.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from deis_jax.common.identity import array_digest, describe_differences, describ
 from deis_jax.sampling.sampler import SamplingPlan, make_plan, sample
 from deis_jax.sampling.sde import NoiseSchedule
 from deis_jax.sampling.timesteps import GRID_KINDS, check_grid_power, time_grid, validate_grid
-from deis_jax.sampling.wrappers import EpsFn, model_argument
+from deis_jax.sampling.wrappers import EpsFn, eps_of, model_argument
 
 TEACHER_FORMAT = 1
 TEACHER_SOLVER = {"method": "rhork", "order": 4}
@@ -60,6 +66,8 @@ class Teacher:
     ``states``: (n, M, *shape) or None; ``eps``: (n, M-1, *shape) or None.
     ``settings``: JSON-able description of how the teacher was made (the cache key).
     ``error_estimate``: Richardson estimate of the RMS error of ``x0``.
+    ``labels``: (n,) int32, the class of every trajectory (a class-conditional network), or
+    None.
     """
 
     ts: np.ndarray
@@ -69,6 +77,7 @@ class Teacher:
     eps: np.ndarray | None
     settings: dict
     error_estimate: float
+    labels: np.ndarray | None = None
 
     @property
     def num_points(self) -> int:
@@ -112,10 +121,12 @@ def teacher_settings(
     error_samples: int | None = 16,
     ts=None,
     state_ts=None,
+    labels=None,
 ) -> dict[str, Any]:
     """The validated, JSON-normalised settings of a teacher (the cache key of
     :func:`load_or_solve_teacher`); the arguments are those of :func:`solve_teacher`.
-    ``batch_size`` is not a setting: it does not change the result."""
+    ``batch_size`` is not a setting: it does not change the result. ``labels`` enter as
+    their sha256 (absent for an unconditional teacher, whose key is unchanged)."""
     _check_int("substeps", substeps, 1)
     _check_int("error_samples", error_samples, 1, allow_none=True)
     if ts is not None:  # an explicit fine grid (e.g. a refinement of a student's grid)
@@ -150,6 +161,8 @@ def teacher_settings(
         "x_T_shape": list(shape),
         "x_T_sha256": array_digest(x_T),
     }
+    if labels is not None:
+        settings["labels_sha256"] = array_digest(check_labels(labels, shape[0]))
     if ts is not None:
         settings["ts"] = [float(t) for t in ts]
     if state_ts is not None:
@@ -157,6 +170,17 @@ def teacher_settings(
             raise ValueError("state_ts needs keep_states=True")
         settings["state_ts"] = [float(t) for t in np.asarray(state_ts, np.float64)]
     return json.loads(json.dumps(settings))
+
+
+def check_labels(labels, n: int) -> np.ndarray:
+    """``labels`` as int32 ``(n,)``: one class per starting point (``ValueError`` otherwise)."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be one int class per starting point, shape ({n},), got "
+            f"{labels.dtype}{list(labels.shape)}"
+        )
+    return labels.astype(np.int32)
 
 
 # --- the solve ------------------------------------------------------------------------------
@@ -199,33 +223,40 @@ def teacher_plan(schedule: NoiseSchedule, ts: np.ndarray) -> SamplingPlan:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _solve_batch(plan: SamplingPlan, eps_fn, x_T, keep: tuple[int, ...] | None, with_eps: bool):
+def _solve_batch(plan: SamplingPlan, eps_fn, x_T, keep: tuple[int, ...] | None, with_eps: bool,
+                 labels=None):  # fmt: skip
     """x0, and (unless ``keep`` is None) the states at the points ``keep`` of ``plan``'s grid
-    and (``with_eps``) eps there (all but the last point), batch axis first."""
+    and (``with_eps``) eps there (all but the last point), batch axis first; ``labels``: the
+    rows' classes (a class-conditional network)."""
     if keep is None:
-        return sample(plan, eps_fn, x_T), None, None
-    x0, states = sample(plan, eps_fn, x_T, trajectory=True)
+        return sample(plan, eps_fn, x_T, labels=labels), None, None
+    x0, states = sample(plan, eps_fn, x_T, trajectory=True, labels=labels)
     fine = states[np.asarray(keep)]  # (M, B, ...)
     if not with_eps:
         return x0, jnp.moveaxis(fine, 0, 1), None
     ts = jnp.asarray(plan.ts[np.asarray(keep[:-1])], x_T.dtype)
-    eps = jax.lax.map(lambda a: eps_fn(a[0], a[1]), (fine[:-1], ts))
+    eps = jax.lax.map(lambda a: eps_of(eps_fn, a[0], a[1], labels), (fine[:-1], ts))
     return x0, jnp.moveaxis(fine, 0, 1), jnp.moveaxis(eps, 0, 1)
 
 
-def _batched(fn, x: np.ndarray, batch_size: int | None) -> list:
-    """Apply ``fn`` to ``x`` in batches of ``batch_size`` rows (the last one padded by
-    repeating its final row, so every call has one shape and compiles once), concatenating
-    each output (``None`` outputs stay ``None``)."""
+def _batched(fn, x: np.ndarray, batch_size: int | None, labels: np.ndarray | None = None) -> list:
+    """Apply ``fn(x_chunk, labels_chunk)`` to ``x`` (and its rows' ``labels``, or None) in
+    batches of ``batch_size`` rows (the last one padded by repeating its final row, so every
+    call has one shape and compiles once), concatenating each output (``None`` outputs stay
+    ``None``)."""
     n = x.shape[0]
     batch = n if batch_size is None else min(batch_size, n)
+
+    def padded(a, start):
+        chunk = a[start : start + batch]
+        if chunk.shape[0] < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - chunk.shape[0], axis=0)])
+        return jnp.asarray(chunk)
+
     parts = []
     for start in range(0, n, batch):
-        chunk = x[start : start + batch]
-        size = chunk.shape[0]
-        if size < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - size, axis=0)])
-        out = fn(jnp.asarray(chunk))
+        size = min(batch, n - start)
+        out = fn(padded(x, start), None if labels is None else padded(labels, start))
         parts.append([None if o is None else np.asarray(o)[:size] for o in out])
     return [None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True)]
 
@@ -247,8 +278,10 @@ def solve_teacher(
     error_samples: int | None = 16,
     ts=None,
     state_ts=None,
+    labels=None,
 ) -> Teacher:
-    """Solve the probability-flow ODE from every row of ``x_T`` (shape (n, ...)).
+    """Solve the probability-flow ODE from every row of ``x_T`` (shape (n, ...)) (for a
+    class-conditional network, row ``i`` of class ``labels[i]``, int ``(n,)``).
 
     Fine grid: ``time_grid(schedule, num_points - 1, grid, power=grid_power, t0=t0, t1=t1)``,
     or the explicit decreasing grid ``ts`` (which then replaces ``num_points``, ``grid``,
@@ -267,10 +300,11 @@ def solve_teacher(
     settings = teacher_settings(
         schedule, x_T, t0=t0, t1=t1, num_points=num_points, grid=grid, grid_power=grid_power,
         substeps=substeps, keep_states=keep_states, model_id=model_id,
-        error_samples=error_samples, ts=ts, state_ts=state_ts,
+        error_samples=error_samples, ts=ts, state_ts=state_ts, labels=labels,
     )  # fmt: skip
     dtype = working_dtype()
     x_T = np.asarray(x_T, dtype)
+    labels = None if labels is None else check_labels(labels, x_T.shape[0])
     if ts is None:
         ts = time_grid(schedule, num_points - 1, grid, power=grid_power, t0=t0, t1=t1)
     ts = np.asarray(ts, np.float64)
@@ -291,16 +325,16 @@ def solve_teacher(
     # full float32 matmuls (GPUs default to TF32 for them); the same numbers on a CPU
     with jax.default_matmul_precision("highest"):
         x0, states, eps = _batched(
-            lambda x: _solve_batch(plan, eps_arg, x, keep, state_ts is None), x_T, batch_size
-        )
+            lambda x, c: _solve_batch(plan, eps_arg, x, keep, state_ts is None, c), x_T,
+            batch_size, labels,
+        )  # fmt: skip
         (coarse,) = _batched(
-            lambda x: (_solve_batch(coarse_plan, eps_arg, x, None, False)[0],),
-            x_T[:num_check],
-            batch_size,
-        )
+            lambda x, c: (_solve_batch(coarse_plan, eps_arg, x, None, False, c)[0],),
+            x_T[:num_check], batch_size, None if labels is None else labels[:num_check],
+        )  # fmt: skip
     diff = np.asarray(x0[:num_check], np.float64) - np.asarray(coarse, np.float64)
     error_estimate = float(np.sqrt(np.mean(diff**2)) / 15.0)
-    return Teacher(ts, x_T, x0, states, eps, settings, error_estimate)
+    return Teacher(ts, x_T, x0, states, eps, settings, error_estimate, labels)
 
 
 # --- the cache ------------------------------------------------------------------------------
@@ -319,6 +353,8 @@ def save_teacher(path: str, teacher: Teacher) -> None:
         arrays["states"] = teacher.states
     if teacher.eps is not None:
         arrays["eps"] = teacher.eps
+    if teacher.labels is not None:
+        arrays["labels"] = np.asarray(teacher.labels, np.int32)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
@@ -333,13 +369,16 @@ def load_teacher(path: str, *, states: bool = True) -> Teacher:
         error_estimate = float(data["error_estimate"])
         st = data["states"] if states and "states" in data.files else None
         eps = data["eps"] if states and "eps" in data.files else None
+        labels = data["labels"] if "labels" in data.files else None
     n, m = x_T.shape[0], ts.shape[0]
     ok = ts.ndim == 1 and x0.shape == x_T.shape and isinstance(settings, dict)
     ok = ok and (st is None or st.shape == (n, m) + x_T.shape[1:])
     ok = ok and (eps is None or eps.shape == (n, m - 1) + x_T.shape[1:])
+    ok = ok and (labels is None or labels.shape == (n,))
+    ok = ok and (labels is None) == ("labels_sha256" not in settings)
     if not ok:
         raise ValueError(f"teacher file {path} is inconsistent (array shapes do not match)")
-    return Teacher(ts, x_T, x0, st, eps, settings, error_estimate)
+    return Teacher(ts, x_T, x0, st, eps, settings, error_estimate, labels)
 
 
 def load_or_solve_teacher(
@@ -352,9 +391,10 @@ def load_or_solve_teacher(
     **settings,
 ) -> Teacher:
     """The teacher cached at ``path`` when it was made with the same settings (those of
-    :func:`solve_teacher`, passed as keywords), ``model_id`` and ``x_T``; otherwise solve it
-    and overwrite the file. A missing, torn or corrupt file is recomputed (with a warning for
-    the latter two), never an error."""
+    :func:`solve_teacher`, passed as keywords), ``model_id`` and ``x_T`` (and ``labels``:
+    a teacher of other classes is solved again); otherwise solve it and overwrite the file.
+    A missing, torn or corrupt file is recomputed (with a warning for the latter two), never
+    an error."""
     batch_size = settings.pop("batch_size", None)
     requested = teacher_settings(schedule, x_T, model_id=model_id, **settings)
     try:

@@ -268,7 +268,10 @@ class LoadedModel:
 
     def eps_fn(self, labels: jax.Array | None = None) -> EpsFn:
         """The noise prediction with :attr:`params` bound (and, for a class-conditional
-        network, the int ``labels`` of the batch, shape ``(B,)``)."""
+        network, the int ``labels`` of a fixed batch, shape ``(B,)``). Samplers and fitters
+        take the unbound one and pass the rows' labels with each call
+        (``eps_fn(x, t, labels=...)``, ``deis_jax.sampling.wrappers``), so that they follow
+        the rows through minibatches and concatenated calls."""
         return self.bind(self.params) if labels is None else self.bind(self.params, labels)
 
 

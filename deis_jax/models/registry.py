@@ -19,7 +19,8 @@ import jax
 
 from deis_jax.common.checks import ConfigError
 
-# model_fn(x, cond, *, features=False) -> out, or (out, features) with features=True.
+# model_fn(x, cond, *, features=False) -> out, or (out, features) with features=True; a
+# class-conditional one also model_fn(x, cond, *, labels=...) with the rows' int classes (B,).
 ModelFn = Callable[..., Any]
 
 
@@ -68,7 +69,8 @@ class ModelFamily(Protocol):
     def model_fn(self, config, net: nn.Module, params: Any, labels: jax.Array | None) -> ModelFn:
         """``net`` with ``params`` (and the batch's int class ``labels``, None for none) as
         ``model_fn(x, cond, *, features=False)``: a ``jax.tree_util.Partial`` whose leaves
-        are the parameters."""
+        are the parameters. A class-conditional network's ``model_fn`` also takes the rows'
+        classes per call, ``model_fn(x, cond, labels=...)`` (overriding bound ones)."""
 
 
 _FAMILIES: list[ModelFamily] = []

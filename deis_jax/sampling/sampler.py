@@ -41,7 +41,7 @@ from deis_jax.sampling.rule_params import RuleParams, checked_rule_params
 from deis_jax.sampling.sde import NoiseSchedule, check_schedule
 from deis_jax.sampling.solvers.table import StepTable, final_denoise_table
 from deis_jax.sampling.timesteps import time_grid, validate_grid
-from deis_jax.sampling.wrappers import EpsFn, call_per_sample, eps_with_features
+from deis_jax.sampling.wrappers import EpsFn, call_per_sample, eps_of, eps_with_features
 
 
 def per_sample_normal(key: jax.Array, sample_index: jax.Array, step: jax.Array, shape, dtype):
@@ -201,6 +201,19 @@ def _checked_eps(eps: jax.Array, x: jax.Array) -> jax.Array:
     return eps if dtype == x.dtype else eps.astype(x.dtype)
 
 
+def _check_labels(labels, x: jax.Array) -> None:
+    """Class labels, when given, are one per row of ``x`` (int ``(B,)``)."""
+    if labels is None:
+        return
+    if jnp.ndim(labels) != 1 or jnp.shape(labels)[0] != x.shape[0]:
+        raise ValueError(
+            f"labels must hold one class per row of x_T, shape ({x.shape[0]},), got shape "
+            f"{jnp.shape(labels)} (index them with the rows: minibatches, shards, chunks)"
+        )
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise TypeError(f"labels must be integer classes, got dtype {jnp.result_type(labels)}")
+
+
 def run_table(
     eps_fn: EpsFn,
     table: StepTable,
@@ -215,6 +228,7 @@ def run_table(
     rule: StepRule | None = None,
     rule_params=None,
     first_step: int = 0,
+    labels: jax.Array | None = None,
 ):
     """Apply every row of ``table`` to ``x`` with one ``lax.scan`` (see ``StepTable``).
 
@@ -231,11 +245,14 @@ def run_table(
     ``rule`` with ``rule_params``: every row is recomputed on the device by the rule
     (:class:`StepRule`) after the step's first network call. ``first_step``: the global
     index of ``table``'s first row (a rule and AFS see global step numbers; e.g. one
-    interval run on its own).
+    interval run on its own). ``labels``: the class of every row of ``x`` (int ``(B,)``, a
+    class-conditional network; ``deis_jax.sampling.wrappers.eps_of``), passed with every
+    network call -- tiled with the rows of the parallel stages' one call.
     """
     if trajectory and record is not None:
         raise ValueError("give trajectory=True or record, not both")
     _check_state(x)
+    _check_labels(labels, x)
     keep = (lambda state: state) if trajectory else record
     structure = table_structure(table) if structure is None else structure
     num_stages, history = structure.num_stages, structure.history
@@ -250,13 +267,17 @@ def run_table(
     steps = first_step + jnp.arange(table.num_steps)
     wants_features = active_rule is not None and active_rule.needs_features
 
-    def network(x_s, t, features=False):
-        """``(eps, features)`` of one network call, the output checked (features: None
-        unless asked for); a time per sample (``t`` of shape ``(B,)``, AMED's intermediate
-        points) goes through ``call_per_sample`` (the model contract: scalar ``t``)."""
+    def network(x_s, t, features=False, rows=labels):
+        """``(eps, features)`` of one network call on rows of class ``rows``, the output
+        checked (features: None unless asked for); a time per sample (``t`` of shape
+        ``(B,)``, AMED's intermediate points) goes through ``call_per_sample`` (the model
+        contract: scalar ``t``)."""
         if jnp.ndim(t) == 1:
-            return call_per_sample(eps_fn, x_s, t, _checked_eps), None
-        eps, feats = eps_with_features(eps_fn, x_s, t) if features else (eps_fn(x_s, t), None)
+            return call_per_sample(eps_fn, x_s, t, _checked_eps, rows), None
+        if features:
+            eps, feats = eps_with_features(eps_fn, x_s, t, rows)
+        else:
+            eps, feats = eps_of(eps_fn, x_s, t, rows), None
         return _checked_eps(eps, x_s), feats
 
     def first_call(x_s, t, step):
@@ -293,7 +314,8 @@ def run_table(
         """eps of every stage after the first, one network call on their concatenation."""
         batch = inputs[0].shape[0]
         times = [jnp.broadcast_to(row.t[s], (batch,)) for s in range(1, num_stages)]
-        eps, _ = network(jnp.concatenate(inputs), jnp.concatenate(times))
+        rows = None if labels is None else jnp.concatenate([labels] * (num_stages - 1))
+        eps, _ = network(jnp.concatenate(inputs), jnp.concatenate(times), rows=rows)
         return jnp.split(eps, num_stages - 1)
 
     def body(carry, row_and_step):
@@ -431,6 +453,7 @@ def sample(
     record: Callable[[jax.Array], Any] | None = None,
     rule_params: RuleParams | None = None,
     check_finite: bool = False,
+    labels: jax.Array | None = None,
 ):
     """Integrate ``x_T`` from ``plan.ts[0]`` to ``plan.ts[-1]`` with the network ``eps_fn``.
 
@@ -447,7 +470,8 @@ def sample(
     ``rule_params``: the learned parameters of ``plan.rule`` (e.g. a trained AMED
     predictor) as a :class:`~deis_jax.sampling.rule_params.RuleParams`, refused when trained
     for other settings (named); None runs ``plan.table`` as it is (AMED: the base solver,
-    ``r = 1/2``).
+    ``r = 1/2``). ``labels``: a class-conditional network's class of every row of ``x_T``
+    (int ``(B,)``), passed with every network call (:func:`run_table`); None: unconditional.
 
     ``check_finite=True`` raises :class:`NonFiniteSamplesError` naming the samples that came
     back NaN/Inf and the first step at which each did (found by rerunning just those rows
@@ -459,7 +483,7 @@ def sample(
     """
     if check_finite:
         return _checked_sample(plan, eps_fn, x_T, key, index_offset, sample_index, table,
-                               trajectory, record, rule_params)  # fmt: skip
+                               trajectory, record, rule_params, labels)  # fmt: skip
     structure = plan.structure
     if key is not None and sample_index is None:
         sample_index = index_offset + jnp.arange(x_T.shape[0])
@@ -467,12 +491,12 @@ def sample(
     table = plan.table if table is None else table
     out = run_table(eps_fn, table, x_T, key, sample_index, structure=structure,
                     trajectory=trajectory, record=record, first_eps_scale=plan.first_eps_scale,
-                    rule=plan.rule, rule_params=params)  # fmt: skip
+                    rule=plan.rule, rule_params=params, labels=labels)  # fmt: skip
     x, extra = out if trajectory or record is not None else (out, None)
     if plan.final_table is not None and record is None:
-        x = run_table(eps_fn, plan.final_table, x)
+        x = run_table(eps_fn, plan.final_table, x, labels=labels)
     elif plan.final_table is not None:
-        x, last = run_table(eps_fn, plan.final_table, x, record=record)
+        x, last = run_table(eps_fn, plan.final_table, x, record=record, labels=labels)
         extra = jnp.concatenate([extra, last])
     return x if extra is None else (x, extra)
 
@@ -490,7 +514,7 @@ def _concrete_rows(x, name: str) -> np.ndarray:
 
 
 def _checked_sample(plan, eps_fn, x_T, key, index_offset, sample_index, table, trajectory,
-                    record, rule_params):  # fmt: skip
+                    record, rule_params, labels):  # fmt: skip
     """:func:`sample` with ``check_finite=True`` (see there)."""
     bad_inputs = _concrete_rows(x_T, "x_T")
     if bad_inputs.size:
@@ -506,6 +530,7 @@ def _checked_sample(plan, eps_fn, x_T, key, index_offset, sample_index, table, t
         trajectory=trajectory,
         record=record,
         rule_params=rule_params,
+        labels=labels,
     )
     x = out[0] if trajectory or record is not None else out
     bad = _concrete_rows(x, "the samples")
@@ -513,7 +538,8 @@ def _checked_sample(plan, eps_fn, x_T, key, index_offset, sample_index, table, t
         index = index_offset + jnp.arange(x_T.shape[0]) if sample_index is None else sample_index
         steps = first_nonfinite_step(plan, eps_fn, x_T[bad], key,
                                      sample_index=jnp.asarray(index)[bad],
-                                     rule_params=rule_params)  # fmt: skip
+                                     rule_params=rule_params,
+                                     labels=None if labels is None else labels[bad])  # fmt: skip
         raise NonFiniteSamplesError(bad, steps)
     return out
 
@@ -527,15 +553,16 @@ def first_nonfinite_step(
     index_offset: int = 0,
     sample_index: jax.Array | None = None,
     rule_params: RuleParams | None = None,
+    labels: jax.Array | None = None,
 ) -> np.ndarray:
     """Per sample, the first step whose result is non-finite, or -1 if none is.
 
     Step ``k`` maps ``plan.ts[k]`` to ``plan.ts[k + 1]``; ``plan.num_steps`` is the final
     denoising step (with ``final_denoise``). The arguments are those of :func:`sample` (same
-    ``key`` and sample indices: the same noise), which is rerun with a finite flag per sample
-    recorded after every step (``diagnostics.finite_rows``) -- one extra sampling pass, for
-    diagnosis only. To diagnose a few rows of a batch, pass those rows of ``x_T`` with their
-    ``sample_index``.
+    ``key``, sample indices and labels: the same noise and classes), which is rerun with a
+    finite flag per sample recorded after every step (``diagnostics.finite_rows``) -- one
+    extra sampling pass, for diagnosis only. To diagnose a few rows of a batch, pass those
+    rows of ``x_T`` with their ``sample_index`` (and ``labels``).
 
     Raises:
       ValueError: if ``x_T`` itself has non-finite rows (named).
@@ -545,7 +572,7 @@ def first_nonfinite_step(
         raise ValueError(f"x_T is not finite in rows {shown(bad_inputs)}: nothing to diagnose")
     _, finite = sample(plan, eps_fn, x_T, key, index_offset=index_offset,
                        sample_index=sample_index, record=finite_rows,
-                       rule_params=rule_params)  # fmt: skip
+                       rule_params=rule_params, labels=labels)  # fmt: skip
     finite = np.asarray(finite)  # (steps, B)
     return np.where(finite.all(axis=0), -1, np.argmin(finite, axis=0)).astype(np.int64)
 
@@ -677,10 +704,13 @@ class Sampler:
         key: jax.Array | None = None,
         index_offset: int | jax.Array = 0,
         sample_index: jax.Array | None = None,
+        labels: jax.Array | None = None,
     ) -> jax.Array:
-        """``sample(self.plan, self.eps_fn, x_T, key, ...)``."""
+        """``sample(self.plan, self.eps_fn, x_T, key, ...)`` (``labels``: the rows' classes,
+        a class-conditional network)."""
         return sample(self.plan, self.eps_fn, x_T, key, index_offset=index_offset,
-                      sample_index=sample_index, rule_params=self.rule_params)  # fmt: skip
+                      sample_index=sample_index, rule_params=self.rule_params,
+                      labels=labels)  # fmt: skip
 
 
 def get_sampler(schedule: NoiseSchedule, eps_fn: EpsFn, ts=None, **plan_args) -> Sampler:

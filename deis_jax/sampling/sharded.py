@@ -87,11 +87,12 @@ def make_generate_fn(
     ``bind`` the sampler's own ``eps_fn`` is used and ``params`` is ignored (pass ``None``).
     ``labels(indices) -> classes`` (a class-conditional network,
     ``deis_jax.sampling.class_labels.ClassLabels``) draws the class of every row from its
-    global index inside the jit, like ``x_T``, and binds them with the parameters:
-    ``bind(params, classes)``. ``indices`` is returned alongside ``x_0`` with the same
+    global index inside the jit, like ``x_T``, and passes them to the sampler with the rows
+    (``sample(..., labels=classes)``: every network call gets its rows' classes, EPD's
+    concatenated probe call included). ``indices`` is returned alongside ``x_0`` with the same
     sharding, so a caller can pair rows with indices without assuming a device order."""
     if labels is not None and bind is None:
-        raise ValueError("labels need bind(params, labels): the network to condition")
+        raise ValueError("labels need bind(params): the network to condition")
     shape = tuple(int(s) for s in sample_shape)
     if prior is None:
 
@@ -103,14 +104,11 @@ def make_generate_fn(
     def generate(params, prior_key, noise_key, indices):
         x_T = prior_draws(prior, prior_key, indices)
         x_T = jax.lax.with_sharding_constraint(x_T, b)
-        if bind is None:
-            bound = sampler
-        else:
-            classes = () if labels is None else (labels(indices),)
-            bound = dataclasses.replace(sampler, eps_fn=bind(params, *classes))
+        bound = sampler if bind is None else dataclasses.replace(sampler, eps_fn=bind(params))
+        rows = {} if labels is None else {"labels": labels(indices)}
         if not bound.stochastic:
-            return bound(x_T), indices
-        return bound(x_T, noise_key, sample_index=indices), indices
+            return bound(x_T, **rows), indices
+        return bound(x_T, noise_key, sample_index=indices, **rows), indices
 
     return jax.jit(generate, in_shardings=(r, r, r, b), out_shardings=(b, b))
 

@@ -10,8 +10,18 @@ rows, each call with a scalar ``t``). A model declares it by being built with
 :func:`per_sample_time` (the exact mixtures of ``deis_jax.evaluation.analytic``). A declared
 model that fails on per-sample times is reported as such. The training loss calls the same
 function with one time per example and a key for the network's own randomness,
-``eps_fn(x, t, key)`` (a network's own forward pass, always per example). Everything
-model-specific is converted here, in one place:
+``eps_fn(x, t, key)`` (a network's own forward pass, always per example).
+
+**Class labels.** A class-conditional model takes the classes of the batch's rows as one more
+argument, ``eps_fn(x, t, labels=labels)`` (int, shape ``(B,)``: row ``i`` is drawn for class
+``labels[i]``), the way it takes ``x``: they are per-row data of the call, never bound into
+the function. Whoever changes the rows changes the labels with them -- the sampler tiles them
+for its one call on the ``K B`` concatenated probes of a parallel step and slices them in
+:func:`call_per_sample`; a fitter indexes them with its minibatches. :func:`eps_of` makes the
+call (``labels=None``: the unconditional call ``eps_fn(x, t)``, exactly). An eps function of
+:func:`eps_fn_from_model` forwards them as ``model_fn(x, cond, labels=labels)``.
+
+Everything model-specific is converted here, in one place:
 
 * what the network predicts -- with ``x = alpha x0 + sigma eps`` and ``v = alpha eps - sigma x0``:
 
@@ -106,11 +116,13 @@ class ModelOutputToEps:
     prediction: str
     time_input: Callable[[jax.Array], jax.Array] | None = None
 
-    def __call__(self, model_fn, x, t, key=None, *, features: bool = False):
+    def __call__(self, model_fn, x, t, key=None, *, features: bool = False, labels=None):
         t = jnp.asarray(t)  # a scalar, or one time per example (shape (B,))
         to_cond = self.schedule.model_time if self.time_input is None else self.time_input
         cond = jnp.broadcast_to(to_cond(t), x.shape[:1]).astype(x.dtype)
         args = (x, cond) if key is None else (x, cond, key)
+        if labels is not None:  # the rows' classes (a class-conditional model_fn)
+            model_fn = functools.partial(model_fn, labels=labels)
         if features:
             result = model_fn(*args, features=True)
             if not (isinstance(result, tuple) and len(result) == 2):
@@ -146,7 +158,9 @@ def eps_fn_from_model(
 
     ``eps_fn(x, t, features=True)`` calls ``model_fn(x, cond, features=True)`` and returns
     ``(eps, features)`` (see :func:`eps_with_features`); only a ``model_fn`` that takes that
-    keyword and returns ``(out, features)`` supports it.
+    keyword and returns ``(out, features)`` supports it. ``eps_fn(x, t, labels=labels)``
+    calls ``model_fn(x, cond, labels=labels)`` (a class-conditional network; the module
+    docstring).
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -186,19 +200,34 @@ def accepts_per_sample_time(eps_fn: EpsFn) -> bool:
     return bool(getattr(fn, "per_sample_time", False))
 
 
+def eps_of(eps_fn: EpsFn, x: jax.Array, t: jax.Array, labels: jax.Array | None = None):
+    """``eps_fn(x, t)``, or for rows with class ``labels`` (int ``(B,)``; a class-conditional
+    model) ``eps_fn(x, t, labels=labels)`` (the module docstring)."""
+    return eps_fn(x, t) if labels is None else eps_fn(x, t, labels=labels)
+
+
 def call_per_sample(
-    eps_fn: EpsFn, x: jax.Array, t: jax.Array, check: Callable[[jax.Array, jax.Array], jax.Array]
+    eps_fn: EpsFn,
+    x: jax.Array,
+    t: jax.Array,
+    check: Callable[[jax.Array, jax.Array], jax.Array],
+    labels: jax.Array | None = None,
 ) -> jax.Array:
-    """``eps`` of row ``i`` of ``x`` at time ``t[i]`` (``t`` of shape ``(B,)``), each output
-    passed through ``check(eps, x)`` (the sampler's shape/dtype check).
+    """``eps`` of row ``i`` of ``x`` (of class ``labels[i]``, when given) at time ``t[i]``
+    (``t`` of shape ``(B,)``), each output passed through ``check(eps, x)`` (the sampler's
+    shape/dtype check).
 
     A model that declares per-sample times (:func:`accepts_per_sample_time`) is called once;
     any other once per row under ``jax.vmap``, with a batch of one and a scalar time, as the
-    contract promises it."""
+    contract promises it (and that row's label)."""
     if not accepts_per_sample_time(eps_fn):
-        return jax.vmap(lambda xi, ti: check(eps_fn(xi[None], ti), xi[None])[0])(x, t)
+        if labels is None:
+            return jax.vmap(lambda xi, ti: check(eps_fn(xi[None], ti), xi[None])[0])(x, t)
+        return jax.vmap(
+            lambda xi, ti, li: check(eps_of(eps_fn, xi[None], ti, li[None]), xi[None])[0]
+        )(x, t, labels)
     try:
-        eps = eps_fn(x, t)
+        eps = eps_of(eps_fn, x, t, labels)
     except Exception as err:
         raise TypeError(
             f"eps_fn declares that it takes one time per sample (it is built by "
@@ -249,8 +278,11 @@ def supports_features(eps_fn: Callable) -> bool:
     return _takes_features_keyword(eps_fn.args[0])
 
 
-def eps_with_features(eps_fn: EpsFn, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(eps, features)`` from one network call: ``eps_fn(x, t, features=True)``.
+def eps_with_features(
+    eps_fn: EpsFn, x: jax.Array, t: jax.Array, labels: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``(eps, features)`` from one network call: ``eps_fn(x, t, features=True)`` (with the
+    rows' class ``labels`` when given, as :func:`eps_of`).
 
     ``eps`` equals ``eps_fn(x, t)``; ``features`` is what the network returns alongside, for
     the networks of :mod:`deis_jax.models` the channel mean of the bottleneck activation,
@@ -264,7 +296,9 @@ def eps_with_features(eps_fn: EpsFn, x: jax.Array, t: jax.Array) -> tuple[jax.Ar
     if not supports_features(eps_fn):
         raise ValueError(f"{_NO_FEATURES} (got {_describe(eps_fn)})")
     try:
-        return eps_fn(x, t, features=True)
+        if labels is None:
+            return eps_fn(x, t, features=True)
+        return eps_fn(x, t, features=True, labels=labels)
     except TypeError as err:
         if "features" not in str(err):
             raise

@@ -9,8 +9,12 @@ The cells and the report are :mod:`deis_jax.experiments.fit.cells`: every method
 ``ld3+table``), all measured by the RMSE against a fine reference solve on held-out starting
 points. The problems are the exact-score mixtures of ``data.dims`` (``data.name='gmm'``) or
 the image model of the config (``fit.params``: its checkpoint as ``--mode=sample`` loads it,
-or ``random``). Writes the grid files (``grids/``), the teacher caches (``teachers/``), the
-cell cache ``results.jsonl`` (a killed run resumes where it stopped) and the report.
+or ``random``). A class-conditional network (EDM's ImageNet-64 ADM) gives every fitting and
+held-out starting point a class by ``config.sampling.labels`` (``class_label``; keyed by the
+point's index, ``cells.draw_labels``), which its teacher, every fit and the held-out
+measurement pass to the network with that point's rows. Writes the grid files
+(``grids/``), the teacher caches (``teachers/``), the cell cache ``results.jsonl`` (a killed
+run resumes where it stopped) and the report.
 
 On resume every cached cell is checked (:mod:`deis_jax.experiments.engine`): a damaged
 line, or a fitted cell whose grid / predictor file is missing or not the file it wrote (its
@@ -80,17 +84,11 @@ def validate(config) -> Plan:
         schedule = gmm.validate_problem(config)
         problems = gmm.problem_names(config)
     else:
-        from deis_jax.models.loading import num_classes, validate_model_and_data
+        from deis_jax.models.loading import validate_model_and_data
 
         schedule = validation.validate_sde(config)
         validation.validate_sampler(config, schedule)
-        validate_model_and_data(config)
-        if num_classes(config):
-            raise cv.ConfigError(
-                f"config.model: --mode=fit on a class-conditional network ({num_classes(config)} "
-                "classes) is not supported yet (the teacher and the fitted samplers would need "
-                "a class per trajectory); fit on an unconditional network"
-            )
+        validate_model_and_data(config)  # (a class-conditional one: config.sampling.labels)
         cv.require_choice(config, "fit.params", ("checkpoint", "random"))
         problems = [config.data.name]
     choices = []
@@ -195,7 +193,7 @@ DATA_SEED_OFFSET = 1001
 
 def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitting.FitProblem:
     """The mixture of ``dim<d>``, or the image ``model`` (a ``LoadedModel``), with its
-    starting points."""
+    starting points (and a class-conditional network's classes of them)."""
     fit_cfg = config.fit
     density = None
     if model is None:
@@ -209,10 +207,15 @@ def make_problem(config, schedule: NoiseSchedule, name: str, model=None) -> fitt
         from deis_jax.models.loading import image_shape
 
         eps_fn, model_id, shape = model.eps_fn(), fingerprint(model.identity), image_shape(config)
-    x_fit, x_heldout = fitting.draw_starting_points(
-        schedule, config.seed + 1000, shape, int(fit_cfg.num_fit), int(fit_cfg.num_heldout)
-    )
-    return fitting.FitProblem(name, eps_fn, model_id, x_fit, x_heldout, density)
+    seed, num_fit, num_heldout = config.seed + 1000, int(fit_cfg.num_fit), int(fit_cfg.num_heldout)
+    x_fit, x_heldout = fitting.draw_starting_points(schedule, seed, shape, num_fit, num_heldout)
+    labels: tuple = (None, None)
+    if model is not None and model.num_classes:
+        from deis_jax.models.loading import class_labels_of
+
+        rule = class_labels_of(config, model, seed)
+        labels = fitting.draw_labels(rule, num_fit, num_heldout)
+    return fitting.FitProblem(name, eps_fn, model_id, x_fit, x_heldout, *labels, density)
 
 
 def check_inputs(config, workdir: str, plan: Plan) -> None:
@@ -249,7 +252,10 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
         model = load_model(config, workdir, plan.schedule, params=config.fit.params)
     problems = {name: make_problem(config, plan.schedule, name, model) for name in names}
     # the cells' identity includes the models' (a resumed run never mixes two checkpoints)
-    identity = fingerprint([plan.fingerprint] + [p.model_id for p in problems.values()])
+    # and a class-conditional network's classes of the starting points
+    identity = fingerprint([plan.fingerprint] + [p.model_id for p in problems.values()]
+                           + [p.labels_identity() for p in problems.values()
+                              if p.labels_fit is not None])  # fmt: skip
     teachers: dict[str, fitting.Teachers] = {}
     settings = fitting.FitSettings.from_config(config)
     scorer = None

@@ -22,7 +22,9 @@ fitted on) against a reference, a fine RK4 solve of the same ODE (the held-out t
 own error estimate is reported), by each sample's RMS distance ``d_b``: their RMSE
 ``sqrt(mean d_b^2)`` (``heldout_rmse``), mean and median -- the typical sample, which a few
 samples ending in another mixture component do not move. The fitting starting points (train
-+ validation) and the held-out ones are drawn from disjoint keys.
++ validation) and the held-out ones are drawn from disjoint keys. For a class-conditional
+network every starting point has a class (:func:`draw_labels`), which every network call of its
+trajectory sees: the teachers', the fits' and the held-out measurement's.
 
 On the mixtures, whose density is known, each cell also gets the held-out samples' NLL gap
 (``nll_gap``: excess negative log-likelihood per dimension against exact data draws, the
@@ -39,6 +41,7 @@ untrained iPNDM-3 in the median), ``results.csv``,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -47,7 +50,7 @@ import jax
 import numpy as np
 
 from deis_jax.common.files import atomic_write_text, sha256_file
-from deis_jax.common.identity import fingerprint
+from deis_jax.common.identity import array_digest, fingerprint
 from deis_jax.common.reporting import markdown_table, plot_metric_vs_nfe, write_csv
 from deis_jax.evaluation.metrics import nll_gap
 from deis_jax.experiments import build
@@ -57,6 +60,7 @@ from deis_jax.fitting.amed import FEATURE_LOSSES, LEARNED_METHODS, amed_teacher,
 from deis_jax.fitting.optimize import endpoint_samples, optimize_grid, sample_distances
 from deis_jax.fitting.recipes import fit_sampler
 from deis_jax.fitting.teacher import Teacher, load_or_solve_teacher
+from deis_jax.sampling.class_labels import ClassLabels
 from deis_jax.sampling.method_spec import MethodChoice
 from deis_jax.sampling.sampler import Sampler
 from deis_jax.sampling.sde import NoiseSchedule
@@ -91,15 +95,23 @@ class Density(NamedTuple):
 
 
 class FitProblem(NamedTuple):
-    """A model to fit to: its eps, identity and the two sets of starting points (and, when
-    known, its data density)."""
+    """A model to fit to: its eps, identity and the two sets of starting points (and, for a
+    class-conditional network, their classes; when known, its data density)."""
 
     name: str
     eps_fn: EpsFn
     model_id: str
     x_fit: np.ndarray  # train + validation starting points
     x_heldout: np.ndarray  # never fitted on
+    labels_fit: np.ndarray | None = None  # the class of every row of x_fit (None: uncond.)
+    labels_heldout: np.ndarray | None = None  # ... of x_heldout
     density: Density | None = None
+
+    def labels_identity(self) -> list[str] | None:
+        """The digests of the classes (what a cached cell depends on besides the model)."""
+        if self.labels_fit is None:
+            return None
+        return [array_digest(self.labels_fit), array_digest(self.labels_heldout)]
 
 
 class Teachers(NamedTuple):
@@ -158,6 +170,16 @@ def draw_starting_points(
     return np.asarray(x_fit), np.asarray(x_heldout)
 
 
+def draw_labels(rule: ClassLabels, num_fit: int, num_heldout: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels_fit, labels_heldout)``: the classes of the starting points by the project's
+    rule (``deis_jax.sampling.class_labels``), keyed by each point's index: fitting point
+    ``i`` has ``rule(i)``, held-out point ``j`` the class ``j`` of the rule with the next
+    seed (a stream of its own, as the held-out ``x_T`` are)."""
+    held = dataclasses.replace(rule, seed=rule.seed + 1)
+    return (np.asarray(rule(np.arange(num_fit)), np.int32),
+            np.asarray(held(np.arange(num_heldout)), np.int32))  # fmt: skip
+
+
 def teachers(
     settings: FitSettings,
     problem: FitProblem,
@@ -168,17 +190,20 @@ def teachers(
     with_fit: bool = True,
 ) -> Teachers:
     """The fitting teacher (states kept, for GITS; only ``with_fit``) and the held-out
-    reference, both cached in ``directory`` with the model's identity."""
+    reference, both cached in ``directory`` with the model's identity (and the starting
+    points' classes)."""
     common = dict(t0=t0, t1=t1, num_points=settings.teacher_points,
                   grid=settings.teacher_grid, model_id=problem.model_id)  # fmt: skip
     os.makedirs(directory, exist_ok=True)
     fit = None if not with_fit else load_or_solve_teacher(
         os.path.join(directory, f"{problem.name}_fit.npz"), schedule, problem.eps_fn,
-        problem.x_fit, substeps=settings.teacher_substeps, keep_states=True, **common,
+        problem.x_fit, substeps=settings.teacher_substeps, keep_states=True,
+        labels=problem.labels_fit, **common,
     )  # fmt: skip
     heldout = load_or_solve_teacher(
         os.path.join(directory, f"{problem.name}_heldout.npz"), schedule, problem.eps_fn,
-        problem.x_heldout, substeps=settings.heldout_substeps, keep_states=False, **common,
+        problem.x_heldout, substeps=settings.heldout_substeps, keep_states=False,
+        labels=problem.labels_heldout, **common,
     )  # fmt: skip
     return Teachers(fit, heldout)
 
@@ -222,7 +247,7 @@ def compute_cell(
             learn_table=variant == "ld3+table", max_delta=settings.max_delta,
             loss=settings.loss, gits_metric=settings.gits_metric,
             gits_gamma=settings.gits_gamma, ld3_settings=dict(settings.ld3),
-            fit_dtype=settings.fit_dtype, callback=callback,
+            fit_dtype=settings.fit_dtype, callback=callback, labels=problem.labels_fit,
         )  # fmt: skip
         path = grid_path(workdir, problem.name, label, nfe, variant)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -239,7 +264,7 @@ def compute_cell(
         plan = _fixed_plan(sampler, schedule, problem, choice, nfe, kind, settings.budget)
     key = jax.random.PRNGKey(int(settings.amed["seed"])) if plan.stochastic else None
     samples = endpoint_samples(plan, problem.eps_fn, problem.x_heldout, rule_params=rule_params,
-                               key=key)  # fmt: skip
+                               key=key, labels=problem.labels_heldout)  # fmt: skip
     dist = sample_distances(samples, teach.heldout.x0)
     finite = bool(np.all(np.isfinite(dist)))
     if problem.density is not None and finite:
@@ -312,7 +337,7 @@ def _train_amed(settings: FitSettings, schedule, problem: FitProblem, choice: Me
         plan, problem.eps_fn, problem.x_fit, path=os.path.join(workdir, "teachers",
                                                                f"amed_{name}.npz"),
         model_id=problem.model_id, num_points=settings.teacher_points,
-        substeps=settings.teacher_substeps,
+        substeps=settings.teacher_substeps, labels=problem.labels_fit,
     )  # fmt: skip
     path = grid_path(workdir, problem.name, choice.label, nfe, "amed")
     fit = fit_amed(
@@ -346,7 +371,7 @@ def _fit_sampler(settings: FitSettings, schedule, problem: FitProblem, teach: Te
         model_id=problem.model_id, t0=settings.sampler["t0"], t1=settings.sampler["t1"],
         loss=settings.loss, validation_fraction=settings.validation_fraction,
         teacher=teach.fit, ld3_settings=dict(settings.ld3), amed_settings=amed,
-        max_delta=settings.max_delta, fit_dtype=settings.fit_dtype,
+        max_delta=settings.max_delta, fit_dtype=settings.fit_dtype, labels=problem.labels_fit,
     )  # fmt: skip
     path = grid_path(workdir, problem.name, FIT_SAMPLER, nfe, variant)
     os.makedirs(os.path.dirname(path), exist_ok=True)

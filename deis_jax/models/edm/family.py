@@ -12,9 +12,11 @@ converted checkpoint they load and the call the samplers make.
 The network is EDM's denoiser ``D(x, sigma, class_labels)`` (an x0 prediction) on EDM's noise
 schedule, alpha = 1 and sigma = t (``config.sde.name = 'edm'``): the sampler's time is the
 sigma the preconditioner takes, and ``eps = (x - D) / sigma``
-(``deis_jax.sampling.wrappers``). A class-conditional network gets ``one_hot(labels)``; the
-labels of a batch are bound with the parameters (``LoadedModel.bind(params, labels)``), drawn
-per sample by ``deis_jax.sampling.class_labels.ClassLabels``.
+(``deis_jax.sampling.wrappers``). A class-conditional network gets ``one_hot(labels)``: the
+labels of the rows are an argument of each call (``eps_fn(x, t, labels=labels)``, which the
+samplers and fitters pass row by row), or bound with the parameters for a fixed batch
+(``LoadedModel.bind(params, labels)``); they are drawn per sample by
+``deis_jax.sampling.class_labels.ClassLabels``.
 
 Classifier-free guidance with scale ``w`` evaluates the conditional and the null-label
 (all-zero row, EDM's ``class_labels=None``) outputs in one call on a doubled batch and returns
@@ -172,10 +174,10 @@ def apply_edm(
     net,
     guidance_scale: float,
     params: Any,
-    labels: jax.Array | None,
     x: jax.Array,
     sigma: jax.Array,
     *,
+    labels: jax.Array | None = None,
     features: bool = False,
 ):
     """``D(x, sigma)`` with the class ``labels`` (int, ``(B,)``; None: the null label), guided
@@ -239,4 +241,6 @@ class EdmFamily:
         guidance = config.sampling.get("guidance_scale") or 1.0
         apply = functools.partial(apply_edm, net, float(guidance))
         compute = cast_params(params, compute_dtype(config))  # once, outside the sampling loop
-        return jax.tree_util.Partial(apply, compute, labels)
+        if labels is None:  # the rows' labels come with each call (labels=...), or none
+            return jax.tree_util.Partial(apply, compute)
+        return jax.tree_util.Partial(apply, compute, labels=labels)
