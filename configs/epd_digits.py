@@ -1,9 +1,13 @@
 """EPD-Solver, EPD-Plugin and AdaSDE on the digits model (``--mode=fit``): FD-digits at NFE 3, 5, 7.
 
     python main.py --config=configs/vpsde_digits.py --workdir=runs/digits --mode=train
-    python main.py --config=configs/epd_digits.py --workdir=runs/digits
+    mkdir -p runs/epd_digits
+    cp -r runs/digits/checkpoints runs/digits/config.json runs/epd_digits/
+    python main.py --config=configs/epd_digits.py --workdir=runs/epd_digits
 
-Uses the digits model trained in the workdir (its EMA parameters, as ``--mode=sample``).
+Uses the digits model trained in the workdir (its EMA parameters, as ``--mode=sample``),
+copied into a workdir of its own (the ``:features`` run below writes EPD's files under the
+same names).
 EPD-Solver and EPD-Plugin on iPNDM (K = 2), AdaSDE (K = 1) and AMED-Plugin, each with AFS and
 a table fitted from its neutral start (variant ``amed``) next to its untrained rule
 (``default``), and the base solvers iPNDM-3 and tAB-3 on their default grids, at (parallel)
@@ -19,6 +23,7 @@ in the feature space of ``config.eval``'s network, here the digits classifier th
 uses), to set beside the L2 rows of the run above:
 
     python main.py --config=configs/epd_digits.py:features --workdir=runs/epd_digits_features
+        (after copying the model into runs/epd_digits_features as above)
 """
 
 from configs import amed_digits, epd_gmm
