@@ -179,9 +179,15 @@ def test_fit_kill_damage_swap_and_restart(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(fitting, "compute_cell", counted)
     with pytest.raises(Killed):
         fit.run(tiny_fit_config(), workdir)
+    # the killed run's report holds the cell it finished (the killed one blank), no plots yet
+    (done,) = csv_rows(os.path.join(workdir, "results.csv"))
+    assert done["variant"] == "default" and float(done["heldout_rmse"]) > 0
+    assert "| ipndm3 | default |" in open(os.path.join(workdir, "results.md")).read()
+    assert not os.path.exists(os.path.join(workdir, "rmse_vs_nfe.png"))
     kill[0] = False
     resumed = fit.run(tiny_fit_config(), workdir)
-    assert calls == ["default", "gits"]
+    assert calls == ["default", "gits"] and len(csv_rows(os.path.join(workdir, "results.csv"))) == 2
+    assert os.path.getsize(os.path.join(workdir, "rmse_vs_nfe.png")) > 0
     grid_path = os.path.join(workdir, resumed[1]["grid_file"])
     grid_text = open(grid_path).read()
 

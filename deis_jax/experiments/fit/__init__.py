@@ -282,17 +282,22 @@ def run(config, workdir: str, plan: Plan | None = None) -> list[dict]:
         return record
 
     os.makedirs(workdir, exist_ok=True)
+    nfes, plot_nfe = list(config.fit.nfes), int(config.fit.plot_nfe)
+
+    def report(done: list[dict], plots: bool = False) -> None:  # plots at the end only
+        fitting.write_report(workdir, done, plan.variants, nfes, plot_nfe, plots)
+
     records = list(
         run_cells(
             plan.cells, compute, cache_path=os.path.join(workdir, "results.jsonl"),
             fingerprint=identity, desc="fit",
             verify=lambda record: fitting.artifact_problem(workdir, record,
                                                            problems[record["problem"]]),
+            on_record=lambda done: report(list(done.values())),  # a stopped run keeps it
         ).values()
     )  # fmt: skip
     if jax.process_index() == 0:
-        nfes = list(config.fit.nfes)
-        fitting.write_report(workdir, records, plan.variants, nfes, int(config.fit.plot_nfe))
+        report(records, plots=True)
         for row in fitting.summary_rows(records, nfes):
             print(f"{row[0]} NFE {row[1]}: best fixed {row[2]} {row[3]:.3e}, "
                   f"best fitted {row[4]} {row[5]:.3e} ({row[6]:.2f}x)")  # fmt: skip

@@ -31,7 +31,9 @@ On the mixtures, whose density is known, each cell also gets the held-out sample
 main job's metric; the reference's own as ``reference_nll_gap``), the measure of the
 stochastic samplers (AdaSDE) whose noise the RMSE counts as error.
 
-The report (:func:`write_report`): ``results.md`` (held-out RMSE per method x variant x NFE;
+The report (:func:`write_report`, its tables rewritten after every finished cell, so a run
+stopped by a limit keeps the report of the cells it finished): ``results.md`` (held-out RMSE
+per method x variant x NFE;
 per NFE the best fixed against the best fitted configuration and their ratio; the
 ``fit_sampler`` cells against the best fixed configuration in mean and RMSE and against the
 untrained iPNDM-3 in the median), ``results.csv``,
@@ -480,8 +482,10 @@ def _value(record: dict | None, metric: str):
     return "failed" if record.get(FAILED) else record.get(metric)
 
 
-def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: int) -> None:
-    """``results.{md,csv}``, ``rmse_vs_nfe.png``, ``grids.png``, ``loss_curves.png``."""
+def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: int,
+                 plots: bool = True) -> None:  # fmt: skip
+    """``results.{md,csv}`` and (``plots``) ``rmse_vs_nfe.png``, ``grids.png``,
+    ``loss_curves.png``; missing cells (a run still going, or stopped) are left blank."""
     fields = ["problem", "method", "variant", "nfe_budget", "nfe", "parallel_nfe", "heldout_rmse",
               "heldout_mean", "heldout_median", "nll_gap", "reference_nll_gap", "fd", "recipe",
               "val_loss_init", "val_loss_fitted", "fit_seconds", "reference_error", "grid_file",
@@ -543,9 +547,10 @@ def write_report(workdir: str, records: list[dict], variants, nfes, plot_nfe: in
                 )
             )
     atomic_write_text(os.path.join(workdir, "results.md"), "\n".join(lines))
-    plot_metric_vs_nfe(panels, os.path.join(workdir, "rmse_vs_nfe.png"), "held-out RMSE",
-                       xticks=list(nfes))  # fmt: skip
-    plot_grids_and_losses(workdir, records, plot_nfe)
+    if plots:
+        plot_metric_vs_nfe(panels, os.path.join(workdir, "rmse_vs_nfe.png"), "held-out RMSE",
+                           xticks=list(nfes))  # fmt: skip
+        plot_grids_and_losses(workdir, records, plot_nfe)
 
 
 def plot_grids_and_losses(workdir: str, records: list[dict], nfe: int) -> None:
