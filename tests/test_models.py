@@ -221,6 +221,17 @@ def test_model_options_run(overrides):
         assert "Dense_0" not in names
 
 
+def test_parameters_are_float32_under_x64():
+    """Every parameter of NCSN++ (with its NIN attention and Fourier embedding) is created in
+    float32 when jax_enable_x64 is on, as the published checkpoints store them."""
+    model = get_model(_tiny())
+    x = jnp.zeros((1, 8, 8, 3), jnp.float32)
+    with jax.enable_x64(True):
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.ones((1,))))
+    dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(shapes["params"])}
+    assert dtypes == {"float32"}, dtypes
+
+
 def test_ddpm_network_runs():
     config = get_model_config("vp_ddpm_cifar10_continuous")
     config.update(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8)

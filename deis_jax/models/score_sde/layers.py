@@ -111,8 +111,9 @@ class NIN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_dim = x.shape[-1]
-        w = self.param("W", default_init(self.init_scale), (in_dim, self.num_units))
-        b = self.param("b", nn.initializers.zeros, (self.num_units,))
+        # float32 parameters whatever jax_enable_x64 says (as nn.Dense / nn.Conv keep them)
+        w = self.param("W", default_init(self.init_scale), (in_dim, self.num_units), jnp.float32)
+        b = self.param("b", nn.initializers.zeros, (self.num_units,), jnp.float32)
         return jnp.einsum("...c,cd->...d", x, w) + b
 
 
@@ -175,7 +176,8 @@ class GaussianFourierProjection(nn.Module):
 
     @nn.compact
     def __call__(self, s: jax.Array) -> jax.Array:
-        w = self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
+        w = self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,),
+                       jnp.float32)  # fmt: skip
         w = jax.lax.stop_gradient(w)
         proj = s[:, None] * w[None, :] * (2.0 * jnp.pi)
         return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)

@@ -160,6 +160,7 @@ class Conv2d(nn.Module):
             "weight",
             default_init(self.init_scale),
             (self.kernel, self.kernel, x.shape[-1], self.fmaps),
+            jnp.float32,  # whatever jax_enable_x64 says, as nn.Conv keeps its parameters
         )
         if self.up:
             x = upsample_conv_2d(x, w, self.resample_kernel)
@@ -174,7 +175,7 @@ class Conv2d(nn.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
         if self.use_bias:
-            b = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+            b = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
             x = x + b.reshape(1, 1, 1, -1)
         return x
 
