@@ -23,7 +23,9 @@ q_max = 3 (order 2, ``scale_time`` 0.2) on EDM's rho = 7 grid; AdaSDE with K = 1
 ``gamma_max`` 0.01, ``scale_time`` 0.2; AMED-Solver and AMED-Plugin as the table's AMED rows;
 AFS on; NFE 3 / 5 / 7 / 9 counted as the papers' parallel NFE (``fit.budget``). Adam at lr 0.2
 (the released runs'), batch 16, 10k trajectories. Trained from the neutral tables by the L2
-distance to the teacher (the papers' Inception-feature final loss is not implemented). The
+distance to the teacher; the papers' loss is ``--config.fit.amed.loss=features`` (FID
+Inception features of the final state, weight ``fit.amed.feature_weight``, with
+``--config.eval.inception_weights``; ``configs/epd_cifar10.py``). The
 papers' FIDs (EPD-Solver 18.28 / 6.35 / 5.26 / 4.27, EPD-Plugin 19.89 / 8.17 / 4.81 / 4.02,
 AdaSDE 18.51 / 6.90 / 5.26 / 4.59) are printed beside ours by the table mode.
 
