@@ -442,8 +442,8 @@ def sample_pixels(x, centered: bool):
     """Model-space samples (NHWC) -> pixel values in [0, 255], unrounded floats: the data's
     centring undone and clipped to [0, 1] (``deis_jax.common.data.postprocess``), times 255.
     numpy in, numpy out; a jax array (also traced) in, a jax array out, differentiable (zero
-    gradient where clipped). Every extractor takes these pixels: rounded by the metric
-    (:func:`sample_images`), as they are by the feature loss."""
+    gradient where clipped). Every extractor takes these pixels: rounded to uint8 by the metric
+    (:func:`sample_images`), unrounded in the feature loss (differentiable)."""
     return data.postprocess(x, centered) * 255.0
 
 

@@ -266,6 +266,7 @@ def run_table(
     rows = jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), table)
     steps = first_step + jnp.arange(table.num_steps)
     wants_features = active_rule is not None and active_rule.needs_features
+    early_rule = active_rule is not None and not wants_features  # called before stage 0
 
     def network(x_s, t, features=False, rows=labels):
         """``(eps, features)`` of one network call on rows of class ``rows``, the output
@@ -325,7 +326,6 @@ def run_table(
         z = None
         if structure.noisy:
             z = per_sample_normal(key, sample_index, step, x_k.shape, x_k.dtype)
-        early_rule = active_rule is not None and not active_rule.needs_features
         if early_rule:
             row = active_rule(rule_params, row, step, x_k, None)
         ks = []

@@ -43,7 +43,12 @@ import numpy as np
 
 from deis_jax.sampling.coefficients import ADAMS_BASHFORTH
 from deis_jax.sampling.sde import Array, NoiseSchedule, array_namespace
-from deis_jax.sampling.solvers.registry import MethodArgumentError, MethodSpec, register_method
+from deis_jax.sampling.solvers.registry import (
+    MethodArgumentError,
+    MethodSpec,
+    register_method,
+    two_per_step,
+)
 from deis_jax.sampling.solvers.table import StepTable, as_float, finish_table
 
 AMED_METHODS = ("amed", "amed_ddim", "amed_dpm", "amed_ipndm")
@@ -236,10 +241,6 @@ def _rule(method: str):
     return make
 
 
-def _two_stages(order: int, options) -> int:
-    return 2
-
-
 for _method, _orders, _default, _grid in (
     ("amed", (2,), 2, "linear"),
     ("amed_ddim", (1,), 1, "karras"),
@@ -252,7 +253,7 @@ for _method, _orders, _default, _grid in (
             _builder(_method),
             _orders,
             _default,
-            stages=_two_stages,
+            stages=two_per_step,
             default_grid=_grid,
             options=AMED_OPTIONS,
             options_check=check_amed_options,

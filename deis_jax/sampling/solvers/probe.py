@@ -58,7 +58,12 @@ import numpy as np
 
 from deis_jax.sampling.coefficients import ADAMS_BASHFORTH
 from deis_jax.sampling.sde import NoiseSchedule, array_namespace
-from deis_jax.sampling.solvers.registry import MethodArgumentError, MethodSpec, register_method
+from deis_jax.sampling.solvers.registry import (
+    MethodArgumentError,
+    MethodSpec,
+    register_method,
+    two_per_step,
+)
 from deis_jax.sampling.solvers.table import StepTable, as_float, finish_table
 
 PROBE_METHODS = ("epd", "epd_ipndm", "adasde")
@@ -318,10 +323,6 @@ def _stages(method: str):
     return stages
 
 
-def _two_rounds(order: int, options) -> int:
-    return 2
-
-
 for _method, _orders, _default, _grid_kind in (
     ("epd", (0,), 0, "linear"),
     ("epd_ipndm", (0, 1, 2, 3), 2, "karras"),
@@ -338,6 +339,6 @@ for _method, _orders, _default, _grid_kind in (
             options=PROBE_OPTIONS,
             options_check=_options_check(_method),
             rule=_rule(_method),
-            rounds=_two_rounds,
+            rounds=two_per_step,
         )  # fmt: skip
     )

@@ -67,6 +67,12 @@ def _one_stage(order: int, options: Mapping[str, Any]) -> int:
     return 1
 
 
+def two_per_step(order: int, options: Mapping[str, Any]) -> int:
+    """A ``stages`` / ``rounds`` count of 2 per step whatever the order and options
+    (AMED's two stages, the probe methods' two rounds)."""
+    return 2
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A sampling method: ``build(schedule, ts, order, **options) -> StepTable`` and what it
